@@ -1,0 +1,1 @@
+//! Tessera firmware simulator: many devices running the `shared` core. Not built out yet.

@@ -1,0 +1,1 @@
+//! Tessera hub: issues scoped tokens over MQTT and broadcasts revocations. Not built out yet.

@@ -1,0 +1,1 @@
+//! End-to-end tests of whole binaries against a real Mosquitto. None yet.
