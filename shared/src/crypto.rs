@@ -87,7 +87,7 @@ const KTY_EC2: i64 = 2;
 const CRV_P256: i64 = 1;
 
 /// Encoded size of a COSE_Key as [`PublicKey::encode`] writes it (with a kid).
-pub const COSE_KEY_LEN: usize = 1 + 2 + 2 + 2 + 2 + 1 + KID_LEN + 2 + 32 + 2 + 32;
+pub const COSE_KEY_LEN: usize = 1 + 2 + (2 + KID_LEN) + 2 + 2 + 2 * (3 + 32);
 
 impl PublicKey {
     /// Builds a key from its affine coordinates; fails if they are not a point on P-256.

@@ -30,3 +30,6 @@ pub mod scope;
 pub mod token;
 
 pub use error::Error;
+
+/// Longest client identifier (device, app, operator or hub id) in bytes of UTF-8.
+pub const MAX_ID_LEN: usize = 64;
