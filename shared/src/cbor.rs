@@ -32,6 +32,13 @@ impl<'b> Reader<'b> {
         self.d.position()
     }
 
+    /// A new reader over the same input, positioned at `pos`.
+    pub(crate) fn at(&self, pos: usize) -> Reader<'b> {
+        let mut d = Decoder::new(self.d.input());
+        d.set_position(pos);
+        Reader { d }
+    }
+
     pub(crate) fn datatype(&self) -> Result<Type, DecodeError> {
         Ok(self.d.datatype()?)
     }
@@ -90,13 +97,6 @@ impl<'b> Reader<'b> {
     pub(crate) fn uint(&mut self) -> Result<u64, DecodeError> {
         match self.datatype()? {
             Type::U8 | Type::U16 | Type::U32 | Type::U64 => Ok(self.d.u64()?),
-            _ => Err(DecodeError::UnexpectedType),
-        }
-    }
-
-    pub(crate) fn bool(&mut self) -> Result<bool, DecodeError> {
-        match self.datatype()? {
-            Type::Bool => Ok(self.d.bool()?),
             _ => Err(DecodeError::UnexpectedType),
         }
     }

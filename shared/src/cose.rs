@@ -94,6 +94,12 @@ impl<'a> Sign1<'a> {
         self.kid
     }
 
+    /// The payload before its signature is checked: only for finding which key to check it
+    /// with (the sender's id in a request) and never to act on.
+    pub(crate) fn unverified_payload(&self) -> &'a [u8] {
+        self.payload
+    }
+
     /// Verifies the signature with the key `keys` holds for [`kid`](Self::kid) and returns
     /// the now authenticated payload.
     pub fn verify(&self, keys: &dyn KeyLookup) -> Result<&'a [u8], Error> {

@@ -28,6 +28,7 @@ pub mod revocation;
 pub mod schedule;
 pub mod scope;
 pub mod token;
+pub mod topic;
 
 pub use error::Error;
 

@@ -1,0 +1,532 @@
+//! The signed request envelope and the body of every operation.
+//!
+//! A request is a COSE_Sign1 by the client's own key over
+//! `{0: 1, 1: op, 2: client, 3: request_id, 4: issued_at, 5: nonce, 6: body}`. The hub
+//! checks the signature with the key it has registered for `client` (for enrollment, with
+//! the key in the body), then freshness of `issued_at` and uniqueness of `nonce`.
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use super::{MessageType, read_id, read_type};
+use crate::cbor::{Reader, SeenKeys, Writer};
+use crate::cose::{self, Sign1};
+use crate::crypto::{Kid, PublicKey, Signer, Verifier};
+use crate::error::{DecodeError, Error};
+use crate::revocation::TokenHash;
+use crate::scope::{MAX_SCOPE_LEN, Scopes};
+
+/// Length of a request nonce.
+pub const NONCE_LEN: usize = 16;
+
+/// Longest refresh grant accepted, in bytes.
+pub const MAX_GRANT_LEN: usize = 64;
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Operation {
+    /// Register the sender's key as a device's key.
+    Enroll = 1,
+    /// Issue a device token (and a refresh grant) to the sending device.
+    DeviceToken = 2,
+    /// Issue an access token for one device to the sending app.
+    AccessToken = 3,
+    /// Exchange a refresh grant for a new token and a new grant.
+    Refresh = 4,
+    /// Revoke a token, a subject or a device (operators only).
+    Revoke = 5,
+    /// Return the current signed revocation snapshot.
+    FetchRevocations = 6,
+}
+
+impl Operation {
+    /// The operation's number on the wire.
+    pub const fn as_u64(self) -> u64 {
+        self as u64
+    }
+
+    /// The operation with this wire number, if any.
+    pub const fn from_u64(n: u64) -> Option<Self> {
+        Some(match n {
+            1 => Self::Enroll,
+            2 => Self::DeviceToken,
+            3 => Self::AccessToken,
+            4 => Self::Refresh,
+            5 => Self::Revoke,
+            6 => Self::FetchRevocations,
+            _ => return None,
+        })
+    }
+
+    /// The operation's name in logs and docs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enroll => "enroll",
+            Self::DeviceToken => "device_token",
+            Self::AccessToken => "access_token",
+            Self::Refresh => "refresh",
+            Self::Revoke => "revoke",
+            Self::FetchRevocations => "fetch_revocations",
+        }
+    }
+}
+
+/// What an operator revokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeTarget<'a> {
+    /// One token, by the SHA-256 of its bytes.
+    TokenHash(TokenHash),
+    /// One token, by its `cti`.
+    TokenId(&'a [u8]),
+    /// Every token issued to a device or app before now.
+    Subject(&'a str),
+    /// A whole device: its tokens, its grants and its enrollment.
+    Device(&'a str),
+}
+
+/// The operation-specific part of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody<'a> {
+    /// `{1: COSE_Key, ?2: code_proof}`: the key to register, and for devices without a
+    /// pre-registered key, the proof of a one-time enrollment code.
+    Enroll {
+        /// The device's new public key; the request must be signed with it.
+        key: PublicKey,
+        /// See [`EnrollmentCode::proof`].
+        code_proof: Option<[u8; 32]>,
+    },
+    /// `{}`.
+    DeviceToken,
+    /// `{1: device, 2: scope}`.
+    AccessToken {
+        /// The device the token will be for (its `aud`).
+        device: &'a str,
+        /// The scopes asked for.
+        scope: Scopes<'a>,
+    },
+    /// `{1: grant}`.
+    Refresh {
+        /// The current refresh grant.
+        grant: &'a [u8],
+    },
+    /// `{1: kind, 2: value}`; kind 0 token hash, 1 token id, 2 subject, 3 device.
+    Revoke(RevokeTarget<'a>),
+    /// `{}`.
+    FetchRevocations,
+}
+
+impl RequestBody<'_> {
+    /// The operation this body belongs to.
+    pub fn operation(&self) -> Operation {
+        match self {
+            Self::Enroll { .. } => Operation::Enroll,
+            Self::DeviceToken => Operation::DeviceToken,
+            Self::AccessToken { .. } => Operation::AccessToken,
+            Self::Refresh { .. } => Operation::Refresh,
+            Self::Revoke(_) => Operation::Revoke,
+            Self::FetchRevocations => Operation::FetchRevocations,
+        }
+    }
+
+    fn encode(&self, w: &mut Writer<'_>) -> Result<(), Error> {
+        match self {
+            Self::Enroll { key, code_proof } => {
+                w.map(1 + u64::from(code_proof.is_some()))?.u8(1)?;
+                key.encode(w)?;
+                if let Some(p) = code_proof {
+                    w.u8(2)?.bytes(p)?;
+                }
+            }
+            Self::DeviceToken | Self::FetchRevocations => {
+                w.map(0)?;
+            }
+            Self::AccessToken { device, scope } => {
+                w.map(2)?.u8(1)?.str(device)?.u8(2)?.str(scope.as_str())?;
+            }
+            Self::Refresh { grant } => {
+                w.map(1)?.u8(1)?.bytes(grant)?;
+            }
+            Self::Revoke(target) => {
+                w.map(2)?.u8(1)?;
+                match target {
+                    RevokeTarget::TokenHash(h) => w.u8(0)?.u8(2)?.bytes(h)?,
+                    RevokeTarget::TokenId(cti) => w.u8(1)?.u8(2)?.bytes(cti)?,
+                    RevokeTarget::Subject(s) => w.u8(2)?.u8(2)?.str(s)?,
+                    RevokeTarget::Device(d) => w.u8(3)?.u8(2)?.str(d)?,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn decode<'b>(op: Operation, r: &mut Reader<'b>) -> Result<RequestBody<'b>, Error> {
+        let n = r.map(4)?;
+        let mut seen = SeenKeys::default();
+        let mut body = Fields::default();
+        for _ in 0..n {
+            let k = r.key()?;
+            seen.insert(k)?;
+            match (op, k) {
+                (Operation::Enroll, 1) => body.key = Some(PublicKey::decode(r)?),
+                (Operation::Enroll, 2) => body.proof = Some(r.bytes_exact::<32>("code_proof")?),
+                (Operation::AccessToken, 1) => body.text = Some(read_id(r)?),
+                (Operation::AccessToken, 2) => {
+                    body.scope = Some(Scopes::parse(r.str(MAX_SCOPE_LEN)?)?)
+                }
+                (Operation::Refresh, 1) => body.bytes = Some(r.bytes(MAX_GRANT_LEN)?),
+                (Operation::Revoke, 1) => body.kind = Some(r.uint()?),
+                (Operation::Revoke, 2) => body.value = Some(r.position()),
+                _ => return Err(DecodeError::InvalidValue("body key").into()),
+            }
+            if (op, k) == (Operation::Revoke, 2) {
+                r.skip()?;
+            }
+        }
+        Ok(match op {
+            Operation::Enroll => RequestBody::Enroll {
+                key: body.key.ok_or(DecodeError::MissingField("key"))?,
+                code_proof: body.proof,
+            },
+            Operation::DeviceToken => RequestBody::DeviceToken,
+            Operation::FetchRevocations => RequestBody::FetchRevocations,
+            Operation::AccessToken => RequestBody::AccessToken {
+                device: body.text.ok_or(DecodeError::MissingField("device"))?,
+                scope: body.scope.ok_or(DecodeError::MissingField("scope"))?,
+            },
+            Operation::Refresh => RequestBody::Refresh {
+                grant: body.bytes.ok_or(DecodeError::MissingField("grant"))?,
+            },
+            Operation::Revoke => {
+                let kind = body.kind.ok_or(DecodeError::MissingField("kind"))?;
+                let at = body.value.ok_or(DecodeError::MissingField("value"))?;
+                RequestBody::Revoke(decode_target(r, kind, at)?)
+            }
+        })
+    }
+}
+
+/// Fields seen while decoding a body, before the operation decides which are required.
+#[derive(Default)]
+struct Fields<'b> {
+    key: Option<PublicKey>,
+    proof: Option<[u8; 32]>,
+    text: Option<&'b str>,
+    scope: Option<Scopes<'b>>,
+    bytes: Option<&'b [u8]>,
+    kind: Option<u64>,
+    value: Option<usize>,
+}
+
+/// The revoke value can only be typed once its kind is known, which may come after it.
+fn decode_target<'b>(r: &Reader<'b>, kind: u64, at: usize) -> Result<RevokeTarget<'b>, Error> {
+    let mut v = r.at(at);
+    Ok(match kind {
+        0 => RevokeTarget::TokenHash(v.bytes_exact::<32>("token hash")?),
+        1 => RevokeTarget::TokenId(v.bytes(crate::claims::MAX_CTI_LEN)?),
+        2 => RevokeTarget::Subject(read_id(&mut v)?),
+        3 => RevokeTarget::Device(read_id(&mut v)?),
+        _ => return Err(DecodeError::InvalidValue("revoke kind").into()),
+    })
+}
+
+/// A client's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// The sender's id; must be the client whose key signed the request.
+    pub client: &'a str,
+    /// Chosen by the client to match the response to this request.
+    pub request_id: u64,
+    /// The client's time when sending, Unix seconds.
+    pub issued_at: u64,
+    /// Fresh random bytes; the hub refuses a nonce it has seen in the freshness window.
+    pub nonce: [u8; NONCE_LEN],
+    /// What is asked for.
+    pub body: RequestBody<'a>,
+}
+
+impl<'a> Request<'a> {
+    /// The operation asked for.
+    pub fn operation(&self) -> Operation {
+        self.body.operation()
+    }
+
+    /// Writes the payload map into `out`; returns its length.
+    pub fn encode_to(&self, out: &mut [u8]) -> Result<usize, Error> {
+        let mut w = crate::cbor::writer(out);
+        w.map(7)?
+            .u8(0)?
+            .u64(MessageType::Request.as_u64())?
+            .u8(1)?
+            .u64(self.operation().as_u64())?
+            .u8(2)?
+            .str(self.client)?
+            .u8(3)?
+            .u64(self.request_id)?
+            .u8(4)?
+            .u64(self.issued_at)?
+            .u8(5)?
+            .bytes(&self.nonce)?
+            .u8(6)?;
+        self.body.encode(&mut w)?;
+        Ok(crate::cbor::written(&w))
+    }
+
+    /// Decodes a payload map strictly.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, Error> {
+        let mut r = Reader::new(payload);
+        let n = read_type(&mut r, MessageType::Request, 6)?;
+        let mut seen = SeenKeys::default();
+        let mut op = None;
+        let (mut client, mut request_id, mut issued_at, mut nonce) = (None, None, None, None);
+        let mut body_at = None;
+        for _ in 0..n {
+            let k = r.key()?;
+            seen.insert(k)?;
+            match k {
+                1 => {
+                    op = Some(
+                        Operation::from_u64(r.uint()?)
+                            .ok_or(DecodeError::InvalidValue("op"))?,
+                    )
+                }
+                2 => client = Some(read_id(&mut r)?),
+                3 => request_id = Some(r.uint()?),
+                4 => issued_at = Some(r.uint()?),
+                5 => nonce = Some(r.bytes_exact::<NONCE_LEN>("nonce")?),
+                6 => {
+                    body_at = Some(r.position());
+                    r.skip()?;
+                }
+                _ => return Err(DecodeError::InvalidValue("request key").into()),
+            }
+        }
+        r.finish()?;
+        let op = op.ok_or(DecodeError::MissingField("op"))?;
+        let body_at = body_at.ok_or(DecodeError::MissingField("body"))?;
+        let mut body_reader = Reader::new(payload).at(body_at);
+        let body = RequestBody::decode(op, &mut body_reader)?;
+        Ok(Self {
+            client: client.ok_or(DecodeError::MissingField("client"))?,
+            request_id: request_id.ok_or(DecodeError::MissingField("request_id"))?,
+            issued_at: issued_at.ok_or(DecodeError::MissingField("issued_at"))?,
+            nonce: nonce.ok_or(DecodeError::MissingField("nonce"))?,
+            body,
+        })
+    }
+
+    /// Signs the request with the client's key into `out`; returns the length.
+    pub fn sign(&self, signer: &dyn Signer, out: &mut [u8]) -> Result<usize, Error> {
+        cose::sign_with(signer, out, |buf| self.encode_to(buf))
+    }
+}
+
+/// A decoded request whose signature has not been checked yet.
+///
+/// The hub reads [`client`](Self::client) to find the registered key (or, for enrollment,
+/// [`enrollment_key`](Self::enrollment_key)), then [`verify`](Self::verify) hands out the
+/// request. Nothing else of an unverified request is reachable.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedRequest<'a> {
+    envelope: Sign1<'a>,
+    request: Request<'a>,
+}
+
+impl<'a> SignedRequest<'a> {
+    /// Decodes the envelope and the payload strictly, without checking the signature.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, Error> {
+        let envelope = Sign1::decode(bytes)?;
+        let request = Request::decode(envelope.unverified_payload())?;
+        Ok(Self { envelope, request })
+    }
+
+    /// The client the request claims to come from (unverified).
+    pub fn client(&self) -> &'a str {
+        self.request.client
+    }
+
+    /// The request id and nonce, so even a refused request's response can echo them.
+    pub fn correlation(&self) -> (u64, [u8; NONCE_LEN]) {
+        (self.request.request_id, self.request.nonce)
+    }
+
+    /// The operation the request claims to ask for (unverified).
+    pub fn operation(&self) -> Operation {
+        self.request.operation()
+    }
+
+    /// The `kid` of the key that claims to have signed it.
+    pub fn kid(&self) -> &'a [u8] {
+        self.envelope.kid()
+    }
+
+    /// For an enrollment request, the key in its body, which must also have signed it.
+    pub fn enrollment_key(&self) -> Option<PublicKey> {
+        match self.request.body {
+            RequestBody::Enroll { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// Checks the signature with the sender's key and returns the request.
+    pub fn verify(self, key: &dyn Verifier) -> Result<Request<'a>, Error> {
+        self.envelope.verify_with(key)?;
+        Ok(self.request)
+    }
+}
+
+/// One-time enrollment codes, proved without sending them.
+///
+/// A code printed for a device that generates its key on first boot must not cross the
+/// broker in the clear, or anyone reading the broker could enroll their own key with it.
+/// The device sends `HMAC-SHA256(code_key, client ‖ 0x00 ‖ kid ‖ nonce)` instead, where
+/// `code_key = SHA-256("tessera-enroll-v1" ‖ code)`: bound to its key and this request.
+/// The hub stores only `code_key`.
+#[derive(Debug, Clone, Copy)]
+pub struct EnrollmentCode;
+
+impl EnrollmentCode {
+    /// The key derived from a code; what the hub stores.
+    pub fn derive_key(code: &str) -> [u8; 32] {
+        crate::crypto::sha256(&[b"tessera-enroll-v1", code.as_bytes()])
+    }
+
+    /// The proof a device puts in its enrollment request.
+    pub fn proof(
+        code_key: &[u8; 32],
+        client: &str,
+        kid: &Kid,
+        nonce: &[u8; NONCE_LEN],
+    ) -> [u8; 32] {
+        Self::mac(code_key, client, kid, nonce).finalize().into_bytes().into()
+    }
+
+    /// Checks a proof in constant time.
+    pub fn check(
+        code_key: &[u8; 32],
+        client: &str,
+        kid: &Kid,
+        nonce: &[u8; NONCE_LEN],
+        proof: &[u8; 32],
+    ) -> bool {
+        Self::mac(code_key, client, kid, nonce)
+            .verify_slice(proof)
+            .is_ok()
+    }
+
+    fn mac(code_key: &[u8; 32], client: &str, kid: &Kid, nonce: &[u8; NONCE_LEN]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(code_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(client.as_bytes());
+        mac.update(&[0]);
+        mac.update(kid);
+        mac.update(nonce);
+        mac
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::testing::signer;
+
+    fn request(body: RequestBody<'static>) -> Request<'static> {
+        Request {
+            client: "device-42",
+            request_id: 7,
+            issued_at: 1_700_000_000,
+            nonce: [3; NONCE_LEN],
+            body,
+        }
+    }
+
+    fn every_body() -> [RequestBody<'static>; 9] {
+        [
+            RequestBody::Enroll {
+                key: signer(2).public_key(),
+                code_proof: None,
+            },
+            RequestBody::Enroll {
+                key: signer(2).public_key(),
+                code_proof: Some([9; 32]),
+            },
+            RequestBody::DeviceToken,
+            RequestBody::AccessToken {
+                device: "device-1",
+                scope: Scopes::parse("door:open").expect("valid"),
+            },
+            RequestBody::Refresh { grant: &[1; 32] },
+            RequestBody::Revoke(RevokeTarget::TokenHash([4; 32])),
+            RequestBody::Revoke(RevokeTarget::TokenId(&[5; 16])),
+            RequestBody::Revoke(RevokeTarget::Subject("app-1")),
+            RequestBody::Revoke(RevokeTarget::Device("device-9")),
+        ]
+    }
+
+    #[test]
+    fn every_operation_round_trips_through_a_signed_envelope() {
+        for body in every_body().into_iter().chain([RequestBody::FetchRevocations]) {
+            let req = request(body);
+            let mut out = [0u8; 512];
+            let n = req.sign(&signer(1), &mut out).expect("sign");
+            let signed = SignedRequest::decode(&out[..n]).expect("decode");
+            assert_eq!(signed.client(), "device-42");
+            assert_eq!(signed.verify(&signer(1).public_key()), Ok(req));
+        }
+    }
+
+    #[test]
+    fn a_request_signed_by_another_key_is_refused() {
+        let mut out = [0u8; 512];
+        let n = request(RequestBody::DeviceToken)
+            .sign(&signer(1), &mut out)
+            .expect("sign");
+        let signed = SignedRequest::decode(&out[..n]).expect("decode");
+        assert!(signed.verify(&signer(2).public_key()).is_err());
+    }
+
+    #[test]
+    fn body_keys_of_another_operation_are_refused() {
+        // A device-token request carrying an access-token body field.
+        let mut buf = [0u8; 256];
+        let n = request(RequestBody::AccessToken {
+            device: "d",
+            scope: Scopes::parse("a:b").expect("valid"),
+        })
+        .encode_to(&mut buf)
+        .expect("encode");
+        // op is the 4th byte: a7 00 01 01 <op>
+        assert_eq!(buf[4], 3);
+        buf[4] = 2;
+        assert_eq!(
+            Request::decode(&buf[..n]),
+            Err(DecodeError::InvalidValue("body key").into())
+        );
+    }
+
+    #[test]
+    fn a_response_payload_is_not_a_request() {
+        let mut buf = [0u8; 256];
+        let n = request(RequestBody::DeviceToken)
+            .encode_to(&mut buf)
+            .expect("encode");
+        buf[2] = 2; // message type: response
+        assert_eq!(
+            Request::decode(&buf[..n]),
+            Err(DecodeError::InvalidValue("message type").into())
+        );
+    }
+
+    #[test]
+    fn enrollment_code_proof_is_bound_to_key_client_and_nonce() {
+        let k = EnrollmentCode::derive_key("ABCD-EFGH-IJKL");
+        let kid = signer(2).kid();
+        let p = EnrollmentCode::proof(&k, "device-42", &kid, &[1; 16]);
+        assert!(EnrollmentCode::check(&k, "device-42", &kid, &[1; 16], &p));
+        assert!(!EnrollmentCode::check(&k, "device-43", &kid, &[1; 16], &p));
+        assert!(!EnrollmentCode::check(&k, "device-42", &signer(3).kid(), &[1; 16], &p));
+        assert!(!EnrollmentCode::check(&k, "device-42", &kid, &[2; 16], &p));
+        let other = EnrollmentCode::derive_key("ABCD-EFGH-IJKM");
+        assert!(!EnrollmentCode::check(&other, "device-42", &kid, &[1; 16], &p));
+    }
+}
