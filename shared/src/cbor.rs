@@ -253,35 +253,22 @@ impl Head {
 
     /// Encodes a head of `major` type with argument `arg` in its shortest form.
     pub(crate) fn new(major: u8, arg: u64) -> Self {
+        let be = arg.to_be_bytes();
         let mut buf = [0u8; 9];
-        let mt = major << 5;
-        let len = match arg {
-            0..=23 => {
-                buf[0] = mt | arg as u8;
-                1
-            }
-            24..=0xff => {
-                buf[0] = mt | 24;
-                buf[1] = arg as u8;
-                2
-            }
-            0x100..=0xffff => {
-                buf[0] = mt | 25;
-                buf[1..3].copy_from_slice(&(arg as u16).to_be_bytes());
-                3
-            }
-            0x1_0000..=0xffff_ffff => {
-                buf[0] = mt | 26;
-                buf[1..5].copy_from_slice(&(arg as u32).to_be_bytes());
-                5
-            }
-            _ => {
-                buf[0] = mt | 27;
-                buf[1..9].copy_from_slice(&arg.to_be_bytes());
-                9
-            }
+        // Additional info 0..=23 holds the value itself; 24..=27 say 1, 2, 4 or 8 bytes follow.
+        let (info, follow) = match arg {
+            0..=23 => (be[7], 0),
+            24..=0xff => (24, 1),
+            0x100..=0xffff => (25, 2),
+            0x1_0000..=0xffff_ffff => (26, 4),
+            _ => (27, 8),
         };
-        Self { buf, len }
+        buf[0] = (major << 5) | info;
+        buf[1..=follow].copy_from_slice(&be[8 - follow..]);
+        Self {
+            buf,
+            len: 1 + follow,
+        }
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {

@@ -43,6 +43,9 @@ const PREFIX_LEN: usize = 3 + PROTECTED_LEN + 1;
 /// `{1: -7, 4: h'<kid>'}`: map head, alg label and value, kid label, bstr head, kid.
 const PROTECTED_LEN: usize = 5 + KID_LEN;
 
+// The one-byte bstr heads below hold lengths up to 23.
+const _: () = assert!(PROTECTED_LEN <= 23 && KID_LEN <= 23 && SIGNATURE_LEN <= 255);
+
 /// The first item of every `Sig_structure`: `["Signature1", ...]` as array(4) + text.
 const SIG_STRUCTURE_PREFIX: &[u8] = b"\x84\x6aSignature1";
 
@@ -158,6 +161,8 @@ fn decode_protected(protected: &[u8]) -> Result<&[u8], Error> {
 ///
 /// `write_payload` gets the space after the envelope's head and returns how many bytes of
 /// payload it wrote. Returns the length of the whole COSE_Sign1.
+// The casts of the fixed lengths to u8 are checked by the assertion above.
+#[allow(clippy::cast_possible_truncation)]
 pub fn sign_with(
     signer: &dyn Signer,
     out: &mut [u8],

@@ -9,6 +9,7 @@ use crate::claims::Claims;
 use crate::cose::{self, Sign1};
 use crate::crypto::{KeyLookup, Signature, Signer, Verifier};
 use crate::error::{ClaimsError, Error};
+use crate::revocation::{RevocationList, TokenHash, token_hash};
 
 /// Default clock-skew leeway, in seconds.
 pub const DEFAULT_LEEWAY: u64 = 30;
@@ -104,6 +105,23 @@ impl<'a> VerifiedToken<'a> {
         self.raw
     }
 
+    /// The hash that names this token on the revocation list.
+    pub fn hash(&self) -> TokenHash {
+        token_hash(self.raw)
+    }
+
+    /// Fails with [`ClaimsError::Revoked`] if `list` revokes this token, by its hash or by
+    /// its subject and issue time.
+    pub fn check_not_revoked<const N: usize>(
+        &self,
+        list: &RevocationList<N>,
+    ) -> Result<(), Error> {
+        if list.is_revoked(&self.hash(), self.claims.sub, self.claims.iat) {
+            return Err(ClaimsError::Revoked.into());
+        }
+        Ok(())
+    }
+
     /// Checks that the presenter holds the `cnf` key: `signature` must verify over
     /// `message` (a challenge the verifier chose, see
     /// [`message::Presentation`](crate::message)) with the holder's key.
@@ -156,6 +174,7 @@ mod tests {
     use crate::claims::testing::claims;
     use crate::crypto::testing::signer;
     use crate::error::{DecodeError, SignatureError};
+    use crate::revocation::{Delta, DeltaOutcome, Entry, RevocationList, encode_delta};
 
     const IAT: u64 = 1_700_000_000;
 
@@ -235,6 +254,32 @@ mod tests {
             verify(&big, &signer(1).public_key(), &Validation::new(IAT, "d")).map(|_| ()),
             Err(DecodeError::TooLarge.into())
         );
+    }
+
+    #[test]
+    fn revoked_tokens_are_refused_by_hash_and_by_subject() {
+        let (out, n) = issued();
+        let key = signer(1).public_key();
+        let t = verify(&out[..n], &key, &Validation::new(IAT, "device-42")).expect("valid");
+        let revoke = |entry: Entry| {
+            let mut list = RevocationList::<8>::new();
+            let mut buf = [0u8; 256];
+            let len = encode_delta(1, IAT, [entry], &mut buf).expect("encode");
+            let delta = Delta::decode(&buf[..len]).expect("decode");
+            assert_eq!(list.apply_delta(&delta, IAT), Ok(DeltaOutcome::Applied));
+            list
+        };
+        assert!(t.check_not_revoked(&RevocationList::<8>::new()).is_ok());
+        let by_hash = revoke(Entry::Token {
+            hash: t.hash(),
+            expires_at: IAT + 300,
+        });
+        assert_eq!(t.check_not_revoked(&by_hash), Err(ClaimsError::Revoked.into()));
+        let by_subject = revoke(Entry::for_subject("app-7", IAT + 1, IAT + 300).expect("id"));
+        assert_eq!(t.check_not_revoked(&by_subject), Err(ClaimsError::Revoked.into()));
+        // Issued-before is exclusive: a token issued at that instant is a new one.
+        let earlier = revoke(Entry::for_subject("app-7", IAT, IAT + 300).expect("id"));
+        assert!(t.check_not_revoked(&earlier).is_ok());
     }
 
     #[test]
