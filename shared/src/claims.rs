@@ -160,8 +160,8 @@ fn decode_cnf(r: &mut Reader<'_>) -> Result<PublicKey, Error> {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
-    use crate::crypto::testing::signer;
     use crate::crypto::Signer;
+    use crate::crypto::testing::signer;
 
     /// A plausible access token's claims at `iat`.
     pub(crate) fn claims(iat: u64) -> Claims<'static> {
@@ -202,7 +202,12 @@ mod tests {
         // Encode, then rename one key to an unknown private claim so it is skipped.
         let mut buf = [0u8; 512];
         let n = claims(1_000).encode_to(&mut buf).expect("encode");
-        for (k, name) in [(0x01u8, "iss"), (0x04, "exp"), (0x08, "cnf"), (0x09, "scope")] {
+        for (k, name) in [
+            (0x01u8, "iss"),
+            (0x04, "exp"),
+            (0x08, "cnf"),
+            (0x09, "scope"),
+        ] {
             let mut b = buf;
             let at = find_key(&b[..n], k);
             b[at] = 0x0a + k; // unknown key 10+k, skipped

@@ -343,7 +343,11 @@ mod tests {
         assert_eq!(n, COSE_KEY_LEN);
         assert_eq!(PublicKey::from_cose_key(&buf[..n]), Ok(k));
         // Flip one kid byte: the kid no longer matches the key.
-        let kid_at = buf[..n].windows(2).position(|w| w == [0x02, 0x48]).expect("kid") + 2;
+        let kid_at = buf[..n]
+            .windows(2)
+            .position(|w| w == [0x02, 0x48])
+            .expect("kid")
+            + 2;
         buf[kid_at] ^= 1;
         assert_eq!(
             PublicKey::from_cose_key(&buf[..n]),

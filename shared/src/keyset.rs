@@ -160,8 +160,7 @@ mod tests {
     fn rotation_adds_the_next_key_only_through_a_trusted_signature() {
         let (current, next) = (signer(1), signer(2));
         let mut device = KeySet::from_anchor(current.public_key());
-        let set = KeySet::new(1, 100, &[current.public_key(), next.public_key()])
-            .expect("fits");
+        let set = KeySet::new(1, 100, &[current.public_key(), next.public_key()]).expect("fits");
         let mut out = [0u8; 512];
         let n = set.sign(&current, &mut out).expect("sign");
         assert_eq!(device.update(&out[..n]), Ok(KeySetOutcome::Updated));
@@ -204,7 +203,10 @@ mod tests {
     #[test]
     fn an_empty_set_is_refused() {
         let mut out = [0u8; 64];
-        let n = KeySet::new(1, 1, &[]).expect("ok").encode_to(&mut out).expect("enc");
+        let n = KeySet::new(1, 1, &[])
+            .expect("ok")
+            .encode_to(&mut out)
+            .expect("enc");
         assert_eq!(
             KeySet::decode(&out[..n]),
             Err(DecodeError::InvalidValue("keys").into())

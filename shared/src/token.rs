@@ -112,10 +112,7 @@ impl<'a> VerifiedToken<'a> {
 
     /// Fails with [`ClaimsError::Revoked`] if `list` revokes this token, by its hash or by
     /// its subject and issue time.
-    pub fn check_not_revoked<const N: usize>(
-        &self,
-        list: &RevocationList<N>,
-    ) -> Result<(), Error> {
+    pub fn check_not_revoked<const N: usize>(&self, list: &RevocationList<N>) -> Result<(), Error> {
         if list.is_revoked(&self.hash(), self.claims.sub, self.claims.iat) {
             return Err(ClaimsError::Revoked.into());
         }
@@ -201,9 +198,18 @@ mod tests {
         let key = signer(1).public_key();
         let t = &out[..n];
         let cases = [
-            (Validation::new(IAT + 300 + 30, "device-42"), ClaimsError::Expired),
-            (Validation::new(IAT - 31, "device-42"), ClaimsError::IssuedInFuture),
-            (Validation::new(IAT, "device-43"), ClaimsError::WrongAudience),
+            (
+                Validation::new(IAT + 300 + 30, "device-42"),
+                ClaimsError::Expired,
+            ),
+            (
+                Validation::new(IAT - 31, "device-42"),
+                ClaimsError::IssuedInFuture,
+            ),
+            (
+                Validation::new(IAT, "device-43"),
+                ClaimsError::WrongAudience,
+            ),
             (
                 Validation::new(IAT, "device-42").with_scope("door:unlock"),
                 ClaimsError::MissingScope,
@@ -214,7 +220,11 @@ mod tests {
             ),
         ];
         for (v, want) in cases {
-            assert_eq!(verify(t, &key, &v).map(|_| ()), Err(want.into()), "{want:?}");
+            assert_eq!(
+                verify(t, &key, &v).map(|_| ()),
+                Err(want.into()),
+                "{want:?}"
+            );
         }
         // Inside the leeway on both ends is accepted.
         assert!(verify(t, &key, &Validation::new(IAT + 300 + 29, "device-42")).is_ok());
@@ -241,8 +251,12 @@ mod tests {
     fn another_issuers_token_is_refused() {
         let (out, n) = issued();
         assert_eq!(
-            verify(&out[..n], &signer(2).public_key(), &Validation::new(IAT, "device-42"))
-                .map(|_| ()),
+            verify(
+                &out[..n],
+                &signer(2).public_key(),
+                &Validation::new(IAT, "device-42")
+            )
+            .map(|_| ()),
             Err(SignatureError::UnknownKey.into())
         );
     }
@@ -274,9 +288,15 @@ mod tests {
             hash: t.hash(),
             expires_at: IAT + 300,
         });
-        assert_eq!(t.check_not_revoked(&by_hash), Err(ClaimsError::Revoked.into()));
+        assert_eq!(
+            t.check_not_revoked(&by_hash),
+            Err(ClaimsError::Revoked.into())
+        );
         let by_subject = revoke(Entry::for_subject("app-7", IAT + 1, IAT + 300).expect("id"));
-        assert_eq!(t.check_not_revoked(&by_subject), Err(ClaimsError::Revoked.into()));
+        assert_eq!(
+            t.check_not_revoked(&by_subject),
+            Err(ClaimsError::Revoked.into())
+        );
         // Issued-before is exclusive: a token issued at that instant is a new one.
         let earlier = revoke(Entry::for_subject("app-7", IAT, IAT + 300).expect("id"));
         assert!(t.check_not_revoked(&earlier).is_ok());

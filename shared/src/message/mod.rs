@@ -16,9 +16,12 @@ mod response;
 pub use control::{Command, Control};
 pub use presentation::{Presentation, SignedPresentation};
 pub use request::{
-    EnrollmentCode, MAX_GRANT_LEN, NONCE_LEN, Operation, Request, RequestBody, RevokeTarget, SignedRequest,
+    EnrollmentCode, MAX_GRANT_LEN, NONCE_LEN, Operation, Request, RequestBody, RevokeTarget,
+    SignedRequest,
 };
-pub use response::{MAX_REASON_LEN, ErrorCode, Outcome, Response, ResponseBody, SignedResponse, WireError};
+pub use response::{
+    ErrorCode, MAX_REASON_LEN, Outcome, Response, ResponseBody, SignedResponse, WireError,
+};
 
 use crate::cbor::Reader;
 use crate::error::{DecodeError, Error};

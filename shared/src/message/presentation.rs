@@ -147,8 +147,8 @@ mod tests {
     fn the_holder_can_present_its_token() {
         let (out, n) = presented(5, "device-42", NOW);
         let v = Validation::new(NOW + 1, "device-42").with_scope("door:open");
-        let p = SignedPresentation::verify(&out[..n], &signer(1).public_key(), &v, 60)
-            .expect("valid");
+        let p =
+            SignedPresentation::verify(&out[..n], &signer(1).public_key(), &v, 60).expect("valid");
         assert_eq!(p.token.claims().sub, "app-7");
         assert_eq!(p.nonce, [8; NONCE_LEN]);
     }

@@ -286,8 +286,7 @@ impl<'a> Request<'a> {
             match k {
                 1 => {
                     op = Some(
-                        Operation::from_u64(r.uint()?)
-                            .ok_or(DecodeError::InvalidValue("op"))?,
+                        Operation::from_u64(r.uint()?).ok_or(DecodeError::InvalidValue("op"))?,
                     )
                 }
                 2 => client = Some(read_id(&mut r)?),
@@ -398,7 +397,10 @@ impl EnrollmentCode {
         kid: &Kid,
         nonce: &[u8; NONCE_LEN],
     ) -> [u8; 32] {
-        Self::mac(code_key, client, kid, nonce).finalize().into_bytes().into()
+        Self::mac(code_key, client, kid, nonce)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     /// Checks a proof in constant time.
@@ -465,7 +467,10 @@ mod tests {
 
     #[test]
     fn every_operation_round_trips_through_a_signed_envelope() {
-        for body in every_body().into_iter().chain([RequestBody::FetchRevocations]) {
+        for body in every_body()
+            .into_iter()
+            .chain([RequestBody::FetchRevocations])
+        {
             let req = request(body);
             let mut out = [0u8; 512];
             let n = req.sign(&signer(1), &mut out).expect("sign");
@@ -524,9 +529,21 @@ mod tests {
         let p = EnrollmentCode::proof(&k, "device-42", &kid, &[1; 16]);
         assert!(EnrollmentCode::check(&k, "device-42", &kid, &[1; 16], &p));
         assert!(!EnrollmentCode::check(&k, "device-43", &kid, &[1; 16], &p));
-        assert!(!EnrollmentCode::check(&k, "device-42", &signer(3).kid(), &[1; 16], &p));
+        assert!(!EnrollmentCode::check(
+            &k,
+            "device-42",
+            &signer(3).kid(),
+            &[1; 16],
+            &p
+        ));
         assert!(!EnrollmentCode::check(&k, "device-42", &kid, &[2; 16], &p));
         let other = EnrollmentCode::derive_key("ABCD-EFGH-IJKM");
-        assert!(!EnrollmentCode::check(&other, "device-42", &kid, &[1; 16], &p));
+        assert!(!EnrollmentCode::check(
+            &other,
+            "device-42",
+            &kid,
+            &[1; 16],
+            &p
+        ));
     }
 }

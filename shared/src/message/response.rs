@@ -273,9 +273,7 @@ impl<'a> Response<'a> {
                 1 => {
                     op = Some(match r.uint()? {
                         0 => None,
-                        n => Some(
-                            Operation::from_u64(n).ok_or(DecodeError::InvalidValue("op"))?,
-                        ),
+                        n => Some(Operation::from_u64(n).ok_or(DecodeError::InvalidValue("op"))?),
                     })
                 }
                 2 => client = Some(read_id(&mut r)?),
@@ -349,9 +347,8 @@ fn decode_error<'b>(r: &mut Reader<'b>) -> Result<WireError<'b>, Error> {
         seen.insert(k)?;
         match k {
             1 => {
-                code = Some(
-                    ErrorCode::from_u64(r.uint()?).ok_or(DecodeError::InvalidValue("code"))?,
-                )
+                code =
+                    Some(ErrorCode::from_u64(r.uint()?).ok_or(DecodeError::InvalidValue("code"))?)
             }
             2 => reason = Some(r.str(MAX_REASON_LEN)?),
             _ => return Err(DecodeError::InvalidValue("error key").into()),
@@ -429,7 +426,10 @@ mod tests {
                     grant: None,
                 }),
             ),
-            response(Some(Operation::Revoke), Ok(ResponseBody::Revoked { seq: 12 })),
+            response(
+                Some(Operation::Revoke),
+                Ok(ResponseBody::Revoked { seq: 12 }),
+            ),
             response(
                 Some(Operation::FetchRevocations),
                 Ok(ResponseBody::Revocations { snapshot: &[9; 40] }),
@@ -479,7 +479,10 @@ mod tests {
         let mut out = [0u8; 1024];
         let n = resp.encode_to(&mut out).expect("encode");
         let back = Response::decode(&out[..n]).expect("decode");
-        assert_eq!(back.outcome.map(|_| ()).map_err(|e| e.reason.len()), Err(256));
+        assert_eq!(
+            back.outcome.map(|_| ()).map_err(|e| e.reason.len()),
+            Err(256)
+        );
     }
 
     #[test]
