@@ -14,7 +14,9 @@ use crate::crypto::{ALG_ES256, KID_LEN, KeyLookup, SIGNATURE_LEN, Signature, Sig
 use crate::error::{DecodeError, EncodeError, Error, SignatureError};
 
 /// Largest COSE_Sign1 the core decodes, in bytes.
-pub const MAX_SIGN1_LEN: usize = 16 * 1024;
+/// Large enough for a revocation snapshot of several hundred entries inside a response;
+/// the hub's MQTT packets allow 64 KiB.
+pub const MAX_SIGN1_LEN: usize = 60 * 1024;
 
 /// Largest protected header accepted, in bytes.
 pub const MAX_PROTECTED_LEN: usize = 64;
@@ -103,6 +105,29 @@ impl<'a> Sign1<'a> {
         self.payload
     }
 
+    /// SHA-256 over the canonical encoding of this message: tag 18, shortest heads, empty
+    /// unprotected header, low-`s` signature — exactly the bytes [`sign`] produces.
+    ///
+    /// The decoder accepts a few re-encodings of one signed message (without the tag, with
+    /// tag 61, with a high-`s` signature that still verifies), and each would hash
+    /// differently. Hashing the canonical form gives every encoding of the same signed
+    /// token one name, so a revocation by token hash cannot be dodged by re-encoding.
+    pub fn canonical_hash(&self) -> [u8; 32] {
+        let protected_head = Head::bytes(self.protected.len());
+        let payload_head = Head::bytes(self.payload.len());
+        let signature = low_s(self.signature);
+        crate::crypto::sha256(&[
+            &[0xd2, 0x84],
+            protected_head.as_slice(),
+            self.protected,
+            &[0xa0],
+            payload_head.as_slice(),
+            self.payload,
+            &[0x58, SIGNATURE_LEN_U8],
+            &signature.0,
+        ])
+    }
+
     /// Verifies the signature with the key `keys` holds for [`kid`](Self::kid) and returns
     /// the now authenticated payload.
     pub fn verify(&self, keys: &dyn KeyLookup) -> Result<&'a [u8], Error> {
@@ -126,6 +151,25 @@ impl<'a> Sign1<'a> {
             &self.signature,
         )?;
         Ok(self.payload)
+    }
+}
+
+/// `SIGNATURE_LEN` as the byte of its bstr head.
+const SIGNATURE_LEN_U8: u8 = 64;
+const _: () = assert!(SIGNATURE_LEN_U8 as usize == SIGNATURE_LEN);
+
+/// The same signature with `s` in the lower half of the group order. `(r, s)` and
+/// `(r, n - s)` both verify; producing and hashing only one of them keeps a signed message
+/// from having two valid encodings. A signature that is not even well-formed is returned
+/// as it is (it never verifies).
+fn low_s(signature: Signature) -> Signature {
+    match p256::ecdsa::Signature::from_slice(&signature.0) {
+        Ok(sig) => {
+            let mut out = [0u8; SIGNATURE_LEN];
+            out.copy_from_slice(&sig.normalize_s().to_bytes());
+            Signature(out)
+        }
+        Err(_) => signature,
     }
 }
 
@@ -196,14 +240,14 @@ pub fn sign_with(
 
     let protected = &out[3..3 + PROTECTED_LEN];
     let protected_head = Head::bytes(protected.len());
-    let signature = signer.sign(&[
+    let signature = low_s(signer.sign(&[
         SIG_STRUCTURE_PREFIX,
         protected_head.as_slice(),
         protected,
         &[0x40],
         head.as_slice(),
         &out[payload_at..end],
-    ])?;
+    ])?);
     out[end] = 0x58;
     out[end + 1] = SIGNATURE_LEN as u8;
     out[end + 2..end + 2 + SIGNATURE_LEN].copy_from_slice(&signature.0);
@@ -340,6 +384,30 @@ mod tests {
             decode_protected(&[0xa2, 0x01, 0x26, 0x04, 0x41, 0x07]),
             Ok(&[0x07][..])
         );
+    }
+
+    #[test]
+    fn every_accepted_encoding_of_one_message_has_the_same_canonical_hash() {
+        let (out, n) = signed(b"\xa1\x00\x01");
+        let canonical = Sign1::decode(&out[..n]).expect("decode").canonical_hash();
+        assert_eq!(canonical, crate::crypto::sha256(&[&out[..n]]));
+        // Untagged.
+        assert_eq!(Sign1::decode(&out[1..n]).expect("decode").canonical_hash(), canonical);
+        // Wrapped in tag 61.
+        let mut cwt = [0u8; 600];
+        cwt[..2].copy_from_slice(&[0xd8, 61]);
+        cwt[2..2 + n].copy_from_slice(&out[..n]);
+        assert_eq!(Sign1::decode(&cwt[..n + 2]).expect("decode").canonical_hash(), canonical);
+        // High-s twin of the signature: still verifies, same hash.
+        let sig = p256::ecdsa::Signature::from_slice(&out[n - 64..n]).expect("sig");
+        let (r, s) = sig.split_scalars();
+        let high = p256::ecdsa::Signature::from_scalars(r, -*s).expect("sig");
+        let mut twin = out;
+        twin[n - 64..n].copy_from_slice(&high.to_bytes());
+        assert_ne!(twin[..n], out[..n]);
+        let msg = Sign1::decode(&twin[..n]).expect("decode");
+        assert!(msg.verify(&signer(1).public_key()).is_ok());
+        assert_eq!(msg.canonical_hash(), canonical);
     }
 
     #[test]

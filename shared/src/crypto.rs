@@ -83,6 +83,7 @@ const KEY_ALG: i64 = 3;
 const KEY_CRV: i64 = -1;
 const KEY_X: i64 = -2;
 const KEY_Y: i64 = -3;
+const KEY_D: i64 = -4;
 const KTY_EC2: i64 = 2;
 const CRV_P256: i64 = 1;
 
@@ -193,6 +194,9 @@ impl PublicKey {
                 KEY_KID => kid = Some(r.bytes_exact::<KID_LEN>("COSE_Key kid")?),
                 KEY_X => x = Some(r.bytes_exact::<32>("COSE_Key x")?),
                 KEY_Y => y = Some(r.bytes_exact::<32>("COSE_Key y")?),
+                // A private key has no business on the wire: refuse it rather than
+                // silently ignore a leaked secret.
+                KEY_D => return Err(DecodeError::InvalidValue("COSE_Key d (private key)").into()),
                 _ => r.skip()?,
             }
         }

@@ -100,6 +100,11 @@ pub enum ClaimsError {
     Revoked,
     /// The presenter did not prove possession of the `cnf` key.
     ProofOfPossession,
+    /// `sub` is not the expected subject.
+    WrongSubject,
+    /// The verifier's revocation knowledge is too old (or incomplete) to vouch that the
+    /// token is not revoked: it refuses rather than risk accepting a revoked token.
+    RevocationsStale,
 }
 
 /// Which fixed-capacity collection is full.
@@ -237,6 +242,10 @@ impl fmt::Display for ClaimsError {
             ClaimsError::MissingScope => "token does not grant the required scope",
             ClaimsError::Revoked => "token is revoked",
             ClaimsError::ProofOfPossession => "presenter did not prove possession of the token key",
+            ClaimsError::WrongSubject => "token is for another subject",
+            ClaimsError::RevocationsStale => {
+                "revocation knowledge is stale or incomplete: cannot vouch the token is not revoked"
+            }
         })
     }
 }

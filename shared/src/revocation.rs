@@ -34,22 +34,29 @@ pub const TOKEN_HASH_LEN: usize = 32;
 /// its bytes.
 pub type TokenHash = [u8; TOKEN_HASH_LEN];
 
-/// The [`TokenHash`] of `token`, the COSE_Sign1 bytes as issued.
+/// The [`TokenHash`] of `token`: SHA-256 of the token as the hub issues it (RFC 9770's
+/// token hash). For anything that decodes as a COSE_Sign1 this is computed over the
+/// canonical encoding ([`Sign1::canonical_hash`](crate::cose::Sign1::canonical_hash)), so
+/// a token re-encoded by its holder (tag dropped or added, high-`s` signature) still has
+/// the hash it was revoked under; other bytes are hashed as they are.
 pub fn token_hash(token: &[u8]) -> TokenHash {
-    crate::crypto::sha256(&[token])
+    match crate::cose::Sign1::decode(token) {
+        Ok(envelope) => envelope.canonical_hash(),
+        Err(_) => crate::crypto::sha256(&[token]),
+    }
 }
 
 /// Entries a verifier keeps by default: enough for the revocations of one token lifetime on
 /// a small fleet, at about 100 bytes each, so the whole list stays near 6.5 KiB of RAM.
 pub const MAX_REVOKED: usize = 64;
 
-/// Most entries one snapshot or delta may carry.
-///
-/// This bounds the work of decoding untrusted bytes (decoding is zero-copy, so it does not
-/// bound memory). It is generous on purpose: entries live only as long as the tokens they
-/// cover, so reaching it means thousands of revocations within one token lifetime, and the
-/// hub's encoder refuses to go past it rather than emit what no verifier accepts.
-pub const MAX_ENTRIES_PER_MESSAGE: usize = 8192;
+/// Most entries one snapshot or delta may carry: as many of the longest entries as fit in
+/// a signed message ([`MAX_SIGN1_LEN`](crate::cose::MAX_SIGN1_LEN)) inside a response,
+/// so the hub's encoder refuses exactly what no verifier would accept. Entries live only
+/// as long as the tokens they cover, so reaching it means several hundred revocations
+/// within one token lifetime.
+pub const MAX_ENTRIES_PER_MESSAGE: usize =
+    (crate::cose::MAX_SIGN1_LEN - 2 * crate::cose::OVERHEAD - 256) / MAX_ENTRY_LEN;
 
 /// Longest encoding of one entry: a subject entry with a [`MAX_ID_LEN`]-byte subject and two
 /// 9-byte integers: array head, kind, text head (2 bytes for 24..=255), text, two integers.

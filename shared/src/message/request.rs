@@ -174,7 +174,13 @@ impl RequestBody<'_> {
                 (Operation::AccessToken, 2) => {
                     body.scope = Some(Scopes::parse(r.str(MAX_SCOPE_LEN)?)?)
                 }
-                (Operation::Refresh, 1) => body.bytes = Some(r.bytes(MAX_GRANT_LEN)?),
+                (Operation::Refresh, 1) => {
+                    let grant = r.bytes(MAX_GRANT_LEN)?;
+                    if grant.is_empty() {
+                        return Err(DecodeError::InvalidValue("grant").into());
+                    }
+                    body.bytes = Some(grant);
+                }
                 (Operation::Revoke, 1) => body.kind = Some(r.uint()?),
                 (Operation::Revoke, 2) => body.value = Some(r.position()),
                 _ => return Err(DecodeError::InvalidValue("body key").into()),
@@ -223,7 +229,13 @@ fn decode_target<'b>(r: &Reader<'b>, kind: u64, at: usize) -> Result<RevokeTarge
     let mut v = r.at(at);
     Ok(match kind {
         0 => RevokeTarget::TokenHash(v.bytes_exact::<32>("token hash")?),
-        1 => RevokeTarget::TokenId(v.bytes(crate::claims::MAX_CTI_LEN)?),
+        1 => {
+            let cti = v.bytes(crate::claims::MAX_CTI_LEN)?;
+            if cti.is_empty() {
+                return Err(DecodeError::InvalidValue("token id").into());
+            }
+            RevokeTarget::TokenId(cti)
+        }
         2 => RevokeTarget::Subject(read_id(&mut v)?),
         3 => RevokeTarget::Device(read_id(&mut v)?),
         _ => return Err(DecodeError::InvalidValue("revoke kind").into()),

@@ -238,8 +238,8 @@ impl<'a> Response<'a> {
             .bytes(&self.nonce)?;
         match &self.outcome {
             Ok(body) => {
-                if let (Some(op), false) = (self.op, body_matches(self.op, body)) {
-                    let _ = op;
+                // A success must name the operation it answers, with that operation's body.
+                if !body_matches(self.op, body) {
                     return Err(crate::error::EncodeError::InvalidValue("body").into());
                 }
                 w.u8(6)?;
@@ -454,6 +454,8 @@ mod tests {
     fn a_body_for_another_operation_cannot_be_encoded() {
         let resp = response(Some(Operation::Revoke), Ok(ResponseBody::Enrolled));
         assert!(resp.encode_to(&mut [0u8; 128]).is_err());
+        let without_op = response(None, Ok(ResponseBody::Enrolled));
+        assert!(without_op.encode_to(&mut [0u8; 128]).is_err());
     }
 
     #[test]
