@@ -1,1 +1,21 @@
-//! Tessera hub: issues scoped tokens over MQTT and broadcasts revocations. Not built out yet.
+//! Tessera hub: issues short-lived, scoped, proof-of-possession tokens over MQTT and
+//! broadcasts revocations.
+//!
+//! The request pipeline is decode → verify the sender's signature → freshness and nonce
+//! reuse → per-client rate limit → policy → issue or refuse → record durably → respond.
+
+pub mod acl;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod events;
+pub mod keyfile;
+pub mod keys;
+pub mod pipeline;
+pub mod policy;
+pub mod policy_change;
+pub mod server;
+pub mod store;
+
+/// The MQTT transport (re-exported: the hub's public API names its types).
+pub use tessera_mqtt as mqtt;

@@ -1,0 +1,252 @@
+//! A Tessera client over MQTT, for control apps, operators and tests: signs requests with
+//! the client's own key, publishes them on its request topic, and waits for the signed
+//! response that answers them (same client, request id and nonce, hub signature).
+//!
+//! The client keeps the hub's key set current from the retained `tessera/v1/hub/keys`
+//! message, starting from the trust anchor it was given.
+
+use std::time::Duration;
+
+use rumqttc::v5::AsyncClient;
+use tessera_shared::crypto::{P256Signer, PublicKey};
+use tessera_shared::keyset::KeySet;
+use tessera_shared::message::{
+    ErrorCode, NONCE_LEN, Request, RequestBody, ResponseBody, SignedResponse,
+};
+use tessera_shared::topic;
+use tokio::sync::{mpsc, watch};
+
+use crate::mqtt::{self, MqttConfig, MqttError, Notice, QoS};
+
+/// Why a request did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The MQTT connection failed.
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    /// No (valid) response within the timeout.
+    #[error("no response from the hub within {0:?}")]
+    Timeout(Duration),
+    /// The hub refused the request.
+    #[error("refused: {code}: {reason}")]
+    Refused {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The hub's reason.
+        reason: String,
+    },
+    /// The request could not be built.
+    #[error("request: {0}")]
+    Core(tessera_shared::Error),
+    /// The OS random number generator failed.
+    #[error("random number generator: {0}")]
+    Random(String),
+}
+
+/// A successful response, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Enrollment done.
+    Enrolled,
+    /// A token, with the new refresh grant and its expiry.
+    Token {
+        /// The token bytes.
+        token: Vec<u8>,
+        /// The refresh grant and when it expires.
+        grant: Option<(Vec<u8>, u64)>,
+    },
+    /// A revocation is durable at this sequence number.
+    Revoked {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// The signed revocation snapshot.
+    Revocations {
+        /// Snapshot bytes.
+        snapshot: Vec<u8>,
+    },
+}
+
+/// A connected client.
+pub struct Client {
+    id: String,
+    signer: P256Signer,
+    keys: KeySet,
+    mqtt: AsyncClient,
+    notices: mpsc::Receiver<Notice>,
+    stop: watch::Sender<bool>,
+    next_request: u64,
+    /// The hub's time minus ours, learned from responses (seconds).
+    clock_offset: i64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> u64 {
+    crate::clock::Clock::now(&crate::clock::SystemClock)
+}
+
+impl Client {
+    /// Connects as `id` and subscribes to the client's response topic and the key set.
+    pub async fn connect(
+        config: &MqttConfig,
+        id: &str,
+        signer: P256Signer,
+        trust_anchor: PublicKey,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let resp = topic::response(id).map_err(ClientError::Core)?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (mqtt, mut notices) = mqtt::connect(config, 64, stop_rx)?;
+        let connected = tokio::time::timeout(timeout, async {
+            while let Some(n) = notices.recv().await {
+                if matches!(n, Notice::Connected) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if !matches!(connected, Ok(true)) {
+            let _ = stop.send(true);
+            return Err(ClientError::Timeout(timeout));
+        }
+        mqtt.subscribe(resp.as_str(), QoS::AtLeastOnce)
+            .await
+            .map_err(MqttError::from)?;
+        mqtt.subscribe(topic::KEYS, QoS::AtLeastOnce)
+            .await
+            .map_err(MqttError::from)?;
+        Ok(Self {
+            id: id.to_string(),
+            signer,
+            keys: KeySet::from_anchor(trust_anchor),
+            mqtt,
+            notices,
+            stop,
+            next_request: 1,
+            clock_offset: 0,
+        })
+    }
+
+    /// Sends one request and waits up to `timeout` for its answer.
+    pub async fn request(
+        &mut self,
+        body: RequestBody<'_>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let issued_at = unix_now().saturating_add_signed(self.clock_offset);
+        let request = Request {
+            client: &self.id,
+            request_id,
+            issued_at,
+            nonce,
+            body,
+        };
+        let mut buf = vec![0u8; 4096];
+        let n = request
+            .sign(&self.signer, &mut buf)
+            .map_err(ClientError::Core)?;
+        let req_topic = topic::request(&self.id).map_err(ClientError::Core)?;
+        self.mqtt
+            .publish(
+                req_topic.as_str(),
+                QoS::AtLeastOnce,
+                false,
+                buf[..n].to_vec(),
+            )
+            .await
+            .map_err(MqttError::from)?;
+        let resp_topic = topic::response(&self.id).map_err(ClientError::Core)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notice = tokio::time::timeout_at(deadline, self.notices.recv())
+                .await
+                .map_err(|_| ClientError::Timeout(timeout))?
+                .ok_or(ClientError::Timeout(timeout))?;
+            let Notice::Message(msg) = notice else {
+                continue;
+            };
+            if msg.topic == topic::KEYS {
+                if let Err(e) = self.keys.update(&msg.payload) {
+                    tracing::warn!(error = %e, "ignoring key set that does not verify");
+                }
+                continue;
+            }
+            if msg.topic != resp_topic.as_str() {
+                continue;
+            }
+            // Anything that does not verify or does not answer this request is someone
+            // else's (or a replay): ignore it and keep waiting.
+            let Ok(signed) = SignedResponse::decode(&msg.payload) else {
+                continue;
+            };
+            let Ok(response) = signed.verify(&self.keys) else {
+                tracing::warn!("ignoring response that does not verify with the hub's keys");
+                continue;
+            };
+            if !response.answers(&self.id, request_id, &nonce) {
+                continue;
+            }
+            self.clock_offset = i64::try_from(response.hub_time).unwrap_or(i64::MAX)
+                - i64::try_from(unix_now()).unwrap_or(i64::MAX);
+            return match response.outcome {
+                Err(e) => Err(ClientError::Refused {
+                    code: e.code,
+                    reason: e.reason.to_string(),
+                }),
+                Ok(body) => Ok(match body {
+                    ResponseBody::Enrolled => Answer::Enrolled,
+                    ResponseBody::Token { token, grant } => Answer::Token {
+                        token: token.to_vec(),
+                        grant: grant.map(|(g, e)| (g.to_vec(), e)),
+                    },
+                    ResponseBody::Revoked { seq } => Answer::Revoked { seq },
+                    ResponseBody::Revocations { snapshot } => Answer::Revocations {
+                        snapshot: snapshot.to_vec(),
+                    },
+                }),
+            };
+        }
+    }
+
+    /// The hub's key set as currently trusted.
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    /// Waits for the next message on any subscribed topic (for `watch`).
+    pub async fn next_message(&mut self) -> Option<mqtt::Incoming> {
+        while let Some(n) = self.notices.recv().await {
+            if let Notice::Message(m) = n {
+                return Some(m);
+            }
+        }
+        None
+    }
+
+    /// Subscribes to another topic (for `watch`).
+    pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
+        self.mqtt
+            .subscribe(topic, QoS::AtMostOnce)
+            .await
+            .map_err(|e| MqttError::from(e).into())
+    }
+
+    /// Disconnects cleanly.
+    pub async fn close(self) {
+        let _ = self.mqtt.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.stop.send(true);
+    }
+}

@@ -1,0 +1,323 @@
+//! The hub's configuration file: typed, validated once, unknown keys refused.
+//!
+//! Precedence is file, then environment, then command-line flags (the flags and variables
+//! are declared in `main.rs` with clap's `env`). Relative paths in the file are relative
+//! to the file's own directory, so a hub directory can be moved as a whole.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::mqtt::MqttConfig;
+use crate::pipeline::PipelineConfig;
+
+/// The fully commented default configuration, as `tessera-hub init` writes it.
+pub const DEFAULT_TOML: &str = r#"# tessera-hub configuration. Every option is shown with its default.
+# Relative paths are relative to the directory of this file.
+
+# The hub's id: the `iss` of every token it issues, and the identity in audit logs.
+hub_id = "tessera-hub"
+
+# SQLite database (created by `tessera-hub init`).
+database = "tessera-hub.db"
+
+# Policy file: roles, device groups, access rules, lifetimes (see docs/OPERATING.md).
+# Reloaded without restart on SIGHUP.
+policy = "policy.toml"
+
+# Key-encryption secret that seals the signing keys in the database: a file of at least
+# 32 random bytes (mode 0600). Comment it out to read the secret, hex-encoded, from the
+# TESSERA_HUB_KEK environment variable instead.
+kek_file = "hub.kek"
+
+[mqtt]
+# Broker address. Overridden by TESSERA_HUB_MQTT_HOST / --mqtt-host.
+host = "127.0.0.1"
+# 1883 for plain MQTT, 8883 for TLS. Overridden by TESSERA_HUB_MQTT_PORT / --mqtt-port.
+port = 1883
+# MQTT client id of the hub. Give every replica its own.
+client_id = "tessera-hub"
+# Broker credentials, if the broker requires them.
+# username = "tessera-hub"
+# password = "..."
+# Keep-alive interval, seconds.
+keep_alive_s = 30
+
+# TLS to the broker (rustls). Uncomment to enable.
+# [mqtt.tls]
+# ca_file = "ca.pem"                 # CA that signed the broker's certificate
+# client_cert_file = "hub-cert.pem"  # optional: client certificate (mTLS)
+# client_key_file = "hub-key.pem"    # optional: its private key
+
+[serve]
+# Subscribe with an MQTT 5 shared subscription ($share/tessera-hub/...), so several hub
+# replicas sharing one PostgreSQL database split the requests.
+shared_subscription = false
+# Requests handled at the same time.
+concurrency = 64
+# Seconds between signed revocation heartbeats (and snapshot republishing). Verifiers
+# consider their revocation knowledge stale after a few missed heartbeats.
+heartbeat_s = 30
+
+[requests]
+# How far a request's issued_at may be from the hub's clock, seconds. Nonces are
+# remembered for this long, so a request cannot be replayed.
+freshness_window_s = 60
+# Largest request accepted, bytes.
+max_request_bytes = 4096
+# Per-client rate limit: a burst of this many requests...
+rate_burst = 20
+# ...then this many per second.
+rate_per_second = 5.0
+
+[keys]
+# `keys rotate` publishes the next signing key this many seconds before using it, so
+# every verifier has it first.
+rotation_announce_s = 300
+"#;
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or ill-typed keys.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error (with line and column).
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// `iss` of every token.
+    pub hub_id: String,
+    /// SQLite database path.
+    pub database: PathBuf,
+    /// Policy file path.
+    pub policy: PathBuf,
+    /// Key-encryption secret file; `None` reads `TESSERA_HUB_KEK`.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// Broker connection.
+    pub mqtt: MqttConfig,
+    /// Serving loop.
+    #[serde(default)]
+    pub serve: ServeSection,
+    /// Request handling.
+    #[serde(default)]
+    pub requests: RequestsSection,
+    /// Signing keys.
+    #[serde(default)]
+    pub keys: KeysSection,
+}
+
+/// `[serve]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    /// Use an MQTT 5 shared subscription.
+    pub shared_subscription: bool,
+    /// Requests handled at once.
+    pub concurrency: usize,
+    /// Seconds between heartbeats.
+    pub heartbeat_s: u64,
+}
+
+impl Default for ServeSection {
+    fn default() -> Self {
+        Self {
+            shared_subscription: false,
+            concurrency: 64,
+            heartbeat_s: 30,
+        }
+    }
+}
+
+/// `[requests]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestsSection {
+    /// Freshness window, seconds.
+    pub freshness_window_s: u64,
+    /// Largest request, bytes.
+    pub max_request_bytes: usize,
+    /// Rate-limit burst.
+    pub rate_burst: u32,
+    /// Rate-limit sustained rate.
+    pub rate_per_second: f64,
+}
+
+impl Default for RequestsSection {
+    fn default() -> Self {
+        Self {
+            freshness_window_s: 60,
+            max_request_bytes: 4096,
+            rate_burst: 20,
+            rate_per_second: 5.0,
+        }
+    }
+}
+
+/// `[keys]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysSection {
+    /// Seconds between announcing a key and signing with it.
+    pub rotation_announce_s: u64,
+}
+
+impl Default for KeysSection {
+    fn default() -> Self {
+        Self {
+            rotation_announce_s: 300,
+        }
+    }
+}
+
+impl HubConfig {
+    /// Reads, parses and validates a config file, resolving relative paths against its
+    /// directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Parses and validates config text (`path` is only used in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        tessera_shared::message::validate_id(&self.hub_id)
+            .map_err(|_| invalid(format!("hub_id `{}` is not a valid id", self.hub_id)))?;
+        let r = &self.requests;
+        if !(5..=600).contains(&r.freshness_window_s) {
+            return Err(invalid(
+                "requests.freshness_window_s must be 5..=600".into(),
+            ));
+        }
+        if !(256..=65536).contains(&r.max_request_bytes) {
+            return Err(invalid(
+                "requests.max_request_bytes must be 256..=65536".into(),
+            ));
+        }
+        if r.rate_burst == 0 || !(r.rate_per_second > 0.0 && r.rate_per_second.is_finite()) {
+            return Err(invalid(
+                "requests.rate_burst and rate_per_second must be positive".into(),
+            ));
+        }
+        if !(1..=4096).contains(&self.serve.concurrency) {
+            return Err(invalid("serve.concurrency must be 1..=4096".into()));
+        }
+        if !(1..=3600).contains(&self.serve.heartbeat_s) {
+            return Err(invalid("serve.heartbeat_s must be 1..=3600".into()));
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.database);
+        join(&mut self.policy);
+        if let Some(k) = &mut self.kek_file {
+            join(k);
+        }
+        if let Some(tls) = &mut self.mqtt.tls {
+            join(&mut tls.ca_file);
+            if let Some(c) = &mut tls.client_cert_file {
+                join(c);
+            }
+            if let Some(k) = &mut tls.client_key_file {
+                join(k);
+            }
+        }
+    }
+
+    /// The pipeline's tunables.
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            hub_id: self.hub_id.clone(),
+            freshness_window_s: self.requests.freshness_window_s,
+            max_request_bytes: self.requests.max_request_bytes,
+            rate_burst: self.requests.rate_burst,
+            rate_per_second: self.requests.rate_per_second,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commented_default_parses_and_validates() {
+        let c = HubConfig::parse(DEFAULT_TOML, Path::new("default.toml")).expect("valid");
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.requests.freshness_window_s, 60);
+        assert_eq!(c.serve.heartbeat_s, 30);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_the_file_name() {
+        let text = DEFAULT_TOML.replace("hub_id = ", "hub_idd = \"x\"\nhub_id = ");
+        let err = HubConfig::parse(&text, Path::new("hub.toml")).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("hub.toml") && msg.contains("hub_idd"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let text = DEFAULT_TOML.replace("freshness_window_s = 60", "freshness_window_s = 0");
+        let err = HubConfig::parse(&text, Path::new("hub.toml")).expect_err("invalid");
+        assert!(err.to_string().contains("freshness_window_s"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, DEFAULT_TOML).expect("write");
+        let c = HubConfig::load(&path).expect("load");
+        assert_eq!(c.database, dir.path().join("tessera-hub.db"));
+        assert_eq!(c.kek_file, Some(dir.path().join("hub.kek")));
+    }
+}

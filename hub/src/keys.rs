@@ -1,0 +1,296 @@
+//! The hub's signing keys: generated from the OS RNG, stored sealed under a
+//! key-encryption secret (the same AEAD record format devices use), published in a signed
+//! key set, and rotated by announcing the next key before it signs anything.
+//!
+//! The key-encryption secret comes from a file or an environment variable, never from the
+//! database, so a copied database alone reveals no signing key.
+
+use std::path::Path;
+
+use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
+use tessera_shared::keyset::KeySet;
+use tessera_shared::record::{self, RecordKey};
+use zeroize::Zeroizing;
+
+use crate::store::{KeyRecord, Store, StoreError};
+
+/// Environment variable that may hold the key-encryption secret, hex-encoded.
+pub const KEK_ENV: &str = "TESSERA_HUB_KEK";
+
+/// Shortest key-encryption secret accepted, in bytes.
+pub const MIN_KEK_LEN: usize = record::MIN_DEVICE_SECRET_LEN;
+
+/// Why keys could not be loaded, created or used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key-encryption secret is missing or unusable.
+    #[error("key-encryption secret: {0}")]
+    Kek(String),
+    /// A sealed key could not be opened: wrong secret, or the database was altered.
+    #[error("signing key {kid} cannot be opened ({reason}): wrong key-encryption secret?")]
+    Unseal {
+        /// The key's id, hex.
+        kid: String,
+        /// The record error.
+        reason: tessera_shared::Error,
+    },
+    /// The database holds no signing key (run `tessera-hub init`).
+    #[error("no signing key in the database: run `tessera-hub init` first")]
+    NoKeys,
+    /// The OS random number generator failed.
+    #[error("random number generator: {0}")]
+    Random(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The core refused a key or key set.
+    #[error("key: {0}")]
+    Core(tessera_shared::Error),
+}
+
+/// The key-encryption secret.
+pub struct Kek(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek(..)")
+    }
+}
+
+impl Kek {
+    /// Reads the secret: the file's bytes if `path` is given, else the hex in [`KEK_ENV`].
+    pub fn load(path: Option<&Path>) -> Result<Self, KeyError> {
+        match path {
+            Some(p) => Self::from_file(p),
+            None => {
+                let hex = std::env::var(KEK_ENV).map_err(|_| {
+                    KeyError::Kek(format!("set `kek_file` in the config or {KEK_ENV} (hex)"))
+                })?;
+                Self::from_hex(&hex)
+            }
+        }
+    }
+
+    /// The raw bytes of a file (at least [`MIN_KEK_LEN`] of them).
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| KeyError::Kek(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_bytes(bytes)
+    }
+
+    /// A hex string.
+    pub fn from_hex(hex_str: &str) -> Result<Self, KeyError> {
+        let bytes = hex::decode(hex_str.trim())
+            .map_err(|e| KeyError::Kek(format!("{KEK_ENV} is not hex: {e}")))?;
+        Self::from_bytes(bytes)
+    }
+
+    /// Raw bytes.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, KeyError> {
+        if bytes.len() < MIN_KEK_LEN {
+            return Err(KeyError::Kek(format!(
+                "too short: {} bytes, need at least {MIN_KEK_LEN}",
+                bytes.len()
+            )));
+        }
+        Ok(Self(Zeroizing::new(bytes)))
+    }
+
+    /// A fresh random secret, for `init`.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut bytes = Zeroizing::new(vec![0u8; 32]);
+        getrandom::fill(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(Self(bytes))
+    }
+
+    /// The secret's bytes, for writing it to a file at `init`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn record_key(&self, hub_id: &str) -> Result<RecordKey, KeyError> {
+        RecordKey::derive(&self.0, hub_id).map_err(KeyError::Core)
+    }
+}
+
+/// A new random P-256 signer from the OS RNG.
+pub fn generate_signer() -> Result<P256Signer, KeyError> {
+    loop {
+        let mut scalar = Zeroizing::new([0u8; 32]);
+        getrandom::fill(scalar.as_mut()).map_err(|e| KeyError::Random(e.to_string()))?;
+        // A uniformly random 32-byte value is a valid scalar except with negligible
+        // probability (zero or above the group order); draw again then.
+        if let Ok(signer) = P256Signer::from_scalar(&scalar) {
+            return Ok(signer);
+        }
+    }
+}
+
+fn seal_key(
+    kek: &Kek,
+    hub_id: &str,
+    signer: &P256Signer,
+    created_at: u64,
+) -> Result<Vec<u8>, KeyError> {
+    let key = kek.record_key(hub_id)?;
+    let mut nonce = [0u8; record::NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|e| KeyError::Random(e.to_string()))?;
+    let mut buf = Zeroizing::new(vec![0u8; record::sealed_len(32)]);
+    record::plaintext_mut(&mut buf)[..32].copy_from_slice(&*Zeroizing::new(signer.to_scalar()));
+    let n = record::seal(&key, hub_id, created_at, nonce, &mut buf, 32).map_err(KeyError::Core)?;
+    Ok(buf[..n].to_vec())
+}
+
+fn unseal_key(kek: &Kek, hub_id: &str, rec: &KeyRecord) -> Result<P256Signer, KeyError> {
+    let unseal_err = |reason| KeyError::Unseal {
+        kid: hex::encode(rec.kid),
+        reason,
+    };
+    let key = kek.record_key(hub_id)?;
+    let mut buf = Zeroizing::new(rec.sealed_private_key.clone());
+    let opened = record::open(&key, hub_id, 0, &mut buf).map_err(unseal_err)?;
+    let scalar: Zeroizing<[u8; 32]> = Zeroizing::new(
+        opened
+            .plaintext
+            .try_into()
+            .map_err(|_| unseal_err(tessera_shared::error::RecordError::Malformed.into()))?,
+    );
+    let signer = P256Signer::from_scalar(&scalar).map_err(unseal_err)?;
+    if signer.kid() != rec.kid {
+        return Err(unseal_err(
+            tessera_shared::error::RecordError::Tampered.into(),
+        ));
+    }
+    Ok(signer)
+}
+
+/// Creates a signing key that becomes active at `active_from`, stores it sealed, and
+/// returns its public half.
+pub async fn create_key<S: Store>(
+    store: &S,
+    kek: &Kek,
+    hub_id: &str,
+    now: u64,
+    active_from: u64,
+) -> Result<PublicKey, KeyError> {
+    let signer = generate_signer()?;
+    let public = signer.public_key();
+    store
+        .add_key(KeyRecord {
+            kid: signer.kid(),
+            public_key: public.to_sec1().to_vec(),
+            sealed_private_key: seal_key(kek, hub_id, &signer, now)?,
+            created_at: now,
+            active_from,
+            retire_after: None,
+        })
+        .await?;
+    Ok(public)
+}
+
+/// The hub's keys as loaded: the signer in use, and the published key set.
+pub struct KeyRing {
+    signers: Vec<(KeyRecord, P256Signer)>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<String> = self
+            .signers
+            .iter()
+            .map(|(r, _)| hex::encode(r.kid))
+            .collect();
+        f.debug_struct("KeyRing").field("kids", &kids).finish()
+    }
+}
+
+impl KeyRing {
+    /// Loads and unseals every stored key that is not retired at `now`.
+    pub async fn load<S: Store>(
+        store: &S,
+        kek: &Kek,
+        hub_id: &str,
+        now: u64,
+    ) -> Result<Self, KeyError> {
+        let mut signers = Vec::new();
+        for rec in store.keys().await? {
+            if rec.retire_after.is_some_and(|t| t <= now) {
+                continue;
+            }
+            let signer = unseal_key(kek, hub_id, &rec)?;
+            signers.push((rec, signer));
+        }
+        if signers.is_empty() {
+            return Err(KeyError::NoKeys);
+        }
+        Ok(Self { signers })
+    }
+
+    /// The key to sign with at `now`: the newest one already active. Keys announced for
+    /// the future are published but not used yet, so verifiers know them first.
+    pub fn active(&self, now: u64) -> &P256Signer {
+        self.signers
+            .iter()
+            .filter(|(r, _)| r.active_from <= now)
+            .max_by_key(|(r, _)| (r.active_from, r.created_at))
+            .or_else(|| self.signers.first())
+            .map(|(_, s)| s)
+            .unwrap_or_else(|| unreachable!("a KeyRing always holds a key"))
+    }
+
+    /// Every published public key.
+    pub fn public_keys(&self) -> Vec<PublicKey> {
+        self.signers.iter().map(|(_, s)| s.public_key()).collect()
+    }
+
+    /// The key set to publish, at `version`.
+    pub fn keyset(&self, version: u64, now: u64) -> Result<KeySet, KeyError> {
+        // Newest first, so a full set drops the oldest key.
+        let mut keys = self.public_keys();
+        keys.reverse();
+        keys.truncate(tessera_shared::keyset::MAX_KEYS);
+        KeySet::new(version, now, &keys).map_err(KeyError::Core)
+    }
+
+    /// The key set signed by the active key, ready to publish.
+    pub fn signed_keyset(&self, version: u64, now: u64) -> Result<Vec<u8>, KeyError> {
+        let set = self.keyset(version, now)?;
+        let mut out = vec![0u8; 1024];
+        let n = set
+            .sign(self.active(now), &mut out)
+            .map_err(KeyError::Core)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Whether some key verifies for `kid` (current or retiring).
+    pub fn public_key(&self, kid: &[u8]) -> Option<PublicKey> {
+        self.signers
+            .iter()
+            .find(|(r, _)| r.kid == kid)
+            .map(|(_, s)| s.public_key())
+    }
+}
+
+/// Rotates: creates the next key, active `announce_s` from now (it is published at once),
+/// and schedules every current key to retire once the tokens it signed have expired
+/// (`announce_s + max_token_lifetime_s + leeway_s` from now).
+pub async fn rotate<S: Store>(
+    store: &S,
+    kek: &Kek,
+    hub_id: &str,
+    now: u64,
+    announce_s: u64,
+    max_token_lifetime_s: u64,
+    leeway_s: u64,
+) -> Result<PublicKey, KeyError> {
+    let current = store.keys().await?;
+    let next = create_key(store, kek, hub_id, now, now + announce_s).await?;
+    let retire = now + announce_s + max_token_lifetime_s + leeway_s;
+    for rec in current {
+        if rec.retire_after.is_none() {
+            store.retire_key(&rec.kid, retire).await?;
+        }
+    }
+    Ok(next)
+}

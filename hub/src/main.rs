@@ -1,0 +1,811 @@
+//! `tessera-hub`: the hub service and its command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tessera_hub::client::{Answer, Client};
+use tessera_hub::clock::{Clock, SystemClock};
+use tessera_hub::config::{self, HubConfig};
+use tessera_hub::keys::{self, Kek, KeyRing};
+use tessera_hub::mqtt::MqttConfig;
+use tessera_hub::pipeline::Hub;
+use tessera_hub::policy::{Policy, SharedPolicy};
+use tessera_hub::server::{self, ServeConfig};
+use tessera_hub::store::{ClientKind, ClientRecord, Sqlite, Store};
+use tessera_hub::{acl, keyfile, policy_change};
+use tessera_shared::crypto::{COSE_KEY_LEN, PublicKey, Signer};
+use tessera_shared::message::{EnrollmentCode, RequestBody, RevokeTarget, validate_id};
+use tessera_shared::scope::Scopes;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-hub",
+    version,
+    about = "Tessera hub: scoped device tokens over MQTT"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "TESSERA_HUB_CONFIG",
+        default_value = "tessera-hub.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a hub directory: config, policy, key-encryption secret, database, first
+    /// signing key; print the trust anchor devices need.
+    Init {
+        /// Directory to create the files in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The hub's id (`iss` of its tokens).
+        #[arg(long, default_value = "tessera-hub")]
+        hub_id: String,
+    },
+    /// Serve requests over MQTT until SIGINT or SIGTERM; SIGHUP reloads the policy.
+    Serve {
+        /// Broker host (overrides the config file).
+        #[arg(long, env = "TESSERA_HUB_MQTT_HOST")]
+        mqtt_host: Option<String>,
+        /// Broker port (overrides the config file).
+        #[arg(long, env = "TESSERA_HUB_MQTT_PORT")]
+        mqtt_port: Option<u16>,
+    },
+    /// Print the trust anchor (the active signing key) in every format.
+    TrustAnchor,
+    /// Print the commented default configuration or policy.
+    Default {
+        /// `config` or `policy`.
+        what: String,
+    },
+    /// Generate a P-256 key pair for a device, app or operator (PKCS#8 PEM, mode 0600;
+    /// the public key goes to `<out>.pub` as SPKI PEM).
+    Keygen {
+        /// Private key file to create.
+        out: PathBuf,
+    },
+    /// Register and manage devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Register control apps.
+    #[command(subcommand)]
+    App(RegisterCmd),
+    /// Register operators.
+    #[command(subcommand)]
+    Operator(RegisterCmd),
+    /// List, remove and re-role any client.
+    #[command(subcommand)]
+    Client(ClientCmd),
+    /// Check the policy file or explain a decision.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Print a Mosquitto ACL file matching the topic layout.
+    BrokerAcl {
+        /// MQTT user name the hub connects with.
+        #[arg(long, default_value = "tessera-hub")]
+        hub_user: String,
+        /// Operator user names allowed to read the event stream.
+        #[arg(long = "watcher")]
+        watchers: Vec<String>,
+    },
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Print the most recent audit log entries.
+    Audit {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// As an operator, over MQTT: revoke a token, a subject or a whole device.
+    Revoke {
+        #[command(flatten)]
+        who: Identity,
+        /// A token id (cti, hex).
+        #[arg(long, group = "target")]
+        token_id: Option<String>,
+        /// A token hash (SHA-256 of the token, hex).
+        #[arg(long, group = "target")]
+        token_hash: Option<String>,
+        /// Every token issued to this device or app before now.
+        #[arg(long, group = "target")]
+        subject: Option<String>,
+        /// A whole device: its tokens, grants and enrollment.
+        #[arg(long, group = "target")]
+        device: Option<String>,
+    },
+    /// As a control app, over MQTT: get an access token for a device; prints it in hex.
+    AccessToken {
+        #[command(flatten)]
+        who: Identity,
+        /// The device.
+        #[arg(long)]
+        device: String,
+        /// Space-separated scopes.
+        #[arg(long)]
+        scope: String,
+    },
+    /// As an operator, over MQTT: print the hub's live event stream.
+    Watch {
+        #[command(flatten)]
+        who: Identity,
+        /// Stop after this many events (default: run until interrupted).
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+/// Who a client command acts as, and how it reaches the broker.
+#[derive(Args)]
+struct Identity {
+    /// Client id to act as.
+    #[arg(long = "as")]
+    id: String,
+    /// Its private key (PKCS#8 PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The hub's trust anchor (SPKI PEM, as `init` wrote it).
+    #[arg(long)]
+    trust_anchor: PathBuf,
+    /// Broker host (default: the config file's).
+    #[arg(long)]
+    mqtt_host: Option<String>,
+    /// Broker port (default: the config file's).
+    #[arg(long)]
+    mqtt_port: Option<u16>,
+    /// Seconds to wait for the hub.
+    #[arg(long, default_value_t = 10)]
+    timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Register a device, with its public key or a one-time enrollment code.
+    Add {
+        /// Device id.
+        id: String,
+        /// Device role in the policy.
+        #[arg(long)]
+        role: String,
+        /// Device groups.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// The device's public key (SPKI PEM).
+        #[arg(long, conflicts_with = "enrollment_code")]
+        key: Option<PathBuf>,
+        /// Print a one-time enrollment code for a device that makes its key on first boot.
+        #[arg(long)]
+        enrollment_code: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegisterCmd {
+    /// Register with a role and a public key.
+    Add {
+        /// Client id.
+        id: String,
+        /// Role in the policy.
+        #[arg(long)]
+        role: String,
+        /// Public key (SPKI PEM).
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// List registered clients.
+    List {
+        /// Only this kind (device, app, operator).
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Remove a client from the registry (revoke it first to cut its live tokens).
+    Remove {
+        /// Client id.
+        id: String,
+    },
+    /// Change a client's role and revoke its tokens the new role no longer allows.
+    SetRole {
+        /// Client id.
+        id: String,
+        /// New role.
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy file (default: the configured one).
+    Check {
+        /// Policy file.
+        file: Option<PathBuf>,
+    },
+    /// Explain whether an app would get scopes on a device, and why.
+    Explain {
+        /// The app.
+        #[arg(long)]
+        app: String,
+        /// The device.
+        #[arg(long)]
+        device: String,
+        /// Space-separated scopes.
+        #[arg(long)]
+        scope: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// List signing keys.
+    List,
+    /// Create the next signing key: published now, used after the announce period; the
+    /// current key is kept until its tokens have expired.
+    Rotate,
+}
+
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole chain of causes on one line, for people.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { dir, hub_id } => init(&dir, &hub_id).await,
+        Command::Default { what } => {
+            match what.as_str() {
+                "config" => print!("{}", config::DEFAULT_TOML),
+                "policy" => print!("{}", Policy::DEFAULT_TOML),
+                other => bail!("unknown default `{other}`: use `config` or `policy`"),
+            }
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            let signer = keys::generate_signer()?;
+            keyfile::write_private(&out, &signer)?;
+            let public = keyfile::public_to_pem(&signer.public_key());
+            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+            keyfile::write_new(&pub_path, public.as_bytes(), 0o644)?;
+            println!(
+                "private key: {}\npublic key:  {}",
+                out.display(),
+                pub_path.display()
+            );
+            print!("{public}");
+            Ok(())
+        }
+        command => with_config(&cli.config, command).await,
+    }
+}
+
+async fn with_config(path: &Path, command: Command) -> Result<()> {
+    let config = HubConfig::load(path)
+        .context("cannot load the hub configuration (use --config or run `tessera-hub init`)")?;
+    let clock = SystemClock;
+    match command {
+        Command::Serve {
+            mqtt_host,
+            mqtt_port,
+        } => serve(config, mqtt_host, mqtt_port).await,
+        Command::TrustAnchor => {
+            let store = open_store(&config)?;
+            let kek = Kek::load(config.kek_file.as_deref())?;
+            let ring = KeyRing::load(&store, &kek, &config.hub_id, clock.now()).await?;
+            print_trust_anchor(&ring.active(clock.now()).public_key());
+            Ok(())
+        }
+        Command::Device(DeviceCmd::Add {
+            id,
+            role,
+            groups,
+            key,
+            enrollment_code,
+        }) => {
+            let store = open_store(&config)?;
+            let policy = Policy::load(&config.policy)?;
+            check_role(&policy, &role, ClientKind::Device)?;
+            for g in &groups {
+                if policy.group(g).is_none() {
+                    bail!("device group `{g}` is not declared in the policy's [groups]");
+                }
+            }
+            let (public_key, code) = match (key, enrollment_code) {
+                (Some(k), false) => (Some(keyfile::read_public(&k)?.to_sec1().to_vec()), None),
+                (None, true) => (None, Some(new_enrollment_code()?)),
+                _ => bail!("give the device's public key (--key) or ask for --enrollment-code"),
+            };
+            register(
+                &store,
+                &id,
+                ClientKind::Device,
+                &role,
+                groups,
+                public_key,
+                code.as_deref(),
+            )
+            .await?;
+            println!("registered device {id}");
+            if let Some(code) = code {
+                println!("one-time enrollment code: {code}");
+            }
+            Ok(())
+        }
+        Command::App(RegisterCmd::Add { id, role, key }) => {
+            add_keyed(&config, &id, ClientKind::App, &role, &key).await
+        }
+        Command::Operator(RegisterCmd::Add { id, role, key }) => {
+            add_keyed(&config, &id, ClientKind::Operator, &role, &key).await
+        }
+        Command::Client(cmd) => client_cmd(&config, cmd).await,
+        Command::Policy(PolicyCmd::Check { file }) => {
+            let file = file.unwrap_or_else(|| config.policy.clone());
+            let policy = Policy::load(&file)?;
+            println!(
+                "{}: ok ({} roles, {} groups, {} access rules)",
+                file.display(),
+                policy.roles().count(),
+                policy.groups().count(),
+                policy.rules().len()
+            );
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Explain { app, device, scope }) => {
+            let store = open_store(&config)?;
+            let policy = Policy::load(&config.policy)?;
+            let app = store
+                .client(&app)
+                .await?
+                .with_context(|| format!("no client `{app}`"))?;
+            let device = store
+                .client(&device)
+                .await?
+                .with_context(|| format!("no client `{device}`"))?;
+            let scopes = Scopes::parse(&scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
+            print!("{}", policy.explain_access(&app, &device, &scopes));
+            Ok(())
+        }
+        Command::BrokerAcl { hub_user, watchers } => {
+            print!("{}", acl::mosquitto_acl(&hub_user, &watchers));
+            Ok(())
+        }
+        Command::Keys(KeysCmd::List) => {
+            let store = open_store(&config)?;
+            for k in store.keys().await? {
+                println!(
+                    "{}  created {}  active from {}  retire after {}",
+                    hex::encode(k.kid),
+                    k.created_at,
+                    k.active_from,
+                    k.retire_after.map_or("-".to_string(), |t| t.to_string())
+                );
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCmd::Rotate) => {
+            let store = open_store(&config)?;
+            let policy = Policy::load(&config.policy)?;
+            let kek = Kek::load(config.kek_file.as_deref())?;
+            let next = keys::rotate(
+                &store,
+                &kek,
+                &config.hub_id,
+                clock.now(),
+                config.keys.rotation_announce_s,
+                policy.longest_token_lifetime_s(),
+                policy.leeway_s(),
+            )
+            .await?;
+            println!(
+                "next signing key {} is published now and signs from {} s from now; \
+                 restart or reconnect the hub to publish the new key set",
+                hex::encode(next.kid()),
+                config.keys.rotation_announce_s
+            );
+            Ok(())
+        }
+        Command::Audit { limit } => {
+            let store = open_store(&config)?;
+            for e in store.audit_tail(limit).await? {
+                println!(
+                    "{}  {:<12} {:<18} {:<16} {:<14} {}",
+                    e.at_ms, e.actor, e.action, e.target, e.outcome, e.reason
+                );
+            }
+            Ok(())
+        }
+        Command::Revoke {
+            who,
+            token_id,
+            token_hash,
+            subject,
+            device,
+        } => {
+            let cti = token_id
+                .map(|h| hex::decode(h).context("--token-id is not hex"))
+                .transpose()?;
+            let hash = token_hash
+                .map(|h| -> Result<[u8; 32]> {
+                    hex::decode(h)
+                        .context("--token-hash is not hex")?
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("--token-hash must be 32 bytes"))
+                })
+                .transpose()?;
+            let target = match (&cti, hash, &subject, &device) {
+                (Some(c), None, None, None) => RevokeTarget::TokenId(c),
+                (None, Some(h), None, None) => RevokeTarget::TokenHash(h),
+                (None, None, Some(s), None) => RevokeTarget::Subject(s),
+                (None, None, None, Some(d)) => RevokeTarget::Device(d),
+                _ => bail!("give exactly one of --token-id, --token-hash, --subject, --device"),
+            };
+            let (mut client, timeout) = connect_as(&config, &who).await?;
+            let answer = client.request(RequestBody::Revoke(target), timeout).await;
+            client.close().await;
+            match answer? {
+                Answer::Revoked { seq } => println!("revoked (durable, revocation sequence {seq})"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::AccessToken { who, device, scope } => {
+            validate_id(&device).map_err(|_| anyhow::anyhow!("invalid device id `{device}`"))?;
+            let scopes = Scopes::parse(&scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
+            let (mut client, timeout) = connect_as(&config, &who).await?;
+            let answer = client
+                .request(
+                    RequestBody::AccessToken {
+                        device: &device,
+                        scope: scopes,
+                    },
+                    timeout,
+                )
+                .await;
+            client.close().await;
+            match answer? {
+                Answer::Token { token, .. } => println!("{}", hex::encode(token)),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Watch { who, count } => {
+            let (mut client, _) = connect_as(&config, &who).await?;
+            client.subscribe(tessera_shared::topic::EVENTS).await?;
+            let mut seen = 0;
+            while let Some(msg) = client.next_message().await {
+                if msg.topic == tessera_shared::topic::EVENTS {
+                    println!("{}", String::from_utf8_lossy(&msg.payload));
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        break;
+                    }
+                }
+            }
+            client.close().await;
+            Ok(())
+        }
+        Command::Init { .. } | Command::Default { .. } | Command::Keygen { .. } => {
+            unreachable!("handled before the config is loaded")
+        }
+    }
+}
+
+fn open_store(config: &HubConfig) -> Result<Sqlite> {
+    Sqlite::open(&config.database)
+        .with_context(|| format!("cannot open the database {}", config.database.display()))
+}
+
+fn check_role(policy: &Policy, role: &str, kind: ClientKind) -> Result<()> {
+    match policy.role(role) {
+        None => bail!("role `{role}` is not defined in the policy"),
+        Some(r) if r.kind() != kind => {
+            bail!(
+                "role `{role}` is a {} role, not a {} role",
+                r.kind().as_str(),
+                kind.as_str()
+            )
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn new_enrollment_code() -> Result<String> {
+    // 20 base32 characters: 100 bits, enough that the code cannot be guessed from the
+    // HMAC proof that crosses the broker.
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut bytes = [0u8; 20];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let chars: Vec<u8> = bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(b & 31)])
+        .collect();
+    let s = String::from_utf8(chars).unwrap_or_default();
+    Ok(format!(
+        "{}-{}-{}-{}",
+        &s[0..5],
+        &s[5..10],
+        &s[10..15],
+        &s[15..20]
+    ))
+}
+
+async fn register(
+    store: &Sqlite,
+    id: &str,
+    kind: ClientKind,
+    role: &str,
+    groups: Vec<String>,
+    public_key: Option<Vec<u8>>,
+    code: Option<&str>,
+) -> Result<()> {
+    validate_id(id)
+        .map_err(|_| anyhow::anyhow!("`{id}` is not a valid id (A-Z a-z 0-9 . _ -, 1..=64)"))?;
+    store
+        .add_client(ClientRecord {
+            id: id.to_string(),
+            kind,
+            public_key,
+            role: role.to_string(),
+            groups,
+            enrollment_code_key: code.map(EnrollmentCode::derive_key),
+            enrolled_at: None,
+            revoked_at: None,
+            created_at: SystemClock.now(),
+        })
+        .await?;
+    Ok(())
+}
+
+async fn add_keyed(
+    config: &HubConfig,
+    id: &str,
+    kind: ClientKind,
+    role: &str,
+    key: &Path,
+) -> Result<()> {
+    let store = open_store(config)?;
+    let policy = Policy::load(&config.policy)?;
+    check_role(&policy, role, kind)?;
+    let key = keyfile::read_public(key)?;
+    register(
+        &store,
+        id,
+        kind,
+        role,
+        Vec::new(),
+        Some(key.to_sec1().to_vec()),
+        None,
+    )
+    .await?;
+    println!(
+        "registered {} {id} (key {})",
+        kind.as_str(),
+        hex::encode(key.kid())
+    );
+    Ok(())
+}
+
+async fn client_cmd(config: &HubConfig, cmd: ClientCmd) -> Result<()> {
+    let store = open_store(config)?;
+    match cmd {
+        ClientCmd::List { kind } => {
+            let kind = kind
+                .map(|k| ClientKind::parse(&k).with_context(|| format!("unknown kind `{k}`")))
+                .transpose()?;
+            for c in store.clients(kind).await? {
+                let state = match (c.revoked_at, c.enrolled_at, &c.public_key) {
+                    (Some(_), _, _) => "revoked",
+                    (None, Some(_), _) => "enrolled",
+                    (None, None, Some(_)) => "key registered",
+                    (None, None, None) => "awaiting enrollment",
+                };
+                println!(
+                    "{:<24} {:<8} role={:<14} groups={:<20} {state}",
+                    c.id,
+                    c.kind.as_str(),
+                    c.role,
+                    c.groups.join(",")
+                );
+            }
+        }
+        ClientCmd::Remove { id } => {
+            if !store.remove_client(&id).await? {
+                bail!("no client `{id}`");
+            }
+            println!("removed {id}");
+        }
+        ClientCmd::SetRole { id, role } => {
+            let policy = Policy::load(&config.policy)?;
+            let client = store
+                .client(&id)
+                .await?
+                .with_context(|| format!("no client `{id}`"))?;
+            check_role(&policy, &role, client.kind)?;
+            store.set_role(&id, &role).await?;
+            let updated = store
+                .client(&id)
+                .await?
+                .with_context(|| format!("no client `{id}`"))?;
+            match policy_change::revoke_disallowed(&store, &policy, &[updated], SystemClock.now())
+                .await?
+            {
+                Some(seq) => println!(
+                    "role of {id} is now {role}; tokens it no longer allows are revoked \
+                     (sequence {seq}, broadcast by the running hub)"
+                ),
+                None => println!("role of {id} is now {role}; no live token had to be revoked"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect_as(config: &HubConfig, who: &Identity) -> Result<(Client, Duration)> {
+    let signer = keyfile::read_private(&who.key)?;
+    let anchor = keyfile::read_public(&who.trust_anchor)?;
+    let mut mqtt: MqttConfig = config.mqtt.clone();
+    mqtt.client_id = who.id.clone();
+    mqtt.username = None;
+    mqtt.password = None;
+    if let Some(h) = &who.mqtt_host {
+        mqtt.host = h.clone();
+    }
+    if let Some(p) = who.mqtt_port {
+        mqtt.port = p;
+    }
+    let timeout = Duration::from_secs(who.timeout_s);
+    let client = Client::connect(&mqtt, &who.id, signer, anchor, timeout)
+        .await
+        .with_context(|| format!("cannot reach the broker at {}:{}", mqtt.host, mqtt.port))?;
+    Ok((client, timeout))
+}
+
+fn print_trust_anchor(key: &PublicKey) {
+    let mut cose = [0u8; COSE_KEY_LEN];
+    let n = key.to_cose_key(&mut cose).unwrap_or(0);
+    println!("trust anchor (the hub's token-signing key)");
+    println!("  kid:          {}", hex::encode(key.kid()));
+    println!("  COSE_Key hex: {}", hex::encode(&cose[..n]));
+    print!("{}", keyfile::public_to_pem(key));
+}
+
+async fn init(dir: &Path, hub_id: &str) -> Result<()> {
+    validate_id(hub_id).map_err(|_| anyhow::anyhow!("`{hub_id}` is not a valid hub id"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = dir.join("tessera-hub.toml");
+    let config_text = config::DEFAULT_TOML.replacen(
+        "hub_id = \"tessera-hub\"",
+        &format!("hub_id = \"{hub_id}\""),
+        1,
+    );
+    keyfile::write_new(&config_path, config_text.as_bytes(), 0o644)?;
+    keyfile::write_new(
+        &dir.join("policy.toml"),
+        Policy::DEFAULT_TOML.as_bytes(),
+        0o644,
+    )?;
+    let kek = Kek::generate()?;
+    keyfile::write_new(&dir.join("hub.kek"), kek.as_bytes(), 0o600)?;
+    let config = HubConfig::load(&config_path)?;
+    let store = open_store(&config)?;
+    let now = SystemClock.now();
+    let anchor = keys::create_key(&store, &kek, &config.hub_id, now, now).await?;
+    keyfile::write_new(
+        &dir.join("trust-anchor.pem"),
+        keyfile::public_to_pem(&anchor).as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "created {} (config, policy.toml, hub.kek, database, trust-anchor.pem)",
+        dir.display()
+    );
+    print_trust_anchor(&anchor);
+    Ok(())
+}
+
+async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -> Result<()> {
+    if let Some(h) = host {
+        config.mqtt.host = h;
+    }
+    if let Some(p) = port {
+        config.mqtt.port = p;
+    }
+    let store = open_store(&config)?;
+    let policy = SharedPolicy::load(&config.policy)?;
+    let kek = Kek::load(config.kek_file.as_deref())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let keys = KeyRing::load(&store, &kek, &config.hub_id, clock.now()).await?;
+    let hub = Arc::new(Hub {
+        store,
+        policy: policy.clone(),
+        keys: tokio::sync::RwLock::new(keys),
+        clock,
+        config: config.pipeline(),
+    });
+    let serve_config = ServeConfig {
+        mqtt: config.mqtt.clone(),
+        shared_subscription: config.serve.shared_subscription,
+        concurrency: config.serve.concurrency,
+        heartbeat_s: config.serve.heartbeat_s,
+    };
+    let reload_hub = hub.clone();
+    let policy_path = config.policy.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reload_hub.policy.reload_from(&policy_path) {
+                Ok(()) => {
+                    tracing::info!(path = %policy_path.display(), "policy reloaded");
+                    let policy = reload_hub.policy.current();
+                    let now = reload_hub.clock.now();
+                    match policy_change::revoke_disallowed_everywhere(
+                        &reload_hub.store,
+                        &policy,
+                        now,
+                    )
+                    .await
+                    {
+                        Ok(Some(seq)) => {
+                            tracing::info!(seq, "revoked tokens the new policy no longer allows")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot sweep tokens after reload"),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload refused; keeping the old policy")
+                }
+            }
+        }
+    });
+    server::run(hub, serve_config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested");
+}

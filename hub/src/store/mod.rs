@@ -1,0 +1,357 @@
+//! Durable hub state behind one narrow trait: the registry, issued tokens, refresh grants,
+//! revocations, nonces, rate-limit buckets, signing keys and the audit log.
+//!
+//! Everything that must survive a crash or be shared between hub replicas lives here, so
+//! nothing in the hub assumes it is the only replica: revocation sequence numbers, the
+//! nonce cache and rate limits are all decided by the store. [`Sqlite`] is the embedded
+//! default; every backend must pass the conformance suite in [`conformance`].
+
+pub mod conformance;
+mod sqlite;
+
+use std::future::Future;
+
+pub use sqlite::Sqlite;
+use tessera_shared::revocation::Entry;
+
+/// What kind of client a registry record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKind {
+    /// A device: holds a device token, may be given access tokens' audience.
+    Device,
+    /// A control app: obtains access tokens for devices.
+    App,
+    /// An operator: revokes and watches.
+    Operator,
+}
+
+impl ClientKind {
+    /// The kind's name in the database, the CLI and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::App => "app",
+            Self::Operator => "operator",
+        }
+    }
+
+    /// The kind with this name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "device" => Self::Device,
+            "app" => Self::App,
+            "operator" => Self::Operator,
+            _ => return None,
+        })
+    }
+}
+
+/// A registered client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    /// Unique id (a valid protocol id).
+    pub id: String,
+    /// Device, app or operator.
+    pub kind: ClientKind,
+    /// The client's P-256 public key, SEC1 uncompressed; `None` for a device that will
+    /// enroll with a one-time code.
+    pub public_key: Option<Vec<u8>>,
+    /// The client's role in the policy.
+    pub role: String,
+    /// Device groups (devices only; empty otherwise).
+    pub groups: Vec<String>,
+    /// `SHA-256("tessera-enroll-v1" ‖ code)` of an unused one-time enrollment code.
+    pub enrollment_code_key: Option<[u8; 32]>,
+    /// When the device enrolled (Unix seconds); `None` until it has.
+    pub enrolled_at: Option<u64>,
+    /// When the client was revoked as a whole (Unix seconds); a revoked client is refused.
+    pub revoked_at: Option<u64>,
+    /// When the record was created (Unix seconds).
+    pub created_at: u64,
+}
+
+/// The kind of an issued token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    /// A device token (`sub` = device).
+    Device,
+    /// An access token (`sub` = app, `aud` = device).
+    Access,
+}
+
+impl TokenKind {
+    /// The kind's name in the database and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Access => "access",
+        }
+    }
+
+    /// The kind with this name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "device" => Self::Device,
+            "access" => Self::Access,
+            _ => return None,
+        })
+    }
+}
+
+/// A token the hub issued (never the token bytes: a copy would be useless without the
+/// holder's key anyway, but there is no reason to keep it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The token's `cti`.
+    pub cti: [u8; 16],
+    /// SHA-256 of the token bytes, as revocation entries name it.
+    pub hash: [u8; 32],
+    /// Device or access token.
+    pub kind: TokenKind,
+    /// `sub`.
+    pub subject: String,
+    /// `aud`.
+    pub audience: String,
+    /// `scope`, space-separated.
+    pub scope: String,
+    /// `iat`, Unix seconds.
+    pub issued_at: u64,
+    /// `exp`, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// A refresh grant. Only its hash is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// SHA-256 of the grant value.
+    pub hash: [u8; 32],
+    /// The family: every grant rotated from one first grant shares it.
+    pub family: [u8; 16],
+    /// The client the grant was issued to; only it may use it.
+    pub client: String,
+    /// What the grant refreshes: a device token or an access token.
+    pub kind: TokenKind,
+    /// The audience of the tokens it refreshes.
+    pub audience: String,
+    /// The scope of the tokens it refreshes.
+    pub scope: String,
+    /// When it stops being usable, Unix seconds.
+    pub expires_at: u64,
+    /// When it was issued, Unix seconds.
+    pub created_at: u64,
+}
+
+/// What happened when a grant was presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantUse {
+    /// The grant was valid and unused; it is now used (single use).
+    Fresh(GrantRecord),
+    /// The grant was already used: its whole family is now revoked.
+    Reused(GrantRecord),
+    /// The grant's family was revoked (by reuse, or with its client).
+    Revoked(GrantRecord),
+    /// The grant has expired.
+    Expired(GrantRecord),
+    /// No such grant.
+    Unknown,
+}
+
+/// A revocation as stored: one sequence number, its entries, and whether it was broadcast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The delta's sequence number: 1, 2, 3… with no gaps, assigned by the store.
+    pub seq: u64,
+    /// The entries this delta adds.
+    pub entries: Vec<Entry>,
+    /// When it was recorded, Unix seconds.
+    pub created_at: u64,
+    /// Whether the delta has been published to the broker.
+    pub published: bool,
+}
+
+/// A hub signing key, sealed under the key-encryption secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The key id (RFC 9679 thumbprint prefix).
+    pub kid: [u8; 8],
+    /// The public key, SEC1 uncompressed.
+    pub public_key: Vec<u8>,
+    /// The private scalar as an encrypted record (never plaintext).
+    pub sealed_private_key: Vec<u8>,
+    /// When the key was created, Unix seconds.
+    pub created_at: u64,
+    /// From when the hub signs with it, Unix seconds.
+    pub active_from: u64,
+    /// When it stops being published in the key set (its last tokens have expired).
+    pub retire_after: Option<u64>,
+}
+
+/// One audited decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
+    /// Who asked (client id, or `hub` / `cli` for local actions).
+    pub actor: String,
+    /// What was asked (`access_token`, `revoke`, `register`, …).
+    pub action: String,
+    /// What it was about (device id, token id, …).
+    pub target: String,
+    /// `ok` or the refusal's error code name.
+    pub outcome: String,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// A store failure. Every variant is a hub-side problem (the request may be retried),
+/// except [`StoreError::Conflict`], which means the write contradicts existing state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, SQL, connection).
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// The stored data is not what this version of the hub wrote.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    /// The write conflicts with what is stored (for example a duplicate id).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The record does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The hub's durable state. Every method is atomic; every write is durable when its
+/// future completes (so the hub can acknowledge after it).
+pub trait Store: Send + Sync + 'static {
+    // --- registry ---
+
+    /// Adds a client; [`StoreError::Conflict`] if the id exists.
+    fn add_client(&self, client: ClientRecord) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The client with this id.
+    fn client(&self, id: &str) -> impl Future<Output = StoreResult<Option<ClientRecord>>> + Send;
+    /// Every client of a kind (all kinds if `None`), ordered by id.
+    fn clients(
+        &self,
+        kind: Option<ClientKind>,
+    ) -> impl Future<Output = StoreResult<Vec<ClientRecord>>> + Send;
+    /// Removes a client; returns whether it existed.
+    fn remove_client(&self, id: &str) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Changes a client's role (the caller revokes what the new role no longer allows).
+    fn set_role(&self, id: &str, role: &str) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Records a device's enrollment: sets its key and `enrolled_at` and consumes its
+    /// enrollment code, all at once. [`StoreError::Conflict`] if the device is revoked,
+    /// or already enrolled with a different key.
+    fn enroll(
+        &self,
+        id: &str,
+        public_key: &[u8],
+        at: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Marks a client revoked at `at` and clears its enrollment (a revoked device must be
+    /// registered again to come back).
+    fn revoke_client(&self, id: &str, at: u64) -> impl Future<Output = StoreResult<()>> + Send;
+
+    // --- replay and rate limiting (shared by every replica) ---
+
+    /// Records a request nonce of a client until `expires_at`; returns `false` if the
+    /// same nonce of the same client is already recorded and unexpired (a replay).
+    /// Also forgets nonces that expired before `now`.
+    fn remember_nonce(
+        &self,
+        client: &str,
+        nonce: &[u8; 16],
+        now: u64,
+        expires_at: u64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Takes one token from the client's bucket (capacity `burst`, refilled at
+    /// `per_second`); returns `false` if the bucket is empty.
+    fn take_rate_token(
+        &self,
+        client: &str,
+        now_ms: u64,
+        burst: u32,
+        per_second: f64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+
+    // --- issuance ---
+
+    /// Records an issued token and, in the same transaction, the grant issued with it.
+    fn record_issued(
+        &self,
+        token: IssuedToken,
+        grant: Option<GrantRecord>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The issued token with this `cti`.
+    fn issued(&self, cti: &[u8]) -> impl Future<Output = StoreResult<Option<IssuedToken>>> + Send;
+    /// Unexpired tokens issued to `subject`.
+    fn issued_to(
+        &self,
+        subject: &str,
+        now: u64,
+    ) -> impl Future<Output = StoreResult<Vec<IssuedToken>>> + Send;
+    /// Unexpired tokens whose audience is `audience` (access tokens for a device).
+    fn issued_for(
+        &self,
+        audience: &str,
+        now: u64,
+    ) -> impl Future<Output = StoreResult<Vec<IssuedToken>>> + Send;
+    /// Presents a grant: see [`GrantUse`]. Atomic, so two replicas presented the same
+    /// grant at once cannot both get `Fresh`.
+    fn use_grant(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> impl Future<Output = StoreResult<GrantUse>> + Send;
+    /// Revokes every grant of a client; returns how many were live.
+    fn revoke_grants_of(&self, client: &str) -> impl Future<Output = StoreResult<u64>> + Send;
+
+    // --- revocation ---
+
+    /// Appends a revocation with the next sequence number and returns it. Durable when
+    /// this completes, and unpublished until [`mark_published`](Store::mark_published).
+    fn append_revocation(
+        &self,
+        entries: Vec<Entry>,
+        now: u64,
+    ) -> impl Future<Output = StoreResult<u64>> + Send;
+    /// Revocations not yet published, in sequence order.
+    fn unpublished_revocations(
+        &self,
+    ) -> impl Future<Output = StoreResult<Vec<RevocationRecord>>> + Send;
+    /// Marks every revocation up to and including `seq` as published.
+    fn mark_published(&self, seq: u64) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The current sequence number and every entry still in force at `now` (entries past
+    /// their `expires_at` + `leeway` are left out): what a snapshot carries.
+    fn revocation_snapshot(
+        &self,
+        now: u64,
+        leeway: u64,
+    ) -> impl Future<Output = StoreResult<(u64, Vec<Entry>)>> + Send;
+
+    // --- signing keys ---
+
+    /// Adds a signing key.
+    fn add_key(&self, key: KeyRecord) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Every signing key, oldest first.
+    fn keys(&self) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
+    /// Sets when a key stops being published.
+    fn retire_key(
+        &self,
+        kid: &[u8; 8],
+        retire_after: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Increments and returns the key set version (so replicas never reuse one).
+    fn next_keyset_version(&self) -> impl Future<Output = StoreResult<u64>> + Send;
+
+    // --- audit ---
+
+    /// Appends audit events (batched by the caller where it helps).
+    fn audit(&self, events: Vec<AuditEvent>) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The most recent audit events, newest last.
+    fn audit_tail(&self, limit: usize)
+    -> impl Future<Output = StoreResult<Vec<AuditEvent>>> + Send;
+}
