@@ -263,6 +263,11 @@ impl KeyRing {
         Ok(out)
     }
 
+    /// The ids of the loaded keys, oldest first.
+    pub fn kids(&self) -> Vec<[u8; 8]> {
+        self.signers.iter().map(|(r, _)| r.kid).collect()
+    }
+
     /// Whether some key verifies for `kid` (current or retiring).
     pub fn public_key(&self, kid: &[u8]) -> Option<PublicKey> {
         self.signers

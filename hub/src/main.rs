@@ -427,7 +427,7 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             .await?;
             println!(
                 "next signing key {} is published now and signs from {} s from now; \
-                 restart or reconnect the hub to publish the new key set",
+                 a running hub publishes the new key set at its next heartbeat",
                 hex::encode(next.kid()),
                 config.keys.rotation_announce_s
             );
@@ -741,7 +741,7 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
     }
     let store = open_store(&config)?;
     let policy = SharedPolicy::load(&config.policy)?;
-    let kek = Kek::load(config.kek_file.as_deref())?;
+    let kek = Arc::new(Kek::load(config.kek_file.as_deref())?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let keys = KeyRing::load(&store, &kek, &config.hub_id, clock.now()).await?;
     let hub = Arc::new(Hub {
@@ -756,6 +756,7 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
         shared_subscription: config.serve.shared_subscription,
         concurrency: config.serve.concurrency,
         heartbeat_s: config.serve.heartbeat_s,
+        kek: Some(kek),
     };
     let reload_hub = hub.clone();
     let policy_path = config.policy.clone();

@@ -15,6 +15,7 @@ use rumqttc::v5::AsyncClient;
 use tessera_shared::topic;
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::keys::{Kek, KeyRing};
 use crate::mqtt::{self, MqttConfig, MqttError, Notice, QoS};
 use crate::pipeline::{Hub, Publication};
 use crate::store::{AuditEvent, Store};
@@ -30,6 +31,10 @@ pub struct ServeConfig {
     pub concurrency: usize,
     /// Seconds between revocation heartbeats.
     pub heartbeat_s: u64,
+    /// The key-encryption secret, to pick up keys added by `keys rotate` (and drop
+    /// retired ones) at each heartbeat without a restart. `None` keeps the keys loaded at
+    /// start.
+    pub kek: Option<Arc<Kek>>,
 }
 
 /// Publishes one message, logging (not failing) when the client is gone: the caller is
@@ -106,7 +111,35 @@ async fn on_connected<S: Store>(
     Ok(())
 }
 
-async fn heartbeat<S: Store>(hub: &Hub<S>, client: &AsyncClient) {
+/// Reloads the signing keys; if the set changed (a key added by `keys rotate`, or one
+/// retired), publishes the new key set.
+async fn reload_keys<S: Store>(hub: &Hub<S>, kek: &Kek, client: &AsyncClient) {
+    let now = hub.clock.now();
+    let ring = match KeyRing::load(&hub.store, kek, &hub.config.hub_id, now).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reload signing keys; keeping the loaded ones");
+            return;
+        }
+    };
+    if ring.kids() == hub.keys.read().await.kids() {
+        return;
+    }
+    *hub.keys.write().await = ring;
+    tracing::info!("signing keys changed: publishing the new key set");
+    match hub.store.next_keyset_version().await {
+        Ok(v) => match hub.keyset_publication(v).await {
+            Ok(p) => publish_all(hub, client, &[p]).await,
+            Err(r) => tracing::error!(reason = %r.reason, "cannot build key set"),
+        },
+        Err(e) => tracing::error!(error = %e, "cannot number key set"),
+    }
+}
+
+async fn heartbeat<S: Store>(hub: &Hub<S>, client: &AsyncClient, kek: Option<&Kek>) {
+    if let Some(kek) = kek {
+        reload_keys(hub, kek, client).await;
+    }
     let now = hub.clock.now();
     // Revocations recorded outside a request (role changes from the CLI, a policy
     // reload) or whose broadcast failed go out with the next heartbeat.
@@ -175,8 +208,8 @@ pub async fn run<S: Store>(
         tokio::select! {
             () = &mut shutdown => break,
             _ = beat.tick() => {
-                let (hub, client) = (hub.clone(), client.clone());
-                tokio::spawn(async move { heartbeat(&hub, &client).await });
+                let (hub, client, kek) = (hub.clone(), client.clone(), config.kek.clone());
+                tokio::spawn(async move { heartbeat(&hub, &client, kek.as_deref()).await });
             }
             notice = notices.recv() => match notice {
                 None => break,
