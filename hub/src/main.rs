@@ -163,6 +163,12 @@ struct Identity {
     /// Broker port (default: the config file's).
     #[arg(long)]
     mqtt_port: Option<u16>,
+    /// Broker user name (when the broker authenticates clients; the ACL's `user` lines).
+    #[arg(long, env = "TESSERA_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// Broker password.
+    #[arg(long, env = "TESSERA_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
     /// Seconds to wait for the hub.
     #[arg(long, default_value_t = 10)]
     timeout_s: u64,
@@ -674,8 +680,9 @@ async fn connect_as(config: &HubConfig, who: &Identity) -> Result<(Client, Durat
     let anchor = keyfile::read_public(&who.trust_anchor)?;
     let mut mqtt: MqttConfig = config.mqtt.clone();
     mqtt.client_id = who.id.clone();
-    mqtt.username = None;
-    mqtt.password = None;
+    // The config's credentials are the hub's own; a client brings its own, if any.
+    mqtt.username = who.mqtt_username.clone();
+    mqtt.password = who.mqtt_password.clone();
     if let Some(h) = &who.mqtt_host {
         mqtt.host = h.clone();
     }
