@@ -17,6 +17,8 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tessera_shared::schedule::Backoff;
 use tokio::sync::{mpsc, watch};
@@ -143,7 +145,7 @@ impl TlsConfig {
     pub fn client_config(&self) -> Result<rustls::ClientConfig, MqttError> {
         let mut roots = rustls::RootCertStore::empty();
         let ca = read(&self.ca_file)?;
-        for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&ca) {
             let cert = cert.map_err(|e| MqttError::Tls(format!("CA file: {e}")))?;
             roots
                 .add(cert)
@@ -162,12 +164,11 @@ impl TlsConfig {
             .with_root_certificates(roots);
         match (&self.client_cert_file, &self.client_key_file) {
             (Some(cert), Some(key)) => {
-                let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+                let certs = CertificateDer::pem_slice_iter(&read(cert)?)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| MqttError::Tls(format!("client certificate: {e}")))?;
-                let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-                    .map_err(|e| MqttError::Tls(format!("client key: {e}")))?
-                    .ok_or_else(|| MqttError::Tls("client key file holds no key".into()))?;
+                let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                    .map_err(|e| MqttError::Tls(format!("client key: {e}")))?;
                 builder
                     .with_client_auth_cert(certs, key)
                     .map_err(|e| MqttError::Tls(format!("client certificate: {e}")))
