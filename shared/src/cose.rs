@@ -392,12 +392,20 @@ mod tests {
         let canonical = Sign1::decode(&out[..n]).expect("decode").canonical_hash();
         assert_eq!(canonical, crate::crypto::sha256(&[&out[..n]]));
         // Untagged.
-        assert_eq!(Sign1::decode(&out[1..n]).expect("decode").canonical_hash(), canonical);
+        assert_eq!(
+            Sign1::decode(&out[1..n]).expect("decode").canonical_hash(),
+            canonical
+        );
         // Wrapped in tag 61.
         let mut cwt = [0u8; 600];
         cwt[..2].copy_from_slice(&[0xd8, 61]);
         cwt[2..2 + n].copy_from_slice(&out[..n]);
-        assert_eq!(Sign1::decode(&cwt[..n + 2]).expect("decode").canonical_hash(), canonical);
+        assert_eq!(
+            Sign1::decode(&cwt[..n + 2])
+                .expect("decode")
+                .canonical_hash(),
+            canonical
+        );
         // High-s twin of the signature: still verifies, same hash.
         let sig = p256::ecdsa::Signature::from_slice(&out[n - 64..n]).expect("sig");
         let (r, s) = sig.split_scalars();
