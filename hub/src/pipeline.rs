@@ -66,8 +66,6 @@ pub struct Publication {
     pub payload: Vec<u8>,
     /// Whether the broker should retain it.
     pub retain: bool,
-    /// Revocation sequence number to mark published once this is out.
-    pub marks_published: Option<u64>,
 }
 
 /// What handling one request produced.
@@ -227,7 +225,6 @@ impl<S: Store> Hub<S> {
                     .unwrap_or_default(),
                 payload,
                 retain: false,
-                marks_published: None,
             }),
             broadcast,
             audit: Some(audit),
@@ -442,6 +439,7 @@ impl<S: Store> Hub<S> {
     }
 
     async fn device_token(&self, device: &ClientRecord, now: u64) -> Result<Success, Refusal> {
+        require_enrolled(device)?;
         let policy = self.policy.current();
         let grant = policy
             .device_token(device)
@@ -536,6 +534,7 @@ impl<S: Store> Hub<S> {
         let policy = self.policy.current();
         let (audience, scope, lifetime, grant_lifetime) = match record.kind {
             TokenKind::Device => {
+                require_enrolled(client)?;
                 let g = policy
                     .device_token(client)
                     .map_err(|d| Refusal::new(ErrorCode::Denied, d.reason))?;
@@ -729,7 +728,6 @@ impl<S: Store> Hub<S> {
             topic: topic::REVOCATION_SNAPSHOT.to_string(),
             payload: self.signed_snapshot(now).await?,
             retain: true,
-            marks_published: None,
         });
         Ok(Success {
             body: OwnedBody::Revoked { seq },
@@ -764,7 +762,6 @@ impl<S: Store> Hub<S> {
                 .to_string(),
             payload: out,
             retain: false,
-            marks_published: None,
         })
     }
 
@@ -783,7 +780,6 @@ impl<S: Store> Hub<S> {
             topic: topic::REVOCATION_DELTA.to_string(),
             payload: self.sign_payload(&payload, now).await?,
             retain: false,
-            marks_published: Some(seq),
         })
     }
 
@@ -819,6 +815,31 @@ impl<S: Store> Hub<S> {
         Ok(out)
     }
 
+    /// Marks a revocation delta published once it has come back from the broker: the
+    /// hub subscribes to its own delta topic, so seeing a delta there proves the broker
+    /// took it (a publish that was only queued when the hub died or the connection
+    /// dropped is sent again). Anything not signed by the hub is ignored.
+    pub async fn confirm_delta(&self, signed: &[u8]) {
+        let now = self.clock.now();
+        let seq = {
+            let keys = self.keys.read().await;
+            let Ok(set) = keys.keyset(0, now) else { return };
+            let Ok(payload) =
+                tessera_shared::cose::Sign1::decode(signed).and_then(|m| m.verify(&set))
+            else {
+                tracing::warn!("ignoring a revocation delta the hub did not sign");
+                return;
+            };
+            match revocation::Delta::decode(payload) {
+                Ok(delta) => delta.seq(),
+                Err(_) => return,
+            }
+        };
+        if let Err(e) = self.store.mark_published(seq).await {
+            tracing::error!(seq, error = %e, "cannot mark revocation published");
+        }
+    }
+
     /// Revocations recorded but not yet broadcast (after a crash or restart), as signed
     /// deltas to publish again.
     pub async fn pending_broadcasts(&self) -> Result<Vec<Publication>, Refusal> {
@@ -840,7 +861,6 @@ impl<S: Store> Hub<S> {
             topic: topic::KEYS.to_string(),
             payload,
             retain: true,
-            marks_published: None,
         })
     }
 
@@ -848,6 +868,18 @@ impl<S: Store> Hub<S> {
     pub async fn active_public_key(&self) -> PublicKey {
         self.keys.read().await.active(self.clock.now()).public_key()
     }
+}
+
+/// Device tokens go only to devices that have enrolled (proved their key to the hub),
+/// even when the key was registered beforehand.
+fn require_enrolled(device: &ClientRecord) -> Result<(), Refusal> {
+    if device.enrolled_at.is_none() {
+        return Err(Refusal::new(
+            ErrorCode::Denied,
+            "device has not enrolled: send an enroll request first",
+        ));
+    }
+    Ok(())
 }
 
 fn subject_entry(subject: &str, now: u64, max_life: u64) -> Result<Entry, Refusal> {

@@ -57,14 +57,9 @@ async fn publish(client: &AsyncClient, p: &Publication) -> bool {
     }
 }
 
-async fn publish_all<S: Store>(hub: &Hub<S>, client: &AsyncClient, pubs: &[Publication]) {
+async fn publish_all(client: &AsyncClient, pubs: &[Publication]) {
     for p in pubs {
-        if publish(client, p).await
-            && let Some(seq) = p.marks_published
-            && let Err(e) = hub.store.mark_published(seq).await
-        {
-            tracing::error!(seq, error = %e, "cannot mark revocation published");
-        }
+        publish(client, p).await;
     }
 }
 
@@ -80,6 +75,10 @@ async fn on_connected<S: Store>(
         topic::ALL_REQUESTS
     };
     client.subscribe(filter, QoS::AtLeastOnce).await?;
+    // Our own deltas coming back confirm the broker took them (see `confirm_delta`).
+    client
+        .subscribe(topic::REVOCATION_DELTA, QoS::AtLeastOnce)
+        .await?;
     let now = hub.clock.now();
     let mut pubs = Vec::new();
     match hub.store.next_keyset_version().await {
@@ -103,11 +102,10 @@ async fn on_connected<S: Store>(
             topic: topic::REVOCATION_SNAPSHOT.into(),
             payload: s,
             retain: true,
-            marks_published: None,
         }),
         Err(r) => tracing::error!(reason = %r.reason, "cannot build snapshot"),
     }
-    publish_all(hub, client, &pubs).await;
+    publish_all(client, &pubs).await;
     Ok(())
 }
 
@@ -129,7 +127,7 @@ async fn reload_keys<S: Store>(hub: &Hub<S>, kek: &Kek, client: &AsyncClient) {
     tracing::info!("signing keys changed: publishing the new key set");
     match hub.store.next_keyset_version().await {
         Ok(v) => match hub.keyset_publication(v).await {
-            Ok(p) => publish_all(hub, client, &[p]).await,
+            Ok(p) => publish_all(client, &[p]).await,
             Err(r) => tracing::error!(reason = %r.reason, "cannot build key set"),
         },
         Err(e) => tracing::error!(error = %e, "cannot number key set"),
@@ -149,7 +147,6 @@ async fn heartbeat<S: Store>(hub: &Hub<S>, client: &AsyncClient, kek: Option<&Ke
             topic: topic::REVOCATION_SNAPSHOT.into(),
             payload: s,
             retain: true,
-            marks_published: None,
         });
     }
     if let Ok(h) = hub.signed_heartbeat(now).await {
@@ -157,10 +154,9 @@ async fn heartbeat<S: Store>(hub: &Hub<S>, client: &AsyncClient, kek: Option<&Ke
             topic: topic::REVOCATION_HEARTBEAT.into(),
             payload: h,
             retain: false,
-            marks_published: None,
         });
     }
-    publish_all(hub, client, &pubs).await;
+    publish_all(client, &pubs).await;
 }
 
 /// Writes audit events in batches, off the request path.
@@ -226,6 +222,10 @@ pub async fn run<S: Store>(
                 Some(Notice::Disconnected(reason)) => {
                     tracing::warn!(%reason, "disconnected from broker");
                 }
+                Some(Notice::Message(msg)) if msg.topic == topic::REVOCATION_DELTA => {
+                    let hub = hub.clone();
+                    tokio::spawn(async move { hub.confirm_delta(&msg.payload).await });
+                }
                 Some(Notice::Message(msg)) => {
                     let Some(requester) = topic::requesting_client(&msg.topic) else {
                         continue;
@@ -239,7 +239,7 @@ pub async fn run<S: Store>(
                         if let Some(reply) = &handled.reply {
                             publish(&client, reply).await;
                         }
-                        publish_all(&hub, &client, &handled.broadcast).await;
+                        publish_all(&client, &handled.broadcast).await;
                         if let Some(ev) = handled.audit {
                             let _ = audit_tx.send(ev).await;
                         }

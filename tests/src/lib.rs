@@ -9,6 +9,8 @@
 //! - [`ChildGuard`] and [`cargo_bin`]: run the workspace's binaries (`tessera-hub`, ...)
 //!   and never leak them.
 //! - [`free_port`], [`wait_for_port`]: loopback ports.
+//! - [`hub`]: a real `tessera-hub` (init, register, serve, kill, restart) and clients that
+//!   talk to it, for the hub's end-to-end tests.
 //!
 //! Everything binds and connects to 127.0.0.1 only. Waits are bounded: each has a timeout
 //! of a few seconds and fails with diagnostics (the broker's log tail, the child's output).
@@ -35,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod hub;
 pub mod pki;
 pub mod port;
 pub mod probe;
