@@ -63,9 +63,38 @@ async fn publish_all(client: &AsyncClient, pubs: &[Publication]) {
     }
 }
 
+/// The signed key set as last published. Reconnections republish it unchanged; only a
+/// change of keys gives it a new version, so devices rewrite their stores only when
+/// something changed.
+#[derive(Default)]
+struct KeySetState(tokio::sync::Mutex<Option<Publication>>);
+
+impl KeySetState {
+    /// The key set to publish; numbered and signed again when `renumber` is set or none
+    /// was made yet.
+    async fn publication<S: Store>(&self, hub: &Hub<S>, renumber: bool) -> Option<Publication> {
+        let mut current = self.0.lock().await;
+        if renumber || current.is_none() {
+            let version = match hub.store.next_keyset_version().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot number key set");
+                    return current.clone();
+                }
+            };
+            match hub.keyset_publication(version).await {
+                Ok(p) => *current = Some(p),
+                Err(r) => tracing::error!(reason = %r.reason, "cannot build key set"),
+            }
+        }
+        current.clone()
+    }
+}
+
 /// Everything published on (re)connection.
 async fn on_connected<S: Store>(
     hub: &Hub<S>,
+    keyset: &KeySetState,
     client: &AsyncClient,
     shared: bool,
 ) -> Result<(), MqttError> {
@@ -81,13 +110,7 @@ async fn on_connected<S: Store>(
         .await?;
     let now = hub.clock.now();
     let mut pubs = Vec::new();
-    match hub.store.next_keyset_version().await {
-        Ok(v) => match hub.keyset_publication(v).await {
-            Ok(p) => pubs.push(p),
-            Err(r) => tracing::error!(reason = %r.reason, "cannot build key set"),
-        },
-        Err(e) => tracing::error!(error = %e, "cannot number key set"),
-    }
+    pubs.extend(keyset.publication(hub, false).await);
     match hub.pending_broadcasts().await {
         Ok(p) => {
             if !p.is_empty() {
@@ -111,7 +134,12 @@ async fn on_connected<S: Store>(
 
 /// Reloads the signing keys; if the set changed (a key added by `keys rotate`, or one
 /// retired), publishes the new key set.
-async fn reload_keys<S: Store>(hub: &Hub<S>, kek: &Kek, client: &AsyncClient) {
+async fn reload_keys<S: Store>(
+    hub: &Hub<S>,
+    keyset: &KeySetState,
+    kek: &Kek,
+    client: &AsyncClient,
+) {
     let now = hub.clock.now();
     let ring = match KeyRing::load(&hub.store, kek, &hub.config.hub_id, now).await {
         Ok(r) => r,
@@ -125,18 +153,19 @@ async fn reload_keys<S: Store>(hub: &Hub<S>, kek: &Kek, client: &AsyncClient) {
     }
     *hub.keys.write().await = ring;
     tracing::info!("signing keys changed: publishing the new key set");
-    match hub.store.next_keyset_version().await {
-        Ok(v) => match hub.keyset_publication(v).await {
-            Ok(p) => publish_all(client, &[p]).await,
-            Err(r) => tracing::error!(reason = %r.reason, "cannot build key set"),
-        },
-        Err(e) => tracing::error!(error = %e, "cannot number key set"),
+    if let Some(p) = keyset.publication(hub, true).await {
+        publish_all(client, &[p]).await;
     }
 }
 
-async fn heartbeat<S: Store>(hub: &Hub<S>, client: &AsyncClient, kek: Option<&Kek>) {
+async fn heartbeat<S: Store>(
+    hub: &Hub<S>,
+    keyset: &KeySetState,
+    client: &AsyncClient,
+    kek: Option<&Kek>,
+) {
     if let Some(kek) = kek {
-        reload_keys(hub, kek, client).await;
+        reload_keys(hub, keyset, kek, client).await;
     }
     let now = hub.clock.now();
     // Revocations recorded outside a request (role changes from the CLI, a policy
@@ -196,6 +225,7 @@ pub async fn run<S: Store>(
     let (audit_tx, audit_rx) = mpsc::channel(4096);
     let writer = tokio::spawn(audit_writer(hub.clone(), client.clone(), audit_rx));
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let keyset = Arc::new(KeySetState::default());
     let mut beat = tokio::time::interval(Duration::from_secs(config.heartbeat_s.max(1)));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -205,7 +235,10 @@ pub async fn run<S: Store>(
             () = &mut shutdown => break,
             _ = beat.tick() => {
                 let (hub, client, kek) = (hub.clone(), client.clone(), config.kek.clone());
-                tokio::spawn(async move { heartbeat(&hub, &client, kek.as_deref()).await });
+                let keyset = keyset.clone();
+                tokio::spawn(async move {
+                    heartbeat(&hub, &keyset, &client, kek.as_deref()).await;
+                });
             }
             notice = notices.recv() => match notice {
                 None => break,
@@ -213,8 +246,9 @@ pub async fn run<S: Store>(
                     tracing::info!("connected to broker");
                     let (hub, client, shared) =
                         (hub.clone(), client.clone(), config.shared_subscription);
+                    let keyset = keyset.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = on_connected(&hub, &client, shared).await {
+                        if let Err(e) = on_connected(&hub, &keyset, &client, shared).await {
                             tracing::error!(error = %e, "cannot subscribe");
                         }
                     });

@@ -120,6 +120,9 @@ pub const MAX_ACTIONS: usize = 1 + SUBSCRIPTIONS + 2 + MAX_REPORTS + 1;
 /// The actions of one [`Agent::handle`] call, borrowing the agent's buffers.
 pub type Actions<'a> = heapless::Vec<Action<'a>, MAX_ACTIONS>;
 
+/// Shortest wait for an answer, however close the token is to expiry.
+pub const MIN_REQUEST_TIMEOUT_MS: u64 = 250;
+
 /// Default for [`AgentConfig::request_timeout_ms`].
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 
@@ -1353,15 +1356,30 @@ impl<S: Signer, const R: usize> Agent<S, R> {
         })
     }
 
+    /// When an attempt sent at `sent` counts as lost. A token request made while the
+    /// current token still lives waits at most half of what is left of it (but at least
+    /// [`MIN_REQUEST_TIMEOUT_MS`]), so a request lost near expiry is resent in time rather
+    /// than after the full configured timeout.
+    fn request_deadline(&self, exchange: Exchange, sent: u64) -> u64 {
+        let mut timeout = self.config.request_timeout_ms;
+        if exchange == Exchange::Token
+            && let Some(t) = self.token.filter(|_| self.clock.synced)
+        {
+            let expires = self.clock.local_ms(t.exp.saturating_mul(1000));
+            let half_left = expires.saturating_sub(sent) / 2;
+            timeout = timeout.min(half_left.max(MIN_REQUEST_TIMEOUT_MS));
+        }
+        sent.saturating_add(timeout)
+    }
+
     fn drive_exchange(&mut self, exchange: Exchange, now: u64) {
-        let timeout = self.config.request_timeout_ms;
         let Some(op) = self.wanted(exchange, now) else {
             // Answers to attempts already out are still taken; there is just no more to ask.
             self.requests_mut(exchange).in_flight = None;
             return;
         };
         if let Some(sent) = self.requests(exchange).in_flight {
-            if now < sent.saturating_add(timeout) {
+            if now < self.request_deadline(exchange, sent) {
                 return;
             }
             self.requests_mut(exchange).in_flight = None;
@@ -1519,7 +1537,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             }
             let requests = self.requests(exchange);
             let due = match requests.in_flight {
-                Some(sent) => Some(sent.saturating_add(self.config.request_timeout_ms)),
+                Some(sent) => Some(self.request_deadline(exchange, sent)),
                 // Nothing can be sent before the connection is back; Connected will.
                 None if self.connected => Some(requests.not_before.unwrap_or(now)),
                 None => None,

@@ -1372,3 +1372,35 @@ fn the_longest_request_fits_its_buffer() {
         .expect("the enrollment is published");
     assert!((300..=REQUEST_BUF_LEN).contains(&len), "{len} bytes");
 }
+
+#[test]
+fn a_refresh_lost_near_expiry_is_resent_in_time_to_keep_the_token() {
+    let mut sim = Sim::new(config());
+    // Shorter than the default request timeout: waiting the full timeout would lapse.
+    sim.hub.lifetime_s = 8;
+    sim.boot_and_connect();
+    assert_eq!(sim.agent.state(), State::Holding);
+    let expires_ms = T0 + 8_000;
+    let refresh_at = sim.agent.next_wake().expect("a refresh is scheduled");
+    sim.hub.drop = 1;
+    let done = sim.advance_to(refresh_at);
+    assert_eq!(
+        ops(&done),
+        [Operation::Refresh],
+        "the refresh went out and was lost"
+    );
+    let deadline = sim.agent.next_wake().expect("waits for the answer");
+    assert!(
+        deadline <= refresh_at + (expires_ms - refresh_at) / 2,
+        "waits at most half of the remaining lifetime: {deadline} vs expiry {expires_ms}"
+    );
+    let done = sim.advance_to(expires_ms - 1);
+    assert!(
+        reports(&done)
+            .iter()
+            .any(|r| matches!(r, Report::TokenRenewed { .. })),
+        "renewed before expiry: {:?}",
+        reports(&done)
+    );
+    assert!(!reports(&done).contains(&Report::TokenExpired));
+}
