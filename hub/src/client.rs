@@ -43,7 +43,8 @@ pub enum ClientError {
     Random(String),
 }
 
-/// A successful response, owned.
+/// A successful response, owned: what a client receives, and what the hub builds before
+/// signing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// Enrollment done.
@@ -65,6 +66,21 @@ pub enum Answer {
         /// Snapshot bytes.
         snapshot: Vec<u8>,
     },
+}
+
+impl Answer {
+    /// The wire body of this answer.
+    pub fn as_body(&self) -> ResponseBody<'_> {
+        match self {
+            Answer::Enrolled => ResponseBody::Enrolled,
+            Answer::Token { token, grant } => ResponseBody::Token {
+                token,
+                grant: grant.as_ref().map(|(g, e)| (g.as_slice(), *e)),
+            },
+            Answer::Revoked { seq } => ResponseBody::Revoked { seq: *seq },
+            Answer::Revocations { snapshot } => ResponseBody::Revocations { snapshot },
+        }
+    }
 }
 
 /// A connected client.

@@ -12,13 +12,14 @@ use tessera_shared::claims::{CTI_LEN, Claims};
 use tessera_shared::crypto::{PublicKey, Signer, sha256};
 use tessera_shared::message::{
     Command, Control, EnrollmentCode, ErrorCode, NONCE_LEN, Operation, Request, RequestBody,
-    Response, ResponseBody, RevokeTarget, SignedRequest, WireError,
+    Response, RevokeTarget, SignedRequest, WireError,
 };
 use tessera_shared::revocation::{self, Entry};
 use tessera_shared::scope::Scopes;
 use tessera_shared::{token, topic};
 use tokio::sync::RwLock;
 
+use crate::client::Answer;
 use crate::clock::Clock;
 use crate::keys::KeyRing;
 use crate::policy::SharedPolicy;
@@ -128,38 +129,10 @@ impl<S: Store> std::fmt::Debug for Hub<S> {
 
 /// What a successful operation produced before the response is signed.
 struct Success {
-    body: OwnedBody,
+    body: Answer,
     broadcast: Vec<Publication>,
     target: String,
     reason: String,
-}
-
-enum OwnedBody {
-    Enrolled,
-    Token {
-        token: Vec<u8>,
-        grant: Option<(Vec<u8>, u64)>,
-    },
-    Revoked {
-        seq: u64,
-    },
-    Revocations {
-        snapshot: Vec<u8>,
-    },
-}
-
-impl OwnedBody {
-    fn borrow(&self) -> ResponseBody<'_> {
-        match self {
-            OwnedBody::Enrolled => ResponseBody::Enrolled,
-            OwnedBody::Token { token, grant } => ResponseBody::Token {
-                token,
-                grant: grant.as_ref().map(|(g, e)| (g.as_slice(), *e)),
-            },
-            OwnedBody::Revoked { seq } => ResponseBody::Revoked { seq: *seq },
-            OwnedBody::Revocations { snapshot } => ResponseBody::Revocations { snapshot },
-        }
-    }
 }
 
 fn random<const N: usize>() -> Result<[u8; N], Refusal> {
@@ -183,7 +156,7 @@ impl<S: Store> Hub<S> {
         let (op, request_id, nonce) = correlation;
         let (outcome, broadcast, target, reason) = match &result {
             Ok(s) => (
-                Ok(s.body.borrow()),
+                Ok(s.body.as_body()),
                 s.broadcast.clone(),
                 s.target.clone(),
                 s.reason.clone(),
@@ -337,7 +310,7 @@ impl<S: Store> Hub<S> {
             RequestBody::Refresh { grant } => self.refresh(&client, grant, now).await,
             RequestBody::Revoke(target) => self.revoke(&client, target, now).await,
             RequestBody::FetchRevocations => Ok(Success {
-                body: OwnedBody::Revocations {
+                body: Answer::Revocations {
                     snapshot: self.signed_snapshot(now).await?,
                 },
                 broadcast: Vec::new(),
@@ -431,7 +404,7 @@ impl<S: Store> Hub<S> {
                 other => other.into(),
             })?;
         Ok(Success {
-            body: OwnedBody::Enrolled,
+            body: Answer::Enrolled,
             broadcast: Vec::new(),
             target: client.id.clone(),
             reason: format!("enrolled key {}", hex::encode(key.kid())),
@@ -638,7 +611,7 @@ impl<S: Store> Hub<S> {
         };
         self.store.record_issued(issued, grant_record).await?;
         Ok(Success {
-            body: OwnedBody::Token {
+            body: Answer::Token {
                 token: buf,
                 grant: grant_value,
             },
@@ -730,7 +703,7 @@ impl<S: Store> Hub<S> {
             retain: true,
         });
         Ok(Success {
-            body: OwnedBody::Revoked { seq },
+            body: Answer::Revoked { seq },
             broadcast,
             target: target_name,
             reason: format!("revoked by {} at seq {seq}", operator.id),
