@@ -58,6 +58,9 @@ concurrency = 64
 # Seconds between signed revocation heartbeats (and snapshot republishing). Verifiers
 # consider their revocation knowledge stale after a few missed heartbeats.
 heartbeat_s = 30
+# Days the audit log keeps a decision. Records of expired tokens, grants and revocation
+# entries are dropped at each heartbeat anyway, so the database stays bounded.
+audit_retention_days = 90
 
 [requests]
 # How far a request's issued_at may be from the hub's clock, seconds. Nonces are
@@ -141,6 +144,8 @@ pub struct ServeSection {
     pub concurrency: usize,
     /// Seconds between heartbeats.
     pub heartbeat_s: u64,
+    /// Days the audit log keeps a decision.
+    pub audit_retention_days: u64,
 }
 
 impl Default for ServeSection {
@@ -149,6 +154,7 @@ impl Default for ServeSection {
             shared_subscription: false,
             concurrency: 64,
             heartbeat_s: 30,
+            audit_retention_days: 90,
         }
     }
 }
@@ -246,6 +252,11 @@ impl HubConfig {
         }
         if !(1..=3600).contains(&self.serve.heartbeat_s) {
             return Err(invalid("serve.heartbeat_s must be 1..=3600".into()));
+        }
+        if !(1..=36_500).contains(&self.serve.audit_retention_days) {
+            return Err(invalid(
+                "serve.audit_retention_days must be 1..=36500".into(),
+            ));
         }
         Ok(())
     }

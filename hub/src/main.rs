@@ -763,6 +763,7 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
         shared_subscription: config.serve.shared_subscription,
         concurrency: config.serve.concurrency,
         heartbeat_s: config.serve.heartbeat_s,
+        audit_retention_s: config.serve.audit_retention_days * 86_400,
         kek: Some(kek),
     };
     let reload_hub = hub.clone();

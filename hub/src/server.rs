@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub concurrency: usize,
     /// Seconds between revocation heartbeats.
     pub heartbeat_s: u64,
+    /// How long the audit log keeps a decision, seconds.
+    pub audit_retention_s: u64,
     /// The key-encryption secret, to pick up keys added by `keys rotate` (and drop
     /// retired ones) at each heartbeat without a restart. `None` keeps the keys loaded at
     /// start.
@@ -158,15 +160,30 @@ async fn reload_keys<S: Store>(
     }
 }
 
+/// Drops records that can no longer matter (see [`Store::prune`]).
+async fn prune<S: Store>(hub: &Hub<S>, audit_retention_s: u64) {
+    let now_ms = hub.clock.now_ms();
+    let leeway = hub.policy.current().leeway_s();
+    let expired_before = (now_ms / 1000).saturating_sub(leeway);
+    let audit_before_ms = now_ms.saturating_sub(audit_retention_s.saturating_mul(1000));
+    match hub.store.prune(expired_before, audit_before_ms).await {
+        Ok(p) if p != Default::default() => tracing::debug!(?p, "pruned expired records"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot prune expired records"),
+    }
+}
+
 async fn heartbeat<S: Store>(
     hub: &Hub<S>,
     keyset: &KeySetState,
     client: &AsyncClient,
     kek: Option<&Kek>,
+    audit_retention_s: u64,
 ) {
     if let Some(kek) = kek {
         reload_keys(hub, keyset, kek, client).await;
     }
+    prune(hub, audit_retention_s).await;
     let now = hub.clock.now();
     // Revocations recorded outside a request (role changes from the CLI, a policy
     // reload) or whose broadcast failed go out with the next heartbeat.
@@ -235,9 +252,9 @@ pub async fn run<S: Store>(
             () = &mut shutdown => break,
             _ = beat.tick() => {
                 let (hub, client, kek) = (hub.clone(), client.clone(), config.kek.clone());
-                let keyset = keyset.clone();
+                let (keyset, retention) = (keyset.clone(), config.audit_retention_s);
                 tokio::spawn(async move {
-                    heartbeat(&hub, &keyset, &client, kek.as_deref()).await;
+                    heartbeat(&hub, &keyset, &client, kek.as_deref(), retention).await;
                 });
             }
             notice = notices.recv() => match notice {

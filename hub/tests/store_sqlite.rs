@@ -71,6 +71,7 @@ conformance!(
     signing_keys,
     keyset_version,
     audit_log,
+    prune,
 );
 
 /// `run_all` too, so a check added to the suite but not listed above still runs here.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tessera_shared::revocation::Entry;
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord,
+    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Pruned,
     RevocationRecord, Store, StoreError, TokenKind,
 };
 
@@ -55,6 +55,7 @@ where
     signing_keys(make().await).await;
     keyset_version(make().await).await;
     audit_log(make().await).await;
+    prune(make().await).await;
 }
 
 // --- fixtures ---
@@ -1041,4 +1042,68 @@ pub async fn audit_log<S: Store>(store: S) {
         [event(1), event(2), event(3), event(4)]
     );
     assert_eq!(store.audit_tail(0).await.expect("audit_tail"), []);
+}
+
+/// `prune` forgets exactly what has expired (and old audit events), and revocation
+/// numbering carries on after it.
+pub async fn prune<S: Store>(store: S) {
+    let old = token(
+        1,
+        TokenKind::Access,
+        "app-a",
+        "dev-a",
+        NOW - 7200,
+        NOW - 3600,
+    );
+    let live = access(2, "app-a");
+    record(&store, old.clone(), &grant(1, 1, "app-a", NOW - 3600)).await;
+    record(&store, live.clone(), &grant(2, 2, "app-a", NOW + 3600)).await;
+    let seq = store
+        .append_revocation(
+            vec![token_entry(1, NOW - 10), token_entry(2, NOW + 10)],
+            NOW - 100,
+        )
+        .await
+        .expect("append_revocation");
+    store.audit(vec![event(1), event(2)]).await.expect("audit");
+
+    let pruned = store.prune(NOW, NOW * 1000 + 2).await.expect("prune");
+    assert_eq!(
+        pruned,
+        Pruned {
+            tokens: 1,
+            grants: 1,
+            revocation_entries: 1,
+            audit_events: 1,
+        }
+    );
+    assert_eq!(store.issued(&old.cti).await.expect("issued"), None);
+    assert_eq!(store.issued(&live.cti).await.expect("issued"), Some(live));
+    assert_eq!(
+        store.use_grant(&[1; 32], NOW).await.expect("use_grant"),
+        GrantUse::Unknown
+    );
+    assert!(matches!(
+        store.use_grant(&[2; 32], NOW).await.expect("use_grant"),
+        GrantUse::Fresh(_)
+    ));
+    // Seen from before the pruning time, only the entry still in force is left.
+    let (at, entries) = store
+        .revocation_snapshot(NOW - 1000, 0)
+        .await
+        .expect("revocation_snapshot");
+    assert_eq!((at, entries), (seq, vec![token_entry(2, NOW + 10)]));
+    assert_eq!(
+        store
+            .append_revocation(vec![token_entry(3, NOW + 10)], NOW)
+            .await
+            .expect("append_revocation"),
+        seq + 1,
+        "sequence numbers are never reused"
+    );
+    assert_eq!(store.audit_tail(10).await.expect("audit_tail"), [event(2)]);
+    assert_eq!(
+        store.prune(NOW, NOW * 1000 + 2).await.expect("prune"),
+        Pruned::default()
+    );
 }

@@ -203,6 +203,19 @@ pub struct AuditEvent {
     pub reason: String,
 }
 
+/// What [`Store::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Issued-token records.
+    pub tokens: u64,
+    /// Refresh grants.
+    pub grants: u64,
+    /// Revocation entries (their sequence numbers stay).
+    pub revocation_entries: u64,
+    /// Audit events.
+    pub audit_events: u64,
+}
+
 /// A store failure. Every variant is a hub-side problem (the request may be retried),
 /// except [`StoreError::Conflict`], which means the write contradicts existing state.
 #[derive(Debug, thiserror::Error)]
@@ -346,6 +359,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Increments and returns the key set version (so replicas never reuse one).
     fn next_keyset_version(&self) -> impl Future<Output = StoreResult<u64>> + Send;
+
+    // --- housekeeping ---
+
+    /// Forgets what can no longer matter, so the store stays bounded by token lifetimes
+    /// and the audit retention: issued tokens, grants and revocation entries whose
+    /// `expires_at` is before `expired_before`, expired nonces, and audit events older
+    /// than `audit_before_ms`. Revocation sequence numbers are never reused.
+    fn prune(
+        &self,
+        expired_before: u64,
+        audit_before_ms: u64,
+    ) -> impl Future<Output = StoreResult<Pruned>> + Send;
 
     // --- audit ---
 

@@ -19,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use tessera_shared::revocation::{Entry, TOKEN_HASH_LEN};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord,
+    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Pruned,
     RevocationRecord, Store, StoreError, StoreResult, TokenKind,
 };
 
@@ -1248,6 +1248,46 @@ impl Store for Sqlite {
                 }
             }
             tx.commit().ctx("committing")
+        })
+        .await
+    }
+
+    async fn prune(&self, expired_before: u64, audit_before_ms: u64) -> StoreResult<Pruned> {
+        let (before, audit_before) = (bound(expired_before), bound(audit_before_ms));
+        self.run("prune", move |conn| {
+            let tx = immediate(conn)?;
+            let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+            let pruned = Pruned {
+                tokens: count(
+                    tx.execute(
+                        "DELETE FROM issued_tokens WHERE expires_at < ?1",
+                        params![before],
+                    )
+                    .ctx("pruning issued tokens")?,
+                ),
+                grants: count(
+                    tx.execute("DELETE FROM grants WHERE expires_at < ?1", params![before])
+                        .ctx("pruning grants")?,
+                ),
+                revocation_entries: count(
+                    tx.execute(
+                        "DELETE FROM revocation_entries WHERE expires_at < ?1",
+                        params![before],
+                    )
+                    .ctx("pruning revocation entries")?,
+                ),
+                audit_events: count(
+                    tx.execute(
+                        "DELETE FROM audit_log WHERE at_ms < ?1",
+                        params![audit_before],
+                    )
+                    .ctx("pruning the audit log")?,
+                ),
+            };
+            tx.execute("DELETE FROM nonces WHERE expires_at < ?1", params![before])
+                .ctx("pruning nonces")?;
+            tx.commit().ctx("committing")?;
+            Ok(pruned)
         })
         .await
     }
