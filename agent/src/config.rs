@@ -104,6 +104,10 @@ port = 1883
 # password = "..."
 # Keep-alive interval, seconds.
 keep_alive_s = 30
+# Seconds the broker keeps this device's MQTT session while it is offline (MQTT 5 session
+# expiry): its subscriptions stay and QoS 1 messages, such as a revocation on its control
+# topic, are queued for it. 0 starts a clean session on every connection.
+session_expiry_s = 3600
 
 # TLS to the broker (rustls). Uncomment to enable.
 # [mqtt.tls]
@@ -175,6 +179,7 @@ struct MqttSection {
     username: Option<String>,
     password: Option<String>,
     keep_alive_s: u64,
+    session_expiry_s: u32,
     tls: Option<TlsConfig>,
 }
 
@@ -186,6 +191,7 @@ impl Default for MqttSection {
             username: None,
             password: None,
             keep_alive_s: 30,
+            session_expiry_s: 3600,
             tls: None,
         }
     }
@@ -430,6 +436,9 @@ impl Config {
             username: file.mqtt.username,
             password: file.mqtt.password,
             keep_alive_s: file.mqtt.keep_alive_s,
+            // 0 asks for a clean session on every connection.
+            session_expiry_s: (file.mqtt.session_expiry_s > 0)
+                .then_some(file.mqtt.session_expiry_s),
             tls,
         };
         Ok(Self {

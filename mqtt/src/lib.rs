@@ -47,6 +47,12 @@ pub struct MqttConfig {
     /// Keep-alive interval in seconds.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
+    /// Keep the MQTT session this many seconds across disconnections (MQTT 5 session
+    /// expiry): the broker holds the client's subscriptions and queues its QoS 1
+    /// messages meanwhile, so a control message sent while a device is offline still
+    /// reaches it. `None` starts a clean session on every connection.
+    #[serde(default)]
+    pub session_expiry_s: Option<u32>,
     /// TLS settings; plain TCP when absent.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -106,6 +112,7 @@ impl MqttConfig {
             username: None,
             password: None,
             keep_alive_s: default_keep_alive(),
+            session_expiry_s: None,
             tls: None,
         }
     }
@@ -114,7 +121,15 @@ impl MqttConfig {
     pub fn options(&self) -> Result<MqttOptions, MqttError> {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_keep_alive(Duration::from_secs(self.keep_alive_s.max(5)));
-        o.set_clean_start(true);
+        match self.session_expiry_s {
+            Some(secs) => {
+                o.set_clean_start(false);
+                o.set_session_expiry_interval(Some(secs));
+            }
+            None => {
+                o.set_clean_start(true);
+            }
+        }
         o.set_max_packet_size(Some(MAX_PACKET_BYTES));
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             o.set_credentials(u, p);
@@ -261,5 +276,23 @@ async fn poll_forever(
         if tx.send(notice).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_expiry_keeps_the_session_and_none_starts_clean() {
+        let mut config = MqttConfig::plain("127.0.0.1", 1883, "device-1");
+        let clean = config.options().expect("options");
+        assert!(clean.clean_start());
+        assert_eq!(clean.session_expiry_interval(), None);
+
+        config.session_expiry_s = Some(3600);
+        let kept = config.options().expect("options");
+        assert!(!kept.clean_start());
+        assert_eq!(kept.session_expiry_interval(), Some(3600));
     }
 }
