@@ -323,7 +323,9 @@ fn run_output(command: &mut Command) -> Result<Output> {
         .with_context(|| format!("running {shown}"))
 }
 
-fn run_checked(command: &mut Command) -> Result<String> {
+/// Runs `command` (no stdin) and returns its stdout; fails with its status, stdout and
+/// stderr if it did not succeed.
+pub fn run_checked(command: &mut Command) -> Result<String> {
     let shown = format!("{command:?}");
     let output = run_output(command)?;
     ensure!(
@@ -336,7 +338,8 @@ fn run_checked(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn replace_once(path: &Path, from: &str, to: &str) -> Result<()> {
+/// Replaces `from`, which must occur exactly once in the file, with `to`.
+pub fn replace_once(path: &Path, from: &str, to: &str) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     ensure!(

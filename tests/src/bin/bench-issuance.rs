@@ -58,7 +58,7 @@ use tessera_shared::message::{
 };
 use tessera_shared::scope::Scopes;
 use tessera_shared::{token, topic};
-use tessera_tests::hub::{generate_signer, random_bytes, unix_now};
+use tessera_tests::hub::{generate_signer, random_bytes, replace_once, run_checked, unix_now};
 use tessera_tests::{Broker, ChildGuard};
 use tokio::sync::{mpsc, watch};
 
@@ -458,34 +458,6 @@ fn sign_request(request: &Request<'_>, signer: &P256Signer) -> Result<Vec<u8>> {
         .map_err(|e| anyhow::anyhow!("signing a request: {e}"))?;
     out.truncate(n);
     Ok(out)
-}
-
-fn run_checked(command: &mut Command) -> Result<String> {
-    let shown = format!("{command:?}");
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {shown}"))?;
-    ensure!(
-        output.status.success(),
-        "{shown} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-fn replace_once(path: &Path, from: &str, to: &str) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    ensure!(
-        text.matches(from).count() == 1,
-        "{} must contain {from:?} exactly once",
-        path.display()
-    );
-    std::fs::write(path, text.replacen(from, to, 1))
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A hub directory made with the CLI, its registered clients, and the serving hub.
