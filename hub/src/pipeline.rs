@@ -12,7 +12,7 @@ use tessera_shared::claims::{CTI_LEN, Claims};
 use tessera_shared::crypto::{PublicKey, Signer, sha256};
 use tessera_shared::message::{
     Command, Control, EnrollmentCode, ErrorCode, NONCE_LEN, Operation, Request, RequestBody,
-    Response, RevokeTarget, SignedRequest, WireError,
+    Response, ResponseBody, RevokeTarget, SignedRequest, WireError,
 };
 use tessera_shared::revocation::{self, Entry};
 use tessera_shared::scope::Scopes;
@@ -205,8 +205,13 @@ impl<S: Store> Hub<S> {
     }
 
     async fn sign_response(&self, response: &Response<'_>, now: u64) -> Option<Vec<u8>> {
+        // Room for the largest token answer or error reason, or for the snapshot carried.
+        let body_len = match &response.outcome {
+            Ok(ResponseBody::Revocations { snapshot }) => snapshot.len(),
+            _ => token::MAX_TOKEN_LEN,
+        };
+        let mut out = vec![0u8; body_len + 1024];
         let keys = self.keys.read().await;
-        let mut out = vec![0u8; 32 * 1024];
         match response.sign(keys.active(now), &mut out) {
             Ok(n) => {
                 out.truncate(n);
@@ -257,7 +262,7 @@ impl<S: Store> Hub<S> {
         if client.revoked_at.is_some() {
             return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
         }
-        let request = self.authenticate(&client, signed, now)?;
+        let request = self.authenticate(&client, signed)?;
 
         let window = self.config.freshness_window_s;
         if request.issued_at.abs_diff(now) > window {
@@ -327,7 +332,6 @@ impl<S: Store> Hub<S> {
         &self,
         client: &ClientRecord,
         signed: SignedRequest<'a>,
-        _now: u64,
     ) -> Result<Request<'a>, Refusal> {
         let bad_sig = |e: tessera_shared::Error| {
             Refusal::new(
@@ -760,23 +764,37 @@ impl<S: Store> Hub<S> {
     pub async fn signed_snapshot(&self, now: u64) -> Result<Vec<u8>, Refusal> {
         let leeway = self.policy.current().leeway_s();
         let (seq, entries) = self.store.revocation_snapshot(now, leeway).await?;
-        let mut payload = vec![0u8; revocation::max_payload_len(entries.len())];
-        let n = revocation::encode_snapshot(seq, now, &entries, &mut payload).map_err(|e| {
-            Refusal::new(ErrorCode::Internal, format!("cannot encode snapshot: {e}"))
-        })?;
-        payload.truncate(n);
-        self.sign_payload(&payload, now).await
+        self.sign_snapshot(seq, &entries, now).await
     }
 
-    /// A signed heartbeat naming the current revocation sequence number.
-    pub async fn signed_heartbeat(&self, now: u64) -> Result<Vec<u8>, Refusal> {
+    /// The signed snapshot and a signed heartbeat naming the same sequence number, from
+    /// one read of the store (what every heartbeat publishes).
+    pub async fn signed_snapshot_and_heartbeat(
+        &self,
+        now: u64,
+    ) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
         let leeway = self.policy.current().leeway_s();
-        let (seq, _) = self.store.revocation_snapshot(now, leeway).await?;
+        let (seq, entries) = self.store.revocation_snapshot(now, leeway).await?;
+        let snapshot = self.sign_snapshot(seq, &entries, now).await?;
         let mut payload = [0u8; 64];
         let n = revocation::encode_heartbeat(seq, now, &mut payload).map_err(|e| {
             Refusal::new(ErrorCode::Internal, format!("cannot encode heartbeat: {e}"))
         })?;
-        self.sign_payload(&payload[..n], now).await
+        Ok((snapshot, self.sign_payload(&payload[..n], now).await?))
+    }
+
+    async fn sign_snapshot(
+        &self,
+        seq: u64,
+        entries: &[Entry],
+        now: u64,
+    ) -> Result<Vec<u8>, Refusal> {
+        let mut payload = vec![0u8; revocation::max_payload_len(entries.len())];
+        let n = revocation::encode_snapshot(seq, now, entries, &mut payload).map_err(|e| {
+            Refusal::new(ErrorCode::Internal, format!("cannot encode snapshot: {e}"))
+        })?;
+        payload.truncate(n);
+        self.sign_payload(&payload, now).await
     }
 
     async fn sign_payload(&self, payload: &[u8], now: u64) -> Result<Vec<u8>, Refusal> {

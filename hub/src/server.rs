@@ -188,19 +188,20 @@ async fn heartbeat<S: Store>(
     // Revocations recorded outside a request (role changes from the CLI, a policy
     // reload) or whose broadcast failed go out with the next heartbeat.
     let mut pubs = hub.pending_broadcasts().await.unwrap_or_default();
-    if let Ok(s) = hub.signed_snapshot(now).await {
-        pubs.push(Publication {
-            topic: topic::REVOCATION_SNAPSHOT.into(),
-            payload: s,
-            retain: true,
-        });
-    }
-    if let Ok(h) = hub.signed_heartbeat(now).await {
-        pubs.push(Publication {
-            topic: topic::REVOCATION_HEARTBEAT.into(),
-            payload: h,
-            retain: false,
-        });
+    match hub.signed_snapshot_and_heartbeat(now).await {
+        Ok((snapshot, beat)) => pubs.extend([
+            Publication {
+                topic: topic::REVOCATION_SNAPSHOT.into(),
+                payload: snapshot,
+                retain: true,
+            },
+            Publication {
+                topic: topic::REVOCATION_HEARTBEAT.into(),
+                payload: beat,
+                retain: false,
+            },
+        ]),
+        Err(r) => tracing::error!(reason = %r.reason, "cannot build the heartbeat"),
     }
     publish_all(client, &pubs).await;
 }
