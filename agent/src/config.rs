@@ -67,9 +67,13 @@ request_timeout_ms = 10000
 backoff_base_ms = 500
 backoff_cap_ms = 60000
 
-# `verify` refuses presentations once the revocation list is older than this, seconds
-# (three missed hub heartbeats by default: a broker that suppresses revocations shows up).
-revocation_max_age_s = 300
+# `verify` refuses presentations once the revocation knowledge is older than this,
+# seconds. Unset (the default), the agent uses the max_age the hub announces in each signed
+# heartbeat: two to three heartbeat intervals, and no more than half the shortest access
+# token lifetime, so a broker that suppresses revocations shows up before a revoked token
+# has lived out much of its life (90 s until the first heartbeat arrives). Set it only to
+# be stricter than the hub.
+# revocation_max_age_s = 60
 
 # How far a presentation's issued_at may be from now, seconds.
 presentation_window_s = 60
@@ -139,8 +143,8 @@ struct FileConfig {
     backoff_base_ms: u64,
     #[serde(default = "default_backoff_cap")]
     backoff_cap_ms: u64,
-    #[serde(default = "default_revocation_max_age")]
-    revocation_max_age_s: u64,
+    #[serde(default)]
+    revocation_max_age_s: Option<u64>,
     #[serde(default = "default_presentation_window")]
     presentation_window_s: u64,
     #[serde(default = "default_socket")]
@@ -215,9 +219,6 @@ fn default_backoff_base() -> u64 {
 fn default_backoff_cap() -> u64 {
     Backoff::default().cap_ms
 }
-fn default_revocation_max_age() -> u64 {
-    tessera_shared::agent::DEFAULT_REVOCATION_MAX_AGE_S
-}
 fn default_presentation_window() -> u64 {
     tessera_shared::agent::DEFAULT_PRESENTATION_WINDOW_S
 }
@@ -280,8 +281,8 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Retry backoff.
     pub backoff: Backoff,
-    /// Maximum age of revocation knowledge for `verify`, seconds.
-    pub revocation_max_age_s: u64,
+    /// Maximum age of revocation knowledge for `verify`, seconds; `None` follows the hub.
+    pub revocation_max_age_s: Option<u64>,
     /// Presentation window, seconds.
     pub presentation_window_s: u64,
     /// The local socket.
@@ -388,7 +389,7 @@ impl Config {
         if file.leeway_s > 300 {
             return Err(invalid("leeway_s must be 0 to 300".into()));
         }
-        if file.presentation_window_s == 0 || file.revocation_max_age_s == 0 {
+        if file.presentation_window_s == 0 || file.revocation_max_age_s == Some(0) {
             return Err(invalid(
                 "presentation_window_s and revocation_max_age_s must be positive".into(),
             ));
@@ -440,6 +441,7 @@ impl Config {
             session_expiry_s: (file.mqtt.session_expiry_s > 0)
                 .then_some(file.mqtt.session_expiry_s),
             tls,
+            max_incoming_packet_bytes: tessera_mqtt::MAX_PACKET_BYTES,
         };
         Ok(Self {
             audience: file.audience,

@@ -278,10 +278,6 @@ impl Shell {
                 tracing::warn!("device token expired before a new one arrived");
                 self.held = None;
             }
-            Report::OwnTokenRevoked => {
-                tracing::warn!("the revocation list covers this device's token; asking again");
-                self.held = None;
-            }
             Report::RequestFailed { op, code } => {
                 let reason = self.hub_reason.clone();
                 if code == ErrorCode::Replay {

@@ -38,11 +38,20 @@ pub struct Status {
     pub next_wake_at_ms: Option<u64>,
     /// When the refresh grant expires, Unix seconds.
     pub grant_expires_at: Option<u64>,
-    /// The revocation list's sequence number (running agent only).
+    /// The device's revocation stream (`devices/{pp}`), whose changes it follows.
+    pub revocation_stream: String,
+    /// The last change of its stream the list holds (running agent only).
     pub revocation_seq: Option<u64>,
+    /// The latest change of its stream it has heard of (running agent only).
+    pub revocation_latest: Option<u64>,
+    /// Revocation entries addressed to this device that it holds (running agent only).
+    pub revocation_entries: Option<usize>,
     /// The hub time the revocation list is known complete as of (running agent only).
     pub revocation_fresh_as_of: Option<u64>,
-    /// Whether that is within `revocation_max_age_s` (running agent only).
+    /// The maximum age of that knowledge: `revocation_max_age_s` if configured, else what
+    /// the hub announces (running agent only).
+    pub revocation_max_age_s: Option<u64>,
+    /// Whether the knowledge is complete and within that age (running agent only).
     pub revocation_fresh: Option<bool>,
     /// The version of the trusted hub key set (0: only the trust anchor).
     pub key_set_version: u64,
@@ -146,11 +155,15 @@ impl Status {
                 .flatten(),
             next_wake_at_ms: agent.next_wake().filter(|_| facts.running),
             grant_expires_at: agent.grant_expires_at(),
+            revocation_stream: revocations.stream().name().to_string(),
             revocation_seq: facts.running.then(|| revocations.seq()),
+            revocation_latest: facts.running.then(|| revocations.latest()),
+            revocation_entries: facts.running.then(|| revocations.len()),
             revocation_fresh_as_of: agent.revocation_fresh_as_of().filter(|_| facts.running),
+            revocation_max_age_s: facts.running.then(|| agent.revocation_max_age()),
             revocation_fresh: facts
                 .running
-                .then(|| revocations.is_fresh(hub_now_ms / 1000, config.revocation_max_age_s)),
+                .then(|| revocations.is_fresh(hub_now_ms / 1000, agent.revocation_max_age())),
             key_set_version: agent.key_set().version(),
             trust_local_clock: config.trust_local_clock,
             clock_offset_ms: offset,
@@ -186,8 +199,14 @@ impl Status {
             next_refresh_at_ms: None,
             next_wake_at_ms: None,
             grant_expires_at: None,
+            revocation_stream: tessera_shared::revocation::Stream::of_device(device_id)
+                .name()
+                .to_string(),
             revocation_seq: None,
+            revocation_latest: None,
+            revocation_entries: None,
             revocation_fresh_as_of: None,
+            revocation_max_age_s: None,
             revocation_fresh: None,
             key_set_version: 0,
             trust_local_clock,
@@ -262,7 +281,22 @@ impl Status {
                 (Some(t), _) => format!("STALE: last confirmed at {t} ({})", from_hub_s(t)),
                 (None, _) => "not yet confirmed by the hub".into(),
             };
-            line("revocations", format!("sequence {seq}, {freshness}"));
+            let behind = match self.revocation_latest {
+                Some(latest) if latest > seq => format!(", catching up to {latest}"),
+                _ => String::new(),
+            };
+            let max_age = self
+                .revocation_max_age_s
+                .map_or(String::new(), |m| format!(", max age {m} s"));
+            line(
+                "revocations",
+                format!(
+                    "stream {} at change {seq}{behind}, {} entries for this device, \
+                     {freshness}{max_age}",
+                    self.revocation_stream,
+                    self.revocation_entries.unwrap_or(0)
+                ),
+            );
         }
         line("key set", format!("version {}", self.key_set_version));
         line(

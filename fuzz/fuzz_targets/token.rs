@@ -10,17 +10,28 @@ use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{AUDIENCE, DangerousAcceptAnySignature, NOW, issuer_key, validation};
 use tessera_shared::Error;
 use tessera_shared::error::ClaimsError;
-use tessera_shared::revocation::{self, Entry, RevocationList, Snapshot};
+use tessera_shared::revocation::{
+    self, Addressed, Bounded, Entry, Page, PageOutcome, RevocationList, Stream,
+};
 use tessera_shared::token;
 
-/// A list that revokes the token with `hash`, valid until `expires_at`.
-fn revoking(hash: revocation::TokenHash, expires_at: u64) -> RevocationList<4> {
+type List = RevocationList<Bounded<4>>;
+
+/// The list of the device the tokens are checked for, before any revocation.
+fn empty() -> List {
+    List::for_device(AUDIENCE, 30).expect("a valid id")
+}
+
+/// The device's list after a page revoking the token with `hash` until `expires_at`.
+fn revoking(hash: revocation::TokenHash, expires_at: u64) -> List {
     let mut buf = [0u8; 256];
-    let entries = [Entry::Token { hash, expires_at }];
-    let n = revocation::encode_snapshot(1, NOW, &entries, &mut buf).expect("one entry fits");
-    let snapshot = Snapshot::decode(&buf[..n]).expect("our snapshot decodes");
-    let mut list = RevocationList::new();
-    list.apply_snapshot(&snapshot, NOW).expect("one entry fits");
+    let entry = Addressed::new(AUDIENCE, Entry::Token { hash, expires_at }).expect("valid");
+    let stream = Stream::of_device(AUDIENCE);
+    let n =
+        revocation::encode_page(1, NOW, &stream, 1, 1, [entry], &mut buf).expect("one entry fits");
+    let page = Page::decode(&buf[..n]).expect("our page decodes");
+    let mut list = empty();
+    assert_eq!(list.apply_page(&page, NOW), Ok(PageOutcome::Applied));
     list
 }
 
@@ -46,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(c.iat <= v.now.saturating_add(v.leeway));
 
     let revoked: Result<(), Error> = Err(ClaimsError::Revoked.into());
-    assert_eq!(t.check_not_revoked(&RevocationList::<4>::new()), Ok(()));
+    assert_eq!(t.check_not_revoked(&empty()), Ok(()));
     let list = revoking(t.hash(), c.exp);
     assert_eq!(t.check_not_revoked(&list), revoked);
     if let Some(untagged) = data.strip_prefix(&[0xd2]) {

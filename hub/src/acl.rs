@@ -24,11 +24,12 @@ pattern read {p}/client/%c/control
 pattern read {keys}
 pattern read {p}/hub/revocation/#
 
-# The hub.
+# The hub. It reads back its own control messages and revocation deltas: seeing them
+# come back is how it knows the broker took them.
 user {hub_user}
 topic read {p}/client/+/req
 topic write {p}/client/+/resp
-topic write {p}/client/+/control
+topic readwrite {p}/client/+/control
 topic readwrite {p}/hub/#
 ",
         keys = topic::KEYS,
@@ -54,5 +55,26 @@ mod tests {
         assert!(!acl.contains("pattern write tessera/v1/client/%c/resp"));
         assert!(acl.contains("user tessera-hub\ntopic read tessera/v1/client/+/req"));
         assert!(acl.contains("user ops-1\ntopic read tessera/v1/hub/events"));
+        // The hub reads back its own deltas and control messages to confirm them.
+        assert!(acl.contains("topic readwrite tessera/v1/client/+/control"));
+        assert!(acl.contains("topic readwrite tessera/v1/hub/#"));
+    }
+
+    #[test]
+    fn protocol_md_shows_exactly_what_broker_acl_prints() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let section = doc
+            .split("### 7.4 Broker ACL")
+            .nth(1)
+            .expect("PROTOCOL.md has §7.4");
+        let block = section
+            .split("```text\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("§7.4 shows the ACL in a text block");
+        assert_eq!(
+            block,
+            mosquitto_acl("tessera-hub", &["tessera-monitor".to_string()])
+        );
     }
 }

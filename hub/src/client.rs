@@ -56,15 +56,19 @@ pub enum Answer {
         /// The refresh grant and when it expires.
         grant: Option<(Vec<u8>, u64)>,
     },
-    /// A revocation is durable at this sequence number.
+    /// A revocation is durable.
     Revoked {
-        /// Sequence number.
-        seq: u64,
+        /// Clients or tokens newly revoked.
+        revoked: u64,
+        /// Revocation entries published.
+        entries: u64,
+        /// Devices told on their control topic.
+        notified: u64,
     },
-    /// The signed revocation snapshot.
+    /// A signed page of a revocation stream.
     Revocations {
-        /// Snapshot bytes.
-        snapshot: Vec<u8>,
+        /// The signed page.
+        page: Vec<u8>,
     },
 }
 
@@ -77,8 +81,16 @@ impl Answer {
                 token,
                 grant: grant.as_ref().map(|(g, e)| (g.as_slice(), *e)),
             },
-            Answer::Revoked { seq } => ResponseBody::Revoked { seq: *seq },
-            Answer::Revocations { snapshot } => ResponseBody::Revocations { snapshot },
+            Answer::Revoked {
+                revoked,
+                entries,
+                notified,
+            } => ResponseBody::Revoked {
+                revoked: *revoked,
+                entries: *entries,
+                notified: *notified,
+            },
+            Answer::Revocations { page } => ResponseBody::Revocations { page },
         }
     }
 }
@@ -227,9 +239,17 @@ impl Client {
                         token: token.to_vec(),
                         grant: grant.map(|(g, e)| (g.to_vec(), e)),
                     },
-                    ResponseBody::Revoked { seq } => Answer::Revoked { seq },
-                    ResponseBody::Revocations { snapshot } => Answer::Revocations {
-                        snapshot: snapshot.to_vec(),
+                    ResponseBody::Revoked {
+                        revoked,
+                        entries,
+                        notified,
+                    } => Answer::Revoked {
+                        revoked,
+                        entries,
+                        notified,
+                    },
+                    ResponseBody::Revocations { page } => Answer::Revocations {
+                        page: page.to_vec(),
                     },
                 }),
             };

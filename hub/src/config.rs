@@ -55,8 +55,11 @@ keep_alive_s = 30
 shared_subscription = false
 # Requests handled at the same time.
 concurrency = 64
-# Seconds between signed revocation heartbeats (and snapshot republishing). Verifiers
-# consider their revocation knowledge stale after a few missed heartbeats.
+# Seconds between signed revocation heartbeats, one per revocation stream (and the
+# republishing of snapshots that changed). Each heartbeat announces how old verifiers may
+# let their revocation knowledge get: between two and three heartbeats, and within that
+# no more than half the shortest token lifetime of the policy (PROTOCOL.md §11.6). 1 to
+# 3600.
 heartbeat_s = 30
 # Days the audit log keeps a decision. Records of expired tokens, grants and revocation
 # entries are dropped at each heartbeat anyway, so the database stays bounded.
@@ -66,8 +69,13 @@ audit_retention_days = 90
 # How far a request's issued_at may be from the hub's clock, seconds. Nonces are
 # remembered for this long, so a request cannot be replayed.
 freshness_window_s = 60
-# Largest request accepted, bytes.
+# Largest request accepted, bytes. 256 to 65536.
 max_request_bytes = 4096
+# Largest `revoke` request accepted, bytes: an operator revoking a list of devices
+# (`tessera-hub revoke --devices-from FILE`) sends them all in one request, about 12 bytes
+# per id of 10 characters. The broker must carry messages this large to the hub
+# (Mosquitto: max_packet_size at least this plus 4096). 4096 to 1048576.
+max_revoke_request_bytes = 1048576
 # Per-client rate limit: a burst of this many requests...
 rate_burst = 20
 # ...then this many per second.
@@ -167,6 +175,8 @@ pub struct RequestsSection {
     pub freshness_window_s: u64,
     /// Largest request, bytes.
     pub max_request_bytes: usize,
+    /// Largest revoke request, bytes.
+    pub max_revoke_request_bytes: usize,
     /// Rate-limit burst.
     pub rate_burst: u32,
     /// Rate-limit sustained rate.
@@ -178,6 +188,7 @@ impl Default for RequestsSection {
         Self {
             freshness_window_s: 60,
             max_request_bytes: 4096,
+            max_revoke_request_bytes: tessera_shared::cose::MAX_REQUEST_LEN,
             rate_burst: 20,
             rate_per_second: 5.0,
         }
@@ -242,6 +253,12 @@ impl HubConfig {
                 "requests.max_request_bytes must be 256..=65536".into(),
             ));
         }
+        if !(4096..=tessera_shared::cose::MAX_REQUEST_LEN).contains(&r.max_revoke_request_bytes) {
+            return Err(invalid(format!(
+                "requests.max_revoke_request_bytes must be 4096..={}",
+                tessera_shared::cose::MAX_REQUEST_LEN
+            )));
+        }
         if r.rate_burst == 0 || !(r.rate_per_second > 0.0 && r.rate_per_second.is_finite()) {
             return Err(invalid(
                 "requests.rate_burst and rate_per_second must be positive".into(),
@@ -291,6 +308,8 @@ impl HubConfig {
             max_request_bytes: self.requests.max_request_bytes,
             rate_burst: self.requests.rate_burst,
             rate_per_second: self.requests.rate_per_second,
+            max_revoke_request_bytes: self.requests.max_revoke_request_bytes,
+            heartbeat_s: self.serve.heartbeat_s,
         }
     }
 }

@@ -165,13 +165,16 @@ fn unseal_key(kek: &Kek, hub_id: &str, rec: &KeyRecord) -> Result<P256Signer, Ke
 }
 
 /// Creates a signing key that becomes active at `active_from`, stores it sealed, and
-/// returns its public half.
+/// returns its public half. `published_at` is `Some(now)` only for the first key, which
+/// devices receive out of band as their trust anchor; any other key counts as published
+/// once the running hub has put it in a key set ([`Store::mark_key_published`]).
 pub async fn create_key<S: Store>(
     store: &S,
     kek: &Kek,
     hub_id: &str,
     now: u64,
     active_from: u64,
+    published_at: Option<u64>,
 ) -> Result<PublicKey, KeyError> {
     let signer = generate_signer()?;
     let public = signer.public_key();
@@ -183,6 +186,7 @@ pub async fn create_key<S: Store>(
             created_at: now,
             active_from,
             retire_after: None,
+            published_at,
         })
         .await?;
     Ok(public)
@@ -226,16 +230,34 @@ impl KeyRing {
         Ok(Self { signers })
     }
 
-    /// The key to sign with at `now`: the newest one already active. Keys announced for
-    /// the future are published but not used yet, so verifiers know them first.
+    /// The key to sign with at `now`: the newest one already published and active. Keys
+    /// announced for the future, or not yet published at all, are not used, so verifiers
+    /// know them first.
     pub fn active(&self, now: u64) -> &P256Signer {
         self.signers
             .iter()
-            .filter(|(r, _)| r.active_from <= now)
+            .filter(|(r, _)| r.published_at.is_some() && r.active_from <= now)
             .max_by_key(|(r, _)| (r.active_from, r.created_at))
+            .or_else(|| self.signers.iter().find(|(r, _)| r.published_at.is_some()))
             .or_else(|| self.signers.first())
             .map(|(_, s)| s)
             .unwrap_or_else(|| unreachable!("a KeyRing always holds a key"))
+    }
+
+    /// The ids of loaded keys no key set has been published with yet.
+    pub fn unpublished(&self) -> Vec<[u8; 8]> {
+        self.signers
+            .iter()
+            .filter(|(r, _)| r.published_at.is_none())
+            .map(|(r, _)| r.kid)
+            .collect()
+    }
+
+    /// Replaces the stored record of a loaded key (after [`Store::mark_key_published`]).
+    pub fn update_record(&mut self, record: KeyRecord) {
+        if let Some((r, _)) = self.signers.iter_mut().find(|(r, _)| r.kid == record.kid) {
+            *r = record;
+        }
     }
 
     /// Every published public key.
@@ -277,9 +299,11 @@ impl KeyRing {
     }
 }
 
-/// Rotates: creates the next key, active `announce_s` from now (it is published at once),
-/// and schedules every current key to retire once the tokens it signed have expired
-/// (`announce_s + max_token_lifetime_s + leeway_s` from now).
+/// Rotates: creates the next key, active `announce_s` from now at the earliest (the running
+/// hub publishes it at its next heartbeat and then counts the announce period again from
+/// that publication, [`announce_published`]), and schedules every current key to retire
+/// once the tokens it signed have expired (`announce_s + max_token_lifetime_s + leeway_s`
+/// from now, pushed back in step when the publication is later).
 pub async fn rotate<S: Store>(
     store: &S,
     kek: &Kek,
@@ -290,7 +314,7 @@ pub async fn rotate<S: Store>(
     leeway_s: u64,
 ) -> Result<PublicKey, KeyError> {
     let current = store.keys().await?;
-    let next = create_key(store, kek, hub_id, now, now + announce_s).await?;
+    let next = create_key(store, kek, hub_id, now, now + announce_s, None).await?;
     let retire = now + announce_s + max_token_lifetime_s + leeway_s;
     for rec in current {
         if rec.retire_after.is_none() {
@@ -298,4 +322,90 @@ pub async fn rotate<S: Store>(
         }
     }
     Ok(next)
+}
+
+/// After a key set was published at `now`: records the first publication of every key in
+/// `ring` that had none, so it signs only `announce_s` after it (PROTOCOL.md §10), and
+/// keeps every other key until the tokens signed before the switch have expired
+/// (`max_token_lifetime_s + leeway_s` after it). Returns whether a key changed.
+pub async fn announce_published<S: Store>(
+    store: &S,
+    ring: &mut KeyRing,
+    now: u64,
+    announce_s: u64,
+    max_token_lifetime_s: u64,
+    leeway_s: u64,
+) -> Result<bool, KeyError> {
+    let unpublished = ring.unpublished();
+    for kid in &unpublished {
+        let record = store
+            .mark_key_published(kid, now, now.saturating_add(announce_s))
+            .await?;
+        let retire = record
+            .active_from
+            .saturating_add(max_token_lifetime_s)
+            .saturating_add(leeway_s);
+        for other in store.keys().await? {
+            if other.kid != *kid && other.retire_after.is_some_and(|t| t < retire) {
+                store.retire_key(&other.kid, retire).await?;
+            }
+        }
+        ring.update_record(record);
+    }
+    Ok(!unpublished.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Sqlite;
+
+    const NOW: u64 = 1_700_000_000;
+
+    #[tokio::test]
+    async fn a_rotated_key_signs_only_the_announce_period_after_its_first_publication() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        let first = create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("first key");
+        // `keys rotate` at NOW with a 300 s announce period; the hub publishes the new key
+        // set only at its heartbeat, 25 s later.
+        let next = rotate(&store, &kek, "hub", NOW, 300, 900, 30)
+            .await
+            .expect("rotate");
+        let mut ring = KeyRing::load(&store, &kek, "hub", NOW + 25)
+            .await
+            .expect("load");
+        assert_eq!(ring.unpublished(), [next.kid()]);
+        // Never published: never used, however late.
+        assert_eq!(ring.active(NOW + 10_000).kid(), first.kid());
+
+        assert!(
+            announce_published(&store, &mut ring, NOW + 25, 300, 900, 30)
+                .await
+                .expect("announce")
+        );
+        assert!(ring.unpublished().is_empty());
+        // 300 s from the publication, not from `keys rotate`.
+        assert_eq!(ring.active(NOW + 300).kid(), first.kid());
+        assert_eq!(ring.active(NOW + 324).kid(), first.kid());
+        assert_eq!(ring.active(NOW + 325).kid(), next.kid());
+        // The old key stays until the tokens it signed up to the switch have expired.
+        let old = store
+            .keys()
+            .await
+            .expect("keys")
+            .into_iter()
+            .find(|k| k.kid == first.kid())
+            .expect("old key");
+        assert_eq!(old.retire_after, Some(NOW + 325 + 900 + 30));
+        // A second publication changes nothing.
+        assert!(
+            !announce_published(&store, &mut ring, NOW + 60, 300, 900, 30)
+                .await
+                .expect("announce")
+        );
+        assert_eq!(ring.active(NOW + 325).kid(), next.kid());
+    }
 }

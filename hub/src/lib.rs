@@ -14,6 +14,7 @@ pub mod keys;
 pub mod pipeline;
 pub mod policy;
 pub mod policy_change;
+pub mod revocation;
 pub mod server;
 pub mod store;
 

@@ -17,7 +17,9 @@ use tessera_hub::server::{self, ServeConfig};
 use tessera_hub::store::{ClientKind, ClientRecord, Sqlite, Store};
 use tessera_hub::{acl, keyfile, policy_change};
 use tessera_shared::crypto::{COSE_KEY_LEN, PublicKey, Signer};
-use tessera_shared::message::{EnrollmentCode, RequestBody, RevokeTarget, validate_id};
+use tessera_shared::message::{
+    EnrollmentCode, IdList, MAX_REVOKE_LIST, RequestBody, RevokeTarget, validate_id,
+};
 use tessera_shared::scope::Scopes;
 
 #[derive(Parser)]
@@ -107,22 +109,33 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// As an operator, over MQTT: revoke a token, a subject or a whole device.
+    /// As an operator, over MQTT: revoke a token, a subject, a device, a group, a role or a
+    /// list of devices, in one signed request; prints once it is durable.
     Revoke {
         #[command(flatten)]
         who: Identity,
         /// A token id (cti, hex).
         #[arg(long, group = "target")]
         token_id: Option<String>,
-        /// A token hash (SHA-256 of the token, hex).
+        /// A token hash (hex; SHA-256 of the token's canonical encoding, PROTOCOL.md §6.6).
         #[arg(long, group = "target")]
         token_hash: Option<String>,
-        /// Every token issued to this device or app before now.
+        /// Every token issued to this device or app before now, and its refresh grants.
         #[arg(long, group = "target")]
         subject: Option<String>,
-        /// A whole device: its tokens, grants and enrollment.
+        /// A whole device: its tokens, grants and enrollment; it is told to wipe itself.
         #[arg(long, group = "target")]
         device: Option<String>,
+        /// Every device in this group, each as --device.
+        #[arg(long, group = "target")]
+        group: Option<String>,
+        /// Every client with this role: devices as --device, apps and operators as --subject.
+        #[arg(long, group = "target")]
+        role: Option<String>,
+        /// Devices listed in a file, one id a line (blank lines and `#` comments skipped),
+        /// each as --device. Up to 16384 ids go in one request.
+        #[arg(long, group = "target")]
+        devices_from: Option<PathBuf>,
     },
     /// As a control app, over MQTT: get an access token for a device; prints it in hex.
     AccessToken {
@@ -176,6 +189,14 @@ struct Identity {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
+    /// Register many devices at once, all or none, from a CSV file: `id,role,groups,key`
+    /// per line, groups separated by `;`, key the path of an SPKI PEM public key or empty
+    /// for a one-time enrollment code (printed as `id,code` lines). Blank lines and lines
+    /// starting with `#` are skipped.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+    },
     /// Register a device, with its public key or a one-time enrollment code.
     Add {
         /// Device id.
@@ -310,6 +331,11 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{public}");
             Ok(())
         }
+        // Needs nothing of the hub's files: an operator may write the broker's ACL first.
+        Command::BrokerAcl { hub_user, watchers } => {
+            print!("{}", acl::mosquitto_acl(&hub_user, &watchers));
+            Ok(())
+        }
         command => with_config(&cli.config, command).await,
     }
 }
@@ -366,6 +392,7 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Device(DeviceCmd::Import { file }) => import_devices(&config, &file).await,
         Command::App(RegisterCmd::Add { id, role, key }) => {
             add_keyed(&config, &id, ClientKind::App, &role, &key).await
         }
@@ -400,17 +427,15 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             print!("{}", policy.explain_access(&app, &device, &scopes));
             Ok(())
         }
-        Command::BrokerAcl { hub_user, watchers } => {
-            print!("{}", acl::mosquitto_acl(&hub_user, &watchers));
-            Ok(())
-        }
         Command::Keys(KeysCmd::List) => {
             let store = open_store(&config)?;
             for k in store.keys().await? {
                 println!(
-                    "{}  created {}  active from {}  retire after {}",
+                    "{}  created {}  published {}  active from {}  retire after {}",
                     hex::encode(k.kid),
                     k.created_at,
+                    k.published_at
+                        .map_or("not yet".to_string(), |t| t.to_string()),
                     k.active_from,
                     k.retire_after.map_or("-".to_string(), |t| t.to_string())
                 );
@@ -432,8 +457,8 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             )
             .await?;
             println!(
-                "next signing key {} is published now and signs from {} s from now; \
-                 a running hub publishes the new key set at its next heartbeat",
+                "next signing key {}: the running hub publishes it in its key set at its next \
+                 heartbeat and signs with it {} s after that",
                 hex::encode(next.kid()),
                 config.keys.rotation_announce_s
             );
@@ -455,6 +480,9 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             token_hash,
             subject,
             device,
+            group,
+            role,
+            devices_from,
         } => {
             let cti = token_id
                 .map(|h| hex::decode(h).context("--token-id is not hex"))
@@ -467,20 +495,65 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
                         .map_err(|_| anyhow::anyhow!("--token-hash must be 32 bytes"))
                 })
                 .transpose()?;
-            let target = match (&cti, hash, &subject, &device) {
-                (Some(c), None, None, None) => RevokeTarget::TokenId(c),
-                (None, Some(h), None, None) => RevokeTarget::TokenHash(h),
-                (None, None, Some(s), None) => RevokeTarget::Subject(s),
-                (None, None, None, Some(d)) => RevokeTarget::Device(d),
-                _ => bail!("give exactly one of --token-id, --token-hash, --subject, --device"),
-            };
-            let (mut client, timeout) = connect_as(&config, &who).await?;
-            let answer = client.request(RequestBody::Revoke(target), timeout).await;
-            client.close().await;
-            match answer? {
-                Answer::Revoked { seq } => println!("revoked (durable, revocation sequence {seq})"),
-                other => bail!("unexpected answer: {other:?}"),
+            let listed = devices_from.as_deref().map(read_device_list).transpose()?;
+            let lists: Vec<Vec<&str>> = listed
+                .iter()
+                .flat_map(|ids| revoke_batches(ids, config.requests.max_revoke_request_bytes))
+                .collect();
+            let mut targets = Vec::new();
+            match (&cti, hash, &subject, &device, &group, &role) {
+                (Some(c), None, None, None, None, None) => {
+                    targets.push(RevokeTarget::TokenId(c));
+                }
+                (None, Some(h), None, None, None, None) => targets.push(RevokeTarget::TokenHash(h)),
+                (None, None, Some(s), None, None, None) => targets.push(RevokeTarget::Subject(s)),
+                (None, None, None, Some(d), None, None) => targets.push(RevokeTarget::Device(d)),
+                (None, None, None, None, Some(g), None) => targets.push(RevokeTarget::Group(g)),
+                (None, None, None, None, None, Some(r)) => targets.push(RevokeTarget::Role(r)),
+                (None, None, None, None, None, None) if !lists.is_empty() => {
+                    targets.extend(lists.iter().map(|l| RevokeTarget::Devices(IdList::new(l))));
+                }
+                _ => bail!(
+                    "give exactly one of --token-id, --token-hash, --subject, --device, --group, \
+                     --role, --devices-from"
+                ),
             }
+            let (mut client, timeout) = connect_as(&config, &who).await?;
+            let (mut revoked, mut entries, mut notified) = (0, 0, 0);
+            let mut failure = None;
+            for (i, target) in targets.iter().enumerate() {
+                match client.request(RequestBody::Revoke(*target), timeout).await {
+                    Ok(Answer::Revoked {
+                        revoked: r,
+                        entries: e,
+                        notified: n,
+                    }) => (revoked, entries, notified) = (revoked + r, entries + e, notified + n),
+                    Ok(other) => {
+                        failure = Some(anyhow::anyhow!("unexpected answer: {other:?}"));
+                        break;
+                    }
+                    Err(e) if targets.len() > 1 => {
+                        failure = Some(anyhow::anyhow!(
+                            "request {} of {} failed ({revoked} revoked before it): {e}",
+                            i + 1,
+                            targets.len()
+                        ));
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(e.into());
+                        break;
+                    }
+                }
+            }
+            client.close().await;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            println!(
+                "revoked {revoked} (durable): {entries} revocation entries published, \
+                 {notified} devices told on their control topic"
+            );
             Ok(())
         }
         Command::AccessToken { who, device, scope } => {
@@ -519,10 +592,140 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             client.close().await;
             Ok(())
         }
-        Command::Init { .. } | Command::Default { .. } | Command::Keygen { .. } => {
+        Command::Init { .. }
+        | Command::Default { .. }
+        | Command::Keygen { .. }
+        | Command::BrokerAcl { .. } => {
             unreachable!("handled before the config is loaded")
         }
     }
+}
+
+/// Reads a device list: one id a line; blank lines and `#` comments are skipped and
+/// repeated ids kept once. An invalid id is an error naming its line.
+fn read_device_list(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the device list {}", path.display()))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let id = line.trim();
+        if id.is_empty() || id.starts_with('#') {
+            continue;
+        }
+        validate_id(id).map_err(|_| {
+            anyhow::anyhow!(
+                "{}:{}: `{id}` is not a valid device id (A-Z a-z 0-9 . _ -, 1..=64)",
+                path.display(),
+                n + 1
+            )
+        })?;
+        if seen.insert(id.to_owned()) {
+            ids.push(id.to_owned());
+        }
+    }
+    if ids.is_empty() {
+        bail!("{} lists no device", path.display());
+    }
+    Ok(ids)
+}
+
+/// Splits a device list into as few revoke requests as the protocol's limits allow: at
+/// most [`MAX_REVOKE_LIST`] ids and about `max_request_bytes` each.
+fn revoke_batches(ids: &[String], max_request_bytes: usize) -> Vec<Vec<&str>> {
+    // The envelope, the other request fields and the signature take well under 1 KiB.
+    let budget = max_request_bytes.saturating_sub(1024);
+    let mut batches: Vec<Vec<&str>> = Vec::new();
+    let mut used = 0;
+    for id in ids {
+        // A CBOR text: the id and a head of one or two bytes.
+        let len = id.len() + 2;
+        match batches.last_mut() {
+            Some(batch) if batch.len() < MAX_REVOKE_LIST && used + len <= budget => {
+                batch.push(id);
+                used += len;
+            }
+            _ => {
+                batches.push(vec![id]);
+                used = len;
+            }
+        }
+    }
+    batches
+}
+
+/// `device import`: registers every device of a CSV file in one transaction.
+async fn import_devices(config: &HubConfig, file: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let policy = Policy::load(&config.policy)?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let now = SystemClock.now();
+    let mut records = Vec::new();
+    let mut codes = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{}:{}", file.display(), n + 1);
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [id, role, groups, key] = fields[..] else {
+            bail!(
+                "{}: expected `id,role,groups,key` (4 fields), found {}",
+                at(),
+                fields.len()
+            );
+        };
+        validate_id(id).map_err(|_| anyhow::anyhow!("{}: `{id}` is not a valid id", at()))?;
+        check_role(&policy, role, ClientKind::Device).with_context(at)?;
+        let groups: Vec<String> = groups
+            .split(';')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for g in &groups {
+            if policy.group(g).is_none() {
+                bail!("{}: device group `{g}` is not declared in the policy", at());
+            }
+        }
+        let (public_key, code_key) = if key.is_empty() {
+            let code = new_enrollment_code()?;
+            let derived = EnrollmentCode::derive_key(&code);
+            codes.push((id.to_owned(), code));
+            (None, Some(derived))
+        } else {
+            let path = base.join(key);
+            (
+                Some(
+                    keyfile::read_public(&path)
+                        .with_context(at)?
+                        .to_sec1()
+                        .to_vec(),
+                ),
+                None,
+            )
+        };
+        records.push(ClientRecord {
+            id: id.to_owned(),
+            kind: ClientKind::Device,
+            public_key,
+            role: role.to_owned(),
+            groups,
+            enrollment_code_key: code_key,
+            enrolled_at: None,
+            revoked_at: None,
+            created_at: now,
+        });
+    }
+    let count = records.len();
+    open_store(config)?.add_clients(records).await?;
+    eprintln!("registered {count} devices from {}", file.display());
+    for (id, code) in codes {
+        println!("{id},{code}");
+    }
+    Ok(())
 }
 
 fn open_store(config: &HubConfig) -> Result<Sqlite> {
@@ -664,9 +867,12 @@ async fn client_cmd(config: &HubConfig, cmd: ClientCmd) -> Result<()> {
             match policy_change::revoke_disallowed(&store, &policy, &[updated], SystemClock.now())
                 .await?
             {
-                Some(seq) => println!(
-                    "role of {id} is now {role}; tokens it no longer allows are revoked \
-                     (sequence {seq}, broadcast by the running hub)"
+                Some(out) => println!(
+                    "role of {id} is now {role}; {} tokens it no longer allows are revoked \
+                     ({} entries, {} devices told to refresh; published by the running hub)",
+                    out.revoked,
+                    out.entry_count(),
+                    out.controls.len()
                 ),
                 None => println!("role of {id} is now {role}; no live token had to be revoked"),
             }
@@ -725,7 +931,7 @@ async fn init(dir: &Path, hub_id: &str) -> Result<()> {
     let config = HubConfig::load(&config_path)?;
     let store = open_store(&config)?;
     let now = SystemClock.now();
-    let anchor = keys::create_key(&store, &kek, &config.hub_id, now, now).await?;
+    let anchor = keys::create_key(&store, &kek, &config.hub_id, now, now, Some(now)).await?;
     keyfile::write_new(
         &dir.join("trust-anchor.pem"),
         keyfile::public_to_pem(&anchor).as_bytes(),
@@ -746,6 +952,9 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
     if let Some(p) = port {
         config.mqtt.port = p;
     }
+    // A revoke request naming a list of devices is the largest message the hub takes.
+    config.mqtt.max_incoming_packet_bytes =
+        u32::try_from(config.requests.max_revoke_request_bytes + 4096).unwrap_or(u32::MAX);
     let store = open_store(&config)?;
     let policy = SharedPolicy::load(&config.policy)?;
     let kek = Arc::new(Kek::load(config.kek_file.as_deref())?);
@@ -765,6 +974,7 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
         heartbeat_s: config.serve.heartbeat_s,
         audit_retention_s: config.serve.audit_retention_days * 86_400,
         kek: Some(kek),
+        rotation_announce_s: config.keys.rotation_announce_s,
     };
     let reload_hub = hub.clone();
     let policy_path = config.policy.clone();
@@ -786,9 +996,12 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
                     )
                     .await
                     {
-                        Ok(Some(seq)) => {
-                            tracing::info!(seq, "revoked tokens the new policy no longer allows")
-                        }
+                        Ok(Some(out)) => tracing::info!(
+                            tokens = out.revoked,
+                            entries = out.entry_count(),
+                            devices_told = out.controls.len(),
+                            "revoked tokens the new policy no longer allows"
+                        ),
                         Ok(None) => {}
                         Err(e) => tracing::error!(error = %e, "cannot sweep tokens after reload"),
                     }

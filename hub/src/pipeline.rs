@@ -12,9 +12,9 @@ use tessera_shared::claims::{CTI_LEN, Claims};
 use tessera_shared::crypto::{PublicKey, Signer, sha256};
 use tessera_shared::message::{
     Command, Control, EnrollmentCode, ErrorCode, NONCE_LEN, Operation, Request, RequestBody,
-    Response, ResponseBody, RevokeTarget, SignedRequest, WireError,
+    RequestHead, Response, ResponseBody, RevokeTarget, SignedRequest, WireError,
 };
-use tessera_shared::revocation::{self, Entry};
+use tessera_shared::revocation::{self, PARTITIONS, Stream, StreamMessage};
 use tessera_shared::scope::Scopes;
 use tessera_shared::{token, topic};
 use tokio::sync::RwLock;
@@ -23,9 +23,10 @@ use crate::client::Answer;
 use crate::clock::Clock;
 use crate::keys::KeyRing;
 use crate::policy::SharedPolicy;
+use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
 use crate::store::{
     AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, Store, StoreError,
-    TokenKind,
+    StreamState, TokenKind,
 };
 
 /// Length of a refresh grant value.
@@ -44,6 +45,10 @@ pub struct PipelineConfig {
     pub rate_burst: u32,
     /// Sustained requests per second per client.
     pub rate_per_second: f64,
+    /// Largest `revoke` request accepted, in bytes (a device list).
+    pub max_revoke_request_bytes: usize,
+    /// Seconds between revocation heartbeats (the announced `max_age` follows from it).
+    pub heartbeat_s: u64,
 }
 
 impl Default for PipelineConfig {
@@ -54,6 +59,8 @@ impl Default for PipelineConfig {
             max_request_bytes: 4096,
             rate_burst: 20,
             rate_per_second: 5.0,
+            max_revoke_request_bytes: tessera_shared::cose::MAX_REQUEST_LEN,
+            heartbeat_s: 30,
         }
     }
 }
@@ -207,7 +214,7 @@ impl<S: Store> Hub<S> {
     async fn sign_response(&self, response: &Response<'_>, now: u64) -> Option<Vec<u8>> {
         // Room for the largest token answer or error reason, or for the snapshot carried.
         let body_len = match &response.outcome {
-            Ok(ResponseBody::Revocations { snapshot }) => snapshot.len(),
+            Ok(ResponseBody::Revocations { page }) => page.len(),
             _ => token::MAX_TOKEN_LEN,
         };
         let mut out = vec![0u8; body_len + 1024];
@@ -231,15 +238,35 @@ impl<S: Store> Hub<S> {
         now: u64,
         correlation: &mut (Option<Operation>, u64, [u8; NONCE_LEN]),
     ) -> Result<Success, Refusal> {
-        if payload.len() > self.config.max_request_bytes {
-            return Err(Refusal::new(
+        let too_large = |limit: usize| {
+            Refusal::new(
                 ErrorCode::Malformed,
-                format!(
-                    "request is {} bytes, the limit is {}",
-                    payload.len(),
-                    self.config.max_request_bytes
-                ),
-            ));
+                format!("request is {} bytes, the limit is {limit}", payload.len()),
+            )
+        };
+        let revoke_limit = self
+            .config
+            .max_revoke_request_bytes
+            .max(self.config.max_request_bytes);
+        if payload.len() > revoke_limit {
+            return Err(too_large(revoke_limit));
+        }
+        if payload.len() > self.config.max_request_bytes {
+            // Only an operator's revoke (a device list) may be larger than an ordinary
+            // request. Read just its head before anything else: nobody else makes the hub
+            // walk a large request.
+            let head =
+                RequestHead::peek(payload).map_err(|_| too_large(self.config.max_request_bytes))?;
+            *correlation = (Some(head.op), head.request_id, head.nonce);
+            let operator = head.client == topic_client
+                && self
+                    .store
+                    .client(head.client)
+                    .await?
+                    .is_some_and(|c| c.kind == ClientKind::Operator);
+            if head.op != Operation::Revoke || !operator {
+                return Err(too_large(self.config.max_request_bytes));
+            }
         }
         let signed = SignedRequest::decode(payload)
             .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("not a request: {e}")))?;
@@ -313,14 +340,14 @@ impl<S: Store> Hub<S> {
                 self.access_token(&client, device, &scope, now).await
             }
             RequestBody::Refresh { grant } => self.refresh(&client, grant, now).await,
-            RequestBody::Revoke(target) => self.revoke(&client, target, now).await,
-            RequestBody::FetchRevocations => Ok(Success {
+            RequestBody::Revoke(target) => self.revoke(&client, &target, now).await,
+            RequestBody::FetchRevocations { stream, from } => Ok(Success {
                 body: Answer::Revocations {
-                    snapshot: self.signed_snapshot(now).await?,
+                    page: self.fetch_page(&stream, from, now).await?,
                 },
                 broadcast: Vec::new(),
-                target: String::new(),
-                reason: String::new(),
+                target: stream.name().to_string(),
+                reason: format!("page from change {from}"),
             }),
         }
     }
@@ -354,8 +381,9 @@ impl<S: Store> Hub<S> {
                 (Some(reg), _, _) if reg == key => {}
                 (Some(_), _, _) => {
                     return Err(Refusal::new(
-                        ErrorCode::BadSignature,
-                        "device is enrolled with a different key",
+                        ErrorCode::Denied,
+                        "this is not the device's registered key; a device's key never changes \
+                         over the wire: revoke the device and register it again",
                     ));
                 }
                 (
@@ -613,7 +641,14 @@ impl<S: Store> Hub<S> {
             }
             _ => (None, None),
         };
-        self.store.record_issued(issued, grant_record).await?;
+        self.store
+            .record_issued(issued, grant_record)
+            .await
+            .map_err(|e| match e {
+                // A revocation committed while this token was being decided.
+                StoreError::Conflict(m) => Refusal::new(ErrorCode::Revoked, m),
+                other => other.into(),
+            })?;
         Ok(Success {
             body: Answer::Token {
                 token: buf,
@@ -629,89 +664,69 @@ impl<S: Store> Hub<S> {
         })
     }
 
-    /// The longest lifetime any token can have under the current policy, plus leeway:
-    /// how long a subject revocation must stay on the list.
-    fn max_token_life(&self) -> u64 {
-        let policy = self.policy.current();
-        policy.longest_token_lifetime_s() + policy.leeway_s()
-    }
-
     async fn revoke(
         &self,
         operator: &ClientRecord,
-        target: RevokeTarget<'_>,
+        target: &RevokeTarget<'_>,
         now: u64,
     ) -> Result<Success, Refusal> {
-        let max_life = self.max_token_life();
-        let mut broadcast = Vec::new();
-        let (entry, target_name) = match target {
-            RevokeTarget::TokenHash(hash) => (
-                Entry::Token {
-                    hash,
-                    expires_at: now + max_life,
-                },
-                format!("token {}", hex::encode(hash)),
-            ),
-            RevokeTarget::TokenId(cti) => {
-                let issued = self.store.issued(cti).await?.ok_or_else(|| {
-                    Refusal::new(
-                        ErrorCode::Denied,
-                        format!("no issued token with id {}", hex::encode(cti)),
-                    )
-                })?;
-                (
-                    Entry::Token {
-                        hash: issued.hash,
-                        expires_at: issued.expires_at + self.policy.current().leeway_s(),
-                    },
-                    format!("token {}", hex::encode(cti)),
-                )
-            }
-            RevokeTarget::Subject(subject) => {
-                self.store.revoke_grants_of(subject).await?;
-                (
-                    subject_entry(subject, now, max_life)?,
-                    format!("subject {subject}"),
-                )
-            }
-            RevokeTarget::Device(device) => {
-                let record = self
-                    .store
-                    .client(device)
-                    .await?
-                    .filter(|c| c.kind == ClientKind::Device);
-                if record.is_none() {
-                    return Err(Refusal::new(
-                        ErrorCode::Denied,
-                        format!("no device `{device}`"),
-                    ));
-                }
-                self.store.revoke_grants_of(device).await?;
-                self.store.revoke_client(device, now).await?;
-                broadcast.push(self.control(device, Command::Revoked, now).await?);
-                (
-                    subject_entry(device, now, max_life)?,
-                    format!("device {device}"),
-                )
-            }
-        };
+        let target = Target::from_wire(target);
+        let target_name = target.describe();
+        let leeway = self.policy.current().leeway_s();
         // Durable before acknowledged: the response is only built after this returns.
-        let seq = self
+        let outcome = self
             .store
-            .append_revocation(vec![entry.clone()], now)
-            .await?;
-        broadcast.insert(0, self.delta(seq, &[entry], now).await?);
-        broadcast.push(Publication {
-            topic: topic::REVOCATION_SNAPSHOT.to_string(),
-            payload: self.signed_snapshot(now).await?,
-            retain: true,
-        });
+            .revoke(vec![target], now, leeway)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(m) | StoreError::Conflict(m) => {
+                    Refusal::new(ErrorCode::Denied, m)
+                }
+                other => other.into(),
+            })?;
+        let broadcast = self.outcome_publications(&outcome, now).await?;
+        let (entries, notified) = (
+            outcome.entry_count(),
+            u64::try_from(outcome.controls.len()).unwrap_or(u64::MAX),
+        );
         Ok(Success {
-            body: Answer::Revoked { seq },
+            body: Answer::Revoked {
+                revoked: outcome.revoked,
+                entries,
+                notified,
+            },
             broadcast,
             target: target_name,
-            reason: format!("revoked by {} at seq {seq}", operator.id),
+            reason: format!(
+                "revoked by {}: {} revoked, {entries} entries in {} changes, {notified} devices told",
+                operator.id,
+                outcome.revoked,
+                outcome.changes.len()
+            ),
         })
+    }
+
+    /// What a durable revocation publishes: a delta for each change and the control
+    /// messages it owes.
+    pub async fn outcome_publications(
+        &self,
+        outcome: &Outcome,
+        now: u64,
+    ) -> Result<Vec<Publication>, Refusal> {
+        let mut out = Vec::with_capacity(outcome.changes.len() + outcome.controls.len());
+        for change in &outcome.changes {
+            let latest = outcome
+                .latest
+                .get(&change.stream)
+                .copied()
+                .unwrap_or(change.seq);
+            out.push(self.delta(change, latest, now).await?);
+        }
+        let keys = self.keys.read().await;
+        for c in &outcome.controls {
+            out.push(control_publication(&keys, c, now)?);
+        }
+        Ok(out)
     }
 
     /// A signed control message for one device.
@@ -721,80 +736,208 @@ impl<S: Store> Hub<S> {
         command: Command,
         now: u64,
     ) -> Result<Publication, Refusal> {
-        let msg = Control {
-            device,
+        let pending = PendingControl {
+            device: device.to_owned(),
             command,
             issued_at: now,
         };
-        let mut out = vec![0u8; 512];
-        let n = {
-            let keys = self.keys.read().await;
-            msg.sign(keys.active(now), &mut out)
-                .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot sign: {e}")))?
-        };
-        out.truncate(n);
-        Ok(Publication {
-            topic: topic::control(device)
-                .map_err(|_| Refusal::new(ErrorCode::Denied, "invalid device id"))?
-                .to_string(),
-            payload: out,
-            retain: false,
-        })
+        control_publication(&*self.keys.read().await, &pending, now)
     }
 
-    /// A signed delta carrying `entries` at `seq`.
+    /// The signed delta of one change: the page covering only it. `latest` is the
+    /// stream's latest change number now.
     pub async fn delta(
         &self,
-        seq: u64,
-        entries: &[Entry],
+        change: &Change,
+        latest: u64,
         now: u64,
     ) -> Result<Publication, Refusal> {
-        let mut payload = vec![0u8; revocation::max_payload_len(entries.len())];
-        let n = revocation::encode_delta(seq, now, entries, &mut payload)
-            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot encode delta: {e}")))?;
-        payload.truncate(n);
+        let stream = parse_stream(&change.stream)?;
+        let payload = self.page_payload(
+            &stream,
+            latest.max(change.seq),
+            change.seq,
+            change.seq,
+            &change.entries,
+            now,
+        )?;
         Ok(Publication {
-            topic: topic::REVOCATION_DELTA.to_string(),
+            topic: tessera_shared::topic::revocation_delta(&stream).to_string(),
             payload: self.sign_payload(&payload, now).await?,
             retain: false,
         })
     }
 
-    /// The signed revocation snapshot as of `now`.
-    pub async fn signed_snapshot(&self, now: u64) -> Result<Vec<u8>, Refusal> {
-        let leeway = self.policy.current().leeway_s();
-        let (seq, entries) = self.store.revocation_snapshot(now, leeway).await?;
-        self.sign_snapshot(seq, &entries, now).await
-    }
-
-    /// The signed snapshot and a signed heartbeat naming the same sequence number, from
-    /// one read of the store (what every heartbeat publishes).
-    pub async fn signed_snapshot_and_heartbeat(
+    fn page_payload(
         &self,
-        now: u64,
-    ) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
-        let leeway = self.policy.current().leeway_s();
-        let (seq, entries) = self.store.revocation_snapshot(now, leeway).await?;
-        let snapshot = self.sign_snapshot(seq, &entries, now).await?;
-        let mut payload = [0u8; 64];
-        let n = revocation::encode_heartbeat(seq, now, &mut payload).map_err(|e| {
-            Refusal::new(ErrorCode::Internal, format!("cannot encode heartbeat: {e}"))
-        })?;
-        Ok((snapshot, self.sign_payload(&payload[..n], now).await?))
-    }
-
-    async fn sign_snapshot(
-        &self,
+        stream: &Stream<'_>,
         seq: u64,
-        entries: &[Entry],
+        from: u64,
+        to: u64,
+        entries: &[revocation::Addressed],
         now: u64,
     ) -> Result<Vec<u8>, Refusal> {
-        let mut payload = vec![0u8; revocation::max_payload_len(entries.len())];
-        let n = revocation::encode_snapshot(seq, now, entries, &mut payload).map_err(|e| {
-            Refusal::new(ErrorCode::Internal, format!("cannot encode snapshot: {e}"))
-        })?;
+        let len = entries.iter().map(revocation::Addressed::encoded_len).sum();
+        let mut payload = vec![0u8; revocation::max_page_len(stream, len)];
+        let n = revocation::encode_page(seq, now, stream, from, to, entries, &mut payload)
+            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot encode page: {e}")))?;
         payload.truncate(n);
+        Ok(payload)
+    }
+
+    /// The signed page of `stream` that a `fetch_revocations` from change `from` answers
+    /// with: as many changes from `from` on as fit one page.
+    pub async fn fetch_page(
+        &self,
+        stream: &Stream<'_>,
+        from: u64,
+        now: u64,
+    ) -> Result<Vec<u8>, Refusal> {
+        let leeway = self.policy.current().leeway_s();
+        let name = stream.name();
+        // More than one change can hold, so a read cut short still has a whole change.
+        let read = self
+            .store
+            .stream_entries(
+                &name,
+                from,
+                now,
+                leeway,
+                2 * revocation::MAX_ENTRIES_PER_PAGE,
+            )
+            .await?;
+        if from > read.latest {
+            return Err(Refusal::new(
+                ErrorCode::Denied,
+                format!(
+                    "stream {name} is at change {}: there is nothing from change {from}",
+                    read.latest
+                ),
+            ));
+        }
+        let page = pack(
+            stream,
+            from,
+            read.latest,
+            &read.changes,
+            read.complete,
+            Some(1),
+        )
+        .into_iter()
+        .next()
+        .ok_or_else(|| Refusal::new(ErrorCode::Internal, "cannot build the page"))?;
+        let payload =
+            self.page_payload(stream, read.latest, page.from, page.to, &page.entries, now)?;
         self.sign_payload(&payload, now).await
+    }
+
+    /// The retained snapshot of a stream: signed pages covering every change, on
+    /// `…/snapshot/0`, `…/snapshot/1`, …, and empty retained messages clearing the pages
+    /// a longer earlier snapshot left. Returns them and the change they reach.
+    pub async fn snapshot_publications(
+        &self,
+        state: &StreamState,
+        now: u64,
+    ) -> Result<(Vec<Publication>, u64), Refusal> {
+        let stream = parse_stream(&state.name)?;
+        let leeway = self.policy.current().leeway_s();
+        let read = self
+            .store
+            .stream_entries(&state.name, 1, now, leeway, usize::MAX)
+            .await?;
+        let mut out = Vec::new();
+        if read.latest > 0 {
+            let pages = pack(&stream, 1, read.latest, &read.changes, true, None);
+            for (i, page) in pages.iter().enumerate() {
+                let payload = self.page_payload(
+                    &stream,
+                    read.latest,
+                    page.from,
+                    page.to,
+                    &page.entries,
+                    now,
+                )?;
+                out.push(Publication {
+                    topic: tessera_shared::topic::revocation_snapshot_page(&stream, i as u64)
+                        .to_string(),
+                    payload: self.sign_payload(&payload, now).await?,
+                    retain: true,
+                });
+            }
+        }
+        let published = out.len() as u64;
+        for stale in published..state.snapshot_pages {
+            out.push(Publication {
+                topic: tessera_shared::topic::revocation_snapshot_page(&stream, stale).to_string(),
+                payload: Vec::new(),
+                retain: true,
+            });
+        }
+        Ok((out, read.latest))
+    }
+
+    /// A signed heartbeat for every stream a verifier may follow: the 256 device
+    /// partitions, the policy's service audience, and any other stream that has changes.
+    pub async fn heartbeats(
+        &self,
+        streams: &[StreamState],
+        now: u64,
+    ) -> Result<Vec<Publication>, Refusal> {
+        let policy = self.policy.current();
+        let h = self.config.heartbeat_s.max(1);
+        let access_max_age = revocation::recommended_max_age(
+            h,
+            policy
+                .shortest_token_lifetime_s(ClientKind::App)
+                .unwrap_or(u64::MAX),
+        );
+        let device_max_age = revocation::recommended_max_age(
+            h,
+            policy
+                .shortest_token_lifetime_s(ClientKind::Device)
+                .unwrap_or(u64::MAX),
+        );
+        let seq_of = |name: &str| streams.iter().find(|s| s.name == name).map_or(0, |s| s.seq);
+        let mut names: Vec<String> = (0..PARTITIONS)
+            .map(|p| {
+                Stream::Devices(u8::try_from(p).unwrap_or(u8::MAX))
+                    .name()
+                    .to_string()
+            })
+            .collect();
+        if let Ok(service) = Stream::of_service(policy.device_audience()) {
+            names.push(service.name().to_string());
+        }
+        for s in streams {
+            if !names.contains(&s.name) {
+                names.push(s.name.clone());
+            }
+        }
+        let mut out = Vec::with_capacity(names.len());
+        let keys = self.keys.read().await;
+        let signer = keys.active(now);
+        for name in &names {
+            let stream = parse_stream(name)?;
+            let max_age = match stream {
+                Stream::Devices(_) => access_max_age,
+                Stream::Service(_) => device_max_age,
+            };
+            let mut payload = [0u8; revocation::MAX_HEARTBEAT_LEN];
+            let n = revocation::encode_heartbeat(seq_of(name), now, &stream, max_age, &mut payload)
+                .map_err(|e| {
+                    Refusal::new(ErrorCode::Internal, format!("cannot encode heartbeat: {e}"))
+                })?;
+            let mut signed = vec![0u8; n + tessera_shared::cose::OVERHEAD];
+            let len = tessera_shared::cose::sign(signer, &payload[..n], &mut signed)
+                .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot sign: {e}")))?;
+            signed.truncate(len);
+            out.push(Publication {
+                topic: tessera_shared::topic::revocation_heartbeat(&stream).to_string(),
+                payload: signed,
+                retain: false,
+            });
+        }
+        Ok(out)
     }
 
     async fn sign_payload(&self, payload: &[u8], now: u64) -> Result<Vec<u8>, Refusal> {
@@ -806,37 +949,64 @@ impl<S: Store> Hub<S> {
         Ok(out)
     }
 
-    /// Marks a revocation delta published once it has come back from the broker: the
-    /// hub subscribes to its own delta topic, so seeing a delta there proves the broker
-    /// took it (a publish that was only queued when the hub died or the connection
-    /// dropped is sent again). Anything not signed by the hub is ignored.
-    pub async fn confirm_delta(&self, signed: &[u8]) {
+    /// What one of the hub's own messages seen back from the broker confirms: the hub
+    /// subscribes to its delta and control topics, so seeing a message there proves the
+    /// broker took it (one only queued when the hub died or the connection dropped is
+    /// sent again). Anything not signed by the hub is ignored.
+    pub async fn echo(&self, topic: &str, signed: &[u8]) -> Option<Echo> {
         let now = self.clock.now();
-        let seq = {
-            let keys = self.keys.read().await;
-            let Ok(set) = keys.keyset(0, now) else { return };
-            let Ok(payload) =
-                tessera_shared::cose::Sign1::decode(signed).and_then(|m| m.verify(&set))
-            else {
-                tracing::warn!("ignoring a revocation delta the hub did not sign");
-                return;
-            };
-            match revocation::Delta::decode(payload) {
-                Ok(delta) => delta.seq(),
-                Err(_) => return,
-            }
+        let keys = self.keys.read().await;
+        let set = keys.keyset(0, now).ok()?;
+        let Ok(payload) = tessera_shared::cose::Sign1::decode(signed).and_then(|m| m.verify(&set))
+        else {
+            tracing::warn!(
+                topic,
+                "ignoring a message on a hub topic the hub did not sign"
+            );
+            return None;
         };
-        if let Err(e) = self.store.mark_published(seq).await {
-            tracing::error!(seq, error = %e, "cannot mark revocation published");
+        if tessera_shared::topic::controlled_device(topic).is_some() {
+            let c = Control::decode(payload).ok()?;
+            return Some(Echo::Control(PendingControl {
+                device: c.device.to_owned(),
+                command: c.command,
+                issued_at: c.issued_at,
+            }));
+        }
+        match StreamMessage::decode(payload).ok()? {
+            StreamMessage::Page(page) => Some(Echo::Changes(
+                page.stream().name().to_string(),
+                page.from(),
+                page.to(),
+            )),
+            StreamMessage::Heartbeat(_) => None,
         }
     }
 
-    /// Revocations recorded but not yet broadcast (after a crash or restart), as signed
-    /// deltas to publish again.
-    pub async fn pending_broadcasts(&self) -> Result<Vec<Publication>, Refusal> {
+    /// What was recorded but not yet confirmed by the broker, recorded at or before
+    /// `created_before` (after a crash, a restart, or a lost connection), to publish
+    /// again: the deltas of unpublished changes and the control messages owed.
+    pub async fn pending_broadcasts(
+        &self,
+        created_before: u64,
+    ) -> Result<Vec<Publication>, Refusal> {
+        let now = self.clock.now();
+        let changes = self.store.unpublished_changes(created_before).await?;
         let mut out = Vec::new();
-        for rec in self.store.unpublished_revocations().await? {
-            out.push(self.delta(rec.seq, &rec.entries, rec.created_at).await?);
+        if !changes.is_empty() {
+            let streams = self.store.streams().await?;
+            for change in &changes {
+                let latest = streams
+                    .iter()
+                    .find(|s| s.name == change.stream)
+                    .map_or(change.seq, |s| s.seq);
+                out.push(self.delta(change, latest, now).await?);
+            }
+        }
+        let controls = self.store.unsent_controls(created_before).await?;
+        let keys = self.keys.read().await;
+        for c in &controls {
+            out.push(control_publication(&keys, c, now)?);
         }
         Ok(out)
     }
@@ -873,8 +1043,41 @@ fn require_enrolled(device: &ClientRecord) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn subject_entry(subject: &str, now: u64, max_life: u64) -> Result<Entry, Refusal> {
-    // `issued_before` is exclusive: everything issued up to and including this second.
-    Entry::for_subject(subject, now + 1, now + 1 + max_life)
-        .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("subject: {e}")))
+/// What one of the hub's own messages seen back from the broker confirms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Echo {
+    /// Changes `from..=to` of a stream were published (a delta is one change).
+    Changes(String, u64, u64),
+    /// A control message was published.
+    Control(PendingControl),
+}
+
+fn parse_stream(name: &str) -> Result<Stream<'_>, Refusal> {
+    Stream::parse(name)
+        .map_err(|_| Refusal::new(ErrorCode::Internal, format!("stored stream name {name:?}")))
+}
+
+/// A control message, signed with the active key.
+fn control_publication(
+    keys: &KeyRing,
+    pending: &PendingControl,
+    now: u64,
+) -> Result<Publication, Refusal> {
+    let msg = Control {
+        device: &pending.device,
+        command: pending.command,
+        issued_at: pending.issued_at,
+    };
+    let mut out = vec![0u8; 512];
+    let n = msg
+        .sign(keys.active(now), &mut out)
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot sign: {e}")))?;
+    out.truncate(n);
+    Ok(Publication {
+        topic: tessera_shared::topic::control(&pending.device)
+            .map_err(|_| Refusal::new(ErrorCode::Internal, "invalid device id"))?
+            .to_string(),
+        payload: out,
+        retain: false,
+    })
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tempfile::TempDir;
+use tessera_hub::revocation::Target;
 use tessera_hub::store::{
-    ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, RevocationRecord,
-    Sqlite, Store, StoreError, TokenKind, conformance,
+    ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Sqlite, Store,
+    StoreError, TokenKind, conformance,
 };
-use tessera_shared::revocation::Entry;
+use tessera_shared::revocation::{Addressed, Entry, Stream};
 
 const NOW: u64 = 1_700_000_000;
 
@@ -65,9 +66,13 @@ conformance!(
     grant_check_order,
     grant_use_race,
     revoke_grants_of,
-    revocation_log,
-    revocation_snapshot,
+    revoke_targets,
+    revoke_subject_per_audience,
+    revoke_is_all_or_nothing,
+    revoke_mass_in_changes_that_fit_a_page,
+    revocation_streams,
     revocation_sequence_race,
+    control_messages,
     signing_keys,
     keyset_version,
     audit_log,
@@ -148,7 +153,6 @@ fn grant(n: u8, family: u8) -> GrantRecord {
 async fn everything_survives_closing_and_reopening_the_database() {
     let dir = TempDir::new().expect("temp dir");
     let path = db_path(&dir);
-    let dev_entry = Entry::for_subject("dev-a", NOW, NOW + 3600).expect("subject");
     let key = KeyRecord {
         kid: [1; 8],
         public_key: vec![4; 65],
@@ -156,6 +160,7 @@ async fn everything_survives_closing_and_reopening_the_database() {
         created_at: NOW,
         active_from: NOW + 60,
         retire_after: Some(NOW + 7200),
+        published_at: Some(NOW),
     };
     {
         let store = Sqlite::open(&path).expect("open");
@@ -177,24 +182,18 @@ async fn everything_survives_closing_and_reopening_the_database() {
             store.use_grant(&[2; 32], NOW).await.expect("use_grant"),
             GrantUse::Fresh(_)
         ));
-        assert_eq!(
-            store
-                .append_revocation(vec![dev_entry.clone()], NOW)
-                .await
-                .expect("append_revocation"),
-            1
-        );
-        store
-            .append_revocation(
-                vec![Entry::Token {
-                    hash: [1; 32],
-                    expires_at: NOW + 3600,
-                }],
-                NOW + 1,
-            )
+        let out = store
+            .revoke(vec![Target::TokenHash([2; 32])], NOW, 30)
             .await
-            .expect("append_revocation");
-        store.mark_published(1).await.expect("mark_published");
+            .expect("revoke");
+        store
+            .mark_published(vec![(out.changes[0].stream.clone(), 1)])
+            .await
+            .expect("mark_published");
+        store
+            .revoke(vec![Target::TokenHash([1; 32])], NOW + 1, 30)
+            .await
+            .expect("revoke");
         store.add_key(key.clone()).await.expect("add_key");
         assert_eq!(store.next_keyset_version().await.expect("version"), 1);
         assert!(
@@ -239,36 +238,46 @@ async fn everything_survives_closing_and_reopening_the_database() {
         GrantUse::Fresh(grant(1, 1))
     );
     // The unpublished revocation is still to be broadcast; the published one is not.
-    assert_eq!(
-        store
-            .unpublished_revocations()
-            .await
-            .expect("unpublished_revocations"),
-        [RevocationRecord {
-            seq: 2,
-            entries: vec![Entry::Token {
-                hash: [1; 32],
-                expires_at: NOW + 3600,
-            }],
-            created_at: NOW + 1,
-            published: false,
-        }]
-    );
-    let (seq, entries) = store
-        .revocation_snapshot(NOW, 30)
+    let stream = Stream::of_device("dev-a").name().to_string();
+    let unpublished = store
+        .unpublished_changes(u64::MAX)
         .await
-        .expect("revocation_snapshot");
-    assert_eq!(seq, 2);
-    assert_eq!(entries.len(), 2);
-    assert_eq!(entries[0], dev_entry);
+        .expect("unpublished_changes");
     assert_eq!(
-        store
-            .append_revocation(Vec::new(), NOW + 2)
-            .await
-            .expect("append_revocation"),
-        3,
-        "numbering continues"
+        unpublished
+            .iter()
+            .map(|c| (c.stream.as_str(), c.seq, c.created_at, c.entries.clone()))
+            .collect::<Vec<_>>(),
+        [(
+            stream.as_str(),
+            2,
+            NOW + 1,
+            vec![
+                Addressed::new(
+                    "dev-a",
+                    Entry::Token {
+                        hash: [1; 32],
+                        expires_at: NOW + 3600 + 30,
+                    }
+                )
+                .expect("id")
+            ]
+        )]
     );
+    let read = store
+        .stream_entries(&stream, 1, NOW, 30, usize::MAX)
+        .await
+        .expect("stream_entries");
+    assert_eq!((read.latest, read.changes.len()), (2, 2));
+    store
+        .record_issued(access(3), None)
+        .await
+        .expect("record_issued");
+    let out = store
+        .revoke(vec![Target::TokenHash([3; 32])], NOW + 2, 30)
+        .await
+        .expect("revoke");
+    assert_eq!(out.changes[0].seq, 3, "numbering continues");
     assert_eq!(store.keys().await.expect("keys"), [key]);
     assert_eq!(store.next_keyset_version().await.expect("version"), 2);
     assert!(
@@ -369,13 +378,20 @@ async fn two_handles_on_one_file_cannot_both_use_a_grant() {
     }
     assert_eq!(fresh, 1);
 
+    for n in 10..18 {
+        a.record_issued(access(n), None)
+            .await
+            .expect("record_issued");
+    }
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..8 {
+    for i in 0..8u8 {
         let s = Arc::clone(if i % 2 == 0 { &a } else { &b });
         tasks.spawn(async move {
-            s.append_revocation(Vec::new(), NOW)
+            let out = s
+                .revoke(vec![Target::TokenHash([10 + i; 32])], NOW, 30)
                 .await
-                .expect("append_revocation")
+                .expect("revoke");
+            out.changes[0].seq
         });
     }
     let mut seqs = Vec::new();
@@ -411,34 +427,114 @@ async fn removing_a_client_removes_its_grants() {
 #[tokio::test]
 async fn times_beyond_sqlite_integers_are_refused_not_wrapped() {
     let (_dir, store) = fresh();
-    let r = store
-        .append_revocation(
-            vec![Entry::Token {
-                hash: [1; 32],
-                expires_at: u64::MAX,
-            }],
-            NOW,
-        )
-        .await;
+    store.add_client(app("app-a")).await.expect("add_client");
+    let mut forever = access(1);
+    forever.expires_at = u64::MAX;
+    let r = store.record_issued(forever, None).await;
     assert!(matches!(r, Err(StoreError::Backend(_))), "{r:?}");
-    // Nothing was half-written: the next revocation is still number 1.
-    assert_eq!(
-        store
-            .append_revocation(Vec::new(), NOW)
-            .await
-            .expect("append_revocation"),
-        1
-    );
+    // Nothing was half-written.
+    assert_eq!(store.issued(&[1; 16]).await.expect("issued"), None);
     // Query bounds saturate instead: u64::MAX means "everything".
     store
-        .mark_published(u64::MAX)
+        .record_issued(access(2), None)
         .await
-        .expect("mark_published");
-    assert!(
+        .expect("record_issued");
+    store
+        .revoke(vec![Target::TokenHash([2; 32])], NOW, 30)
+        .await
+        .expect("revoke");
+    assert_eq!(
         store
-            .unpublished_revocations()
+            .unpublished_changes(u64::MAX)
             .await
-            .expect("unpublished_revocations")
-            .is_empty()
+            .expect("unpublished_changes")
+            .len(),
+        1
     );
+    assert_eq!(
+        store
+            .unsent_controls(u64::MAX)
+            .await
+            .expect("unsent_controls"),
+        []
+    );
+}
+
+/// A database of schema version 1 (one global revocation list) is migrated: every old
+/// entry that still covers a recorded token moves to the streams of those tokens, as
+/// unpublished changes the hub publishes when it starts; entries that cover nothing go.
+#[tokio::test]
+async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
+    let dir = TempDir::new().expect("temp dir");
+    let path = db_path(&dir);
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(include_str!("schema_v1.sql"))
+            .expect("version 1 schema");
+        conn.execute_batch(&format!(
+            "INSERT INTO clients (id, kind, role, created_at) VALUES ('app-a', 'app', 'c', {NOW});
+             INSERT INTO issued_tokens VALUES
+                (x'{cti1}', x'{h1}', 'access', 'app-a', 'dev-a', 'door:open', {NOW}, {exp}),
+                (x'{cti2}', x'{h2}', 'device', 'dev-b', 'tessera', 'telemetry:write', {NOW}, {exp});
+             INSERT INTO revocations (seq, created_at, published) VALUES (1, {NOW}, 1), (2, {NOW}, 0);
+             INSERT INTO revocation_entries VALUES
+                (1, 0, x'{h1}', NULL, NULL, {exp}),
+                (1, 1, x'{h9}', NULL, NULL, {exp}),
+                (2, 0, NULL, 'dev-b', {before}, {exp});
+             PRAGMA user_version = 1;",
+            cti1 = "01".repeat(16),
+            cti2 = "02".repeat(16),
+            h1 = "11".repeat(32),
+            h2 = "22".repeat(32),
+            h9 = "99".repeat(32),
+            exp = NOW + 600,
+            before = NOW + 1,
+        ))
+        .expect("version 1 data");
+    }
+    let store = Sqlite::open(&path).expect("open migrates");
+    assert_eq!(
+        pragma(&path, "user_version"),
+        Sqlite::SCHEMA_VERSION.to_string()
+    );
+    let mut changes = store
+        .unpublished_changes(u64::MAX)
+        .await
+        .expect("unpublished_changes");
+    changes.sort_by(|a, b| a.stream.cmp(&b.stream));
+    let device_stream = Stream::of_device("dev-a").name().to_string();
+    let mut expected = vec![
+        (
+            device_stream,
+            vec![
+                Addressed::new(
+                    "dev-a",
+                    Entry::Token {
+                        hash: [0x11; 32],
+                        expires_at: NOW + 600,
+                    },
+                )
+                .expect("id"),
+            ],
+        ),
+        (
+            "service/tessera".to_owned(),
+            vec![
+                Addressed::new(
+                    "tessera",
+                    Entry::for_subject("dev-b", NOW + 1, NOW + 600).expect("id"),
+                )
+                .expect("id"),
+            ],
+        ),
+    ];
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        changes
+            .iter()
+            .map(|c| (c.stream.clone(), c.entries.clone()))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    assert!(changes.iter().all(|c| c.seq == 1));
 }

@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, watch};
 
 pub use rumqttc::v5::mqttbytes::QoS;
 
-/// Largest MQTT packet accepted or sent: a full revocation snapshot fits.
+/// Largest MQTT packet a client accepts by default: every hub message (at most 16 KiB,
+/// PROTOCOL.md §2.4) with room to spare.
 pub const MAX_PACKET_BYTES: u32 = 64 * 1024;
 
 /// Where and how to connect.
@@ -56,10 +57,18 @@ pub struct MqttConfig {
     /// TLS settings; plain TCP when absent.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Largest packet this connection accepts (announced to the broker, which drops larger
+    /// messages for it). Not configurable: the program that connects sets it.
+    #[serde(skip, default = "default_max_packet")]
+    pub max_incoming_packet_bytes: u32,
 }
 
 fn default_keep_alive() -> u64 {
     30
+}
+
+fn default_max_packet() -> u32 {
+    MAX_PACKET_BYTES
 }
 
 /// TLS to the broker.
@@ -114,6 +123,7 @@ impl MqttConfig {
             keep_alive_s: default_keep_alive(),
             session_expiry_s: None,
             tls: None,
+            max_incoming_packet_bytes: MAX_PACKET_BYTES,
         }
     }
 
@@ -130,7 +140,7 @@ impl MqttConfig {
                 o.set_clean_start(true);
             }
         }
-        o.set_max_packet_size(Some(MAX_PACKET_BYTES));
+        o.set_max_packet_size(Some(self.max_incoming_packet_bytes));
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             o.set_credentials(u, p);
         }

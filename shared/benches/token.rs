@@ -23,8 +23,8 @@ use tessera_shared::claims::Claims;
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
 use tessera_shared::message::{NONCE_LEN, Request, RequestBody, SignedRequest};
 use tessera_shared::revocation::{
-    Delta, DeltaOutcome, Entry, MAX_REVOKED, RevocationList, encode_delta, max_payload_len,
-    token_hash,
+    Addressed, Entry, MAX_REVOKED, Page, PageOutcome, RevocationList, Stream, encode_page,
+    max_page_len, token_hash,
 };
 use tessera_shared::scope::Scopes;
 use tessera_shared::token::{self, MAX_TOKEN_LEN, Validation};
@@ -187,25 +187,30 @@ fn requests(c: &mut Bench) {
 }
 
 /// A full default-size list (half token entries, half subject entries) and a token it does
-/// not revoke, so every lookup scans every entry.
+/// not revoke, so every lookup scans every entry; and the page that fills it.
 fn revocations(c: &mut Bench) {
-    let entries: Vec<Entry> = (0..MAX_REVOKED)
+    let device = "device-42";
+    let entries: Vec<Addressed> = (0..MAX_REVOKED)
         .map(|i| {
-            if i % 2 == 0 {
+            let entry = if i % 2 == 0 {
                 Entry::Token {
                     hash: token_hash(&i.to_be_bytes()),
                     expires_at: IAT + 900,
                 }
             } else {
                 Entry::for_subject(&format!("app-{i}"), IAT - 1, IAT + 900).expect("id")
-            }
+            };
+            Addressed::new(device, entry).expect("id")
         })
         .collect();
-    let mut payload = vec![0u8; max_payload_len(entries.len())];
-    let n = encode_delta(1, IAT, &entries, &mut payload).expect("encode");
-    let mut list = RevocationList::<MAX_REVOKED>::new();
-    let delta = Delta::decode(&payload[..n]).expect("decode");
-    assert_eq!(list.apply_delta(&delta, IAT), Ok(DeltaOutcome::Applied));
+    let stream = Stream::of_device(device);
+    let len = entries.iter().map(Addressed::encoded_len).sum();
+    let mut payload = vec![0u8; max_page_len(&stream, len)];
+    let n = encode_page(1, IAT, &stream, 1, 1, &entries, &mut payload).expect("encode");
+    let page = Page::decode(&payload[..n]).expect("decode");
+    let empty = RevocationList::for_device(device, 30).expect("id");
+    let mut list: RevocationList = empty.clone();
+    assert_eq!(list.apply_page(&page, IAT), Ok(PageOutcome::Applied));
     assert_eq!(list.len(), MAX_REVOKED);
 
     let hub = signer(0x11);
@@ -218,6 +223,19 @@ fn revocations(c: &mut Bench) {
     let hash = verified.hash();
 
     let mut g = c.benchmark_group("revocation");
+    // The page's 64 entries into a list that already holds them all: each one is compared
+    // with every entry held before it merges, the most a full list does per page.
+    g.bench_function("apply_page_64", |b| {
+        let mut full = list.clone();
+        b.iter(|| full.apply_page(black_box(&page), IAT).expect("fits"))
+    });
+    // The same page into an empty list: decoding and inserting 64 entries.
+    g.bench_function("apply_page_64_empty", |b| {
+        b.iter(|| {
+            let mut fresh = empty.clone();
+            fresh.apply_page(black_box(&page), IAT).expect("fits")
+        })
+    });
     g.bench_function("lookup_64", |b| {
         b.iter(|| list.is_revoked(black_box(&hash), black_box("app-7"), black_box(IAT)))
     });

@@ -27,16 +27,21 @@ use tessera_shared::cose::Sign1;
 use tessera_shared::crypto::{P256Signer, Signer};
 use tessera_shared::keyset::KeySet;
 use tessera_shared::message::{
-    Command, Control, EnrollmentCode, ErrorCode, NONCE_LEN, Operation, Presentation, Request,
-    RequestBody, Response, ResponseBody, RevokeTarget, WireError,
+    Command, Control, EnrollmentCode, ErrorCode, IdList, NONCE_LEN, Operation, Presentation,
+    Request, RequestBody, Response, ResponseBody, RevokeTarget, WireError,
 };
-use tessera_shared::revocation::{self, Entry, token_hash};
+use tessera_shared::revocation::{self, Addressed, Entry, Stream, token_hash};
 use tessera_shared::scope::Scopes;
 use tessera_shared::{Error, record};
 
 use fuzz_support::{AUDIENCE, NOW, RECORD_DEVICE};
 
 const NONCE: [u8; NONCE_LEN] = *b"fuzz-seed-nonce!";
+
+/// The service audience of the revocation seeds' service stream.
+const SERVICE: &str = "svc.telemetry";
+/// The devices of the `revoke` seed that names a list.
+const DEVICE_LIST: [&str; 2] = [AUDIENCE, "device-43"];
 
 /// Seeds of one target, by file name.
 type Seeds = Vec<(String, Vec<u8>)>;
@@ -140,7 +145,32 @@ fn request_seeds() -> Seeds {
             "revoke_device",
             RequestBody::Revoke(RevokeTarget::Device(AUDIENCE)),
         ),
-        ("fetch_revocations", RequestBody::FetchRevocations),
+        (
+            "revoke_group",
+            RequestBody::Revoke(RevokeTarget::Group("building-a")),
+        ),
+        (
+            "revoke_role",
+            RequestBody::Revoke(RevokeTarget::Role("controller")),
+        ),
+        (
+            "revoke_devices",
+            RequestBody::Revoke(RevokeTarget::Devices(IdList::new(&DEVICE_LIST))),
+        ),
+        (
+            "fetch_revocations",
+            RequestBody::FetchRevocations {
+                stream: Stream::of_device(AUDIENCE),
+                from: 1,
+            },
+        ),
+        (
+            "fetch_revocations_service",
+            RequestBody::FetchRevocations {
+                stream: Stream::Service(SERVICE),
+                from: 3,
+            },
+        ),
     ];
     let mut seeds = Seeds::new();
     for (name, body) in bodies {
@@ -162,7 +192,7 @@ fn request_seeds() -> Seeds {
     seeds
 }
 
-fn response_seeds(token: &[u8], snapshot: &[u8]) -> Seeds {
+fn response_seeds(token: &[u8], page: &[u8]) -> Seeds {
     let outcomes = [
         (
             "enrolled",
@@ -185,12 +215,16 @@ fn response_seeds(token: &[u8], snapshot: &[u8]) -> Seeds {
         (
             "revoked",
             Some(Operation::Revoke),
-            Ok(ResponseBody::Revoked { seq: 3 }),
+            Ok(ResponseBody::Revoked {
+                revoked: 2,
+                entries: 3,
+                notified: 1,
+            }),
         ),
         (
             "revocations",
             Some(Operation::FetchRevocations),
-            Ok(ResponseBody::Revocations { snapshot }),
+            Ok(ResponseBody::Revocations { page }),
         ),
         (
             "error_denied",
@@ -275,30 +309,46 @@ fn keyset_seeds() -> Seeds {
 }
 
 fn revocation_seeds(token: &[u8]) -> Seeds {
+    // The fuzz target's device follows its partition; the entries are addressed to it.
+    let device = Stream::of_device(AUDIENCE);
+    let to_device = |entry| Addressed::new(AUDIENCE, entry).expect("valid audience");
     let entries = [
-        Entry::Token {
+        to_device(Entry::Token {
             hash: token_hash(token),
             expires_at: generator::EXP,
-        },
-        Entry::for_subject("app-7", NOW, NOW + generator::LIFETIME).expect("valid subject"),
+        }),
+        to_device(Entry::for_subject("app-7", NOW, NOW + generator::LIFETIME).expect("subject")),
     ];
-    let none: [Entry; 0] = [];
+    let service = Stream::Service(SERVICE);
+    let service_entry = Addressed::new(
+        SERVICE,
+        Entry::Token {
+            hash: [0x5e; 32],
+            expires_at: NOW + generator::LIFETIME,
+        },
+    )
+    .expect("valid audience");
+    let page = |seq, from, to, stream, entries: &[Addressed]| {
+        encoded(|out| revocation::encode_page(seq, NOW, stream, from, to, entries, out))
+    };
     vec![
+        // A delta: one change, the latest.
+        ("delta".to_owned(), page(1, 1, 1, &device, &entries[..1])),
+        // A snapshot page: every change so far.
+        ("snapshot".to_owned(), page(2, 1, 2, &device, &entries)),
+        // A page whose changes' entries have all expired.
+        ("page_empty".to_owned(), page(4, 3, 4, &device, &[])),
         (
-            "snapshot".to_owned(),
-            encoded(|out| revocation::encode_snapshot(2, NOW, &entries, out)),
-        ),
-        (
-            "snapshot_empty".to_owned(),
-            encoded(|out| revocation::encode_snapshot(0, NOW, &none, out)),
-        ),
-        (
-            "delta".to_owned(),
-            encoded(|out| revocation::encode_delta(1, NOW, &entries[..1], out)),
+            "service_page".to_owned(),
+            page(5, 5, 5, &service, core::slice::from_ref(&service_entry)),
         ),
         (
             "heartbeat".to_owned(),
-            encoded(|out| revocation::encode_heartbeat(2, NOW + 30, out)),
+            encoded(|out| revocation::encode_heartbeat(2, NOW + 30, &device, 90, out)),
+        ),
+        (
+            "heartbeat_service".to_owned(),
+            encoded(|out| revocation::encode_heartbeat(5, NOW + 30, &service, 180, out)),
         ),
     ]
 }
@@ -350,7 +400,7 @@ fn main() -> ExitCode {
         .find(|(name, _)| name == "snapshot")
         .expect("a snapshot seed")
         .1;
-    let signed_snapshot =
+    let signed_page =
         encoded(|out| tessera_shared::cose::sign(&generator::issuer(), &snapshot, out));
 
     // A claims seed that decodes: the claims the core issues, with nbf.
@@ -370,7 +420,7 @@ fn main() -> ExitCode {
         ("claims", claims),
         ("cose_key", cose_key_seeds()),
         ("request", request_seeds()),
-        ("response", response_seeds(&token, &signed_snapshot)),
+        ("response", response_seeds(&token, &signed_page)),
         ("control", control_seeds()),
         ("presentation", presentation_seeds(&token)),
         ("keyset", keyset_seeds()),

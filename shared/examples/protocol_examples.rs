@@ -28,13 +28,14 @@ use tessera_shared::cose::{self, Sign1};
 use tessera_shared::crypto::{self, COSE_KEY_LEN, P256Signer, PublicKey, Signer};
 use tessera_shared::keyset::{KeySet, KeySetOutcome};
 use tessera_shared::message::{
-    Command, Control, EnrollmentCode, ErrorCode, NONCE_LEN, Operation, Presentation, Request,
-    RequestBody, Response, ResponseBody, RevokeTarget, SignedPresentation, SignedRequest,
+    Command, Control, EnrollmentCode, ErrorCode, IdList, NONCE_LEN, Operation, Presentation,
+    Request, RequestBody, Response, ResponseBody, RevokeTarget, SignedPresentation, SignedRequest,
     SignedResponse, WireError,
 };
 use tessera_shared::record::{self, RecordKey};
 use tessera_shared::revocation::{
-    self, Delta, DeltaOutcome, Entry, Heartbeat, HeartbeatOutcome, RevocationList, Snapshot,
+    self, Addressed, Bounded, Entry, HeartbeatOutcome, Page, PageOutcome, RevocationList, Stream,
+    StreamMessage,
 };
 use tessera_shared::scope::Scopes;
 use tessera_shared::token::{self, Validation};
@@ -56,6 +57,16 @@ const ACCESS_SCOPE: &str = "door:open";
 const DEVICE_TOKEN_LIFETIME: u64 = 900;
 const ACCESS_TOKEN_LIFETIME: u64 = 300;
 const GRANT_LIFETIME: u64 = 86_400;
+/// The hub's clock-skew leeway, added to the expiry of every revocation entry.
+const LEEWAY: u64 = 30;
+/// The hub's heartbeat interval.
+const HEARTBEAT_INTERVAL: u64 = 30;
+
+/// A group and a role of the example policy, for the revoke examples.
+const GROUP: &str = "building-a";
+const ROLE: &str = "controller";
+/// A second device, for the device-list revoke example.
+const OTHER_DEVICE: &str = "device-43";
 
 /// The one-time enrollment code printed for the device.
 const ENROLLMENT_CODE: &str = "K7QF-M2XD-9WPL";
@@ -230,6 +241,49 @@ fn payload_of<'a>(signed: &'a [u8], key: &PublicKey) -> &'a [u8] {
         .expect("decode")
         .verify(key)
         .expect("verify")
+}
+
+/// A revocation page payload, decoded again and checked field by field.
+fn page_payload(
+    seq: u64,
+    issued_at: u64,
+    stream: &Stream<'_>,
+    from: u64,
+    to: u64,
+    entries: &[&Addressed],
+) -> Vec<u8> {
+    let len = entries.iter().map(|e| e.encoded_len()).sum();
+    let mut out = vec![0u8; revocation::max_page_len(stream, len)];
+    let n = revocation::encode_page(
+        seq,
+        issued_at,
+        stream,
+        from,
+        to,
+        entries.iter().copied(),
+        &mut out,
+    )
+    .expect("page");
+    out.truncate(n);
+    let page = Page::decode(&out).expect("the page decodes");
+    assert_eq!(
+        (
+            page.seq(),
+            page.issued_at(),
+            page.stream(),
+            page.from(),
+            page.to()
+        ),
+        (seq, issued_at, *stream, from, to)
+    );
+    let back: Vec<Addressed> = page
+        .entries()
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("entries");
+    assert_eq!(back.iter().collect::<Vec<_>>(), entries);
+    assert_eq!(StreamMessage::decode(&out), Ok(StreamMessage::Page(page)));
+    out
 }
 
 // ----- the example world ----------------------------------------------------------------
@@ -667,103 +721,211 @@ fn examples() -> String {
     message_section(o, &p, &s, &[]);
     o.push_str("The bodies of the other kinds:\n\n");
     let access_hash = revocation::token_hash(&access_token);
-    for (what, target, notes) in [
+    let device_list = [DEVICE, OTHER_DEVICE];
+    let kinds: [(&str, RevokeTarget<'_>, Notes<'_>); 6] = [
         (
-            "kind 0, one token by its hash (here the access token of B.4)",
+            "kind 0, one token by its hash (here the access token of B.4, revoked at T0+750: \
+             change 1 of B.8)",
             RevokeTarget::TokenHash(access_hash),
-            "SHA-256 of the access token",
+            &[(&access_hash, "token hash of the access token of B.4")],
         ),
         (
             "kind 1, one token by its `cti` (the access token of B.4)",
             RevokeTarget::TokenId(&cti2),
-            "its cti",
+            &[(&cti2, "its cti")],
         ),
-        ("kind 3, a whole device", RevokeTarget::Device(DEVICE), ""),
-    ] {
+        ("kind 3, a whole device", RevokeTarget::Device(DEVICE), &[]),
+        (
+            "kind 4, every device of a group, each as kind 3",
+            RevokeTarget::Group(GROUP),
+            &[],
+        ),
+        (
+            "kind 5, every client with a role: devices as kind 3, apps and operators as kind 2",
+            RevokeTarget::Role(ROLE),
+            &[],
+        ),
+        (
+            "kind 6, a list of devices (1 to 16 384), each as kind 3",
+            RevokeTarget::Devices(IdList::new(&device_list)),
+            &[],
+        ),
+    ];
+    for (what, target, notes) in kinds {
+        assert_eq!(
+            target.kind(),
+            u64::from(body_bytes(RequestBody::Revoke(target))[2])
+        );
         let _ = writeln!(o, "{what}:\n");
-        let bytes = body_bytes(RequestBody::Revoke(target));
-        let named: Vec<(&[u8], &str)> = if notes.is_empty() {
-            vec![]
-        } else {
-            match target {
-                RevokeTarget::TokenHash(_) => vec![(access_hash.as_slice(), notes)],
-                _ => vec![(cti2.as_slice(), notes)],
-            }
-        };
-        o.push_str(&diag_block(&bytes, &named));
+        o.push_str(&diag_block(&body_bytes(RequestBody::Revoke(target)), notes));
         o.push('\n');
     }
 
     // FetchRevocations.
+    let device_stream = Stream::of_device(DEVICE);
+    let device_stream_name = device_stream.name();
+    let fetch_at = T0 + 870;
     let fetch_req = Request {
         client: DEVICE,
         request_id: 4,
-        issued_at: T0 + 870,
+        issued_at: fetch_at,
         nonce: counting(0x51),
-        body: RequestBody::FetchRevocations,
+        body: RequestBody::FetchRevocations {
+            stream: device_stream,
+            from: 1,
+        },
     };
     let (p, s) = sign_request(&fetch_req, &k.device);
     o.push_str("#### B.5.6 `fetch_revocations` (op 6)\n\n");
-    o.push_str("The device asks for the current snapshot at T0+870, request id 4:\n\n");
+    let _ = writeln!(
+        o,
+        "`{DEVICE}` follows the stream `{device_stream_name}` (its partition: the first byte of \
+         SHA-256 of its id, [§11.2](#112-streams)). It holds no change of it yet and the heartbeat of B.8.4 names \
+         change 2, so at T0+870 it asks for a page from change 1, request id 4:\n"
+    );
     message_section(o, &p, &s, &[]);
 
     // ---- revocation payloads (needed by responses) -----------------------------------------
-    let seq1_entry = Entry::Token {
-        hash: device_token_hash,
-        expires_at: device_claims.exp,
-    };
-    let seq2_entry =
-        Entry::for_subject(APP, revoke_at, revoke_at + ACCESS_TOKEN_LIFETIME).expect("subject");
-    let mut delta_payload = vec![0u8; revocation::max_payload_len(1)];
-    let n =
-        revocation::encode_delta(2, revoke_at, [&seq2_entry], &mut delta_payload).expect("delta");
-    delta_payload.truncate(n);
-    let delta_signed = sign(&k.hub, &delta_payload);
-    let mut snapshot_payload = vec![0u8; revocation::max_payload_len(2)];
-    let n = revocation::encode_snapshot(
-        2,
-        revoke_at,
-        [&seq1_entry, &seq2_entry],
-        &mut snapshot_payload,
+    // devices/03: change 1 (T0+750) revokes the access token of B.4 by hash; change 2
+    // (T0+800, B.5.5) revokes the subject app-7. Both are addressed to device-42, the
+    // audience of app-7's tokens. The entries last until the tokens they cover expire, plus
+    // the hub's leeway.
+    let token_revoked_at = T0 + 750;
+    let access_entry = Addressed::new(
+        DEVICE,
+        Entry::Token {
+            hash: access_hash,
+            expires_at: access_claims.exp + LEEWAY,
+        },
     )
-    .expect("snapshot");
-    snapshot_payload.truncate(n);
+    .expect("entry");
+    let subject_entry = Addressed::new(
+        DEVICE,
+        Entry::for_subject(APP, revoke_at, access_claims.exp + LEEWAY).expect("subject"),
+    )
+    .expect("entry");
+    let delta1_payload = page_payload(1, token_revoked_at, &device_stream, 1, 1, &[&access_entry]);
+    let delta1_signed = sign(&k.hub, &delta1_payload);
+    let delta2_payload = page_payload(2, revoke_at, &device_stream, 2, 2, &[&subject_entry]);
+    let delta2_signed = sign(&k.hub, &delta2_payload);
+    // Republished at the first heartbeat after change 2.
+    let snapshot_at = T0 + 830;
+    let snapshot_payload = page_payload(
+        2,
+        snapshot_at,
+        &device_stream,
+        1,
+        2,
+        &[&access_entry, &subject_entry],
+    );
     let snapshot_signed = sign(&k.hub, &snapshot_payload);
-    let mut heartbeat_payload = [0u8; 64];
-    let n = revocation::encode_heartbeat(2, T0 + 860, &mut heartbeat_payload).expect("hb");
+    // What `fetch_revocations` returns at T0+870: the same changes, built then.
+    let fetched_payload = page_payload(
+        2,
+        fetch_at,
+        &device_stream,
+        1,
+        2,
+        &[&access_entry, &subject_entry],
+    );
+    let fetched_signed = sign(&k.hub, &fetched_payload);
+    let heartbeat_at = T0 + 860;
+    let max_age = revocation::recommended_max_age(HEARTBEAT_INTERVAL, ACCESS_TOKEN_LIFETIME);
+    let mut heartbeat_payload = [0u8; revocation::MAX_HEARTBEAT_LEN];
+    let n = revocation::encode_heartbeat(
+        2,
+        heartbeat_at,
+        &device_stream,
+        max_age,
+        &mut heartbeat_payload,
+    )
+    .expect("hb");
     let heartbeat_payload = heartbeat_payload[..n].to_vec();
     let heartbeat_signed = sign(&k.hub, &heartbeat_payload);
+    // service/svc.telemetry: change 1 (T0+650) revokes the device token of B.3.
+    let service_stream = Stream::of_service(SERVICE).expect("service");
+    let device_token_revoked_at = T0 + 650;
+    let device_token_entry = Addressed::new(
+        SERVICE,
+        Entry::Token {
+            hash: device_token_hash,
+            expires_at: device_claims.exp + LEEWAY,
+        },
+    )
+    .expect("entry");
+    let service_payload = page_payload(
+        1,
+        device_token_revoked_at,
+        &service_stream,
+        1,
+        1,
+        &[&device_token_entry],
+    );
+    let service_signed = sign(&k.hub, &service_payload);
 
-    // A verifier that follows them.
+    // The verifiers that follow them.
     {
         let hub_pub = k.hub.public_key();
-        let mut list: RevocationList = RevocationList::new();
-        let snap = Snapshot::decode(payload_of(&snapshot_signed, &hub_pub)).expect("snapshot");
-        list.apply_snapshot(&snap, revoke_at).expect("fits");
-        let delta = Delta::decode(payload_of(&delta_signed, &hub_pub)).expect("delta");
+        let page = |signed| Page::decode(payload_of(signed, &hub_pub)).expect("page");
+        // device-42 from the retained snapshot page, then the deltas and the heartbeat.
+        let mut list = RevocationList::<Bounded<8>>::for_device(DEVICE, LEEWAY).expect("id");
         assert_eq!(
-            list.apply_delta(&delta, revoke_at),
-            Ok(DeltaOutcome::AlreadyApplied)
+            list.apply_page(&page(&snapshot_signed), snapshot_at),
+            Ok(PageOutcome::Applied)
         );
-        let hb = Heartbeat::decode(payload_of(&heartbeat_signed, &hub_pub)).expect("hb");
-        assert_eq!(list.apply_heartbeat(&hb), HeartbeatOutcome::InSync);
-        assert!(list.is_revoked(&device_token_hash, DEVICE, dt1_iat));
-        assert!(list.is_revoked(&access_hash, APP, at_iat));
-        assert_eq!(list.fresh_as_of(), Some(T0 + 860));
-        let mut fresh: RevocationList = RevocationList::new();
-        let delta1_payload = {
-            let mut b = vec![0u8; revocation::max_payload_len(1)];
-            let n = revocation::encode_delta(1, T0 + 650, [&seq1_entry], &mut b).expect("d1");
-            b.truncate(n);
-            b
+        for delta in [&delta1_signed, &delta2_signed] {
+            assert_eq!(
+                list.apply_page(&page(delta), revoke_at),
+                Ok(PageOutcome::AlreadyApplied)
+            );
+        }
+        let StreamMessage::Heartbeat(hb) =
+            StreamMessage::decode(payload_of(&heartbeat_signed, &hub_pub)).expect("hb")
+        else {
+            panic!("a heartbeat");
         };
-        let d1 = Delta::decode(&delta1_payload).expect("d1");
-        assert_eq!(fresh.apply_delta(&d1, T0 + 650), Ok(DeltaOutcome::Applied));
+        assert_eq!(list.apply_heartbeat(&hb), Ok(HeartbeatOutcome::InSync));
+        assert!(list.is_revoked(&access_hash, APP, at_iat));
+        assert!(list.is_revoked(&[0; 32], APP, revoke_at - 1));
+        assert!(!list.is_revoked(&[0; 32], APP, revoke_at));
+        assert_eq!(list.fresh_as_of(), Some(heartbeat_at));
+        assert_eq!(list.max_age(None), max_age);
+        assert!(list.is_fresh(heartbeat_at + max_age, list.max_age(None)));
+        assert!(!list.is_fresh(heartbeat_at + max_age + 1, list.max_age(None)));
+        // device-42 from the deltas, and from the fetched page after a gap.
+        let mut from_deltas = RevocationList::<Bounded<8>>::for_device(DEVICE, LEEWAY).expect("id");
         assert_eq!(
-            fresh.apply_delta(&delta, revoke_at),
-            Ok(DeltaOutcome::Applied)
+            from_deltas.apply_page(&page(&delta2_signed), revoke_at),
+            Ok(PageOutcome::Gap { have: 0, latest: 2 })
         );
-        assert_eq!(fresh.seq(), 2);
+        assert_eq!(from_deltas.wanted_from(), Some(1));
+        assert_eq!(
+            from_deltas.apply_page(&page(&delta1_signed), revoke_at),
+            Ok(PageOutcome::Applied)
+        );
+        assert_eq!(from_deltas.seq(), 2);
+        let mut fetched = RevocationList::<Bounded<8>>::for_device(DEVICE, LEEWAY).expect("id");
+        assert_eq!(
+            fetched.apply_page(&page(&fetched_signed), fetch_at),
+            Ok(PageOutcome::Applied)
+        );
+        assert_eq!(fetched.fresh_as_of(), Some(fetch_at));
+        // device-43 follows another partition: device-42's pages are not for it.
+        let mut other = RevocationList::<Bounded<8>>::for_device(OTHER_DEVICE, LEEWAY).expect("id");
+        assert_ne!(other.stream(), device_stream);
+        assert!(
+            other
+                .apply_page(&page(&snapshot_signed), snapshot_at)
+                .is_err()
+        );
+        // The service keeps the device-token revocations addressed to it.
+        let mut service =
+            RevocationList::for_service(Bounded::<8>::new(), SERVICE, LEEWAY).expect("id");
+        assert_eq!(
+            service.apply_page(&page(&service_signed), device_token_revoked_at),
+            Ok(PageOutcome::Applied)
+        );
+        assert!(service.is_revoked(&device_token_hash, DEVICE, dt1_iat));
     }
 
     // ---- E.6 responses --------------------------------------------------------------------
@@ -878,13 +1040,20 @@ fn examples() -> String {
         request_id: 1,
         hub_time: revoke_at,
         nonce: revoke_req.nonce,
-        outcome: Ok(ResponseBody::Revoked { seq: 2 }),
+        outcome: Ok(ResponseBody::Revoked {
+            revoked: 1,
+            entries: 1,
+            notified: 0,
+        }),
     };
     let (p, s) = sign_response(&resp, &k.hub);
     o.push_str("#### B.6.5 `revoke` succeeded\n\n");
-    o.push_str(
-        "Answer to B.5.5, sent once the revocation is durable: it is carried by the delta with \
-         sequence number 2 (B.8.1).\n\n",
+    let _ = writeln!(
+        o,
+        "Answer to B.5.5, sent once the revocation is durable: it revoked one client (`{APP}`), \
+         added one entry (the subject entry addressed to `{DEVICE}`, the one audience `{APP}` \
+         holds live tokens for: change 2 of `{device_stream_name}`, B.8.2) and sends no \
+         control message (`{APP}` is not a device).\n"
     );
     message_section(o, &p, &s, &[]);
 
@@ -895,18 +1064,29 @@ fn examples() -> String {
         hub_time: T0 + 870,
         nonce: fetch_req.nonce,
         outcome: Ok(ResponseBody::Revocations {
-            snapshot: &snapshot_signed,
+            page: &fetched_signed,
         }),
     };
     let (p, s) = sign_response(&resp, &k.hub);
     o.push_str("#### B.6.6 `fetch_revocations` succeeded\n\n");
-    o.push_str("Answer to B.5.6, carrying the signed snapshot of B.8.2 as published:\n\n");
+    let _ = writeln!(
+        o,
+        "Answer to B.5.6: one signed page of `{device_stream_name}` from change 1, as far as \
+         one page goes (here to change 2, the latest). It holds the same entries as the \
+         snapshot page of B.8.3 but is built when asked, at T0+870:\n"
+    );
     message_section(
         o,
         &p,
         &s,
-        &[(&snapshot_signed, "the signed snapshot of B.8.2")],
+        &[(&fetched_signed, "a signed page, payload below")],
     );
+    let _ = writeln!(o, "The page's payload ({} bytes):\n", fetched_payload.len());
+    o.push_str(&diag_block(
+        &fetched_payload,
+        &[(&access_hash, "token hash of the access token of B.4")],
+    ));
+    o.push('\n');
 
     let stale_nonce: [u8; NONCE_LEN] = counting(0x61);
     let resp = Response {
@@ -978,33 +1158,56 @@ fn examples() -> String {
     o.push_str("### B.8 Revocation messages\n\n");
     let _ = writeln!(
         o,
-        "History: sequence number 1 (T0+650) revoked the device token of B.3 by its hash; \
-         sequence number 2 (T0+800) is the operator's revocation of `{APP}` (B.5.5): every \
-         token issued to it before T0+800, an entry that expires at T0+800 + \
-         {ACCESS_TOKEN_LIFETIME} s, the longest lifetime the hub gives that app.\n"
+        "Two streams have changes ([§11.2](#112-streams)). `{device_stream_name}`, the \
+         partition of `{DEVICE}`, carries access-token revocations addressed to the devices \
+         of that partition: change 1 (T0+750) revoked the access token of B.4 by its hash, \
+         change 2 (T0+800) is the operator's revocation of `{APP}` (B.5.5), every token \
+         issued to it before T0+800. `service/{SERVICE}` carries device-token revocations \
+         addressed to that service: its change 1 (T0+650) revoked the device token of B.3. \
+         Each entry lasts until the tokens it covers have expired (the latest `exp`) plus the \
+         hub's {LEEWAY} s leeway.\n"
     );
-    o.push_str("#### B.8.1 Delta (sequence number 2)\n\n");
-    let _ = writeln!(o, "Published on `{}`:\n", topic::REVOCATION_DELTA);
-    message_section(o, &delta_payload, &delta_signed, &[]);
-    o.push_str("#### B.8.2 Snapshot (as of sequence number 2)\n\n");
+    let access_note: Notes<'_> = &[(&access_hash, "token hash of the access token of B.4")];
+    o.push_str("#### B.8.1 Delta: change 1 of the device's partition\n\n");
     let _ = writeln!(
         o,
-        "Published retained on `{}`, and returned by `fetch_revocations` (B.6.6):\n",
-        topic::REVOCATION_SNAPSHOT
+        "The page `from` = `to` = `seq` = 1 ([§11.3](#113-pages-and-heartbeats)), published \
+         on `{}` at T0+750:\n",
+        topic::revocation_delta(&device_stream)
+    );
+    message_section(o, &delta1_payload, &delta1_signed, access_note);
+    o.push_str("#### B.8.2 Delta: change 2 of the device's partition\n\n");
+    let _ = writeln!(o, "Published on the same topic at T0+800:\n");
+    message_section(o, &delta2_payload, &delta2_signed, &[]);
+    o.push_str("#### B.8.3 Snapshot page\n\n");
+    let _ = writeln!(
+        o,
+        "At its first heartbeat after change 2 (T0+830) the hub republishes the snapshot of \
+         the stream: the pages covering changes 1 to 2, here one page, retained on `{}`:\n",
+        topic::revocation_snapshot_page(&device_stream, 0)
+    );
+    message_section(o, &snapshot_payload, &snapshot_signed, access_note);
+    o.push_str("#### B.8.4 Heartbeat\n\n");
+    let _ = writeln!(
+        o,
+        "Published on `{}` at T0+860: the stream is still at change 2. `max_age` {max_age} s \
+         is what the hub recommends for this stream with a {HEARTBEAT_INTERVAL} s heartbeat \
+         and {ACCESS_TOKEN_LIFETIME} s access tokens ([§11.7](#117-freshness)):\n",
+        topic::revocation_heartbeat(&device_stream)
+    );
+    message_section(o, &heartbeat_payload, &heartbeat_signed, &[]);
+    o.push_str("#### B.8.5 Delta of a service stream\n\n");
+    let _ = writeln!(
+        o,
+        "Change 1 of `service/{SERVICE}`, published on `{}` at T0+650:\n",
+        topic::revocation_delta(&service_stream)
     );
     message_section(
         o,
-        &snapshot_payload,
-        &snapshot_signed,
+        &service_payload,
+        &service_signed,
         &[(&device_token_hash, "token hash of the device token of B.3")],
     );
-    o.push_str("#### B.8.3 Heartbeat\n\n");
-    let _ = writeln!(
-        o,
-        "Published on `{}` at T0+860: nothing changed since sequence number 2.\n",
-        topic::REVOCATION_HEARTBEAT
-    );
-    message_section(o, &heartbeat_payload, &heartbeat_signed, &[]);
 
     // ---- E.9 control ----------------------------------------------------------------------
     let control = Control {

@@ -5,7 +5,8 @@
 //! - the device's stored state: an agent on the host enrolls with a small in-memory hub and
 //!   receives a device token and a refresh grant; its last `Store` is sealed into a record
 //!   under the device secret, as the device's shell would have written it;
-//! - a revocation delta signed by the hub;
+//! - a page and a heartbeat of the device's revocation stream, signed by the hub, and the
+//!   topics they arrive on;
 //! - an access token the hub issued to an app for this device, and the app's signed
 //!   presentation of it (proof of possession).
 
@@ -20,7 +21,7 @@ use tessera_shared::message::{
     NONCE_LEN, Presentation, RequestBody, Response, ResponseBody, SignedRequest,
 };
 use tessera_shared::record::{self, RecordKey};
-use tessera_shared::revocation::{self, Entry};
+use tessera_shared::revocation::{self, Addressed, Entry, Stream};
 use tessera_shared::scope::Scopes;
 use tessera_shared::token::{self, MAX_TOKEN_LEN};
 use tessera_shared::{cose, topic};
@@ -38,6 +39,8 @@ const DEVICE_TOKEN_LIFETIME: u64 = 600;
 const TIMER_AT: u64 = NOW + 260;
 /// The counter of the stored record.
 const RECORD_COUNTER: u64 = 7;
+/// The revocation knowledge age the hub's heartbeat announces.
+const MAX_AGE: u64 = 90;
 
 fn signer(seed: u8) -> P256Signer {
     let mut s = [seed; 32];
@@ -56,18 +59,28 @@ fn main() {
     let (hub, device, app) = (signer(0x11), signer(0x22), signer(0x33));
     let device_secret = [0xd5u8; 32];
 
-    // Revocation delta 1: one token by hash and one subject, signed by the hub.
+    // Change 1 of the device's stream, as its delta (the page 1..=1): one token by hash and
+    // one subject, addressed to the device; then the hub's heartbeat naming change 1.
+    let stream = Stream::of_device(DEVICE_ID);
     let entries = [
         Entry::Token {
             hash: revocation::token_hash(b"some other token"),
             expires_at: NOW + 600,
         },
         Entry::for_subject("app-9", NOW - 5, NOW + 900).expect("subject"),
-    ];
-    let mut payload = [0u8; revocation::max_payload_len(2)];
-    let payload_len = revocation::encode_delta(1, NOW - 1, &entries, &mut payload).expect("delta");
-    let mut delta = [0u8; 512];
-    let delta_len = cose::sign(&hub, &payload[..payload_len], &mut delta).expect("sign delta");
+    ]
+    .map(|entry| Addressed::new(DEVICE_ID, entry).expect("entry"));
+    let len = entries.iter().map(Addressed::encoded_len).sum();
+    let mut payload = vec![0u8; revocation::max_page_len(&stream, len)];
+    let payload_len =
+        revocation::encode_page(1, NOW - 1, &stream, 1, 1, &entries, &mut payload).expect("page");
+    let page = sign(&hub, &payload[..payload_len]);
+    let mut payload = [0u8; revocation::MAX_HEARTBEAT_LEN];
+    let payload_len =
+        revocation::encode_heartbeat(1, NOW, &stream, MAX_AGE, &mut payload).expect("heartbeat");
+    let heartbeat = sign(&hub, &payload[..payload_len]);
+    let delta_topic = topic::revocation_delta(&stream);
+    let heartbeat_topic = topic::revocation_heartbeat(&stream);
 
     // An access token the app presents to this device: cnf, 16-byte cti, two scopes.
     let claims = Claims {
@@ -114,7 +127,7 @@ fn main() {
         &hub,
         &device,
         &state,
-        &delta[..delta_len],
+        [(&delta_topic, &page), (&heartbeat_topic, &heartbeat)],
         &presentation[..presentation_len],
     );
 
@@ -124,15 +137,36 @@ fn main() {
     writeln!(src, "pub const AUDIENCE: &str = {AUDIENCE:?};").unwrap();
     writeln!(src, "pub const RECORD_COUNTER: u64 = {RECORD_COUNTER};").unwrap();
     writeln!(src, "pub const TIMER_AT: u64 = {TIMER_AT};").unwrap();
+    writeln!(
+        src,
+        "pub const DELTA_TOPIC: &str = {:?};",
+        delta_topic.as_str()
+    )
+    .unwrap();
+    writeln!(
+        src,
+        "pub const HEARTBEAT_TOPIC: &str = {:?};",
+        heartbeat_topic.as_str()
+    )
+    .unwrap();
     bytes(&mut src, "HUB_KEY_SEC1", &hub.public_key().to_sec1());
     bytes(&mut src, "DEVICE_SCALAR", &device.to_scalar());
     bytes(&mut src, "DEVICE_SECRET", &device_secret);
     bytes(&mut src, "RECORD", &rec[..rec_len]);
-    bytes(&mut src, "SIGNED_DELTA", &delta[..delta_len]);
+    bytes(&mut src, "SIGNED_PAGE", &page);
+    bytes(&mut src, "SIGNED_HEARTBEAT", &heartbeat);
     bytes(&mut src, "ACCESS_TOKEN", &tok[..tok_len]);
     bytes(&mut src, "PRESENTATION", &presentation[..presentation_len]);
     bytes(&mut src, "REFRESH_RESPONSE", &refresh_response);
     std::fs::write(out.join("fixtures.rs"), src).expect("write fixtures.rs");
+}
+
+/// `payload` in a COSE_Sign1 signed by `hub`.
+fn sign(hub: &P256Signer, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; payload.len() + cose::OVERHEAD];
+    let n = cose::sign(hub, payload, &mut out).expect("sign");
+    out.truncate(n);
+    out
 }
 
 fn bytes(src: &mut String, name: &str, b: &[u8]) {
@@ -173,7 +207,7 @@ fn refresh_response(
     hub: &P256Signer,
     device: &P256Signer,
     state: &[u8],
-    delta: &[u8],
+    revocations: [(&str, &[u8]); 2],
     presentation: &[u8],
 ) -> Vec<u8> {
     let mut agent = new_agent(hub, device);
@@ -187,11 +221,11 @@ fn refresh_response(
         now_ms,
     );
     io.step(&mut agent, Event::Connected, now_ms);
-    let delta = Event::Message {
-        topic: topic::REVOCATION_DELTA,
-        payload: delta,
-    };
-    io.step(&mut agent, delta, now_ms);
+    for (topic, payload) in revocations {
+        io.step(&mut agent, Event::Message { topic, payload }, now_ms);
+    }
+    assert_eq!(agent.revocations().seq(), 1);
+    assert_eq!(agent.revocation_fresh_as_of(), Some(NOW));
     agent
         .check_presentation(presentation, "door:open", now_ms)
         .expect("the presentation is accepted");

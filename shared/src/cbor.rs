@@ -32,6 +32,11 @@ impl<'b> Reader<'b> {
         self.d.position()
     }
 
+    /// The whole input this reader walks.
+    pub(crate) fn input(&self) -> &'b [u8] {
+        self.d.input()
+    }
+
     /// A new reader over the same input, positioned at `pos`.
     pub(crate) fn at(&self, pos: usize) -> Reader<'b> {
         let mut d = Decoder::new(self.d.input());

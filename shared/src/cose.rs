@@ -13,10 +13,15 @@ use crate::cbor::{Head, Reader, SeenKeys};
 use crate::crypto::{ALG_ES256, KID_LEN, KeyLookup, SIGNATURE_LEN, Signature, Signer, Verifier};
 use crate::error::{DecodeError, EncodeError, Error, SignatureError};
 
-/// Largest COSE_Sign1 the core decodes, in bytes.
-/// Large enough for a revocation snapshot of several hundred entries inside a response;
-/// the hub's MQTT packets allow 64 KiB.
-pub const MAX_SIGN1_LEN: usize = 60 * 1024;
+/// Largest COSE_Sign1 the core decodes, in bytes: the protocol's message limit. Revocation
+/// lists of any size travel as pages within it.
+pub const MAX_SIGN1_LEN: usize = 16 * 1024;
+
+/// Largest signed request the hub decodes, in bytes: a `revoke` naming up to
+/// [`MAX_REVOKE_LIST`](crate::message::MAX_REVOKE_LIST) devices in one request. Only the hub
+/// decodes requests, so devices never need a buffer this large; the hub refuses any other
+/// request above its own, much smaller limit.
+pub const MAX_REQUEST_LEN: usize = 1024 * 1024;
 
 /// Largest protected header accepted, in bytes.
 pub const MAX_PROTECTED_LEN: usize = 64;
@@ -64,9 +69,16 @@ pub struct Sign1<'a> {
 }
 
 impl<'a> Sign1<'a> {
-    /// Decodes a COSE_Sign1 strictly (see the module documentation).
+    /// Decodes a COSE_Sign1 of at most [`MAX_SIGN1_LEN`] bytes strictly (see the module
+    /// documentation).
     pub fn decode(bytes: &'a [u8]) -> Result<Self, Error> {
-        if bytes.len() > MAX_SIGN1_LEN {
+        Self::decode_within(bytes, MAX_SIGN1_LEN)
+    }
+
+    /// Like [`decode`](Self::decode), with another size limit (requests: see
+    /// [`MAX_REQUEST_LEN`]).
+    pub fn decode_within(bytes: &'a [u8], limit: usize) -> Result<Self, Error> {
+        if bytes.len() > limit {
             return Err(DecodeError::TooLarge.into());
         }
         let mut r = Reader::new(bytes);
@@ -83,7 +95,7 @@ impl<'a> Sign1<'a> {
         if r.map(usize::MAX)? != 0 {
             return Err(DecodeError::UnprotectedHeaderNotEmpty.into());
         }
-        let payload = r.bytes(MAX_SIGN1_LEN)?;
+        let payload = r.bytes(limit)?;
         let signature = Signature(r.bytes_exact::<SIGNATURE_LEN>("signature")?);
         r.finish()?;
         Ok(Self {

@@ -105,6 +105,11 @@ pub enum ClaimsError {
     /// The verifier's revocation knowledge is too old (or incomplete) to vouch that the
     /// token is not revoked: it refuses rather than risk accepting a revoked token.
     RevocationsStale,
+    /// A presentation's `issued_at` is outside the verifier's presentation window.
+    PresentationOutsideWindow,
+    /// The presentation's nonce was already accepted within its window: a replayed
+    /// presentation proves nothing about who holds the key now.
+    PresentationReplayed,
 }
 
 /// Which fixed-capacity collection is full.
@@ -245,6 +250,12 @@ impl fmt::Display for ClaimsError {
             ClaimsError::WrongSubject => "token is for another subject",
             ClaimsError::RevocationsStale => {
                 "revocation knowledge is stale or incomplete: cannot vouch the token is not revoked"
+            }
+            ClaimsError::PresentationOutsideWindow => {
+                "presentation is outside the freshness window (check both clocks)"
+            }
+            ClaimsError::PresentationReplayed => {
+                "presentation was already accepted once (a replay): present again with a new nonce"
             }
         })
     }

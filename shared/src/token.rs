@@ -9,7 +9,7 @@ use crate::claims::Claims;
 use crate::cose::{self, Sign1};
 use crate::crypto::{KeyLookup, Signature, Signer, Verifier};
 use crate::error::{ClaimsError, Error};
-use crate::revocation::{RevocationList, TokenHash, token_hash};
+use crate::revocation::{EntryStore, RevocationList, TokenHash, token_hash};
 
 /// Default clock-skew leeway, in seconds.
 pub const DEFAULT_LEEWAY: u64 = 30;
@@ -112,7 +112,10 @@ impl<'a> VerifiedToken<'a> {
 
     /// Fails with [`ClaimsError::Revoked`] if `list` revokes this token, by its hash or by
     /// its subject and issue time.
-    pub fn check_not_revoked<const N: usize>(&self, list: &RevocationList<N>) -> Result<(), Error> {
+    pub fn check_not_revoked<S: EntryStore, const P: usize>(
+        &self,
+        list: &RevocationList<S, P>,
+    ) -> Result<(), Error> {
         if list.is_revoked(&self.hash(), self.claims.sub, self.claims.iat) {
             return Err(ClaimsError::Revoked.into());
         }
@@ -171,7 +174,9 @@ mod tests {
     use crate::claims::testing::claims;
     use crate::crypto::testing::signer;
     use crate::error::{DecodeError, SignatureError};
-    use crate::revocation::{Delta, DeltaOutcome, Entry, RevocationList, encode_delta};
+    use crate::revocation::{
+        Addressed, Bounded, Entry, Page, PageOutcome, RevocationList, Stream, encode_page,
+    };
 
     const IAT: u64 = 1_700_000_000;
 
@@ -275,15 +280,18 @@ mod tests {
         let (out, n) = issued();
         let key = signer(1).public_key();
         let t = verify(&out[..n], &key, &Validation::new(IAT, "device-42")).expect("valid");
+        let empty = || RevocationList::<Bounded<8>>::for_device("device-42", 30).expect("id");
         let revoke = |entry: Entry| {
-            let mut list = RevocationList::<8>::new();
+            let mut list = empty();
             let mut buf = [0u8; 256];
-            let len = encode_delta(1, IAT, [entry], &mut buf).expect("encode");
-            let delta = Delta::decode(&buf[..len]).expect("decode");
-            assert_eq!(list.apply_delta(&delta, IAT), Ok(DeltaOutcome::Applied));
+            let stream = Stream::of_device("device-42");
+            let entry = Addressed::new("device-42", entry).expect("id");
+            let len = encode_page(1, IAT, &stream, 1, 1, [entry], &mut buf).expect("encode");
+            let page = Page::decode(&buf[..len]).expect("decode");
+            assert_eq!(list.apply_page(&page, IAT), Ok(PageOutcome::Applied));
             list
         };
-        assert!(t.check_not_revoked(&RevocationList::<8>::new()).is_ok());
+        assert!(t.check_not_revoked(&empty()).is_ok());
         let by_hash = revoke(Entry::Token {
             hash: t.hash(),
             expires_at: IAT + 300,

@@ -11,6 +11,10 @@
 //!   through an [`MqttProbe`], for refusals that the well-behaved
 //!   [`tessera_hub::client::Client`] never sends.
 //! - [`SharedHub`]: one [`TestHub`] for all tests of a file that run at the same time.
+//! - Revocation streams: [`RevocationPage`] (a verified page: delta, snapshot page or
+//!   `fetch_revocations` answer), [`fetch_stream`], [`read_snapshot`] (the retained pages
+//!   as a new subscriber reads them), [`expect_delta`] / [`expect_delta_where`], and
+//!   [`RevokeCounts`] (what a revocation did, from the answer or the CLI's output).
 //!
 //! Every wait is bounded and fails with the hub's log.
 
@@ -26,9 +30,11 @@ use tessera_hub::keyfile;
 use tessera_hub::mqtt::{MqttConfig, TlsConfig};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer as _};
 use tessera_shared::message::{
-    ErrorCode, NONCE_LEN, Operation, Request, RequestBody, ResponseBody, SignedResponse,
+    ErrorCode, NONCE_LEN, Operation, Request, RequestBody, ResponseBody, RevokeTarget,
+    SignedResponse,
 };
-use tessera_shared::revocation::{Entry, Snapshot};
+use tessera_shared::revocation::{Addressed, Entry, Page, Stream, TokenHash, token_hash};
+use tessera_shared::scope::Scopes;
 use tessera_shared::{cose, topic};
 
 use crate::broker::Broker;
@@ -49,6 +55,26 @@ pub const READY_CLIENT: &str = "e2e-ready";
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a test waits for one answer from the hub.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The request [`TestHub::wait_until_serving`] polls with: the first change of device
+/// partition 0, which any client may fetch. The hub answers it with a page, or refuses it
+/// as `denied` while that stream has no change: either shows it serves.
+pub const READINESS_PROBE: RequestBody<'static> = RequestBody::FetchRevocations {
+    stream: Stream::Devices(0),
+    from: 1,
+};
+
+/// Whether `answer` to [`READINESS_PROBE`] shows the hub serving: a page, or the `denied`
+/// refusal of a stream with no change yet.
+pub fn answers_readiness_probe(answer: &Result<Answer, ClientError>) -> bool {
+    matches!(
+        answer,
+        Ok(Answer::Revocations { .. })
+            | Err(ClientError::Refused {
+                code: ErrorCode::Denied,
+                ..
+            })
+    )
+}
 
 /// The current Unix time in seconds.
 pub fn unix_now() -> u64 {
@@ -597,6 +623,51 @@ impl TestHub {
         RawClient::connect(&self.broker, id, signer, self.trust_anchor()).await
     }
 
+    /// Gives a stream a change, so that fetching it from change 1 is answered with a page:
+    /// registers device `{prefix}-door` (role `sensor`, group `building-a`), app
+    /// `{prefix}-app` (`controller`) and operator `{prefix}-ops` (`ops`) of the default
+    /// policy, has the app get a `door:open` token for the device and the operator revoke
+    /// it by hash. Returns the device's stream, which now lists that token.
+    pub async fn seed_revocation(&self, prefix: &str) -> Result<Stream<'static>> {
+        let (device, app_id, ops_id) = (
+            format!("{prefix}-door"),
+            format!("{prefix}-app"),
+            format!("{prefix}-ops"),
+        );
+        self.dir.add_device(&device, "sensor", &["building-a"])?;
+        let app_key = self.dir.add_app(&app_id, "controller")?;
+        let ops_key = self.dir.add_operator(&ops_id, "ops")?;
+        let mut app = self.client(&app_id, &app_key).await?;
+        let answer = app
+            .request(
+                RequestBody::AccessToken {
+                    device: &device,
+                    scope: Scopes::parse("door:open").map_err(|e| anyhow::anyhow!("scope: {e}"))?,
+                },
+                ANSWER_TIMEOUT,
+            )
+            .await;
+        app.close().await;
+        let Answer::Token { token, .. } = answer? else {
+            bail!("expected an access token for {device}")
+        };
+        let hash = token_hash(&token);
+        let mut ops = self.client(&ops_id, &ops_key).await?;
+        let answer = ops
+            .request(
+                RequestBody::Revoke(RevokeTarget::TokenHash(hash)),
+                ANSWER_TIMEOUT,
+            )
+            .await;
+        ops.close().await;
+        let counts = RevokeCounts::from_answer(&answer?)?;
+        ensure!(
+            counts.entries == 1,
+            "revoking one token published {counts:?}"
+        );
+        Ok(Stream::of_device(&device))
+    }
+
     /// Starts `tessera-hub serve`; see [`TestHub::wait_until_serving`].
     fn spawn(&self) -> Result<()> {
         let mut command = self.dir.command()?;
@@ -612,7 +683,7 @@ impl TestHub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Polls with `fetch_revocations` as [`READY_CLIENT`] until the hub answers (it has
+    /// Polls with [`READINESS_PROBE`] as [`READY_CLIENT`] until the hub answers (it has
     /// subscribed to the request topics), for at most [`STARTUP_TIMEOUT`]. Requests sent
     /// before the hub subscribed are lost, so each attempt waits only briefly.
     pub async fn wait_until_serving(&self) -> Result<()> {
@@ -629,10 +700,10 @@ impl TestHub {
                 break Err(anyhow::anyhow!("the hub exited ({status})"));
             }
             match client
-                .request(RequestBody::FetchRevocations, Duration::from_millis(300))
+                .request(READINESS_PROBE, Duration::from_millis(300))
                 .await
             {
-                Ok(Answer::Revocations { .. }) => break Ok(()),
+                answer if answers_readiness_probe(&answer) => break Ok(()),
                 Ok(other) => break Err(anyhow::anyhow!("unexpected answer {other:?}")),
                 Err(ClientError::Timeout(_)) if Instant::now() < deadline => {}
                 Err(e) => break Err(e.into()),
@@ -751,9 +822,17 @@ impl HubResponse {
                     token: token.to_vec(),
                     grant: grant.map(|(g, e)| (g.to_vec(), e)),
                 }),
-                Ok(ResponseBody::Revoked { seq }) => Ok(Answer::Revoked { seq }),
-                Ok(ResponseBody::Revocations { snapshot }) => Ok(Answer::Revocations {
-                    snapshot: snapshot.to_vec(),
+                Ok(ResponseBody::Revoked {
+                    revoked,
+                    entries,
+                    notified,
+                }) => Ok(Answer::Revoked {
+                    revoked,
+                    entries,
+                    notified,
+                }),
+                Ok(ResponseBody::Revocations { page }) => Ok(Answer::Revocations {
+                    page: page.to_vec(),
                 }),
                 Err(e) => Err(Refusal {
                     code: e.code,
@@ -860,7 +939,8 @@ impl RawClient {
             nonce,
             body,
         };
-        let mut out = vec![0u8; 8 * 1024];
+        // Room for the largest request the protocol allows (a revoke naming many devices).
+        let mut out = vec![0u8; cose::MAX_REQUEST_LEN];
         let n = request
             .sign(&self.signer, &mut out)
             .map_err(|e| anyhow::anyhow!("signing a request: {e}"))?;
@@ -950,61 +1030,114 @@ fn response_topic(id: &str) -> Result<String> {
         .to_string())
 }
 
-/// A signed revocation snapshot or delta, verified and owned.
+/// A signed revocation page, verified and owned: a delta (one change), a page of a
+/// retained snapshot, the answer to `fetch_revocations`, or several consecutive pages of
+/// one stream combined ([`RevocationPage::combine`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevocationMessage {
-    /// Its sequence number.
+pub struct RevocationPage {
+    /// The stream's name (`devices/3f`, `service/tessera`).
+    pub stream: String,
+    /// The stream's latest change when the page was built.
     pub seq: u64,
-    /// When the hub issued it.
+    /// When the hub built it.
     pub issued_at: u64,
-    /// Its entries.
-    pub entries: Vec<Entry>,
+    /// First change covered.
+    pub from: u64,
+    /// Last change covered.
+    pub to: u64,
+    /// The entries still in force of changes `from..=to`, each with its audience.
+    pub entries: Vec<Addressed>,
 }
 
-impl RevocationMessage {
-    /// Verifies a signed snapshot with `anchor` and decodes it.
-    pub fn snapshot(bytes: &[u8], anchor: &PublicKey) -> Result<Self> {
+impl RevocationPage {
+    /// Verifies a signed page with `anchor` and decodes it.
+    pub fn verify(bytes: &[u8], anchor: &PublicKey) -> Result<Self> {
         let payload = verified_payload(bytes, anchor)?;
-        let s = Snapshot::decode(payload).map_err(|e| anyhow::anyhow!("snapshot: {e}"))?;
+        let page = Page::decode(payload).map_err(|e| anyhow::anyhow!("revocation page: {e}"))?;
         Ok(Self {
-            seq: s.seq(),
-            issued_at: s.issued_at(),
-            entries: s
+            stream: page.stream().name().to_string(),
+            seq: page.seq(),
+            issued_at: page.issued_at(),
+            from: page.from(),
+            to: page.to(),
+            entries: page
                 .entries()
                 .iter()
                 .collect::<Result<_, _>>()
-                .map_err(|e| anyhow::anyhow!("snapshot entry: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("revocation entry: {e}"))?,
         })
     }
 
-    /// Verifies a signed delta with `anchor` and decodes it.
-    pub fn delta(bytes: &[u8], anchor: &PublicKey) -> Result<Self> {
-        let payload = verified_payload(bytes, anchor)?;
-        let d = tessera_shared::revocation::Delta::decode(payload)
-            .map_err(|e| anyhow::anyhow!("delta: {e}"))?;
-        Ok(Self {
-            seq: d.seq(),
-            issued_at: d.issued_at(),
-            entries: d
-                .entries()
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(|e| anyhow::anyhow!("delta entry: {e}"))?,
-        })
+    /// Combines pages of one stream into the page covering the longest run of changes from
+    /// the first one's `from` that they cover together (pages may come in any order, from
+    /// different builds, and overlap); `seq` and `issued_at` are the newest seen. Fails on
+    /// no pages or pages of different streams.
+    pub fn combine(pages: impl IntoIterator<Item = RevocationPage>) -> Result<Self> {
+        let mut pages: Vec<RevocationPage> = pages.into_iter().collect();
+        pages.sort_by_key(|p| (p.from, std::cmp::Reverse(p.to)));
+        let mut pages = pages.into_iter();
+        let mut combined = pages.next().context("no page to combine")?;
+        for page in pages {
+            ensure!(
+                page.stream == combined.stream,
+                "pages of {} and {}",
+                combined.stream,
+                page.stream
+            );
+            combined.seq = combined.seq.max(page.seq);
+            combined.issued_at = combined.issued_at.max(page.issued_at);
+            if page.from <= combined.to + 1 && page.to > combined.to {
+                combined.to = page.to;
+                combined.entries.extend(page.entries);
+            }
+        }
+        Ok(combined)
     }
 
-    /// Whether an entry revokes the token with this hash.
-    pub fn lists_token(&self, hash: &[u8; 32]) -> bool {
+    /// Whether the page belongs to `stream`.
+    pub fn is_of(&self, stream: &Stream<'_>) -> bool {
+        self.stream == stream.name().as_str()
+    }
+
+    /// The entries addressed to `audience`.
+    pub fn entries_for<'a>(&'a self, audience: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
         self.entries
             .iter()
+            .filter(move |a| a.audience.as_str() == audience)
+            .map(|a| &a.entry)
+    }
+
+    /// Whether an entry addressed to `audience` names the token with this hash.
+    pub fn lists_token(&self, audience: &str, hash: &TokenHash) -> bool {
+        self.entries_for(audience)
             .any(|e| matches!(e, Entry::Token { hash: h, .. } if h == hash))
     }
 
-    /// Whether an entry revokes every token of `subject` issued before some time.
-    pub fn lists_subject(&self, subject: &str) -> bool {
+    /// Whether any entry, to any audience, names the token with this hash.
+    pub fn lists_token_anywhere(&self, hash: &TokenHash) -> bool {
         self.entries
             .iter()
-            .any(|e| matches!(e, Entry::Subject { subject: s, .. } if s.as_str() == subject))
+            .any(|a| matches!(&a.entry, Entry::Token { hash: h, .. } if h == hash))
+    }
+
+    /// `(issued_before, expires_at)` of the subject entry for `subject` addressed to
+    /// `audience`, if there is one.
+    pub fn subject_entry(&self, audience: &str, subject: &str) -> Option<(u64, u64)> {
+        self.entries_for(audience).find_map(|e| match e {
+            Entry::Subject {
+                subject: s,
+                issued_before,
+                expires_at,
+            } if s.as_str() == subject => Some((*issued_before, *expires_at)),
+            _ => None,
+        })
+    }
+
+    /// Whether an entry addressed to `audience` revokes the token with `hash`, issued to
+    /// `subject` at `issued_at`: what a verifier of that audience would conclude.
+    pub fn covers(&self, audience: &str, hash: &TokenHash, subject: &str, issued_at: u64) -> bool {
+        self.entries_for(audience)
+            .any(|e| e.covers(hash, subject, issued_at))
     }
 }
 
@@ -1014,26 +1147,204 @@ fn verified_payload<'a>(bytes: &'a [u8], anchor: &PublicKey) -> Result<&'a [u8]>
         .map_err(|e| anyhow::anyhow!("does not verify with the trust anchor: {e}"))
 }
 
-/// Waits on `probe` (subscribed to the delta topic) for the delta with sequence number
-/// `seq`, skipping others; returns it verified.
+/// One signed page of `stream` from change `from`, as `fetch_revocations` answers;
+/// `None` when the hub refuses because the stream has no change `from` yet.
+pub async fn fetch_page(
+    client: &mut Client,
+    anchor: &PublicKey,
+    stream: &Stream<'_>,
+    from: u64,
+) -> Result<Option<RevocationPage>> {
+    let body = RequestBody::FetchRevocations {
+        stream: *stream,
+        from,
+    };
+    match client.request(body, ANSWER_TIMEOUT).await {
+        Ok(Answer::Revocations { page }) => {
+            let page = RevocationPage::verify(&page, anchor)?;
+            ensure!(
+                page.is_of(stream) && page.from == from,
+                "asked for {} from {from}, got {page:?}",
+                stream.name()
+            );
+            Ok(Some(page))
+        }
+        Err(ClientError::Refused {
+            code: ErrorCode::Denied,
+            reason,
+        }) if reason.contains("there is nothing from change") => Ok(None),
+        Ok(other) => bail!("expected a revocation page, got {other:?}"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Everything `fetch_revocations` serves of `stream`: pages from change 1, each fetched
+/// from where the last ended, until one reaches the stream's latest change; combined.
+/// `None` when the stream has no change.
+pub async fn fetch_stream(
+    client: &mut Client,
+    anchor: &PublicKey,
+    stream: &Stream<'_>,
+) -> Result<Option<RevocationPage>> {
+    let mut pages = Vec::new();
+    let mut from = 1;
+    loop {
+        let Some(page) = fetch_page(client, anchor, stream, from).await? else {
+            ensure!(
+                pages.is_empty(),
+                "the stream ended at {from} after pages {pages:?}"
+            );
+            return Ok(None);
+        };
+        let done = page.to >= page.seq;
+        from = page.to + 1;
+        pages.push(page);
+        if done {
+            return RevocationPage::combine(pages).map(Some);
+        }
+    }
+}
+
+/// Reads the retained snapshot of `stream` as a new subscriber would: subscribes `probe`
+/// to `…/{stream}/snapshot/+` and collects pages (the last one per topic) until together
+/// they cover changes `1..=n` with `n ≥ at_least`, for at most `timeout`. Returns them
+/// combined, and whether every page came as a retained message.
+pub async fn read_snapshot(
+    probe: &mut MqttProbe,
+    anchor: &PublicKey,
+    stream: &Stream<'_>,
+    at_least: u64,
+    timeout: Duration,
+) -> Result<(RevocationPage, bool)> {
+    let filter = format!("{}/{}/snapshot/+", topic::REVOCATION_PREFIX, stream.name());
+    probe.subscribe_granted(&filter, QoS::AtLeastOnce).await?;
+    let deadline = Instant::now() + timeout;
+    let mut pages: std::collections::BTreeMap<String, (RevocationPage, bool)> =
+        std::collections::BTreeMap::new();
+    loop {
+        let message = probe
+            .expect_message(&filter, deadline.saturating_duration_since(Instant::now()))
+            .await
+            .with_context(|| {
+                format!(
+                    "no snapshot of {} reaching change {at_least}; pages seen: {:?}",
+                    stream.name(),
+                    pages
+                        .iter()
+                        .map(|(t, (p, _))| format!("{t}: {}..={} of {}", p.from, p.to, p.seq))
+                        .collect::<Vec<_>>()
+                )
+            })?;
+        if message.payload.is_empty() {
+            // A cleared page of a longer earlier snapshot.
+            pages.remove(&message.topic);
+            continue;
+        }
+        let page = RevocationPage::verify(&message.payload, anchor)?;
+        ensure!(page.is_of(stream), "{} carries {page:?}", message.topic);
+        pages.insert(message.topic, (page, message.retain));
+        let combined = RevocationPage::combine(pages.values().map(|(p, _)| p.clone()))?;
+        if combined.from == 1 && combined.to >= at_least {
+            let retained = pages.values().all(|(_, r)| *r);
+            return Ok((combined, retained));
+        }
+    }
+}
+
+/// Waits on `probe` (subscribed to `stream`'s delta topic, or a filter covering it) for
+/// the delta of change `seq` of `stream`, skipping others; returns it verified.
 pub async fn expect_delta(
     probe: &mut MqttProbe,
     anchor: &PublicKey,
+    stream: &Stream<'_>,
     seq: u64,
     timeout: Duration,
-) -> Result<RevocationMessage> {
+) -> Result<RevocationPage> {
+    expect_delta_where(
+        probe,
+        anchor,
+        stream,
+        &format!("change {seq}"),
+        |d| d.from == seq,
+        timeout,
+    )
+    .await
+}
+
+/// Waits on `probe` (subscribed to `stream`'s delta topic, or a filter covering it) for a
+/// delta of `stream` for which `wanted` holds (`what` names it in the error), skipping
+/// others; returns it verified. Every delta seen must be one change (`from = to`).
+pub async fn expect_delta_where(
+    probe: &mut MqttProbe,
+    anchor: &PublicKey,
+    stream: &Stream<'_>,
+    what: &str,
+    wanted: impl Fn(&RevocationPage) -> bool,
+    timeout: Duration,
+) -> Result<RevocationPage> {
+    let topic = topic::revocation_delta(stream).to_string();
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let message: Message = probe
-            .expect_message(topic::REVOCATION_DELTA, left)
-            .await
-            .with_context(|| format!("waiting for delta {seq}; deltas seen: {seen:?}"))?;
-        let delta = RevocationMessage::delta(&message.payload, anchor)?;
-        if delta.seq == seq {
+        let message: Message = probe.expect_message(&topic, left).await.with_context(|| {
+            format!("waiting for the delta of {what} on {topic}; deltas seen: {seen:?}")
+        })?;
+        let delta = RevocationPage::verify(&message.payload, anchor)?;
+        ensure!(
+            delta.is_of(stream) && delta.from == delta.to && delta.to <= delta.seq,
+            "not a delta of {}: {delta:?}",
+            stream.name()
+        );
+        if wanted(&delta) {
             return Ok(delta);
         }
-        seen.push(delta.seq);
+        seen.push(delta.from);
+    }
+}
+
+/// What a revocation did, as the hub answers it and the CLI prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokeCounts {
+    /// Clients or tokens newly revoked.
+    pub revoked: u64,
+    /// Revocation entries published.
+    pub entries: u64,
+    /// Devices told on their control topic.
+    pub notified: u64,
+}
+
+impl RevokeCounts {
+    /// From an answer, which must be `Revoked`.
+    pub fn from_answer(answer: &Answer) -> Result<Self> {
+        match answer {
+            Answer::Revoked {
+                revoked,
+                entries,
+                notified,
+            } => Ok(Self {
+                revoked: *revoked,
+                entries: *entries,
+                notified: *notified,
+            }),
+            other => bail!("expected Revoked, got {other:?}"),
+        }
+    }
+
+    /// From what `tessera-hub revoke` printed: `revoked N (durable): E revocation entries
+    /// published, D devices told on their control topic`.
+    pub fn from_cli(printed: &str) -> Result<Self> {
+        let parse = || -> Option<Self> {
+            let rest = printed.trim().strip_prefix("revoked ")?;
+            let (revoked, rest) = rest.split_once(" (durable): ")?;
+            let (entries, rest) = rest.split_once(" revocation entries published, ")?;
+            let notified = rest.strip_suffix(" devices told on their control topic")?;
+            Some(Self {
+                revoked: revoked.parse().ok()?,
+                entries: entries.parse().ok()?,
+                notified: notified.parse().ok()?,
+            })
+        };
+        parse().with_context(|| format!("revoke printed {printed:?}"))
     }
 }

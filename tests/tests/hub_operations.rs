@@ -16,18 +16,27 @@ use anyhow::{Context as _, Result, bail, ensure};
 use tessera_hub::client::{Answer, Client, ClientError};
 use tessera_shared::message::{Command as ControlCommand, Control, EnrollmentCode, ErrorCode};
 use tessera_shared::message::{RequestBody, RevokeTarget};
-use tessera_shared::revocation::token_hash;
+use tessera_shared::revocation::{Stream, token_hash};
 use tessera_shared::scope::Scopes;
 use tessera_shared::token::{self, Validation, VerifiedToken};
 use tessera_shared::topic;
 use tessera_tests::hub::{
-    ANSWER_TIMEOUT, Grant, RevocationMessage, SentRequest, SharedHub, TestHub, expect_delta,
-    generate_signer, random_bytes, unix_now,
+    ANSWER_TIMEOUT, Grant, RevocationPage, RevokeCounts, SentRequest, SharedHub, TestHub,
+    expect_delta_where, fetch_stream, generate_signer, random_bytes, read_snapshot, unix_now,
 };
 use tessera_tests::{ChildGuard, MqttProbe, QoS};
 
 const WAIT: Duration = ANSWER_TIMEOUT;
+/// How long a test waits to conclude that no message comes.
+const QUIET: Duration = Duration::from_millis(500);
+/// How long a revocation recorded by the CLI may take to come out as a delta: the running
+/// hub publishes unconfirmed changes with a heartbeat once they are a few seconds old
+/// (5 s, so as not to re-send what a request is still publishing), and heartbeats come
+/// every second here.
+const CLI_DELTA_WAIT: Duration = Duration::from_secs(15);
 const DEVICE_AUDIENCE: &str = "tessera";
+/// The policy's default leeway, which revocation entries outlive their tokens by.
+const LEEWAY_S: u64 = 30;
 const GROUP_A: &str = "building-a = \"Doors and sensors in building A\"";
 
 /// The default policy plus a group no rule names and an app role that may only read
@@ -40,6 +49,14 @@ kind = "app"
 app_roles = ["viewer"]
 device_groups = ["building-a"]
 scopes = ["telemetry:read"]
+"#;
+
+/// A device role only [`operators_revoke_a_group_a_role_and_a_list_and_only_enrolled_devices_are_told`]
+/// registers devices with, so revoking it touches no other test's devices.
+const METER_ROLE: &str = r#"
+[roles.meter]
+kind = "device"
+scopes = ["meter:write"]
 "#;
 
 static HUB: SharedHub = SharedHub::new();
@@ -55,6 +72,7 @@ async fn hub() -> Result<Arc<TestHub>> {
                 &format!("{GROUP_A}\nbuilding-b = \"No access rule names this group\""),
             )
             .policy_append(VIEWER_ROLE)
+            .policy_append(METER_ROLE)
             .start()
     })
     .await
@@ -80,13 +98,15 @@ async fn refusal(client: &mut Client, body: RequestBody<'_>) -> Result<ErrorCode
     }
 }
 
-async fn snapshot(client: &mut Client, hub: &TestHub) -> Result<RevocationMessage> {
-    match client.request(RequestBody::FetchRevocations, WAIT).await? {
-        Answer::Revocations { snapshot } => {
-            RevocationMessage::snapshot(&snapshot, &hub.trust_anchor())
-        }
-        other => bail!("expected the revocation snapshot, got {other:?}"),
-    }
+/// Everything `fetch_revocations` serves of `stream`, which must have a change.
+async fn fetched(
+    client: &mut Client,
+    hub: &TestHub,
+    stream: &Stream<'_>,
+) -> Result<RevocationPage> {
+    fetch_stream(client, &hub.trust_anchor(), stream)
+        .await?
+        .with_context(|| format!("{} has no change", stream.name()))
 }
 
 fn access(device: &str, scope: &'static str) -> RequestBody<'static> {
@@ -106,10 +126,10 @@ fn client_line(listing: &str, id: &str) -> String {
         .to_owned()
 }
 
-async fn delta_watcher(hub: &TestHub, id: &str) -> Result<MqttProbe> {
+async fn delta_watcher(hub: &TestHub, id: &str, stream: &Stream<'_>) -> Result<MqttProbe> {
     let probe = hub.broker().probe(id).await?;
     probe
-        .subscribe_granted(topic::REVOCATION_DELTA, QoS::AtLeastOnce)
+        .subscribe_granted(&topic::revocation_delta(stream), QoS::AtLeastOnce)
         .await?;
     Ok(probe)
 }
@@ -243,13 +263,9 @@ async fn a_device_enrolls_a_key_it_made_itself_with_a_one_time_code_that_never_c
             nonce,
         })
         .await?;
-    assert!(
-        matches!(
-            response.error_code(),
-            Some(ErrorCode::BadSignature | ErrorCode::Denied)
-        ),
-        "a second enrollment with the spent code: {response:?}"
-    );
+    response
+        .expect_refusal(ErrorCode::Denied)
+        .context("a second enrollment, with another key and the spent code")?;
     Ok(())
 }
 
@@ -353,7 +369,9 @@ async fn an_operator_revokes_a_token_by_id_and_the_delta_and_both_snapshots_list
     hub.dir().add_device(device, "sensor", &["building-a"])?;
     let app_key = hub.dir().add_app(app_id, "controller")?;
     let ops_key = hub.dir().add_operator(ops_id, "ops")?;
-    let mut deltas = delta_watcher(&hub, "ops-delta-5").await?;
+    // An access token's revocation travels on its device's partition, addressed to it.
+    let stream = Stream::of_device(device);
+    let mut deltas = delta_watcher(&hub, "ops-delta-5", &stream).await?;
 
     let mut app = hub.client(app_id, &app_key).await?;
     let (token, _) = token(&mut app, access(device, "door:open")).await?;
@@ -361,40 +379,53 @@ async fn an_operator_revokes_a_token_by_id_and_the_delta_and_both_snapshots_list
     let hash = token_hash(&token);
 
     let mut ops = hub.client(ops_id, &ops_key).await?;
-    let Answer::Revoked { seq } = ops
+    let answer = ops
         .request(RequestBody::Revoke(RevokeTarget::TokenId(&cti)), WAIT)
-        .await?
-    else {
-        bail!("expected Revoked")
-    };
-    assert!(seq >= 1);
-
-    let fetched = snapshot(&mut ops, &hub).await?;
-    assert!(fetched.seq >= seq, "{fetched:?}");
-    assert!(fetched.lists_token(&hash), "{fetched:?}");
-
-    let delta = expect_delta(&mut deltas, &hub.trust_anchor(), seq, WAIT).await?;
-    assert!(delta.lists_token(&hash), "{delta:?}");
-
-    // The retained snapshot catches up (it is republished after each delta).
-    let mut reader = hub.broker().probe("ops-snapshot-5").await?;
-    reader
-        .subscribe_granted(topic::REVOCATION_SNAPSHOT, QoS::AtLeastOnce)
         .await?;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let message = reader
-            .expect_message(
-                topic::REVOCATION_SNAPSHOT,
-                deadline.saturating_duration_since(Instant::now()),
-            )
-            .await?;
-        let retained = RevocationMessage::snapshot(&message.payload, &hub.trust_anchor())?;
-        if retained.seq >= seq {
-            assert!(retained.lists_token(&hash), "{retained:?}");
-            break;
-        }
-    }
+    let counts = RevokeCounts::from_answer(&answer)?;
+    assert_eq!(
+        (counts.revoked, counts.entries, counts.notified),
+        (1, 1, 0),
+        "one token, one entry, and no device to tell (the holder is an app)"
+    );
+
+    let fetched = fetched(&mut ops, &hub, &stream).await?;
+    assert!(fetched.lists_token(device, &hash), "{fetched:?}");
+
+    let delta = expect_delta_where(
+        &mut deltas,
+        &hub.trust_anchor(),
+        &stream,
+        "the token",
+        |d| d.lists_token_anywhere(&hash),
+        WAIT,
+    )
+    .await?;
+    assert!(
+        delta.lists_token(device, &hash),
+        "addressed to the device: {delta:?}"
+    );
+    assert!(fetched.seq >= delta.from, "{fetched:?} {delta:?}");
+
+    // The retained snapshot catches up (republished at the heartbeat after a change).
+    let mut reader = hub.broker().probe("ops-snapshot-5").await?;
+    let (retained, _) =
+        read_snapshot(&mut reader, &hub.trust_anchor(), &stream, delta.from, WAIT).await?;
+    assert!(retained.lists_token(device, &hash), "{retained:?}");
+
+    // Revoking it again revokes nothing new and publishes nothing.
+    let again = ops
+        .request(RequestBody::Revoke(RevokeTarget::TokenId(&cti)), WAIT)
+        .await?;
+    assert_eq!(
+        RevokeCounts::from_answer(&again)?,
+        RevokeCounts {
+            revoked: 0,
+            entries: 0,
+            notified: 0
+        },
+        "a token revoked before"
+    );
 
     // Only operators revoke.
     assert_eq!(
@@ -422,30 +453,45 @@ async fn an_operator_revokes_every_token_of_a_subject_and_its_grants_with_the_cl
     let iat = verify(&hub, &token, device)?.claims().iat;
     let (grant, _) = grant.context("grant")?;
 
+    let exp = verify(&hub, &token, device)?.claims().exp;
+
     let mut args = vec!["revoke".to_owned()];
     args.extend(hub.dir().identity_args(ops_id, &ops_key));
     args.extend(["--subject".to_owned(), app_id.to_owned()]);
+    // The revocation's second is no earlier than this.
+    let before = unix_now();
     let printed = hub
         .dir()
         .run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let seq: u64 = printed
-        .trim()
-        .strip_prefix("revoked (durable, revocation sequence ")
-        .and_then(|s| s.strip_suffix(')'))
-        .with_context(|| format!("revoke printed {printed:?}"))?
-        .parse()?;
+    let counts = RevokeCounts::from_cli(&printed)?;
+    assert_eq!(
+        (counts.revoked, counts.entries, counts.notified),
+        (1, 1, 0),
+        "one subject with tokens to one audience: {printed}"
+    );
 
-    let fetched = snapshot(&mut app, &hub).await?;
-    assert!(fetched.seq >= seq);
-    let covered = fetched.entries.iter().any(|e| match e {
-        tessera_shared::revocation::Entry::Subject {
-            subject,
-            issued_before,
-            ..
-        } => subject.as_str() == app_id && *issued_before > iat,
-        _ => false,
-    });
-    assert!(covered, "a subject entry covers the token: {fetched:?}");
+    // The entry is addressed to the device the app holds a token for, on its partition.
+    let fetched = fetched(&mut app, &hub, &Stream::of_device(device)).await?;
+    assert!(
+        fetched.covers(device, &token_hash(&token), app_id, iat),
+        "an entry addressed to {device} covers the token: {fetched:?}"
+    );
+    if iat < before {
+        // Issued in an earlier second: a subject entry cuts it off, and lasts as long as
+        // the token could still be accepted.
+        let (issued_before, expires_at) = fetched
+            .subject_entry(device, app_id)
+            .with_context(|| format!("no subject entry for {app_id}: {fetched:?}"))?;
+        assert!(issued_before > iat, "{issued_before} vs iat {iat}");
+        assert_eq!(expires_at, exp + LEEWAY_S, "the token's exp plus leeway");
+    } else {
+        // Issued within the revocation's second, which a subject entry cannot tell from
+        // the second's later tokens: listed by hash.
+        assert!(
+            fetched.lists_token(device, &token_hash(&token)),
+            "{fetched:?}"
+        );
+    }
     assert_eq!(
         refusal(&mut app, RequestBody::Refresh { grant: &grant }).await?,
         ErrorCode::Revoked,
@@ -476,18 +522,22 @@ async fn a_revoked_device_is_told_on_its_control_topic_and_refused_from_then_on(
         })
         .await?;
     assert_eq!(enrolled.outcome, Ok(Answer::Enrolled));
-    let (_, grant) = device.ask(RequestBody::DeviceToken).await?.expect_token()?;
+    let (device_token, grant) = device.ask(RequestBody::DeviceToken).await?.expect_token()?;
     let (grant, _) = grant.context("grant")?;
+    let iat = verify(&hub, &device_token, DEVICE_AUDIENCE)?.claims().iat;
     let mut app = hub.client(app_id, &app_key).await?;
     token(&mut app, access(id, "door:open")).await?;
 
     let mut ops = hub.client(ops_id, &ops_key).await?;
-    let Answer::Revoked { seq } = ops
+    let answer = ops
         .request(RequestBody::Revoke(RevokeTarget::Device(id)), WAIT)
-        .await?
-    else {
-        bail!("expected Revoked")
-    };
+        .await?;
+    let counts = RevokeCounts::from_answer(&answer)?;
+    assert_eq!(
+        (counts.revoked, counts.entries, counts.notified),
+        (1, 1, 1),
+        "one device, one entry for its device token, and the device told"
+    );
 
     let message = device.probe().expect_message(&control, WAIT).await?;
     let told = Control::verify(&message.payload, &hub.trust_anchor())
@@ -511,11 +561,20 @@ async fn a_revoked_device_is_told_on_its_control_topic_and_refused_from_then_on(
         ErrorCode::Revoked,
         "no access tokens for a revoked device"
     );
-    let fetched = snapshot(&mut ops, &hub).await?;
+    // Its device token's revocation is for the services that accept device tokens: on
+    // the service stream, addressed to the policy's device audience.
+    let service = Stream::Service(DEVICE_AUDIENCE);
+    let fetched = fetched(&mut ops, &hub, &service).await?;
     assert!(
-        fetched.seq >= seq && fetched.lists_subject(id),
+        fetched.covers(DEVICE_AUDIENCE, &token_hash(&device_token), id, iat),
         "{fetched:?}"
     );
+    // Revoking it again revokes no one new and tells the device nothing more.
+    let again = RevokeCounts::from_answer(
+        &ops.request(RequestBody::Revoke(RevokeTarget::Device(id)), WAIT)
+            .await?,
+    )?;
+    assert_eq!((again.revoked, again.notified), (0, 0), "{again:?}");
     let listing = hub.dir().run(&["client", "list"])?;
     assert!(client_line(&listing, id).ends_with("revoked"), "{listing}");
     app.close().await;
@@ -541,6 +600,10 @@ async fn watch_prints_each_decision_of_the_hub_as_a_json_event() -> Result<()> {
     }
     let mut watch = ChildGuard::spawn(&mut command)?;
 
+    // A stream with a change, so that fetching it succeeds.
+    let stream = hub.seed_revocation("ops-seed-8").await?;
+    let fetch = RequestBody::FetchRevocations { stream, from: 1 };
+
     // The watcher subscribes at some point after it starts: keep the hub busy until an
     // event of this app shows.
     let mut app = hub.client(app_id, &app_key).await?;
@@ -557,7 +620,11 @@ async fn watch_prints_each_decision_of_the_hub_as_a_json_event() -> Result<()> {
             "watch exited:\n{}",
             watch.output()
         );
-        let _ = app.request(RequestBody::FetchRevocations, WAIT).await?;
+        let answer = app.request(fetch, WAIT).await?;
+        ensure!(
+            matches!(answer, Answer::Revocations { .. }),
+            "expected a page: {answer:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     app.close().await;
@@ -609,28 +676,43 @@ async fn changing_an_apps_role_revokes_the_tokens_its_new_role_no_longer_allows(
     let (device, app_id) = ("ops-door-10", "ops-app-10");
     hub.dir().add_device(device, "sensor", &["building-a"])?;
     let app_key = hub.dir().add_app(app_id, "controller")?;
-    let mut deltas = delta_watcher(&hub, "ops-delta-10").await?;
+    let stream = Stream::of_device(device);
+    let mut deltas = delta_watcher(&hub, "ops-delta-10", &stream).await?;
     let mut app = hub.client(app_id, &app_key).await?;
     let (door, _) = token(&mut app, access(device, "door:open")).await?;
     let (telemetry, _) = token(&mut app, access(device, "telemetry:read")).await?;
 
     let printed = hub.dir().run(&["client", "set-role", app_id, "viewer"])?;
-    let seq: u64 = printed
-        .split("(sequence ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .with_context(|| format!("set-role revoked nothing: {printed}"))?
-        .parse()?;
-
-    let fetched = snapshot(&mut app, &hub).await?;
-    assert!(fetched.lists_token(&token_hash(&door)), "{fetched:?}");
     assert!(
-        !fetched.lists_token(&token_hash(&telemetry)),
+        printed.contains("; 1 tokens it no longer allows are revoked (1 entries, 0 devices"),
+        "exactly the door token, by hash: {printed}"
+    );
+
+    let fetched = fetched(&mut app, &hub, &stream).await?;
+    assert!(
+        fetched.lists_token(device, &token_hash(&door)),
+        "{fetched:?}"
+    );
+    assert!(
+        !fetched.lists_token_anywhere(&token_hash(&telemetry)),
         "the viewer role still allows telemetry:read: {fetched:?}"
     );
-    // Recorded by the CLI, broadcast by the running hub (with its next heartbeat).
-    let delta = expect_delta(&mut deltas, &hub.trust_anchor(), seq, WAIT).await?;
-    assert!(delta.lists_token(&token_hash(&door)), "{delta:?}");
+    assert!(
+        fetched.subject_entry(device, app_id).is_none(),
+        "a role change revokes tokens, not the subject: {fetched:?}"
+    );
+    // Recorded by the CLI, broadcast by the running hub (with a heartbeat).
+    let delta = expect_delta_where(
+        &mut deltas,
+        &hub.trust_anchor(),
+        &stream,
+        "the door token",
+        |d| d.lists_token_anywhere(&token_hash(&door)),
+        CLI_DELTA_WAIT,
+    )
+    .await
+    .with_context(|| format!("hub log:\n{}", hub.log()))?;
+    assert!(delta.lists_token(device, &token_hash(&door)), "{delta:?}");
 
     assert_eq!(
         refusal(&mut app, access(device, "door:open")).await?,
@@ -643,5 +725,187 @@ async fn changing_an_apps_role_revokes_the_tokens_its_new_role_no_longer_allows(
         client_line(&listing, app_id).contains("role=viewer"),
         "{listing}"
     );
+    Ok(())
+}
+
+/// Enrolls `device` (its key registered), subscribed to its control topic, and gets a
+/// device token; returns the client and the token.
+async fn enrolled_with_token(
+    hub: &TestHub,
+    id: &str,
+    key: &tessera_tests::hub::TestKey,
+) -> Result<(tessera_tests::hub::RawClient, Vec<u8>)> {
+    let mut device = hub.raw(id, key.signer()?).await?;
+    device
+        .probe()
+        .subscribe_granted(&topic::control(id).unwrap(), QoS::AtLeastOnce)
+        .await?;
+    let enrolled = device
+        .ask(RequestBody::Enroll {
+            key: key.public_key()?,
+            code_proof: None,
+        })
+        .await?;
+    assert_eq!(enrolled.outcome, Ok(Answer::Enrolled), "{id}: {enrolled:?}");
+    let (token, _) = device.ask(RequestBody::DeviceToken).await?.expect_token()?;
+    Ok((device, token))
+}
+
+/// A device that never enrolled, listening on its control topic.
+async fn never_enrolled(hub: &TestHub, id: &str) -> Result<MqttProbe> {
+    let probe = hub.broker().probe(id).await?;
+    probe
+        .subscribe_granted(&topic::control(id).unwrap(), QoS::AtLeastOnce)
+        .await?;
+    Ok(probe)
+}
+
+#[tokio::test]
+async fn operators_revoke_a_group_a_role_and_a_list_and_only_enrolled_devices_are_told()
+-> Result<()> {
+    let hub = hub().await?;
+    let ops_id = "ops-ops-11";
+    let ops_key = hub.dir().add_operator(ops_id, "ops")?;
+    // Five devices imported from one CSV file: two with their keys, three with codes.
+    // building-b and the meter role are this test's alone.
+    let key_1 = hub.dir().keygen("ops-imp-1")?;
+    let key_3 = hub.dir().keygen("ops-imp-3")?;
+    let csv = hub.dir().path().join("keys").join("ops-import.csv");
+    std::fs::write(
+        &csv,
+        "# id,role,groups,key (relative to this file)\n\
+         ops-imp-1,sensor,building-b,ops-imp-1.pem.pub\n\
+         ops-imp-2,sensor,building-b;building-a,\n\
+         \n\
+         ops-imp-3,meter,building-a,ops-imp-3.pem.pub\n\
+         ops-imp-4,meter,,\n\
+         ops-imp-5,sensor,building-a,\n",
+    )?;
+    let printed = hub
+        .dir()
+        .run(&["device", "import", &csv.to_string_lossy()])?;
+    let coded: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| {
+            let (id, code) = l.split_once(',')?;
+            (code.len() == 23).then_some(id)
+        })
+        .collect();
+    assert_eq!(
+        coded,
+        ["ops-imp-2", "ops-imp-4", "ops-imp-5"],
+        "one `id,code` line per device without a key: {printed}"
+    );
+    let listing = hub.dir().run(&["client", "list", "--kind", "device"])?;
+    assert!(
+        client_line(&listing, "ops-imp-1").ends_with("key registered")
+            && client_line(&listing, "ops-imp-2").contains("groups=building-b,building-a")
+            && client_line(&listing, "ops-imp-4").ends_with("awaiting enrollment"),
+        "{listing}"
+    );
+
+    let (mut dev_1, token_1) = enrolled_with_token(&hub, "ops-imp-1", &key_1).await?;
+    let (mut dev_3, token_3) = enrolled_with_token(&hub, "ops-imp-3", &key_3).await?;
+    let mut dev_2 = never_enrolled(&hub, "ops-imp-2").await?;
+    let mut dev_4 = never_enrolled(&hub, "ops-imp-4").await?;
+    let revoke = |target: &[&str]| {
+        let mut args = vec!["revoke".to_owned()];
+        args.extend(hub.dir().identity_args(ops_id, &ops_key));
+        args.extend(target.iter().map(|a| (*a).to_owned()));
+        hub.dir()
+            .run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Told `revoked` on its control topic, its device token on the service stream.
+    let service = Stream::Service(DEVICE_AUDIENCE);
+    // Not as `ops_id`, whose MQTT client id each `revoke` command takes over.
+    let reader_key = hub.dir().add_operator("ops-reader-11", "ops")?;
+    let mut reader = hub.client("ops-reader-11", &reader_key).await?;
+    let mut told = async |device: &mut tessera_tests::hub::RawClient, token: &[u8]| {
+        let id = device.id().to_owned();
+        let control = topic::control(&id).unwrap().to_string();
+        let message = device.probe().expect_message(&control, WAIT).await?;
+        let told = Control::verify(&message.payload, &hub.trust_anchor())
+            .map_err(|e| anyhow::anyhow!("control message: {e}"))?;
+        ensure!(
+            (told.device, told.command) == (id.as_str(), ControlCommand::Revoked),
+            "{told:?}"
+        );
+        let iat = verify(&hub, token, DEVICE_AUDIENCE)?.claims().iat;
+        let listed = fetched(&mut reader, &hub, &service).await?;
+        ensure!(
+            listed.covers(DEVICE_AUDIENCE, &token_hash(token), &id, iat),
+            "{id}'s device token: {listed:?}"
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+
+    // A group: both devices revoked, one entry (the enrolled one's token), one told.
+    let counts = RevokeCounts::from_cli(&revoke(&["--group", "building-b"])?)?;
+    assert_eq!(
+        (counts.revoked, counts.entries, counts.notified),
+        (2, 1, 1),
+        "{counts:?}"
+    );
+    told(&mut dev_1, &token_1).await?;
+    // The one that never enrolled costs nothing on the wire.
+    dev_2
+        .expect_no_message(&topic::control("ops-imp-2").unwrap(), QUIET)
+        .await?;
+
+    // A role: the same for its devices.
+    let counts = RevokeCounts::from_cli(&revoke(&["--role", "meter"])?)?;
+    assert_eq!(
+        (counts.revoked, counts.entries, counts.notified),
+        (2, 1, 1),
+        "{counts:?}"
+    );
+    told(&mut dev_3, &token_3).await?;
+    dev_4
+        .expect_no_message(&topic::control("ops-imp-4").unwrap(), QUIET)
+        .await?;
+
+    // A list from a file: comments, blank lines and repeats are skipped.
+    let list = hub.dir().path().join("keys").join("ops-revoke.txt");
+    std::fs::write(&list, "# to revoke\nops-imp-5\n\nops-imp-5\n")?;
+    let counts = RevokeCounts::from_cli(&revoke(&["--devices-from", &list.to_string_lossy()])?)?;
+    assert_eq!(
+        counts,
+        RevokeCounts {
+            revoked: 1,
+            entries: 0,
+            notified: 0
+        }
+    );
+    // A list naming a device the hub does not know revokes nothing at all.
+    std::fs::write(&list, "ops-imp-ghost\nops-imp-5\n")?;
+    let mut args = vec!["revoke".to_owned()];
+    args.extend(hub.dir().identity_args(ops_id, &ops_key));
+    args.extend([
+        "--devices-from".to_owned(),
+        list.to_string_lossy().into_owned(),
+    ]);
+    let refused = hub
+        .dir()
+        .run_failing(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert!(
+        refused.contains("denied") && refused.contains("ops-imp-ghost"),
+        "{refused}"
+    );
+
+    let listing = hub.dir().run(&["client", "list", "--kind", "device"])?;
+    for id in [
+        "ops-imp-1",
+        "ops-imp-2",
+        "ops-imp-3",
+        "ops-imp-4",
+        "ops-imp-5",
+    ] {
+        assert!(client_line(&listing, id).ends_with("revoked"), "{listing}");
+    }
+    dev_1
+        .ask(RequestBody::DeviceToken)
+        .await?
+        .expect_refusal(ErrorCode::Revoked)?;
+    reader.close().await;
     Ok(())
 }

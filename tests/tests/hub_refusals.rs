@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tessera_hub::client::{Answer, Client, ClientError};
-use tessera_shared::message::{ErrorCode, NONCE_LEN, Operation, RequestBody, RevokeTarget};
+use tessera_shared::message::{ErrorCode, IdList, NONCE_LEN, Operation, RequestBody, RevokeTarget};
+use tessera_shared::revocation::Stream;
 use tessera_shared::scope::Scopes;
 use tessera_shared::token::{self, Validation};
 use tessera_shared::topic;
@@ -27,19 +28,42 @@ const WAIT: Duration = ANSWER_TIMEOUT;
 const QUIET: Duration = Duration::from_millis(700);
 const GROUP_A: &str = "building-a = \"Doors and sensors in building A\"";
 
+/// The prefix of the clients [`hub`] registers to give a stream a change.
+const SEED: &str = "rf-seed";
+
 static HUB: SharedHub = SharedHub::new();
 
+/// The shared hub. Ordinary requests may be 1 KiB (a request with the longest scope is
+/// larger); revoke requests 64 KiB, so it takes MQTT packets up to 68 KiB: less than the
+/// broker's 128 KiB. One stream has a change, for [`fetch`].
 async fn hub() -> Result<Arc<TestHub>> {
-    HUB.get(|| {
-        TestHub::builder()
+    HUB.get(|| async {
+        let hub = TestHub::builder()
             .with_acl()
             .policy(
                 GROUP_A,
                 &format!("{GROUP_A}\nbuilding-b = \"No access rule names this group\""),
             )
+            .config("max_request_bytes = 4096", "max_request_bytes = 1024")
+            .config(
+                "max_revoke_request_bytes = 1048576",
+                "max_revoke_request_bytes = 65536",
+            )
             .start()
+            .await?;
+        hub.seed_revocation(SEED).await?;
+        Ok(hub)
     })
     .await
+}
+
+/// A request any client may make and the hub serves with a page: the first change of the
+/// stream [`hub`] gave one.
+fn fetch() -> RequestBody<'static> {
+    RequestBody::FetchRevocations {
+        stream: Stream::of_device(&format!("{SEED}-door")),
+        from: 1,
+    }
 }
 
 /// A registered, enrolled device that asks for device tokens.
@@ -124,7 +148,7 @@ async fn a_client_the_hub_does_not_know_is_refused_as_unknown_client() -> Result
 
     let mut ghost = hub.raw("rf-ghost", generate_signer()).await?;
     ghost
-        .ask(RequestBody::FetchRevocations)
+        .ask(fetch())
         .await?
         .expect_refusal(ErrorCode::UnknownClient)?;
     bystander.is_served().await?;
@@ -136,11 +160,11 @@ async fn a_client_the_hub_does_not_know_is_refused_as_unknown_client() -> Result
     // A removed client is unknown too.
     let key = hub.dir().add_app("rf-removed", "controller")?;
     let mut removed = hub.raw("rf-removed", key.signer()?).await?;
-    let before = removed.ask(RequestBody::FetchRevocations).await?;
+    let before = removed.ask(fetch()).await?;
     assert!(before.outcome.is_ok(), "{before:?}");
     hub.dir().run(&["client", "remove", "rf-removed"])?;
     removed
-        .ask(RequestBody::FetchRevocations)
+        .ask(fetch())
         .await?
         .expect_refusal(ErrorCode::UnknownClient)?;
     bystander.is_served().await?;
@@ -157,13 +181,14 @@ async fn a_request_signed_with_another_key_than_the_registered_one_is_refused_as
     hub.dir().add_app("rf-app-key", "controller")?;
     let mut impostor = hub.raw("rf-app-key", generate_signer()).await?;
     impostor
-        .ask(RequestBody::FetchRevocations)
+        .ask(fetch())
         .await?
         .expect_refusal(ErrorCode::BadSignature)?;
     bystander.is_served().await?;
 
-    // Enrolling a device whose key was registered, with another key, fails the same way,
-    // and does not spoil the real enrollment.
+    // Enrolling a device whose key was registered, with another key, is denied (the
+    // request is signed by the key it names, which is just not the registered one), and
+    // does not spoil the real enrollment.
     let key = hub
         .dir()
         .add_device("rf-dev-key", "sensor", &["building-a"])?;
@@ -176,7 +201,7 @@ async fn a_request_signed_with_another_key_than_the_registered_one_is_refused_as
             code_proof: None,
         })
         .await?
-        .expect_refusal(ErrorCode::BadSignature)?;
+        .expect_refusal(ErrorCode::Denied)?;
     device.set_signer(key.signer()?);
     let enrolled = device
         .ask(RequestBody::Enroll {
@@ -185,6 +210,25 @@ async fn a_request_signed_with_another_key_than_the_registered_one_is_refused_as
         })
         .await?;
     assert_eq!(enrolled.outcome, Ok(Answer::Enrolled), "{enrolled:?}");
+    // Enrolled, the same key may enroll again (a device that lost the answer retries);
+    // another key still may not.
+    let again = device
+        .ask(RequestBody::Enroll {
+            key: key.public_key()?,
+            code_proof: None,
+        })
+        .await?;
+    assert_eq!(again.outcome, Ok(Answer::Enrolled), "{again:?}");
+    let thief = generate_signer();
+    let thief_public = tessera_shared::crypto::Signer::public_key(&thief);
+    device.set_signer(thief);
+    device
+        .ask(RequestBody::Enroll {
+            key: thief_public,
+            code_proof: None,
+        })
+        .await?
+        .expect_refusal(ErrorCode::Denied)?;
     bystander.is_served().await?;
     bystander.close().await;
     Ok(())
@@ -234,7 +278,7 @@ async fn a_request_ten_minutes_off_is_refused_as_stale_and_hub_time_lets_the_cli
 
     for skew in [-600i64, 600] {
         let issued_at = unix_now().saturating_add_signed(skew);
-        let stale = app.request_at(RequestBody::FetchRevocations, issued_at)?;
+        let stale = app.request_at(fetch(), issued_at)?;
         let response = app.send(&stale).await?;
         response.expect_refusal(ErrorCode::Stale)?;
         assert_eq!(
@@ -251,7 +295,7 @@ async fn a_request_ten_minutes_off_is_refused_as_stale_and_hub_time_lets_the_cli
         bystander.is_served().await?;
 
         // A client with no clock takes hub_time and succeeds with a new nonce.
-        let corrected = app.request_at(RequestBody::FetchRevocations, response.hub_time)?;
+        let corrected = app.request_at(fetch(), response.hub_time)?;
         let response = app.send(&corrected).await?;
         assert!(
             matches!(response.outcome, Ok(Answer::Revocations { .. })),
@@ -510,7 +554,7 @@ async fn bytes_that_are_not_a_request_get_a_malformed_answer_on_the_senders_topi
     let key = hub.dir().add_app("rf-app-noise", "controller")?;
     let mut app = hub.raw("rf-app-noise", key.signer()?).await?;
 
-    let valid = app.request(RequestBody::FetchRevocations)?.bytes;
+    let valid = app.request(fetch())?.bytes;
     let mut trailing = valid.clone();
     trailing.push(0);
     let inputs: [(&str, Vec<u8>); 4] = [
@@ -541,28 +585,89 @@ async fn bytes_that_are_not_a_request_get_a_malformed_answer_on_the_senders_topi
 }
 
 #[tokio::test]
-async fn a_request_over_max_request_bytes_is_refused_as_malformed() -> Result<()> {
+async fn a_request_over_max_request_bytes_is_refused_as_malformed_and_only_a_revoke_may_be_larger()
+-> Result<()> {
     let hub = hub().await?;
     let mut bystander = Bystander::new(&hub, "rf-by-big").await?;
     let key = hub.dir().add_app("rf-app-big", "controller")?;
     let mut app = hub.raw("rf-app-big", key.signer()?).await?;
+    let ops_key = hub.dir().add_operator("rf-ops-big", "ops")?;
+    let mut ops = hub.raw("rf-ops-big", ops_key.signer()?).await?;
 
-    // The default max_request_bytes is 4096.
-    let mut big = app.request(RequestBody::FetchRevocations)?.bytes;
-    big.resize(4097, 0);
-    let (published, served) = tokio::join!(app.publish(&big), bystander.is_served());
+    // max_request_bytes is 1024 here: an access token request with the longest scope
+    // (16 tokens of 64 bytes) is well formed and larger.
+    let tokens: Vec<String> = (0..16).map(|i| format!("door:{i:0>59}")).collect();
+    let scope: &'static str = Box::leak(tokens.join(" ").into_boxed_str());
+    let big = app.request(access("rf-door-big", scope))?;
+    assert!(big.bytes.len() > 1024, "{} bytes", big.bytes.len());
+    let (published, served) = tokio::join!(app.publish(&big.bytes), bystander.is_served());
     published?;
     served?;
     let response = app.next_response(WAIT).await?;
     let reason = response.expect_refusal(ErrorCode::Malformed)?;
     assert!(
-        reason.contains("4096"),
+        reason.contains("1024"),
         "the reason names the limit: {reason}"
     );
+    assert_eq!(
+        (response.op, response.request_id, response.nonce),
+        (Some(Operation::AccessToken), big.request_id, big.nonce),
+        "it decoded, so the refusal answers the request"
+    );
+
+    // Bytes over the limit that are no request at all are malformed too.
+    let mut padded = app.request(fetch())?.bytes;
+    padded.resize(1025, 0);
+    app.publish(&padded).await?;
+    let response = app.next_response(WAIT).await?;
+    response.expect_refusal(ErrorCode::Malformed)?;
     assert_answers_no_request(&response, "rf-app-big");
 
-    let response = app.ask(RequestBody::FetchRevocations).await?;
+    // A revoke naming a list of devices may be larger, up to max_revoke_request_bytes
+    // (64 KiB here): this one is judged on what it names (none is a registered device).
+    let ids: Vec<String> = (0..200).map(|i| format!("rf-nobody-{i:0>40}")).collect();
+    let list: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let revoke = ops.request(RequestBody::Revoke(RevokeTarget::Devices(IdList::new(
+        &list,
+    ))))?;
+    assert!(
+        (1024..=65_536).contains(&revoke.bytes.len()),
+        "{} bytes",
+        revoke.bytes.len()
+    );
+    let reason = ops
+        .send(&revoke)
+        .await?
+        .expect_refusal(ErrorCode::Denied)?
+        .to_owned();
+    assert!(
+        reason.contains("200 of the 200 ids are not registered devices"),
+        "{reason}"
+    );
+    // And one over that is refused, naming its limit.
+    let ids: Vec<String> = (0..1100).map(|i| format!("rf-nobody-{i:0>50}")).collect();
+    let list: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let revoke = ops.request(RequestBody::Revoke(RevokeTarget::Devices(IdList::new(
+        &list,
+    ))))?;
+    assert!(
+        (65_537..=68 * 1024).contains(&revoke.bytes.len()),
+        "{} bytes: over the limit, within the hub's MQTT packet size",
+        revoke.bytes.len()
+    );
+    ops.publish(&revoke.bytes).await?;
+    let response = ops.next_response(WAIT).await?;
+    let reason = response.expect_refusal(ErrorCode::Malformed)?;
+    assert!(
+        reason.contains("65536"),
+        "the reason names the limit: {reason}"
+    );
+    // Refused before it is decoded (no client may make the hub parse more).
+    assert_answers_no_request(&response, "rf-ops-big");
+
+    let response = app.ask(fetch()).await?;
     assert!(response.outcome.is_ok(), "{response:?}");
+    bystander.is_served().await?;
     bystander.close().await;
     Ok(())
 }
@@ -580,7 +685,7 @@ async fn a_client_over_its_rate_limit_is_refused_as_rate_limited_and_others_are_
     let started = Instant::now();
     let mut requests = Vec::new();
     for _ in 0..SENT {
-        requests.push(app.request(RequestBody::FetchRevocations)?);
+        requests.push(app.request(fetch())?);
     }
     for request in &requests {
         app.publish(&request.bytes).await?;
@@ -613,7 +718,7 @@ async fn a_client_over_its_rate_limit_is_refused_as_rate_limited_and_others_are_
 
     // The limit is a rate, not a ban.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let response = app.ask(RequestBody::FetchRevocations).await?;
+    let response = app.ask(fetch()).await?;
     assert!(response.outcome.is_ok(), "{response:?}");
     bystander.close().await;
     Ok(())
@@ -627,9 +732,10 @@ async fn a_request_over_the_hubs_mqtt_packet_limit_is_dropped_by_the_broker_and_
     let key = hub.dir().add_app("rf-app-huge", "controller")?;
     let mut app = hub.raw("rf-app-huge", key.signer()?).await?;
 
-    // The hub's MQTT 5 connection announces a 64 KiB maximum packet size; the broker (which
-    // takes up to 128 KiB here) accepts the publish but must not forward it to the hub. So
-    // this is the one input the hub cannot answer: it never sees it.
+    // The hub's MQTT 5 connection announces a maximum packet size of its largest request
+    // (a revoke, 64 KiB here) plus 4 KiB; the broker (which takes up to 128 KiB here)
+    // accepts the publish but must not forward it to the hub. So this is the one input the
+    // hub cannot answer: it never sees it.
     let huge = vec![0xa5u8; 100_000];
     assert_eq!(app.publish(&huge).await?, PubAckReason::Success);
     bystander.is_served().await?;
@@ -644,7 +750,7 @@ async fn a_request_over_the_hubs_mqtt_packet_limit_is_dropped_by_the_broker_and_
         "the hub kept its connection: {}",
         hub.log()
     );
-    let response = app.ask(RequestBody::FetchRevocations).await?;
+    let response = app.ask(fetch()).await?;
     assert!(response.outcome.is_ok(), "{response:?}");
     bystander.is_served().await?;
     bystander.close().await;

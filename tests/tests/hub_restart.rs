@@ -9,17 +9,19 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use tessera_hub::client::{Answer, Client};
 use tessera_shared::keyset::{KeySet, KeySetOutcome};
 use tessera_shared::message::{ErrorCode, RequestBody, RevokeTarget};
-use tessera_shared::revocation::token_hash;
+use tessera_shared::revocation::{Stream, token_hash};
 use tessera_shared::scope::Scopes;
 use tessera_shared::token::{self, Validation};
 use tessera_shared::topic;
-use tessera_tests::hub::{RevocationMessage, TestHub, expect_delta, unix_now};
+use tessera_tests::hub::{
+    RevocationPage, RevokeCounts, TestHub, expect_delta, fetch_stream, read_snapshot, unix_now,
+};
 use tessera_tests::{MqttProbe, QoS};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -61,37 +63,30 @@ async fn subscribed(hub: &TestHub, id: &str, filter: &str) -> Result<MqttProbe> 
     Ok(probe)
 }
 
-/// Reads snapshots from a fresh subscription until one is at `seq` or later, for at most
-/// `timeout`; returns it and whether the broker delivered it as the retained message.
+/// Reads the retained snapshot of `stream` from a fresh subscription until its pages reach
+/// change `seq`, for at most `timeout`; returns it and whether the broker delivered every
+/// page as a retained message.
 async fn snapshot_at(
     hub: &TestHub,
+    stream: &Stream<'_>,
     seq: u64,
     timeout: Duration,
-) -> Result<(RevocationMessage, bool)> {
-    let mut probe = subscribed(hub, "rs-snapshot-reader", topic::REVOCATION_SNAPSHOT).await?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let message = probe
-            .expect_message(
-                topic::REVOCATION_SNAPSHOT,
-                deadline.saturating_duration_since(Instant::now()),
-            )
-            .await
-            .with_context(|| format!("no snapshot at sequence {seq}"))?;
-        let snapshot = RevocationMessage::snapshot(&message.payload, &hub.trust_anchor())?;
-        if snapshot.seq >= seq {
-            return Ok((snapshot, message.retain));
-        }
-    }
+) -> Result<(RevocationPage, bool)> {
+    let mut probe = hub.broker().probe("rs-snapshot-reader").await?;
+    read_snapshot(&mut probe, &hub.trust_anchor(), stream, seq, timeout)
+        .await
+        .with_context(|| format!("hub log:\n{}", hub.log()))
 }
 
-async fn fetched(client: &mut Client, hub: &TestHub) -> Result<RevocationMessage> {
-    match client.request(RequestBody::FetchRevocations, WAIT).await? {
-        Answer::Revocations { snapshot } => {
-            RevocationMessage::snapshot(&snapshot, &hub.trust_anchor())
-        }
-        other => bail!("expected the snapshot, got {other:?}"),
-    }
+/// Everything `fetch_revocations` serves of `stream`, which must have a change.
+async fn fetched(
+    client: &mut Client,
+    hub: &TestHub,
+    stream: &Stream<'_>,
+) -> Result<RevocationPage> {
+    fetch_stream(client, &hub.trust_anchor(), stream)
+        .await?
+        .with_context(|| format!("{} has no change", stream.name()))
 }
 
 #[tokio::test]
@@ -101,7 +96,8 @@ async fn a_revocation_acknowledged_just_before_a_kill_9_is_published_after_the_r
     hub.dir().add_device("rs-door", "sensor", &["building-a"])?;
     let app_key = hub.dir().add_app("rs-app", "controller")?;
     let ops_key = hub.dir().add_operator("rs-ops", "ops")?;
-    let mut deltas = subscribed(&hub, "rs-deltas", topic::REVOCATION_DELTA).await?;
+    let stream = Stream::of_device("rs-door");
+    let mut deltas = subscribed(&hub, "rs-deltas", &topic::revocation_delta(&stream)).await?;
     let mut app = hub.client("rs-app", &app_key).await?;
     let token = access_token(&mut app, "rs-door", "door:open").await?;
     let hash = token_hash(&token);
@@ -111,24 +107,33 @@ async fn a_revocation_acknowledged_just_before_a_kill_9_is_published_after_the_r
         .request(RequestBody::Revoke(RevokeTarget::TokenHash(hash)), WAIT)
         .await?;
     hub.kill_9()?;
-    let Answer::Revoked { seq } = answer else {
-        bail!("expected Revoked, got {answer:?}")
-    };
+    let counts = RevokeCounts::from_answer(&answer)?;
+    assert_eq!((counts.revoked, counts.entries), (1, 1), "{counts:?}");
 
     hub.restart().await?;
-    // The retained snapshot holds it: read it as a new subscriber would.
-    let (snapshot, _) = snapshot_at(&hub, seq, WAIT).await?;
-    assert!(snapshot.lists_token(&hash), "{snapshot:?}");
-    let (retained, was_retained) = snapshot_at(&hub, seq, WAIT).await?;
-    assert!(was_retained && retained.lists_token(&hash), "{retained:?}");
-    // So does the answer to fetch_revocations, from a client that outlived the hub.
-    let answer = fetched(&mut ops, &hub).await?;
-    assert!(answer.seq >= seq && answer.lists_token(&hash), "{answer:?}");
+    // The answer to fetch_revocations holds it, from a client that outlived the hub.
+    let answer = fetched(&mut ops, &hub, &stream).await?;
+    assert!(answer.lists_token("rs-door", &hash), "{answer:?}");
+    // The first and only change of the device's stream on this hub.
+    assert_eq!(
+        (answer.from, answer.to, answer.seq),
+        (1, 1, 1),
+        "{answer:?}"
+    );
+    let seq = answer.seq;
+    // So does the retained snapshot: read it as a new subscriber would.
+    let (snapshot, _) = snapshot_at(&hub, &stream, seq, WAIT).await?;
+    assert!(snapshot.lists_token("rs-door", &hash), "{snapshot:?}");
+    let (retained, was_retained) = snapshot_at(&hub, &stream, seq, WAIT).await?;
+    assert!(
+        was_retained && retained.lists_token("rs-door", &hash),
+        "{retained:?}"
+    );
     // And the delta went out: before the kill, or re-broadcast after the restart.
-    let delta = expect_delta(&mut deltas, &hub.trust_anchor(), seq, WAIT)
+    let delta = expect_delta(&mut deltas, &hub.trust_anchor(), &stream, seq, WAIT)
         .await
         .with_context(|| format!("hub log:\n{}", hub.log()))?;
-    assert!(delta.lists_token(&hash), "{delta:?}");
+    assert!(delta.lists_token("rs-door", &hash), "{delta:?}");
     ops.close().await;
     app.close().await;
     Ok(())
@@ -141,7 +146,9 @@ async fn a_revocation_recorded_while_the_hub_is_down_is_broadcast_when_it_comes_
     hub.dir()
         .add_device("rs-door-2", "sensor", &["building-a"])?;
     let app_key = hub.dir().add_app("rs-app-2", "controller")?;
-    let mut deltas = subscribed(&hub, "rs-deltas-2", topic::REVOCATION_DELTA).await?;
+    let stream = Stream::of_device("rs-door-2");
+    let delta_topic = topic::revocation_delta(&stream).to_string();
+    let mut deltas = subscribed(&hub, "rs-deltas-2", &delta_topic).await?;
     let mut app = hub.client("rs-app-2", &app_key).await?;
     let token = access_token(&mut app, "rs-door-2", "door:open").await?;
 
@@ -149,32 +156,33 @@ async fn a_revocation_recorded_while_the_hub_is_down_is_broadcast_when_it_comes_
     let printed = hub
         .dir()
         .run(&["client", "set-role", "rs-app-2", "viewer"])?;
-    let seq: u64 = printed
-        .split("(sequence ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .with_context(|| format!("set-role revoked nothing: {printed}"))?
-        .parse()?;
+    assert!(
+        printed.contains("; 1 tokens it no longer allows are revoked (1 entries"),
+        "set-role revoked the door token: {printed}"
+    );
+    let hash = token_hash(&token);
     deltas
-        .expect_no_message(topic::REVOCATION_DELTA, Duration::from_millis(300))
+        .expect_no_message(&delta_topic, Duration::from_millis(300))
         .await?;
 
     hub.restart().await?;
-    let delta = expect_delta(&mut deltas, &hub.trust_anchor(), seq, WAIT)
+    // The first change of the device's stream on this hub.
+    let seq = 1;
+    let delta = expect_delta(&mut deltas, &hub.trust_anchor(), &stream, seq, WAIT)
         .await
         .with_context(|| format!("hub log:\n{}", hub.log()))?;
-    assert!(delta.lists_token(&token_hash(&token)), "{delta:?}");
-    let (snapshot, _) = snapshot_at(&hub, seq, WAIT).await?;
-    assert!(snapshot.lists_token(&token_hash(&token)), "{snapshot:?}");
+    assert!(delta.lists_token("rs-door-2", &hash), "{delta:?}");
+    let (snapshot, _) = snapshot_at(&hub, &stream, seq, WAIT).await?;
+    assert!(snapshot.lists_token("rs-door-2", &hash), "{snapshot:?}");
 
     // Marked published: the next restart does not send it again. (Duplicates are harmless
     // to receivers, so the first restart may have sent it more than once.)
     deltas.take_messages();
     hub.restart().await?;
-    let (snapshot, _) = snapshot_at(&hub, seq, WAIT).await?;
-    assert!(snapshot.lists_token(&token_hash(&token)));
+    let (snapshot, _) = snapshot_at(&hub, &stream, seq, WAIT).await?;
+    assert!(snapshot.lists_token("rs-door-2", &hash));
     deltas
-        .expect_no_message(topic::REVOCATION_DELTA, Duration::from_millis(300))
+        .expect_no_message(&delta_topic, Duration::from_millis(300))
         .await?;
     app.close().await;
     Ok(())
@@ -191,8 +199,11 @@ async fn a_restarted_hub_serves_with_the_same_trust_anchor_and_still_refuses_rep
     let before = access_token(&mut app, "rs-door-3", "door:open").await?;
     let raw_key = hub.dir().add_app("rs-app-3-raw", "controller")?;
     let mut raw = hub.raw("rs-app-3-raw", raw_key.signer()?).await?;
-    let request = raw.request(RequestBody::FetchRevocations)?;
-    assert!(raw.send(&request).await?.outcome.is_ok());
+    let request = raw.request(RequestBody::AccessToken {
+        device: "rs-door-3",
+        scope: Scopes::parse("door:open").unwrap(),
+    })?;
+    raw.send(&request).await?.expect_token()?;
 
     hub.kill_9()?;
     hub.restart().await?;

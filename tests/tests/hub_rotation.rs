@@ -65,7 +65,8 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
     let printed = hub.dir().run(&["keys", "rotate"])?;
     let next = printed
         .strip_prefix("next signing key ")
-        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.split(':').next())
+        .filter(|kid| kid.len() == 16 && kid.bytes().all(|b| b.is_ascii_hexdigit()))
         .with_context(|| format!("keys rotate printed {printed:?}"))?
         .to_owned();
     let rotated_at = Instant::now();
@@ -116,8 +117,11 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         }
         ensure!(
             Instant::now() < deadline,
-            "no full rotation within 20 s: {signed_by_next} tokens by the next key, key set \
-             {held_kids:?}; hub log:\n{}",
+            "no full rotation within 20 s: {signed_by_next} tokens by the next key {next}, key \
+             set {held_kids:?}; `keys list`:\n{}\nhub log:\n{}",
+            hub.dir()
+                .run(&["keys", "list"])
+                .unwrap_or_else(|e| e.to_string()),
             hub.log()
         );
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -128,8 +132,10 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         announced_before_use,
         "the next key was in the published key set before the first token it signed"
     );
-    // Retired: announce (2 s) + the longest lifetime (3 s) + leeway (1 s) after rotating,
-    // counted in whole seconds, so up to one second early in wall-clock time.
+    // Retired: announce (2 s) + the longest lifetime (3 s) + leeway (1 s) after the key set
+    // with the next key went out (at the first heartbeat after rotating, so no earlier
+    // than rotating), counted in whole seconds, so up to one second early in wall-clock
+    // time.
     assert!(
         rotated_at.elapsed() >= Duration::from_secs(5),
         "the old key was dropped after {:?}, before its last tokens expired",

@@ -15,13 +15,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tempfile::TempDir;
-use tessera_hub::client::{Answer, Client, ClientError};
+use tessera_hub::client::{Client, ClientError};
 use tessera_hub::keyfile;
 use tessera_hub::mqtt::MqttConfig;
 use tessera_shared::crypto::{P256Signer, PublicKey};
-use tessera_shared::message::{NONCE_LEN, Presentation, RequestBody, ResponseBody, SignedResponse};
+use tessera_shared::message::{NONCE_LEN, Presentation, ResponseBody, SignedResponse};
+use tessera_shared::revocation::Stream;
 use tessera_shared::token;
-use tessera_tests::hub::{HubDir, READY_CLIENT, TestKey};
+use tessera_tests::hub::{
+    HubDir, READINESS_PROBE, READY_CLIENT, RevocationPage, RevokeCounts, TestKey,
+    answers_readiness_probe, fetch_stream,
+};
 use tessera_tests::{Broker, ChildGuard, TestPki};
 
 /// The device role's name in the default policy.
@@ -141,9 +145,8 @@ impl Hub {
         config
     }
 
-    /// Polls with `fetch_revocations` until the hub answers, for at most 20 s.
-    pub(crate) async fn wait_until_serving(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// A client of this hub as [`READY_CLIENT`], the operator every hub directory has.
+    async fn ready_client(&self) -> Result<Client> {
         let key = keyfile::read_private(
             &self
                 .dir
@@ -151,7 +154,7 @@ impl Hub {
                 .join("keys")
                 .join(format!("{READY_CLIENT}.pem")),
         )?;
-        let mut client = Client::connect(
+        Client::connect(
             &self.mqtt(READY_CLIENT),
             READY_CLIENT,
             key,
@@ -159,13 +162,19 @@ impl Hub {
             Duration::from_secs(5),
         )
         .await
-        .context("connecting the readiness client")?;
+        .context("connecting the readiness client")
+    }
+
+    /// Polls with [`READINESS_PROBE`] until the hub answers, for at most 20 s.
+    pub(crate) async fn wait_until_serving(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut client = self.ready_client().await?;
         let result = loop {
             match client
-                .request(RequestBody::FetchRevocations, Duration::from_millis(300))
+                .request(READINESS_PROBE, Duration::from_millis(300))
                 .await
             {
-                Ok(Answer::Revocations { .. }) => break Ok(()),
+                answer if answers_readiness_probe(&answer) => break Ok(()),
                 Ok(other) => break Err(anyhow::anyhow!("unexpected answer {other:?}")),
                 Err(ClientError::Timeout(_)) if Instant::now() < deadline => {}
                 Err(e) => break Err(e.into()),
@@ -173,6 +182,17 @@ impl Hub {
         };
         client.close().await;
         result.with_context(|| format!("the hub did not serve in time; log:\n{}", self.log_tail()))
+    }
+
+    /// Everything the hub serves of `device`'s revocation stream (its partition), once it
+    /// serves; fails if the stream has no change.
+    pub(crate) async fn device_stream(&self, device: &str) -> Result<RevocationPage> {
+        self.wait_until_serving().await?;
+        let stream = Stream::of_device(device);
+        let mut client = self.ready_client().await?;
+        let page = fetch_stream(&mut client, &self.dir.trust_anchor(), &stream).await;
+        client.close().await;
+        page?.with_context(|| format!("{} has no change", stream.name()))
     }
 
     /// Kills the hub (SIGKILL: a crash).
@@ -202,18 +222,18 @@ impl Hub {
         self.dir.add_operator(id, OPERATOR_ROLE)
     }
 
-    /// `tessera-hub revoke --<what> <value>` as operator `op`; the revocation's sequence
-    /// number.
-    pub(crate) fn revoke(&self, op: (&str, &TestKey), what: &str, value: &str) -> Result<u64> {
+    /// `tessera-hub revoke --<what> <value>` as operator `op`; what it printed it did.
+    pub(crate) fn revoke(
+        &self,
+        op: (&str, &TestKey),
+        what: &str,
+        value: &str,
+    ) -> Result<RevokeCounts> {
         let mut args: Vec<String> = vec!["revoke".into()];
         args.extend(self.dir.identity_args(op.0, op.1));
         args.extend([format!("--{what}"), value.into()]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.dir.run(&refs)?;
-        out.split("sequence ")
-            .nth(1)
-            .and_then(|s| s.trim().trim_end_matches(')').parse().ok())
-            .with_context(|| format!("revoke printed no sequence number: {out}"))
+        RevokeCounts::from_cli(&self.dir.run(&refs)?)
     }
 
     /// `tessera-hub access-token` as app `app`: the token.

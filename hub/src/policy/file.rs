@@ -9,7 +9,6 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use tessera_shared::claims::MAX_AUDIENCE_LEN;
 use tessera_shared::message::validate_id;
 use tessera_shared::scope::{MAX_SCOPES, validate_token};
 
@@ -299,16 +298,11 @@ impl PolicyFile {
             }
         }
         let aud = &d.device_audience;
-        if aud.is_empty()
-            || aud.len() > MAX_AUDIENCE_LEN
-            || !aud.bytes().all(|b| b.is_ascii_graphic())
-        {
+        // It names the service's revocation stream (`service/{aud}`, one topic level).
+        if validate_id(aud).is_err() {
             p.push(
                 at,
-                format!(
-                    "device_audience {aud:?} is not a valid audience (1 to {MAX_AUDIENCE_LEN} \
-                     printable ASCII characters, no spaces)"
-                ),
+                format!("device_audience {aud:?} is not a valid audience ({ID_RULE})"),
             );
         }
 
@@ -851,6 +845,10 @@ scopes = [\"door:open\", \"door\\\"x\", \"\"]
         assert_error(
             "[defaults]\ndevice_audience = \"\"\n",
             "[defaults]: device_audience \"\" is not a valid audience",
+        );
+        assert_error(
+            "[defaults]\ndevice_audience = \"svc/telemetry\"\n",
+            "[defaults]: device_audience \"svc/telemetry\" is not a valid audience",
         );
     }
 

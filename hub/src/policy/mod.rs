@@ -106,6 +106,16 @@ impl Policy {
             .max()
             .unwrap_or(0)
     }
+
+    /// The shortest lifetime of the tokens issued to roles of `kind` (device roles: device
+    /// tokens; app roles: access tokens), if any role of that kind issues tokens.
+    pub fn shortest_token_lifetime_s(&self, kind: ClientKind) -> Option<u64> {
+        self.roles
+            .values()
+            .filter(|r| r.kind() == kind)
+            .filter_map(|r| r.token_lifetime_s())
+            .min()
+    }
 }
 
 /// A role: a name, and what clients holding it may obtain.

@@ -12,7 +12,9 @@ mod sqlite;
 use std::future::Future;
 
 pub use sqlite::Sqlite;
-use tessera_shared::revocation::Entry;
+use tessera_shared::revocation::Addressed;
+
+use crate::revocation::{Change, Outcome, PendingControl, Target};
 
 /// What kind of client a registry record describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,7 +73,7 @@ pub struct ClientRecord {
 }
 
 /// The kind of an issued token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TokenKind {
     /// A device token (`sub` = device).
     Device,
@@ -156,17 +158,30 @@ pub enum GrantUse {
     Unknown,
 }
 
-/// A revocation as stored: one sequence number, its entries, and whether it was broadcast.
+/// A revocation stream as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevocationRecord {
-    /// The delta's sequence number: 1, 2, 3… with no gaps, assigned by the store.
+pub struct StreamState {
+    /// Its name (`devices/3f`, `service/tessera`).
+    pub name: String,
+    /// Its latest change number: 1, 2, 3… with no gaps, assigned by the store.
     pub seq: u64,
-    /// The entries this delta adds.
-    pub entries: Vec<Entry>,
-    /// When it was recorded, Unix seconds.
-    pub created_at: u64,
-    /// Whether the delta has been published to the broker.
-    pub published: bool,
+    /// The change the snapshot retained on the broker reaches (0: none, or it must be
+    /// published again because entries left it).
+    pub snapshot_seq: u64,
+    /// How many retained snapshot pages were published for it (so extra ones can be
+    /// cleared when the snapshot shrinks).
+    pub snapshot_pages: u64,
+}
+
+/// Entries of one stream read from a change on (see [`Store::stream_entries`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamRead {
+    /// The stream's latest change number (0 for a stream that never changed).
+    pub latest: u64,
+    /// Changes that still carry entries, in order, with those entries.
+    pub changes: Vec<(u64, Vec<Addressed>)>,
+    /// Whether the read reached the end (it was not cut by its entry limit).
+    pub complete: bool,
 }
 
 /// A hub signing key, sealed under the key-encryption secret.
@@ -180,8 +195,13 @@ pub struct KeyRecord {
     pub sealed_private_key: Vec<u8>,
     /// When the key was created, Unix seconds.
     pub created_at: u64,
-    /// From when the hub signs with it, Unix seconds.
+    /// From when the hub signs with it, Unix seconds (never before `published_at` plus the
+    /// announce period: see [`Store::mark_key_published`]).
     pub active_from: u64,
+    /// When a key set holding it was first published; `None` until then, and a key never
+    /// published never signs. The first key (the trust anchor, provisioned out of band)
+    /// counts as published when it is created.
+    pub published_at: Option<u64>,
     /// When it stops being published in the key set (its last tokens have expired).
     pub retire_after: Option<u64>,
 }
@@ -210,7 +230,7 @@ pub struct Pruned {
     pub tokens: u64,
     /// Refresh grants.
     pub grants: u64,
-    /// Revocation entries (their sequence numbers stay).
+    /// Revocation entries (their streams' change numbers stay).
     pub revocation_entries: u64,
     /// Audit events.
     pub audit_events: u64,
@@ -264,9 +284,12 @@ pub trait Store: Send + Sync + 'static {
         public_key: &[u8],
         at: u64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
-    /// Marks a client revoked at `at` and clears its enrollment (a revoked device must be
-    /// registered again to come back).
-    fn revoke_client(&self, id: &str, at: u64) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Adds many clients in one transaction: all or none
+    /// ([`StoreError::Conflict`] names the first id that exists).
+    fn add_clients(
+        &self,
+        clients: Vec<ClientRecord>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
 
     // --- replay and rate limiting (shared by every replica) ---
 
@@ -293,6 +316,9 @@ pub trait Store: Send + Sync + 'static {
     // --- issuance ---
 
     /// Records an issued token and, in the same transaction, the grant issued with it.
+    /// [`StoreError::Conflict`] if a revocation that covers it committed meanwhile: its
+    /// holder was revoked whole, or the holder's tokens issued before a time after the
+    /// token's `iat` were revoked (see [`Store::revoke`]).
     fn record_issued(
         &self,
         token: IssuedToken,
@@ -324,26 +350,66 @@ pub trait Store: Send + Sync + 'static {
 
     // --- revocation ---
 
-    /// Appends a revocation with the next sequence number and returns it. Durable when
-    /// this completes, and unpublished until [`mark_published`](Store::mark_published).
-    fn append_revocation(
+    /// Revokes `targets` at `now` in one transaction, durable when this completes:
+    /// resolves them against the registry and the tokens issued (those still live with
+    /// `leeway`), marks whole clients revoked (a device loses its key and enrollment and
+    /// must be registered again), revokes the subjects' refresh grant families, plans the
+    /// entries ([`crate::revocation::plan`]), numbers the changes on their streams,
+    /// records them unpublished and records the control messages owed.
+    ///
+    /// A target that names nothing is [`StoreError::NotFound`] with the reason, and
+    /// nothing is revoked: an unknown or expired token, an unregistered subject without
+    /// live tokens, a device that is not a registered device, an empty group or role, a
+    /// device list with any id that is not a registered device.
+    fn revoke(
         &self,
-        entries: Vec<Entry>,
-        now: u64,
-    ) -> impl Future<Output = StoreResult<u64>> + Send;
-    /// Revocations not yet published, in sequence order.
-    fn unpublished_revocations(
-        &self,
-    ) -> impl Future<Output = StoreResult<Vec<RevocationRecord>>> + Send;
-    /// Marks every revocation up to and including `seq` as published.
-    fn mark_published(&self, seq: u64) -> impl Future<Output = StoreResult<()>> + Send;
-    /// The current sequence number and every entry still in force at `now` (entries past
-    /// their `expires_at` + `leeway` are left out): what a snapshot carries.
-    fn revocation_snapshot(
-        &self,
+        targets: Vec<Target>,
         now: u64,
         leeway: u64,
-    ) -> impl Future<Output = StoreResult<(u64, Vec<Entry>)>> + Send;
+    ) -> impl Future<Output = StoreResult<Outcome>> + Send;
+    /// Every stream that ever changed, by name.
+    fn streams(&self) -> impl Future<Output = StoreResult<Vec<StreamState>>> + Send;
+    /// The entries of `stream` still in force at `now` (`expires_at + leeway ≥ now`)
+    /// from change `from` on, grouped by change in order, reading at most `max_entries`
+    /// entries, and the stream's latest change number.
+    fn stream_entries(
+        &self,
+        stream: &str,
+        from: u64,
+        now: u64,
+        leeway: u64,
+        max_entries: usize,
+    ) -> impl Future<Output = StoreResult<StreamRead>> + Send;
+    /// Records that the snapshot retained for `stream` now reaches change `seq` in `pages`
+    /// pages.
+    fn set_snapshot_published(
+        &self,
+        stream: &str,
+        seq: u64,
+        pages: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Changes not yet seen back from the broker that were recorded at or before
+    /// `created_before`, in stream and change order.
+    fn unpublished_changes(
+        &self,
+        created_before: u64,
+    ) -> impl Future<Output = StoreResult<Vec<Change>>> + Send;
+    /// Marks exactly these changes (stream, change number) published; unknown ones are
+    /// ignored.
+    fn mark_published(
+        &self,
+        changes: Vec<(String, u64)>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Control messages owed and recorded at or before `created_before`.
+    fn unsent_controls(
+        &self,
+        created_before: u64,
+    ) -> impl Future<Output = StoreResult<Vec<PendingControl>>> + Send;
+    /// Forgets control messages the broker took; unknown ones are ignored.
+    fn mark_controls_sent(
+        &self,
+        controls: Vec<PendingControl>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
 
     // --- signing keys ---
 
@@ -351,6 +417,16 @@ pub trait Store: Send + Sync + 'static {
     fn add_key(&self, key: KeyRecord) -> impl Future<Output = StoreResult<()>> + Send;
     /// Every signing key, oldest first.
     fn keys(&self) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
+    /// Records that a key set holding `kid` was first published at `at`, and pushes its
+    /// `active_from` to at least `active_from` (so verifiers have had it for the announce
+    /// period before anything is signed with it). Only the first call for a key counts;
+    /// returns the key as stored after the call.
+    fn mark_key_published(
+        &self,
+        kid: &[u8; 8],
+        at: u64,
+        active_from: u64,
+    ) -> impl Future<Output = StoreResult<KeyRecord>> + Send;
     /// Sets when a key stops being published.
     fn retire_key(
         &self,
@@ -364,8 +440,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets what can no longer matter, so the store stays bounded by token lifetimes
     /// and the audit retention: issued tokens, grants and revocation entries whose
-    /// `expires_at` is before `expired_before`, expired nonces, and audit events older
-    /// than `audit_before_ms`. Revocation sequence numbers are never reused.
+    /// `expires_at` is before `expired_before`, changes left without entries, expired
+    /// nonces, and audit events older than `audit_before_ms`. A stream that lost entries
+    /// gets its snapshot published again; change numbers are never reused.
     fn prune(
         &self,
         expired_before: u64,

@@ -15,13 +15,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, ffi, params};
-use tessera_shared::revocation::{Entry, TOKEN_HASH_LEN};
+use tessera_shared::message::Command;
+use tessera_shared::revocation::{Addressed, Entry, Stream, TOKEN_HASH_LEN};
 
 use super::{
     AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Pruned,
-    RevocationRecord, Store, StoreError, StoreResult, TokenKind,
+    Store, StoreError, StoreResult, StreamRead, StreamState, TokenKind,
 };
+use crate::revocation::{self, Change, Outcome, PendingControl, Resolved, ResolvedSubject, Target};
 
 const _: () = assert!(MIGRATIONS.len() == Sqlite::SCHEMA_VERSION as usize);
 
@@ -36,11 +40,20 @@ const NONCE_PRUNE_BATCH: u32 = 64;
 /// floating point and must not lose a token to rounding.
 const RATE_EPSILON: f64 = 1e-9;
 
+/// One schema migration step.
+enum Step {
+    /// Plain SQL.
+    Sql(&'static str),
+    /// SQL that needs code: data the database cannot compute itself.
+    Code(fn(&Transaction<'_>) -> StoreResult<()>),
+}
+
 /// The schema, one step per version: step `i` takes the database from `user_version` `i` to
 /// `i + 1`. Steps are append-only; a released step is never edited.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Step] = &[
     // 1: the initial schema.
-    "
+    Step::Sql(
+        "
     CREATE TABLE clients (
         id TEXT PRIMARY KEY NOT NULL,
         kind TEXT NOT NULL CHECK (kind IN ('device', 'app', 'operator')),
@@ -152,7 +165,212 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL
     ) STRICT;
     ",
+    ),
+    // 2: revocation streams (PROTOCOL.md §11): changes numbered per stream, entries
+    // addressed to an audience, control messages owed to devices.
+    Step::Code(streams_migration),
 ];
+
+/// The tables of schema version 2.
+const STREAMS_SCHEMA: &str = "
+    CREATE TABLE revocation_streams (
+        name TEXT PRIMARY KEY NOT NULL,
+        seq INTEGER NOT NULL CHECK (seq >= 0),
+        snapshot_seq INTEGER NOT NULL DEFAULT 0,
+        snapshot_pages INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+
+    CREATE TABLE revocation_changes (
+        stream TEXT NOT NULL REFERENCES revocation_streams (name),
+        seq INTEGER NOT NULL CHECK (seq > 0),
+        created_at INTEGER NOT NULL,
+        published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1)),
+        PRIMARY KEY (stream, seq)
+    ) STRICT;
+    CREATE INDEX revocation_changes_unpublished ON revocation_changes (created_at)
+        WHERE published = 0;
+
+    -- A token entry has token_hash; a subject entry has subject and issued_before.
+    CREATE TABLE stream_entries (
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ordinal INTEGER NOT NULL,
+        audience TEXT NOT NULL,
+        token_hash BLOB CHECK (token_hash IS NULL OR length(token_hash) = 32),
+        subject TEXT,
+        issued_before INTEGER,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (stream, seq, ordinal),
+        FOREIGN KEY (stream, seq) REFERENCES revocation_changes (stream, seq) ON DELETE CASCADE,
+        CHECK ((token_hash IS NOT NULL AND subject IS NULL AND issued_before IS NULL)
+            OR (token_hash IS NULL AND subject IS NOT NULL AND issued_before IS NOT NULL))
+    ) STRICT;
+    CREATE INDEX stream_entries_by_expiry ON stream_entries (expires_at);
+    CREATE INDEX stream_entries_by_hash ON stream_entries (token_hash)
+        WHERE token_hash IS NOT NULL;
+
+    CREATE TABLE pending_controls (
+        device TEXT NOT NULL,
+        command INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL,
+        PRIMARY KEY (device, command, issued_at)
+    ) STRICT;
+    CREATE INDEX pending_controls_by_time ON pending_controls (issued_at);
+
+    CREATE INDEX issued_tokens_by_hash ON issued_tokens (hash);
+    -- Tokens of this client issued before this time are revoked (subject revocation): a
+    -- token decided before it but recorded after is refused (see record_issued).
+    ALTER TABLE clients ADD COLUMN tokens_revoked_before INTEGER;
+    CREATE INDEX client_groups_by_name ON client_groups (name);
+    CREATE INDEX clients_by_role ON clients (role);
+
+    -- When a key set holding the key was first published (PROTOCOL.md §10): a key counts
+    -- its announce period from then, and never signs before. Keys of version 1 were all
+    -- published by the running hub already.
+    ALTER TABLE signing_keys ADD COLUMN published_at INTEGER;
+    UPDATE signing_keys SET published_at = created_at;
+";
+
+/// Version 2: creates the stream tables and moves every entry of the old single list onto
+/// the streams of the tokens it covers, as unpublished changes (the hub publishes them when
+/// it starts). An old entry that covers no recorded token covers nothing live: it is
+/// dropped.
+fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
+    tx.execute_batch(STREAMS_SCHEMA)
+        .ctx("creating the stream tables")?;
+    let old = collect(
+        tx,
+        "SELECT e.token_hash, e.subject, e.issued_before, e.expires_at, r.created_at
+         FROM revocation_entries e JOIN revocations r ON r.seq = e.seq
+         ORDER BY e.seq, e.ordinal",
+        [],
+        |row| {
+            Ok((
+                opt_blob(row, 0, "old entry hash")?,
+                row.get::<_, Option<String>>(1)
+                    .map_err(|e| column(e, "old entry subject"))?,
+                opt_time(row, 2, "old entry issued_before")?,
+                time(row, 3, "old entry expires_at")?,
+                time(row, 4, "old revocation created_at")?,
+            ))
+        },
+    )?;
+    let mut per_stream: BTreeMap<String, Vec<Addressed>> = BTreeMap::new();
+    let mut newest = 0;
+    for (hash, subject, issued_before, expires_at, created_at) in old {
+        newest = newest.max(created_at);
+        let tokens = match (hash, subject, issued_before) {
+            (Some(hash), None, None) => collect(
+                tx,
+                &format!("SELECT {TOKEN_COLUMNS} FROM issued_tokens WHERE hash = ?1"),
+                params![hash],
+                token_row,
+            )?,
+            (None, Some(subject), Some(before)) => collect(
+                tx,
+                &format!(
+                    "SELECT {TOKEN_COLUMNS} FROM issued_tokens
+                     WHERE subject = ?1 AND issued_at < ?2"
+                ),
+                params![subject, bound(before)],
+                token_row,
+            )?,
+            _ => return Err(StoreError::Corrupt("old revocation entry".into())),
+        };
+        for token in tokens {
+            let entry = match (&token.kind, issued_before) {
+                (_, Some(before)) => Entry::for_subject(&token.subject, before, expires_at)
+                    .map_err(|e| StoreError::Corrupt(format!("old entry subject: {e}")))?,
+                (_, None) => Entry::Token {
+                    hash: token.hash,
+                    expires_at,
+                },
+            };
+            let Ok(stream) = revocation::stream_of(&token) else {
+                continue;
+            };
+            let Ok(addressed) = Addressed::new(&token.audience, entry) else {
+                continue;
+            };
+            per_stream
+                .entry(stream.name().to_string())
+                .or_default()
+                .push(addressed);
+        }
+    }
+    for (name, entries) in per_stream {
+        let stream = Stream::parse(&name)
+            .map_err(|e| StoreError::Corrupt(format!("stream {name:?}: {e}")))?;
+        let changes = revocation::chunk(&stream, entries);
+        tx.execute(
+            "INSERT INTO revocation_streams (name, seq) VALUES (?1, ?2)",
+            params![name, stored(changes.len() as u64, "seq")?],
+        )
+        .ctx("recording a stream")?;
+        for (i, change) in changes.iter().enumerate() {
+            insert_change(tx, &name, i as u64 + 1, newest, change)?;
+        }
+    }
+    tx.execute_batch("DROP TABLE revocation_entries; DROP TABLE revocations;")
+        .ctx("dropping the old revocation tables")
+}
+
+/// Inserts one numbered change with its entries (the stream row is the caller's).
+fn insert_change(
+    tx: &Transaction<'_>,
+    stream: &str,
+    seq: u64,
+    created_at: u64,
+    entries: &[Addressed],
+) -> StoreResult<()> {
+    let seq = stored(seq, "change seq")?;
+    tx.prepare_cached(
+        "INSERT INTO revocation_changes (stream, seq, created_at, published)
+         VALUES (?1, ?2, ?3, 0)",
+    )
+    .ctx("preparing the change insert")?
+    .execute(params![stream, seq, stored(created_at, "created_at")?])
+    .ctx("inserting a change")?;
+    let mut insert = tx
+        .prepare_cached(&format!(
+            "INSERT INTO stream_entries (stream, seq, ordinal, {ENTRY_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ))
+        .ctx("preparing the entry insert")?;
+    for (i, e) in entries.iter().enumerate() {
+        let ordinal = i64::try_from(i).unwrap_or(i64::MAX);
+        let expires_at = stored(e.entry.expires_at(), "entry expires_at")?;
+        let audience = e.audience.as_str();
+        match &e.entry {
+            Entry::Token { hash, .. } => insert.execute(params![
+                stream,
+                seq,
+                ordinal,
+                audience,
+                &hash[..],
+                None::<&str>,
+                None::<i64>,
+                expires_at
+            ]),
+            Entry::Subject {
+                subject,
+                issued_before,
+                ..
+            } => insert.execute(params![
+                stream,
+                seq,
+                ordinal,
+                audience,
+                None::<&[u8]>,
+                subject.as_str(),
+                stored(*issued_before, "entry issued_before")?,
+                expires_at
+            ]),
+        }
+        .ctx("inserting an entry")?;
+    }
+    Ok(())
+}
 
 /// The [`Store`] on an SQLite database file.
 ///
@@ -165,7 +383,7 @@ pub struct Sqlite {
 impl Sqlite {
     /// The schema version this code writes (`PRAGMA user_version` after migrating): the
     /// number of migration steps.
-    pub const SCHEMA_VERSION: u32 = 1;
+    pub const SCHEMA_VERSION: u32 = 2;
 
     /// Opens (creating it if needed) the database at `path`, switches it to WAL with durable
     /// commits and applies pending migrations. Refuses, with [`StoreError::Corrupt`], a
@@ -247,8 +465,14 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
         return Ok(());
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(start) {
-        tx.execute_batch(step)
-            .map_err(|e| StoreError::Backend(format!("applying migration {}: {e}", i + 1)))?;
+        match step {
+            Step::Sql(sql) => tx
+                .execute_batch(sql)
+                .map_err(|e| StoreError::Backend(format!("applying migration {}: {e}", i + 1)))?,
+            Step::Code(f) => {
+                f(&tx).map_err(|e| prefix(e, &format!("applying migration {}", i + 1)))?
+            }
+        }
     }
     tx.pragma_update(None, "user_version", known)
         .ctx("setting user_version")?;
@@ -447,31 +671,36 @@ fn grant_row(row: &Row<'_>) -> StoreResult<(GrantRecord, bool, bool)> {
     ))
 }
 
-const ENTRY_COLUMNS: &str = "token_hash, subject, issued_before, expires_at";
+const ENTRY_COLUMNS: &str = "audience, token_hash, subject, issued_before, expires_at";
 
-/// A revocation entry from the four [`ENTRY_COLUMNS`] starting at `at`.
-fn entry_row(row: &Row<'_>, at: usize) -> StoreResult<Entry> {
-    let hash = opt_blob(row, at, "entry token hash")?;
-    let subject: Option<String> = row.get(at + 1).map_err(|e| column(e, "entry subject"))?;
-    let issued_before = opt_time(row, at + 2, "entry issued_before")?;
-    let expires_at = time(row, at + 3, "entry expires_at")?;
-    match (hash, subject, issued_before) {
-        (Some(hash), None, None) => Ok(Entry::Token {
+/// A revocation entry from the five [`ENTRY_COLUMNS`] starting at `at`.
+fn entry_row(row: &Row<'_>, at: usize) -> StoreResult<Addressed> {
+    let audience = text(row, at, "entry audience")?;
+    let hash = opt_blob(row, at + 1, "entry token hash")?;
+    let subject: Option<String> = row.get(at + 2).map_err(|e| column(e, "entry subject"))?;
+    let issued_before = opt_time(row, at + 3, "entry issued_before")?;
+    let expires_at = time(row, at + 4, "entry expires_at")?;
+    let entry = match (hash, subject, issued_before) {
+        (Some(hash), None, None) => Entry::Token {
             hash: array::<TOKEN_HASH_LEN>(hash, "entry token hash")?,
             expires_at,
-        }),
+        },
         (None, Some(subject), Some(issued_before)) => {
             Entry::for_subject(&subject, issued_before, expires_at)
-                .map_err(|e| StoreError::Corrupt(format!("entry subject {subject:?}: {e}")))
+                .map_err(|e| StoreError::Corrupt(format!("entry subject {subject:?}: {e}")))?
         }
-        _ => Err(StoreError::Corrupt(
-            "revocation entry is neither a token nor a subject entry".into(),
-        )),
-    }
+        _ => {
+            return Err(StoreError::Corrupt(
+                "revocation entry is neither a token nor a subject entry".into(),
+            ));
+        }
+    };
+    Addressed::new(&audience, entry)
+        .map_err(|e| StoreError::Corrupt(format!("entry audience {audience:?}: {e}")))
 }
 
 const KEY_COLUMNS: &str =
-    "kid, public_key, sealed_private_key, created_at, active_from, retire_after";
+    "kid, public_key, sealed_private_key, created_at, active_from, retire_after, published_at";
 
 fn key_row(row: &Row<'_>) -> StoreResult<KeyRecord> {
     Ok(KeyRecord {
@@ -480,6 +709,7 @@ fn key_row(row: &Row<'_>) -> StoreResult<KeyRecord> {
         sealed_private_key: blob(row, 2, "sealed private key")?,
         created_at: time(row, 3, "key created_at")?,
         active_from: time(row, 4, "key active_from")?,
+        published_at: opt_time(row, 6, "key published_at")?,
         retire_after: opt_time(row, 5, "key retire_after")?,
     })
 }
@@ -538,51 +768,280 @@ fn load_clients(conn: &Connection, kind: Option<ClientKind>) -> StoreResult<Vec<
     Ok(clients)
 }
 
+/// Inserts one client with its groups.
+fn insert_client(tx: &Transaction<'_>, client: &ClientRecord) -> StoreResult<()> {
+    tx.prepare_cached(&format!(
+        "INSERT INTO clients ({CLIENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))
+    .ctx("preparing the client insert")?
+    .execute(params![
+        client.id,
+        client.kind.as_str(),
+        client.public_key,
+        client.role,
+        client.enrollment_code_key.as_ref().map(|k| &k[..]),
+        client
+            .enrolled_at
+            .map(|t| stored(t, "enrolled_at"))
+            .transpose()?,
+        client
+            .revoked_at
+            .map(|t| stored(t, "revoked_at"))
+            .transpose()?,
+        stored(client.created_at, "created_at")?,
+    ])
+    .map_err(|e| {
+        insert_error(e, "inserting the client", || {
+            format!("client {:?} already exists", client.id)
+        })
+    })?;
+    let mut insert = tx
+        .prepare_cached("INSERT INTO client_groups (client, ordinal, name) VALUES (?1, ?2, ?3)")
+        .ctx("preparing the group insert")?;
+    for (i, group) in client.groups.iter().enumerate() {
+        let ordinal = i64::try_from(i).unwrap_or(i64::MAX);
+        insert
+            .execute(params![client.id, ordinal, group])
+            .ctx("inserting a group")?;
+    }
+    Ok(())
+}
+
+/// The client with this id, without its groups.
+fn client_without_groups(conn: &Connection, id: &str) -> StoreResult<Option<ClientRecord>> {
+    Ok(collect(
+        conn,
+        &format!("SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ?1"),
+        params![id],
+        client_row,
+    )?
+    .pop())
+}
+
+/// Marks a client revoked at `at`. A second revocation keeps the first time. A device
+/// loses its key and enrollment; other clients keep their registered key for the record.
+fn revoke_client(tx: &Transaction<'_>, id: &str, at: u64) -> StoreResult<()> {
+    let n = tx
+        .prepare_cached(
+            "UPDATE clients SET
+                revoked_at = COALESCE(revoked_at, ?2),
+                enrollment_code_key = NULL,
+                public_key = CASE kind WHEN 'device' THEN NULL ELSE public_key END,
+                enrolled_at = CASE kind WHEN 'device' THEN NULL ELSE enrolled_at END
+             WHERE id = ?1",
+        )
+        .ctx("preparing the client update")?
+        .execute(params![id, stored(at, "revoked_at")?])
+        .ctx("revoking the client")?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("client {id:?}")));
+    }
+    Ok(())
+}
+
+/// Revokes every grant family of a client; returns how many grants were live.
+fn revoke_grants(tx: &Transaction<'_>, client: &str) -> StoreResult<u64> {
+    let live: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM grants WHERE client = ?1 AND used = 0 AND family_revoked = 0",
+        )
+        .ctx("preparing the grant count")?
+        .query_row(params![client], |row| row.get(0))
+        .ctx("counting live grants")?;
+    tx.prepare_cached(
+        "UPDATE grants SET family_revoked = 1
+         WHERE family_revoked = 0 AND family IN (SELECT family FROM grants WHERE client = ?1)",
+    )
+    .ctx("preparing the family update")?
+    .execute(params![client])
+    .ctx("revoking the families")?;
+    u64::try_from(live).map_err(|_| StoreError::Corrupt(format!("grant count {live}")))
+}
+
+/// How a control command is stored.
+fn command_number(c: Command) -> i64 {
+    i64::try_from(c.as_u64()).unwrap_or(i64::MAX)
+}
+
+/// Resolves revocation targets inside the revoking transaction (see [`Store::revoke`]).
+fn resolve(
+    tx: &Transaction<'_>,
+    targets: &[Target],
+    now: u64,
+    leeway: u64,
+) -> StoreResult<Resolved> {
+    // Live: still accepted by a verifier with this leeway.
+    let live_after = bound(now.saturating_sub(leeway));
+    let mut resolved = Resolved::default();
+    // Subjects in the order named, each once; whole wins.
+    let mut subjects: Vec<(String, bool, Option<ClientRecord>)> = Vec::new();
+    let mut add = |id: &str, whole: bool, client: Option<ClientRecord>| match subjects
+        .iter_mut()
+        .find(|(s, _, _)| s == id)
+    {
+        Some(held) => held.1 |= whole,
+        None => subjects.push((id.to_owned(), whole, client)),
+    };
+    let live_token = |sql: &str, key: &[u8], what: String| -> StoreResult<IssuedToken> {
+        collect(
+            tx,
+            &format!("SELECT {TOKEN_COLUMNS} FROM issued_tokens WHERE {sql} AND expires_at >= ?2"),
+            params![key, live_after],
+            token_row,
+        )?
+        .pop()
+        .ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "{what}: no live token of this hub has it (unknown, or already expired)"
+            ))
+        })
+    };
+    let mut add_token = |t: IssuedToken| -> StoreResult<()> {
+        // Revoked by hash before: nothing more to do (and nothing counted).
+        let listed = tx
+            .prepare_cached("SELECT 1 FROM stream_entries WHERE token_hash = ?1 LIMIT 1")
+            .ctx("preparing the entry lookup")?
+            .exists(params![&t.hash[..]])
+            .ctx("looking the token up")?;
+        if !listed && !resolved.tokens.iter().any(|(held, _)| held.hash == t.hash) {
+            let holder = client_without_groups(tx, &t.subject)?;
+            resolved.tokens.push((t, holder));
+        }
+        Ok(())
+    };
+    for target in targets {
+        match target {
+            Target::TokenHash(hash) => add_token(live_token(
+                "hash = ?1",
+                hash,
+                format!("token hash {}", hex::encode(hash)),
+            )?)?,
+            Target::TokenId(cti) => add_token(live_token(
+                "cti = ?1",
+                cti,
+                format!("token id {}", hex::encode(cti)),
+            )?)?,
+            Target::Subject(id) => {
+                let client = client_without_groups(tx, id)?;
+                if client.is_none() && live_tokens(tx, id, live_after)?.is_empty() {
+                    return Err(StoreError::NotFound(format!(
+                        "no client {id:?}, and no live token issued to it"
+                    )));
+                }
+                add(id, false, client);
+            }
+            Target::Device(id) => match client_without_groups(tx, id)? {
+                Some(c) if c.kind == ClientKind::Device => add(id, true, Some(c)),
+                Some(c) => {
+                    return Err(StoreError::NotFound(format!(
+                        "{id:?} is a registered {}, not a device (revoke it as a subject)",
+                        c.kind.as_str()
+                    )));
+                }
+                None => return Err(StoreError::NotFound(format!("no device {id:?}"))),
+            },
+            Target::Group(group) => {
+                let members = collect(
+                    tx,
+                    &format!(
+                        "SELECT {} FROM clients c JOIN client_groups g ON g.client = c.id
+                         WHERE g.name = ?1 AND c.kind = 'device' ORDER BY c.id",
+                        CLIENT_COLUMNS
+                            .split(", ")
+                            .map(|c| format!("c.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    params![group],
+                    client_row,
+                )?;
+                if members.is_empty() {
+                    return Err(StoreError::NotFound(format!(
+                        "no device in group {group:?}"
+                    )));
+                }
+                for c in members {
+                    add(&c.id.clone(), true, Some(c));
+                }
+            }
+            Target::Role(role) => {
+                let members = collect(
+                    tx,
+                    &format!("SELECT {CLIENT_COLUMNS} FROM clients WHERE role = ?1 ORDER BY id"),
+                    params![role],
+                    client_row,
+                )?;
+                if members.is_empty() {
+                    return Err(StoreError::NotFound(format!(
+                        "no client with role {role:?}"
+                    )));
+                }
+                for c in members {
+                    let whole = c.kind == ClientKind::Device;
+                    add(&c.id.clone(), whole, Some(c));
+                }
+            }
+            Target::Devices(ids) => {
+                let mut unknown = Vec::new();
+                let mut found = Vec::new();
+                for id in ids {
+                    match client_without_groups(tx, id)? {
+                        Some(c) if c.kind == ClientKind::Device => found.push(c),
+                        _ => unknown.push(id.as_str()),
+                    }
+                }
+                if !unknown.is_empty() {
+                    let shown: Vec<&str> = unknown.iter().take(5).copied().collect();
+                    return Err(StoreError::NotFound(format!(
+                        "{} of the {} ids are not registered devices ({}{}); nothing was revoked",
+                        unknown.len(),
+                        ids.len(),
+                        shown.join(", "),
+                        if unknown.len() > shown.len() {
+                            ", …"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                for c in found {
+                    add(&c.id.clone(), true, Some(c));
+                }
+            }
+        }
+    }
+    for (id, whole, client) in subjects {
+        let live_tokens = live_tokens(tx, &id, live_after)?;
+        resolved.subjects.push(ResolvedSubject {
+            id,
+            client,
+            whole,
+            live_tokens,
+        });
+    }
+    Ok(resolved)
+}
+
+/// Tokens issued to `subject` with `expires_at ≥ live_after`.
+fn live_tokens(conn: &Connection, subject: &str, live_after: i64) -> StoreResult<Vec<IssuedToken>> {
+    collect(
+        conn,
+        &format!(
+            "SELECT {TOKEN_COLUMNS} FROM issued_tokens
+             WHERE subject = ?1 AND expires_at >= ?2 ORDER BY issued_at, cti"
+        ),
+        params![subject, live_after],
+        token_row,
+    )
+}
+
 impl Store for Sqlite {
     // --- registry ---
 
     async fn add_client(&self, client: ClientRecord) -> StoreResult<()> {
         self.run("add_client", move |conn| {
             let tx = immediate(conn)?;
-            tx.execute(
-                &format!(
-                    "INSERT INTO clients ({CLIENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-                ),
-                params![
-                    client.id,
-                    client.kind.as_str(),
-                    client.public_key,
-                    client.role,
-                    client.enrollment_code_key.as_ref().map(|k| &k[..]),
-                    client
-                        .enrolled_at
-                        .map(|t| stored(t, "enrolled_at"))
-                        .transpose()?,
-                    client
-                        .revoked_at
-                        .map(|t| stored(t, "revoked_at"))
-                        .transpose()?,
-                    stored(client.created_at, "created_at")?,
-                ],
-            )
-            .map_err(|e| {
-                insert_error(e, "inserting the client", || {
-                    format!("client {:?} already exists", client.id)
-                })
-            })?;
-            {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO client_groups (client, ordinal, name) VALUES (?1, ?2, ?3)",
-                    )
-                    .ctx("preparing the group insert")?;
-                for (i, group) in client.groups.iter().enumerate() {
-                    let ordinal = i64::try_from(i).unwrap_or(i64::MAX);
-                    insert
-                        .execute(params![client.id, ordinal, group])
-                        .ctx("inserting a group")?;
-                }
-            }
+            insert_client(&tx, &client)?;
             tx.commit().ctx("committing")
         })
         .await
@@ -700,25 +1159,11 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn revoke_client(&self, id: &str, at: u64) -> StoreResult<()> {
-        let id = id.to_owned();
-        self.run("revoke_client", move |conn| {
+    async fn add_clients(&self, clients: Vec<ClientRecord>) -> StoreResult<()> {
+        self.run("add_clients", move |conn| {
             let tx = immediate(conn)?;
-            // A second revocation keeps the first time. A device loses its key and
-            // enrollment; other clients keep their registered key for the record.
-            let n = tx
-                .execute(
-                    "UPDATE clients SET
-                        revoked_at = COALESCE(revoked_at, ?2),
-                        enrollment_code_key = NULL,
-                        public_key = CASE kind WHEN 'device' THEN NULL ELSE public_key END,
-                        enrolled_at = CASE kind WHEN 'device' THEN NULL ELSE enrolled_at END
-                     WHERE id = ?1",
-                    params![id, stored(at, "revoked_at")?],
-                )
-                .ctx("updating the client")?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("client {id:?}")));
+            for client in &clients {
+                insert_client(&tx, client)?;
             }
             tx.commit().ctx("committing")
         })
@@ -836,6 +1281,33 @@ impl Store for Sqlite {
     ) -> StoreResult<()> {
         self.run("record_issued", move |conn| {
             let tx = immediate(conn)?;
+            // Re-checked here, under the write lock: a revocation that committed after the
+            // hub decided to issue must still win.
+            let holder = tx
+                .prepare_cached(
+                    "SELECT revoked_at, tokens_revoked_before FROM clients WHERE id = ?1",
+                )
+                .ctx("preparing the holder check")?
+                .query_row(params![token.subject], |row| {
+                    Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))
+                })
+                .optional()
+                .ctx("reading the holder")?;
+            match holder {
+                Some((Some(_), _)) => {
+                    return Err(StoreError::Conflict(format!(
+                        "client {:?} was revoked",
+                        token.subject
+                    )));
+                }
+                Some((None, Some(before))) if bound(token.issued_at) < before => {
+                    return Err(StoreError::Conflict(format!(
+                        "tokens of {:?} issued before {before} were revoked meanwhile",
+                        token.subject
+                    )));
+                }
+                _ => {}
+            }
             tx.prepare_cached(&format!(
                 "INSERT INTO issued_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
             ))
@@ -976,167 +1448,308 @@ impl Store for Sqlite {
         let client = client.to_owned();
         self.run("revoke_grants_of", move |conn| {
             let tx = immediate(conn)?;
-            let live: i64 = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM grants
-                     WHERE client = ?1 AND used = 0 AND family_revoked = 0",
-                    params![client],
-                    |row| row.get(0),
-                )
-                .ctx("counting live grants")?;
-            tx.execute(
-                "UPDATE grants SET family_revoked = 1
-                 WHERE family_revoked = 0
-                   AND family IN (SELECT family FROM grants WHERE client = ?1)",
-                params![client],
-            )
-            .ctx("revoking the families")?;
+            let live = revoke_grants(&tx, &client)?;
             tx.commit().ctx("committing")?;
-            u64::try_from(live).map_err(|_| StoreError::Corrupt(format!("grant count {live}")))
+            Ok(live)
         })
         .await
     }
 
     // --- revocation ---
 
-    async fn append_revocation(&self, entries: Vec<Entry>, now: u64) -> StoreResult<u64> {
-        self.run("append_revocation", move |conn| {
+    async fn revoke(&self, targets: Vec<Target>, now: u64, leeway: u64) -> StoreResult<Outcome> {
+        self.run("revoke", move |conn| {
             let tx = immediate(conn)?;
-            // The write lock is held, so max + 1 cannot race another appender.
-            let seq: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM revocations",
-                    [],
-                    |row| row.get(0),
+            let resolved = resolve(&tx, &targets, now, leeway)?;
+            let plan = revocation::plan(&resolved, now, leeway)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            for subject in &resolved.subjects {
+                let Some(client) = &subject.client else {
+                    continue;
+                };
+                if subject.whole {
+                    revoke_client(&tx, &client.id, now)?;
+                } else {
+                    tx.prepare_cached(
+                        "UPDATE clients SET tokens_revoked_before =
+                            MAX(COALESCE(tokens_revoked_before, 0), ?2) WHERE id = ?1",
+                    )
+                    .ctx("preparing the cut-off update")?
+                    .execute(params![client.id, stored(now, "now")?])
+                    .ctx("recording the cut-off")?;
+                }
+                revoke_grants(&tx, &subject.id)?;
+            }
+            let mut outcome = Outcome {
+                revoked: plan.revoked,
+                controls: plan.controls.clone(),
+                ..Outcome::default()
+            };
+            for (name, changes) in plan.changes {
+                let mut seq: u64 = tx
+                    .prepare_cached("SELECT seq FROM revocation_streams WHERE name = ?1")
+                    .ctx("preparing the stream read")?
+                    .query_row(params![name], |row| row.get::<_, i64>(0))
+                    .optional()
+                    .ctx("reading the stream")?
+                    .map_or(Ok(0), |v| {
+                        u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("seq {v}")))
+                    })?;
+                tx.prepare_cached(
+                    "INSERT INTO revocation_streams (name, seq) VALUES (?1, 0)
+                     ON CONFLICT (name) DO NOTHING",
                 )
-                .ctx("reading the last sequence number")?;
-            tx.execute(
-                "INSERT INTO revocations (seq, created_at, published) VALUES (?1, ?2, 0)",
-                params![seq, stored(now, "created_at")?],
-            )
-            .ctx("inserting the revocation")?;
+                .ctx("preparing the stream insert")?
+                .execute(params![name])
+                .ctx("recording the stream")?;
+                for entries in changes {
+                    seq += 1;
+                    insert_change(&tx, &name, seq, now, &entries)?;
+                    outcome.changes.push(Change {
+                        stream: name.clone(),
+                        seq,
+                        created_at: now,
+                        entries,
+                    });
+                }
+                tx.prepare_cached("UPDATE revocation_streams SET seq = ?2 WHERE name = ?1")
+                    .ctx("preparing the stream update")?
+                    .execute(params![name, stored(seq, "seq")?])
+                    .ctx("numbering the stream")?;
+                outcome.latest.insert(name, seq);
+            }
             {
                 let mut insert = tx
-                    .prepare_cached(&format!(
-                        "INSERT INTO revocation_entries (seq, ordinal, {ENTRY_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                    ))
-                    .ctx("preparing the entry insert")?;
-                for (i, entry) in entries.iter().enumerate() {
-                    let ordinal = i64::try_from(i).unwrap_or(i64::MAX);
-                    let expires_at = stored(entry.expires_at(), "entry expires_at")?;
-                    match entry {
-                        Entry::Token { hash, .. } => insert.execute(params![
-                            seq,
-                            ordinal,
-                            &hash[..],
-                            None::<&str>,
-                            None::<i64>,
-                            expires_at
-                        ]),
-                        Entry::Subject {
-                            subject,
-                            issued_before,
-                            ..
-                        } => insert.execute(params![
-                            seq,
-                            ordinal,
-                            None::<&[u8]>,
-                            subject.as_str(),
-                            stored(*issued_before, "entry issued_before")?,
-                            expires_at
-                        ]),
-                    }
-                    .ctx("inserting an entry")?;
+                    .prepare_cached(
+                        "INSERT INTO pending_controls (device, command, issued_at)
+                         VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                    )
+                    .ctx("preparing the control insert")?;
+                for c in &plan.controls {
+                    insert
+                        .execute(params![
+                            c.device,
+                            command_number(c.command),
+                            stored(c.issued_at, "issued_at")?
+                        ])
+                        .ctx("recording a control message")?;
                 }
             }
             tx.commit().ctx("committing")?;
-            u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("sequence number {seq}")))
+            Ok(outcome)
         })
         .await
     }
 
-    async fn unpublished_revocations(&self) -> StoreResult<Vec<RevocationRecord>> {
-        self.run("unpublished_revocations", move |conn| {
-            let tx = deferred(conn)?;
-            let mut records = collect(
-                &tx,
-                "SELECT seq, created_at FROM revocations WHERE published = 0 ORDER BY seq",
+    async fn streams(&self) -> StoreResult<Vec<StreamState>> {
+        self.run("streams", move |conn| {
+            collect(
+                conn,
+                "SELECT name, seq, snapshot_seq, snapshot_pages FROM revocation_streams
+                 ORDER BY name",
                 [],
                 |row| {
-                    Ok(RevocationRecord {
-                        seq: time(row, 0, "revocation seq")?,
-                        entries: Vec::new(),
-                        created_at: time(row, 1, "revocation created_at")?,
-                        published: false,
+                    Ok(StreamState {
+                        name: text(row, 0, "stream name")?,
+                        seq: time(row, 1, "stream seq")?,
+                        snapshot_seq: time(row, 2, "stream snapshot_seq")?,
+                        snapshot_pages: time(row, 3, "stream snapshot_pages")?,
                     })
                 },
-            )?;
-            let entries = collect(
-                &tx,
-                &format!(
-                    "SELECT e.seq, {} FROM revocation_entries e
-                     JOIN revocations r ON r.seq = e.seq
-                     WHERE r.published = 0 ORDER BY e.seq, e.ordinal",
-                    prefixed_entry_columns()
-                ),
-                [],
-                |row| Ok((time(row, 0, "entry seq")?, entry_row(row, 1)?)),
-            )?;
-            // Both lists are in sequence order: walk them together.
-            let mut records_iter = records.iter_mut().peekable();
-            for (seq, entry) in entries {
-                while records_iter.peek().is_some_and(|r| r.seq < seq) {
-                    records_iter.next();
-                }
-                match records_iter.peek_mut() {
-                    Some(r) if r.seq == seq => r.entries.push(entry),
-                    _ => {
-                        return Err(StoreError::Corrupt(format!(
-                            "entry of revocation {seq} without its revocation"
-                        )));
-                    }
-                }
-            }
-            Ok(records)
+            )
         })
         .await
     }
 
-    async fn mark_published(&self, seq: u64) -> StoreResult<()> {
-        self.run("mark_published", move |conn| {
+    async fn stream_entries(
+        &self,
+        stream: &str,
+        from: u64,
+        now: u64,
+        leeway: u64,
+        max_entries: usize,
+    ) -> StoreResult<StreamRead> {
+        let stream = stream.to_owned();
+        self.run("stream_entries", move |conn| {
+            let tx = deferred(conn)?;
+            let latest = tx
+                .prepare_cached("SELECT seq FROM revocation_streams WHERE name = ?1")
+                .ctx("preparing the stream read")?
+                .query_row(params![stream], |row| row.get::<_, i64>(0))
+                .optional()
+                .ctx("reading the stream")?
+                .unwrap_or(0);
+            let latest = u64::try_from(latest)
+                .map_err(|_| StoreError::Corrupt(format!("stream seq {latest}")))?;
+            let limit = i64::try_from(max_entries).unwrap_or(i64::MAX);
+            let rows = collect(
+                &tx,
+                &format!(
+                    "SELECT seq, {ENTRY_COLUMNS} FROM stream_entries
+                     WHERE stream = ?1 AND seq >= ?2 AND expires_at >= ?3
+                     ORDER BY seq, ordinal LIMIT ?4"
+                ),
+                params![
+                    stream,
+                    bound(from),
+                    bound(now.saturating_sub(leeway)),
+                    limit
+                ],
+                |row| Ok((time(row, 0, "entry seq")?, entry_row(row, 1)?)),
+            )?;
+            let complete = rows.len() < max_entries;
+            let mut changes: Vec<(u64, Vec<Addressed>)> = Vec::new();
+            for (seq, entry) in rows {
+                match changes.last_mut() {
+                    Some((s, entries)) if *s == seq => entries.push(entry),
+                    _ => changes.push((seq, vec![entry])),
+                }
+            }
+            Ok(StreamRead {
+                latest,
+                changes,
+                complete,
+            })
+        })
+        .await
+    }
+
+    async fn set_snapshot_published(&self, stream: &str, seq: u64, pages: u64) -> StoreResult<()> {
+        let stream = stream.to_owned();
+        self.run("set_snapshot_published", move |conn| {
             let tx = immediate(conn)?;
             tx.execute(
-                "UPDATE revocations SET published = 1 WHERE seq <= ?1 AND published = 0",
-                params![bound(seq)],
+                "UPDATE revocation_streams SET snapshot_seq = ?2, snapshot_pages = ?3
+                 WHERE name = ?1",
+                params![stream, stored(seq, "seq")?, stored(pages, "pages")?],
             )
-            .ctx("marking published")?;
+            .ctx("updating the stream")?;
             tx.commit().ctx("committing")
         })
         .await
     }
 
-    async fn revocation_snapshot(&self, now: u64, leeway: u64) -> StoreResult<(u64, Vec<Entry>)> {
-        self.run("revocation_snapshot", move |conn| {
+    async fn unpublished_changes(&self, created_before: u64) -> StoreResult<Vec<Change>> {
+        self.run("unpublished_changes", move |conn| {
             let tx = deferred(conn)?;
-            let seq: i64 = tx
-                .query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |row| {
-                    row.get(0)
-                })
-                .ctx("reading the last sequence number")?;
-            let seq = u64::try_from(seq)
-                .map_err(|_| StoreError::Corrupt(format!("sequence number {seq}")))?;
-            // In force while now <= expires_at + leeway (as verifiers prune them).
-            let entries = collect(
+            let rows = collect(
                 &tx,
                 &format!(
-                    "SELECT {ENTRY_COLUMNS} FROM revocation_entries
-                     WHERE expires_at >= ?1 ORDER BY seq, ordinal"
+                    "SELECT c.stream, c.seq, c.created_at, {}
+                     FROM revocation_changes c
+                     LEFT JOIN stream_entries e ON e.stream = c.stream AND e.seq = c.seq
+                     WHERE c.published = 0 AND c.created_at <= ?1
+                     ORDER BY c.stream, c.seq, e.ordinal",
+                    prefixed_entry_columns()
                 ),
-                params![bound(now.saturating_sub(leeway))],
-                |row| entry_row(row, 0),
+                params![bound(created_before)],
+                |row| {
+                    let entry = match row.get::<_, Option<i64>>(7).map_err(|e| column(e, "e"))? {
+                        // No entry row: the change's entries were all pruned.
+                        None => None,
+                        Some(_) => Some(entry_row(row, 3)?),
+                    };
+                    Ok((
+                        text(row, 0, "change stream")?,
+                        time(row, 1, "change seq")?,
+                        time(row, 2, "change created_at")?,
+                        entry,
+                    ))
+                },
             )?;
-            Ok((seq, entries))
+            let mut changes: Vec<Change> = Vec::new();
+            for (stream, seq, created_at, entry) in rows {
+                let same = changes
+                    .last()
+                    .is_some_and(|c| c.stream == stream && c.seq == seq);
+                if !same {
+                    changes.push(Change {
+                        stream,
+                        seq,
+                        created_at,
+                        entries: Vec::new(),
+                    });
+                }
+                if let (Some(entry), Some(change)) = (entry, changes.last_mut()) {
+                    change.entries.push(entry);
+                }
+            }
+            Ok(changes)
+        })
+        .await
+    }
+
+    async fn mark_published(&self, changes: Vec<(String, u64)>) -> StoreResult<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.run("mark_published", move |conn| {
+            let tx = immediate(conn)?;
+            {
+                let mut update = tx
+                    .prepare_cached(
+                        "UPDATE revocation_changes SET published = 1
+                         WHERE stream = ?1 AND seq = ?2 AND published = 0",
+                    )
+                    .ctx("preparing the update")?;
+                for (stream, seq) in &changes {
+                    update
+                        .execute(params![stream, bound(*seq)])
+                        .ctx("marking a change published")?;
+                }
+            }
+            tx.commit().ctx("committing")
+        })
+        .await
+    }
+
+    async fn unsent_controls(&self, created_before: u64) -> StoreResult<Vec<PendingControl>> {
+        self.run("unsent_controls", move |conn| {
+            collect(
+                conn,
+                "SELECT device, command, issued_at FROM pending_controls
+                 WHERE issued_at <= ?1 ORDER BY issued_at, device",
+                params![bound(created_before)],
+                |row| {
+                    let n: i64 = row.get(1).map_err(|e| column(e, "control command"))?;
+                    Ok(PendingControl {
+                        device: text(row, 0, "control device")?,
+                        command: u64::try_from(n)
+                            .ok()
+                            .and_then(Command::from_u64)
+                            .ok_or_else(|| StoreError::Corrupt(format!("control command {n}")))?,
+                        issued_at: time(row, 2, "control issued_at")?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn mark_controls_sent(&self, controls: Vec<PendingControl>) -> StoreResult<()> {
+        if controls.is_empty() {
+            return Ok(());
+        }
+        self.run("mark_controls_sent", move |conn| {
+            let tx = immediate(conn)?;
+            {
+                let mut delete = tx
+                    .prepare_cached(
+                        "DELETE FROM pending_controls
+                         WHERE device = ?1 AND command = ?2 AND issued_at = ?3",
+                    )
+                    .ctx("preparing the delete")?;
+                for c in &controls {
+                    delete
+                        .execute(params![
+                            c.device,
+                            command_number(c.command),
+                            bound(c.issued_at)
+                        ])
+                        .ctx("forgetting a control message")?;
+                }
+            }
+            tx.commit().ctx("committing")
         })
         .await
     }
@@ -1148,7 +1761,7 @@ impl Store for Sqlite {
             let tx = immediate(conn)?;
             tx.execute(
                 &format!(
-                    "INSERT INTO signing_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    "INSERT INTO signing_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
                 ),
                 params![
                     &key.kid[..],
@@ -1158,6 +1771,9 @@ impl Store for Sqlite {
                     stored(key.active_from, "active_from")?,
                     key.retire_after
                         .map(|t| stored(t, "retire_after"))
+                        .transpose()?,
+                    key.published_at
+                        .map(|t| stored(t, "published_at"))
                         .transpose()?,
                 ],
             )
@@ -1179,6 +1795,39 @@ impl Store for Sqlite {
                 [],
                 key_row,
             )
+        })
+        .await
+    }
+
+    async fn mark_key_published(
+        &self,
+        kid: &[u8; 8],
+        at: u64,
+        active_from: u64,
+    ) -> StoreResult<KeyRecord> {
+        let kid = *kid;
+        self.run("mark_key_published", move |conn| {
+            let tx = immediate(conn)?;
+            tx.execute(
+                "UPDATE signing_keys SET published_at = ?2, active_from = MAX(active_from, ?3)
+                 WHERE kid = ?1 AND published_at IS NULL",
+                params![
+                    &kid[..],
+                    stored(at, "published_at")?,
+                    stored(active_from, "active_from")?
+                ],
+            )
+            .ctx("updating the key")?;
+            let key = collect(
+                &tx,
+                &format!("SELECT {KEY_COLUMNS} FROM signing_keys WHERE kid = ?1"),
+                params![&kid[..]],
+                key_row,
+            )?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound(format!("key {}", hex::encode(kid))))?;
+            tx.commit().ctx("committing")?;
+            Ok(key)
         })
         .await
     }
@@ -1269,13 +1918,31 @@ impl Store for Sqlite {
                     tx.execute("DELETE FROM grants WHERE expires_at < ?1", params![before])
                         .ctx("pruning grants")?,
                 ),
-                revocation_entries: count(
+                revocation_entries: {
+                    // A snapshot retained with spent entries is republished without them.
                     tx.execute(
-                        "DELETE FROM revocation_entries WHERE expires_at < ?1",
+                        "UPDATE revocation_streams SET snapshot_seq = 0 WHERE name IN
+                         (SELECT DISTINCT stream FROM stream_entries WHERE expires_at < ?1)",
                         params![before],
                     )
-                    .ctx("pruning revocation entries")?,
-                ),
+                    .ctx("marking snapshots to republish")?;
+                    let n = tx
+                        .execute(
+                            "DELETE FROM stream_entries WHERE expires_at < ?1",
+                            params![before],
+                        )
+                        .ctx("pruning revocation entries")?;
+                    // Published changes left without entries are only numbers now.
+                    tx.execute(
+                        "DELETE FROM revocation_changes WHERE published = 1 AND NOT EXISTS
+                         (SELECT 1 FROM stream_entries e
+                          WHERE e.stream = revocation_changes.stream
+                            AND e.seq = revocation_changes.seq)",
+                        [],
+                    )
+                    .ctx("pruning empty changes")?;
+                    count(n)
+                },
                 audit_events: count(
                     tx.execute(
                         "DELETE FROM audit_log WHERE at_ms < ?1",

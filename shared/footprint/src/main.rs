@@ -3,14 +3,15 @@
 //! the core.
 //!
 //! The image is a minimal firmware shell around the agent state machine. It opens its stored
-//! record and boots the agent from it, connects, receives a hub-signed revocation delta,
-//! checks an access token an app presents (the presentation with proof of possession, and
-//! the bare token against the agent's key set and revocation list), lets the refresh timer
-//! fire, which makes the agent sign a refresh request, and delivers the hub's answer, whose
-//! new state the shell seals into the record. So it links token verification
-//! (`token::verify`), request signing (`message::Request::sign` with a `P256Signer`),
-//! revocation deltas (`revocation::Delta::decode`, `RevocationList::apply_delta`), the
-//! record format (`record::open`, `record::seal`) and `agent::Agent::handle` for Boot,
+//! record and boots the agent from it, connects, receives a hub-signed revocation page (the
+//! delta of change 1 of its stream) and heartbeat, checks an access token an app presents
+//! (the presentation with proof of possession, and the bare token against the agent's key
+//! set and revocation list), lets the refresh timer fire, which makes the agent sign a
+//! refresh request, and delivers the hub's answer, whose new state the shell seals into the
+//! record. So it links token verification (`token::verify`), request signing
+//! (`message::Request::sign` with a `P256Signer`), revocation streams
+//! (`revocation::StreamMessage::decode`, `RevocationList::apply_page` and `apply_heartbeat`),
+//! the record format (`record::open`, `record::seal`) and `agent::Agent::handle` for Boot,
 //! Connected, Message and Timer events.
 //!
 //! The inputs are real (made by `build.rs` with the same core on the host) and pass through
@@ -74,7 +75,7 @@ fn run(
         stored: 0,
         next_wake: None,
     };
-    let agent = slot.write(new_agent()?);
+    let agent = new_agent(slot)?;
     let mut steps = 0;
 
     // Power-on: open the stored record (authenticated, rollback-checked) and boot from it.
@@ -96,14 +97,26 @@ fn run(
 
     shell.perform(&agent.handle(Event::Connected, now_ms, &random(2))?)?;
 
-    // A hub-signed revocation delta arrives: the agent checks the signature with its key
-    // set, decodes the delta and applies it to its revocation list.
-    let delta = Event::Message {
-        topic: topic::REVOCATION_DELTA,
-        payload: input(&fixtures::SIGNED_DELTA),
-    };
-    shell.perform(&agent.handle(delta, now_ms, &random(3))?)?;
-    steps |= u32::from(agent.revocations().seq() == 1) << 1;
+    // Hub-signed messages of the device's revocation stream arrive: a page (the delta of
+    // change 1) and a heartbeat naming change 1. The agent checks each signature with its
+    // key set, applies the page to its list and dates its knowledge from the heartbeat.
+    for (n, topic, payload) in [
+        (3, fixtures::DELTA_TOPIC, &fixtures::SIGNED_PAGE[..]),
+        (
+            4,
+            fixtures::HEARTBEAT_TOPIC,
+            &fixtures::SIGNED_HEARTBEAT[..],
+        ),
+    ] {
+        let message = Event::Message {
+            topic: input(topic),
+            payload: input(payload),
+        };
+        shell.perform(&agent.handle(message, now_ms, &random(n))?)?;
+    }
+    steps |= u32::from(
+        agent.revocations().seq() == 1 && agent.revocation_fresh_as_of() == Some(fixtures::NOW),
+    ) << 1;
 
     // An app presents its access token: proof of possession, signature, claims,
     // revocation, freshness of the list, replay.
@@ -124,7 +137,7 @@ fn run(
     // The refresh point passes: the agent signs and publishes a refresh request...
     let published = shell.published;
     let timer_ms = black_box(fixtures::TIMER_AT) * 1000;
-    shell.perform(&agent.handle(Event::Timer, timer_ms, &random(4))?)?;
+    shell.perform(&agent.handle(Event::Timer, timer_ms, &random(5))?)?;
     steps |= u32::from(shell.published > published) << 4;
 
     // ...and the hub's answer arrives: the agent verifies it and its new token, and asks
@@ -134,19 +147,22 @@ fn run(
         topic: &response_topic,
         payload: input(&fixtures::REFRESH_RESPONSE),
     };
-    shell.perform(&agent.handle(response, timer_ms, &random(5))?)?;
+    shell.perform(&agent.handle(response, timer_ms, &random(6))?)?;
     steps |= u32::from(shell.stored > 0) << 5;
     black_box(shell.next_wake);
     Ok(steps)
 }
 
-fn new_agent() -> Result<Agent<P256Signer>, Error> {
+fn new_agent(
+    slot: &'static mut MaybeUninit<Agent<P256Signer>>,
+) -> Result<&'static mut Agent<P256Signer>, Error> {
     let device_key = P256Signer::from_scalar(input(&fixtures::DEVICE_SCALAR))?;
     let hub_key = PublicKey::from_sec1(input(&fixtures::HUB_KEY_SEC1))?;
     let mut config = AgentConfig::new(fixtures::DEVICE_ID, fixtures::AUDIENCE)?;
     // A device with a real-time clock; without one the agent learns the hub's time.
     config.trust_local_clock = black_box(true);
-    Agent::new(config, device_key, hub_key)
+    // Built in its static slot: no 13 KiB temporary on the stack.
+    Agent::new_in(slot, config, device_key, hub_key)
 }
 
 /// What the device's firmware does with the agent's actions.

@@ -90,8 +90,8 @@ use crate::message::{
     RequestBody, Response, ResponseBody, SignedPresentation, SignedResponse, validate_id,
 };
 use crate::revocation::{
-    Delta, DeltaOutcome, Heartbeat, HeartbeatOutcome, MAX_REVOKED, RevocationList, Snapshot,
-    TokenHash, token_hash,
+    Bounded, HeartbeatOutcome, MAX_REVOKED, Page, PageOutcome, RevocationList, Stream,
+    StreamMessage,
 };
 use crate::schedule::{self, Backoff};
 use crate::token::{self, MAX_TOKEN_LEN, Validation};
@@ -110,8 +110,9 @@ pub const MAX_ATTEMPTS: usize = 4;
 /// Reports one call of [`Agent::handle`] can return.
 pub const MAX_REPORTS: usize = 8;
 
-/// Topics the agent subscribes to on every [`Event::Connected`].
-pub const SUBSCRIPTIONS: usize = 6;
+/// Topics the agent subscribes to on every [`Event::Connected`]: its response and control
+/// topics, the key set, and its revocation stream.
+pub const SUBSCRIPTIONS: usize = 4;
 
 /// Most actions one call of [`Agent::handle`] returns: a wipe or store, the subscriptions,
 /// one publish per exchange, the reports and a wake-up.
@@ -125,9 +126,6 @@ pub const MIN_REQUEST_TIMEOUT_MS: u64 = 250;
 
 /// Default for [`AgentConfig::request_timeout_ms`].
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
-
-/// Default for [`AgentConfig::revocation_max_age_s`]: a few of the hub's heartbeats.
-pub const DEFAULT_REVOCATION_MAX_AGE_S: u64 = 300;
 
 /// Default for [`AgentConfig::presentation_window_s`].
 pub const DEFAULT_PRESENTATION_WINDOW_S: u64 = 60;
@@ -146,8 +144,11 @@ pub struct AgentConfig {
     /// Whether the local clock is right (NTP, a real-time clock); if not, the agent keeps
     /// the hub's time learned from every verified response.
     pub trust_local_clock: bool,
-    /// Presentations are refused once the revocation list is older than this, in seconds.
-    pub revocation_max_age_s: u64,
+    /// Presentations are refused once the revocation knowledge is older than this, in
+    /// seconds. `None` (the default) follows the `max_age` the hub announces in its
+    /// heartbeats, which it derives from its heartbeat interval and the shortest access
+    /// token lifetime ([`recommended_max_age`](crate::revocation::recommended_max_age)).
+    pub revocation_max_age_s: Option<u64>,
     /// How far a presentation's `issued_at` may be from now, in seconds.
     pub presentation_window_s: u64,
     /// The key derived from this device's one-time enrollment code
@@ -172,7 +173,7 @@ impl AgentConfig {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             backoff: Backoff::default(),
             trust_local_clock: false,
-            revocation_max_age_s: DEFAULT_REVOCATION_MAX_AGE_S,
+            revocation_max_age_s: None,
             presentation_window_s: DEFAULT_PRESENTATION_WINDOW_S,
             enrollment_code_key: None,
         })
@@ -273,8 +274,6 @@ pub enum Report {
     },
     /// The token expired before a new one arrived.
     TokenExpired,
-    /// The revocation list covers the device's own token; it was dropped.
-    OwnTokenRevoked,
     /// The hub refused a request.
     RequestFailed {
         /// What was asked.
@@ -314,21 +313,21 @@ pub enum Report {
         /// Its version.
         version: u64,
     },
-    /// A revocation snapshot or delta was applied; the list is now at `seq`.
+    /// A revocation page was applied; the list holds every change up to `seq`.
     RevocationsApplied {
-        /// The list's sequence number.
+        /// The last change of the stream the list holds.
         seq: u64,
     },
     /// Revocation changes were missed (a delta skipped ahead, or a heartbeat named a later
-    /// sequence number); the snapshot is being fetched.
+    /// change); they are being fetched.
     RevocationGap {
-        /// The list's sequence number.
+        /// The last change the list holds.
         have: u64,
-        /// The hub's.
+        /// The latest the hub has.
         got: u64,
     },
-    /// The revocation list is full and no longer complete: presentations are refused
-    /// until a snapshot fits again.
+    /// The revocations addressed to this device do not fit its list: presentations are
+    /// refused as stale until they fit again (as entries expire, they are fetched again).
     RevocationListFull,
     /// A message was ignored.
     Ignored(Ignored),
@@ -395,7 +394,7 @@ pub enum LastError {
 enum Exchange {
     /// Enroll, device token, refresh.
     Token,
-    /// Fetch the revocation snapshot.
+    /// Fetch pages of the revocation stream.
     Revocations,
 }
 
@@ -467,7 +466,6 @@ struct HeldToken {
     len: usize,
     iat: u64,
     exp: u64,
-    hash: TokenHash,
     /// When to refresh it, hub time in ms.
     refresh_at_ms: u64,
 }
@@ -595,6 +593,27 @@ impl Outbox {
     }
 }
 
+/// The topics an agent uses, from its device id.
+struct Topics {
+    request: Topic,
+    response: Topic,
+    control: Topic,
+    /// `tessera/v1/hub/revocation/{stream}/#` of the device's partition.
+    revocations: Topic,
+}
+
+impl Topics {
+    fn of(config: &AgentConfig) -> Result<Self, Error> {
+        let id = config.device_id.as_str();
+        Ok(Self {
+            request: topic::request(id)?,
+            response: topic::response(id)?,
+            control: topic::control(id)?,
+            revocations: topic::revocation_filter(&Stream::of_device(id)),
+        })
+    }
+}
+
 /// The device agent: one device's state machine, holding every buffer it needs.
 ///
 /// It is about 13 KiB with the default `R` (the revocation list is half of it, the token
@@ -608,10 +627,10 @@ pub struct Agent<S: Signer, const R: usize = MAX_REVOKED> {
     request_topic: Topic,
     response_topic: Topic,
     control_topic: Topic,
+    /// `tessera/v1/hub/revocation/{stream}/#` of this device's partition.
+    revocation_filter: Topic,
     keys: KeySet,
-    revocations: RevocationList<R>,
-    /// The sequence number the revocation list must reach: set by a gap or a heartbeat.
-    revocations_wanted: Option<u64>,
+    revocations: RevocationList<Bounded<R>>,
     state: State,
     connected: bool,
     clock: Clock,
@@ -622,6 +641,10 @@ pub struct Agent<S: Signer, const R: usize = MAX_REVOKED> {
     grant_buf: [u8; MAX_GRANT_LEN],
     /// `issued_at` of the last RefreshNow followed, so a replay of it is not.
     refreshed_on_command: Option<u64>,
+    /// The revocations addressed to this device did not fit its list: fetching again is
+    /// pointless until time has spent some of them, so the next fetch waits for a
+    /// heartbeat (one per interval) instead of looping.
+    revocations_overflowed: bool,
     token_requests: Requests,
     revocation_requests: Requests,
     next_request_id: u64,
@@ -656,34 +679,50 @@ impl<S: Signer, const R: usize> Agent<S, R> {
     /// and trusting `trust_anchor`, the hub key it was provisioned with. It waits for
     /// [`Event::Boot`].
     pub fn new(config: AgentConfig, signer: S, trust_anchor: PublicKey) -> Result<Self, Error> {
-        let id = config.device_id.as_str();
-        let (request_topic, response_topic, control_topic) = (
-            topic::request(id)?,
-            topic::response(id)?,
-            topic::control(id)?,
-        );
+        let topics = Topics::of(&config)?;
+        Ok(Self::assemble(topics, config, signer, trust_anchor))
+    }
+
+    /// Like [`new`](Self::new), but builds the agent in `slot` (a static, on firmware)
+    /// rather than returning it: the agent is some 13 KiB, and a device's stack should not
+    /// have to hold a temporary copy of it.
+    pub fn new_in(
+        slot: &mut core::mem::MaybeUninit<Self>,
+        config: AgentConfig,
+        signer: S,
+        trust_anchor: PublicKey,
+    ) -> Result<&mut Self, Error> {
+        let topics = Topics::of(&config)?;
+        Ok(slot.write(Self::assemble(topics, config, signer, trust_anchor)))
+    }
+
+    #[inline(always)]
+    fn assemble(topics: Topics, config: AgentConfig, signer: S, trust_anchor: PublicKey) -> Self {
         let public_key = signer.public_key();
-        let clock = Clock::new(config.trust_local_clock);
-        let revocations = RevocationList::with_leeway(config.leeway_s);
-        Ok(Self {
+        Self {
             kid: public_key.kid(),
             public_key,
             signer,
-            request_topic,
-            response_topic,
-            control_topic,
+            request_topic: topics.request,
+            response_topic: topics.response,
+            control_topic: topics.control,
+            revocation_filter: topics.revocations,
             keys: KeySet::from_anchor(trust_anchor),
-            revocations,
-            revocations_wanted: None,
+            // `AgentConfig::new` validated the id.
+            revocations: RevocationList::for_valid_device(
+                config.device_id.clone(),
+                config.leeway_s,
+            ),
             state: State::Starting,
             connected: false,
-            clock,
+            clock: Clock::new(config.trust_local_clock),
             enrolled_at: None,
             token: None,
             token_buf: [0; MAX_TOKEN_LEN],
             grant: None,
             grant_buf: [0; MAX_GRANT_LEN],
             refreshed_on_command: None,
+            revocations_overflowed: false,
             token_requests: Requests::new(),
             revocation_requests: Requests::new(),
             next_request_id: 0,
@@ -697,7 +736,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 drawn: 0,
             },
             config,
-        })
+        }
     }
 
     /// Handles one event at local time `now_ms`, with 32 fresh random bytes for nonces and
@@ -742,10 +781,10 @@ impl<S: Signer, const R: usize> Agent<S, R> {
     ///
     /// - [`ClaimsError::Revoked`]: the revocation list covers the token.
     /// - [`ClaimsError::RevocationsStale`]: the agent cannot vouch for its revocation knowledge:
-    ///   older than [`revocation_max_age_s`](AgentConfig::revocation_max_age_s), incomplete
-    ///   after an overflow, the clock not yet learned from the hub, or the device revoked.
-    ///   Transient: the same presentation may pass once a heartbeat arrives.
-    /// - [`ClaimsError::ProofOfPossession`]: the nonce was seen before (a replayed
+    ///   older than its maximum age ([`revocation_max_age`](Self::revocation_max_age)),
+    ///   missing changes or overflowed, the clock not yet learned from the hub, or the device
+    ///   revoked. Transient: the same presentation may pass once a heartbeat arrives.
+    /// - [`ClaimsError::PresentationReplayed`]: the nonce was seen before (a replayed
     ///   presentation proves nothing about who holds the key now).
     pub fn check_presentation<'p>(
         &mut self,
@@ -767,17 +806,14 @@ impl<S: Signer, const R: usize> Agent<S, R> {
         let window = self.config.presentation_window_s;
         let checked = SignedPresentation::verify(presentation, &self.keys, &validation, window)?;
         checked.token.check_not_revoked(&self.revocations)?;
-        if !self
-            .revocations
-            .is_fresh(now, self.config.revocation_max_age_s)
-        {
+        if !self.revocations.is_fresh(now, self.revocation_max_age()) {
             return Err(ClaimsError::RevocationsStale.into());
         }
         if !self
             .presentations
             .admit(&checked.nonce, checked.issued_at, now, window)
         {
-            return Err(ClaimsError::ProofOfPossession.into());
+            return Err(ClaimsError::PresentationReplayed.into());
         }
         Ok(checked)
     }
@@ -813,8 +849,15 @@ impl<S: Signer, const R: usize> Agent<S, R> {
     }
 
     /// The revocation list.
-    pub fn revocations(&self) -> &RevocationList<R> {
+    pub fn revocations(&self) -> &RevocationList<Bounded<R>> {
         &self.revocations
+    }
+
+    /// How old, in seconds, revocation knowledge may be for a presentation to pass: the
+    /// configured [`revocation_max_age_s`](AgentConfig::revocation_max_age_s), else the
+    /// hub's announced one.
+    pub fn revocation_max_age(&self) -> u64 {
+        self.revocations.max_age(self.config.revocation_max_age_s)
     }
 
     /// The trusted hub keys.
@@ -858,8 +901,8 @@ impl<S: Signer, const R: usize> Agent<S, R> {
         // A (re)start forgets everything volatile: open requests and the learned clock.
         self.token_requests.settle();
         self.revocation_requests.settle();
-        self.revocations_wanted = None;
         self.refreshed_on_command = None;
+        self.revocations_overflowed = false;
         self.clock = Clock::new(self.config.trust_local_clock);
         // Request ids only need to differ from those of earlier runs still in flight.
         self.next_request_id = self.entropy.u64() >> 1;
@@ -924,14 +967,12 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             self.on_response(payload, now)
         } else if topic == self.control_topic.as_str() {
             self.on_control(payload)
+        } else if topic == topic::KEYS {
+            self.on_key_set(payload)
+        } else if topic::is_revocation_topic(&self.revocations.stream(), topic) {
+            self.on_stream_message(payload, now)
         } else {
-            match topic {
-                topic::KEYS => self.on_key_set(payload),
-                topic::REVOCATION_SNAPSHOT => self.on_snapshot(payload, now),
-                topic::REVOCATION_DELTA => self.on_delta(payload, now),
-                topic::REVOCATION_HEARTBEAT => self.on_heartbeat(payload),
-                _ => Err(Ignored::UnknownTopic),
-            }
+            Err(Ignored::UnknownTopic)
         };
         if let Err(ignored) = outcome {
             if let Ignored::Invalid(e) = ignored {
@@ -1028,14 +1069,11 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 self.on_token(op, token, grant, now);
                 Ok(())
             }
-            ResponseBody::Revocations { snapshot } => {
-                match self.apply_snapshot(snapshot, now) {
-                    // A snapshot older than the list means a hub replica lags; the next
-                    // heartbeat asks again if the list is still behind.
-                    Ok(_) => {
-                        self.requests_mut(exchange).settle();
-                        self.revocations_wanted = None;
-                    }
+            ResponseBody::Revocations { page } => {
+                match self.apply_signed_page(page, now) {
+                    // Settled either way: the next page, if one is still missing, is asked
+                    // for at once; a list that overflowed waits for the next heartbeat.
+                    Ok(_) | Err(Error::Capacity(_)) => self.requests_mut(exchange).settle(),
                     Err(error) => {
                         self.report(Report::ResponseRejected { op, error });
                         self.last_error = Some(LastError::Rejected(error));
@@ -1188,94 +1226,66 @@ impl<S: Signer, const R: usize> Agent<S, R> {
         }
     }
 
-    fn on_snapshot(&mut self, signed: &[u8], now: u64) -> Result<(), Ignored> {
-        if self.apply_snapshot(signed, now)? {
-            Ok(())
-        } else {
-            Err(Ignored::Outdated)
+    fn on_stream_message(&mut self, signed: &[u8], now: u64) -> Result<(), Ignored> {
+        if signed.is_empty() {
+            // The hub clearing a retained snapshot page it no longer needs.
+            return Err(Ignored::Outdated);
         }
-    }
-
-    /// Verifies and applies a signed snapshot; `false` if it is older than the list (a
-    /// replayed retained message), which changes nothing.
-    fn apply_snapshot(&mut self, signed: &[u8], now: u64) -> Result<bool, Error> {
-        let snapshot = Snapshot::decode(Sign1::decode(signed)?.verify(&self.keys)?)?;
-        if snapshot.seq() < self.revocations.seq() {
-            return Ok(false);
-        }
-        let applied = self
-            .revocations
-            .apply_snapshot(&snapshot, self.clock.hub_s(now));
-        self.after_revocations_changed(applied);
-        Ok(true)
-    }
-
-    fn on_delta(&mut self, signed: &[u8], now: u64) -> Result<(), Ignored> {
-        let delta = Delta::decode(Sign1::decode(signed)?.verify(&self.keys)?)?;
-        match self.revocations.apply_delta(&delta, self.clock.hub_s(now)) {
-            Ok(DeltaOutcome::Applied) => self.after_revocations_changed(Ok(())),
-            Ok(DeltaOutcome::AlreadyApplied) => return Err(Ignored::Outdated),
-            Ok(DeltaOutcome::Gap { have, got }) => {
-                self.report(Report::RevocationGap { have, got });
-                self.want_revocations(got);
+        let payload = Sign1::decode(signed)?.verify(&self.keys)?;
+        match StreamMessage::decode(payload)? {
+            StreamMessage::Page(page) => match self.apply_page(&page, now)? {
+                PageOutcome::AlreadyApplied => Err(Ignored::Outdated),
+                PageOutcome::Applied | PageOutcome::Gap { .. } => Ok(()),
+            },
+            StreamMessage::Heartbeat(heartbeat) => {
+                // One try per heartbeat for a list that overflowed (see the field).
+                self.revocations_overflowed = false;
+                match self.revocations.apply_heartbeat(&heartbeat)? {
+                    HeartbeatOutcome::InSync => Ok(()),
+                    HeartbeatOutcome::Behind => {
+                        self.report(Report::RevocationGap {
+                            have: self.revocations.seq(),
+                            got: self.revocations.latest(),
+                        });
+                        self.revocation_requests.hurry();
+                        Ok(())
+                    }
+                    HeartbeatOutcome::Outdated => Err(Ignored::Outdated),
+                }
             }
-            Err(e) => self.after_revocations_changed(Err(e)),
         }
-        Ok(())
     }
 
-    fn on_heartbeat(&mut self, signed: &[u8]) -> Result<(), Ignored> {
-        let heartbeat = Heartbeat::decode(Sign1::decode(signed)?.verify(&self.keys)?)?;
-        match self.revocations.apply_heartbeat(&heartbeat) {
-            HeartbeatOutcome::InSync => {
-                self.revocations_caught_up();
-                Ok(())
+    /// Verifies and applies a signed page (from a `fetch_revocations` answer).
+    fn apply_signed_page(&mut self, signed: &[u8], now: u64) -> Result<PageOutcome, Error> {
+        let payload = Sign1::decode(signed)?.verify(&self.keys)?;
+        self.apply_page(&Page::decode(payload)?, now)
+    }
+
+    /// Applies a verified page. An overflow is reported here and returned as
+    /// [`CapacityError::Revocations`].
+    fn apply_page(&mut self, page: &Page<'_>, now: u64) -> Result<PageOutcome, Error> {
+        match self.revocations.apply_page(page, self.clock.hub_s(now)) {
+            Ok(outcome) => {
+                match outcome {
+                    PageOutcome::Applied => self.report(Report::RevocationsApplied {
+                        seq: self.revocations.seq(),
+                    }),
+                    PageOutcome::Gap { have, latest } => {
+                        self.report(Report::RevocationGap { have, got: latest });
+                        self.revocation_requests.hurry();
+                    }
+                    PageOutcome::AlreadyApplied => {}
+                }
+                Ok(outcome)
             }
-            HeartbeatOutcome::Behind => {
-                self.report(Report::RevocationGap {
-                    have: self.revocations.seq(),
-                    got: heartbeat.seq(),
-                });
-                self.want_revocations(heartbeat.seq());
-                Ok(())
-            }
-            HeartbeatOutcome::Outdated => Err(Ignored::Outdated),
-        }
-    }
-
-    fn want_revocations(&mut self, seq: u64) {
-        self.revocations_wanted = self.revocations_wanted.max(Some(seq));
-    }
-
-    fn revocations_caught_up(&mut self) {
-        if self
-            .revocations_wanted
-            .is_some_and(|seq| self.revocations.seq() >= seq && self.revocations.is_complete())
-        {
-            self.revocations_wanted = None;
-        }
-    }
-
-    fn after_revocations_changed(&mut self, applied: Result<(), Error>) {
-        match applied {
-            Ok(()) => self.report(Report::RevocationsApplied {
-                seq: self.revocations.seq(),
-            }),
-            Err(e) => {
+            Err(e @ Error::Capacity(_)) => {
+                self.revocations_overflowed = true;
                 self.last_error = Some(LastError::Rejected(e));
                 self.report(Report::RevocationListFull);
+                Err(e)
             }
-        }
-        self.revocations_caught_up();
-        let own = self.config.device_id.as_str();
-        if self
-            .token
-            .is_some_and(|t| self.revocations.is_revoked(&t.hash, own, t.iat))
-        {
-            self.drop_token();
-            self.outbox.store = true;
-            self.report(Report::OwnTokenRevoked);
-            self.lost_token();
+            Err(e) => Err(e),
         }
     }
 
@@ -1297,7 +1307,6 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             requests.settle();
             requests.publish = false;
         }
-        self.revocations_wanted = None;
         self.outbox.wipe = true;
         self.outbox.store = false;
         self.report(Report::Revoked);
@@ -1343,10 +1352,12 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 State::AwaitingToken | State::Refreshing => Some(Operation::DeviceToken),
                 State::Starting | State::Holding | State::Revoked => None,
             },
-            // The hub answers only enrolled clients.
-            Exchange::Revocations => (self.revocations_wanted.is_some()
-                && self.enrolled_at.is_some())
-            .then_some(Operation::FetchRevocations),
+            // The hub answers only enrolled clients. A list that overflowed asks again only
+            // when a heartbeat says it is behind, not in a loop.
+            Exchange::Revocations => (self.revocations.wanted_from().is_some()
+                && self.enrolled_at.is_some()
+                && !self.revocations_overflowed)
+                .then_some(Operation::FetchRevocations),
         }
     }
 
@@ -1417,7 +1428,10 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                     .and_then(|g| self.grant_buf.get(..g.len))
                     .unwrap_or_default(),
             },
-            Operation::FetchRevocations => RequestBody::FetchRevocations,
+            Operation::FetchRevocations => RequestBody::FetchRevocations {
+                stream: self.revocations.stream(),
+                from: self.revocations.wanted_from().unwrap_or(1),
+            },
             // `wanted` asks for nothing else.
             _ => RequestBody::DeviceToken,
         };
@@ -1490,9 +1504,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 &self.response_topic,
                 &self.control_topic,
                 topic::KEYS,
-                topic::REVOCATION_SNAPSHOT,
-                topic::REVOCATION_DELTA,
-                topic::REVOCATION_HEARTBEAT,
+                &self.revocation_filter,
             ];
             for t in subscriptions {
                 push(Action::Subscribe(t))?;
@@ -1587,7 +1599,6 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             len: bytes.len(),
             iat,
             exp,
-            hash: token_hash(bytes),
             refresh_at_ms: schedule::refresh_at(
                 iat.saturating_mul(1000),
                 exp.saturating_mul(1000),

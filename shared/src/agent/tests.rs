@@ -13,10 +13,16 @@ use crate::crypto::testing::signer;
 use crate::crypto::{P256Signer, Signer};
 use crate::error::SignatureError;
 use crate::message::{Presentation, SignedRequest, WireError};
-use crate::revocation::{Entry, encode_delta, encode_heartbeat, encode_snapshot, max_payload_len};
+use crate::revocation::{
+    Addressed, DEFAULT_MAX_AGE, Entry, MAX_HEARTBEAT_LEN, MAX_REVOKED, Stream, encode_heartbeat,
+    encode_page, max_page_len, partition, token_hash,
+};
 use crate::scope::Scopes;
 
 const DEVICE: &str = "device-42";
+/// Another device of `DEVICE`'s partition (`devices/03`): its entries travel on the same
+/// stream.
+const NEIGHBOUR: &str = "device-1";
 const AUDIENCE: &str = "tessera";
 const T0: u64 = 1_700_000_000_000;
 const HUB_KEY: u8 = 1;
@@ -66,6 +72,8 @@ struct Asked {
     nonce: [u8; NONCE_LEN],
     issued_at: u64,
     grant: Option<Vec<u8>>,
+    /// For `fetch_revocations`: the stream's name and the first change asked for.
+    fetch: Option<(String, u64)>,
 }
 
 fn asked(bytes: &[u8]) -> Asked {
@@ -82,6 +90,12 @@ fn asked(bytes: &[u8]) -> Asked {
             RequestBody::Refresh { grant } => Some(grant.to_vec()),
             _ => None,
         },
+        fetch: match r.body {
+            RequestBody::FetchRevocations { stream, from } => {
+                Some((stream.name().to_string(), from))
+            }
+            _ => None,
+        },
     }
 }
 
@@ -90,6 +104,37 @@ fn requests(done: &[Done]) -> Vec<Asked> {
         .filter_map(|d| match d {
             Done::Publish(p) => Some(asked(p)),
             _ => None,
+        })
+        .collect()
+}
+
+/// The `from` of every `fetch_revocations` published, in order.
+fn fetched_from(done: &[Done]) -> Vec<u64> {
+    requests(done)
+        .into_iter()
+        .filter_map(|r| r.fetch)
+        .map(|(name, from)| {
+            assert_eq!(
+                name,
+                stream().name().as_str(),
+                "the agent asks for its own stream"
+            );
+            from
+        })
+        .collect()
+}
+
+/// The reports about the revocation list, in order.
+fn revocation_reports(done: &[Done]) -> Vec<Report> {
+    reports(done)
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Report::RevocationsApplied { .. }
+                    | Report::RevocationGap { .. }
+                    | Report::RevocationListFull
+            )
         })
         .collect()
 }
@@ -117,6 +162,26 @@ enum Refuse {
     With(ErrorCode),
 }
 
+/// What the fake hub answers a request it grants with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Granted {
+    Enrolled,
+    /// A token of this length, in the answer's buffer.
+    Token(usize),
+    /// A signed page.
+    Page(Vec<u8>),
+}
+
+/// The agent's revocation stream.
+fn stream() -> Stream<'static> {
+    Stream::of_device(DEVICE)
+}
+
+/// `entry`, addressed to the agent's device.
+fn to_device(entry: Entry) -> Addressed {
+    Addressed::new(DEVICE, entry).expect("a valid id")
+}
+
 /// A hub that answers the agent's requests the way the real one does, in memory.
 struct FakeHub {
     key: P256Signer,
@@ -135,7 +200,13 @@ struct FakeHub {
     refusals: VecDeque<ErrorCode>,
     /// Requests still to be swallowed without an answer.
     drop: usize,
-    snapshot: Option<Vec<u8>>,
+    /// The changes of the agent's stream (`devices/03`) in order, change n at index n - 1:
+    /// the entries each added, for the device and its neighbours alike.
+    changes: Vec<Vec<Addressed>>,
+    /// Most changes one `fetch_revocations` answer carries.
+    changes_per_page: u64,
+    /// The maximum age of knowledge its heartbeats announce, seconds.
+    max_age: u64,
     last_response: Option<Vec<u8>>,
 }
 
@@ -154,7 +225,9 @@ impl FakeHub {
             issued: 0,
             refusals: VecDeque::new(),
             drop: 0,
-            snapshot: None,
+            changes: Vec::new(),
+            changes_per_page: 100,
+            max_age: DEFAULT_MAX_AGE,
             last_response: None,
         }
     }
@@ -193,35 +266,37 @@ impl FakeHub {
                 });
                 if proved {
                     self.device_key = Some(key);
-                    Ok(None)
+                    Ok(Granted::Enrolled)
                 } else {
                     Err(ErrorCode::Denied)
                 }
             }
-            (Refuse::Not, RequestBody::DeviceToken) => Ok(Some(self.issue(req.client, &mut token))),
+            (Refuse::Not, RequestBody::DeviceToken) => {
+                Ok(Granted::Token(self.issue(req.client, &mut token)))
+            }
             (Refuse::Not, RequestBody::Refresh { grant }) => {
                 if self.grant.is_some_and(|g| g[..] == *grant) {
-                    Ok(Some(self.issue(req.client, &mut token)))
+                    Ok(Granted::Token(self.issue(req.client, &mut token)))
                 } else {
                     Err(ErrorCode::Revoked)
                 }
             }
-            (Refuse::Not, RequestBody::FetchRevocations) => Ok(None),
+            (Refuse::Not, RequestBody::FetchRevocations { stream: s, from }) => {
+                assert_eq!(s, stream(), "the agent asks for its own stream");
+                Ok(Granted::Page(self.fetch_answer(from)))
+            }
             (Refuse::Not, other) => panic!("the agent never asks {other:?}"),
         };
         let grant = self.grant;
-        let snapshot = self.snapshot.clone().unwrap_or_default();
-        let outcome = match outcome {
+        let outcome = match &outcome {
             Err(code) => Err(WireError {
-                code,
+                code: *code,
                 reason: code.name(),
             }),
-            Ok(None) if req.operation() == Operation::Enroll => Ok(ResponseBody::Enrolled),
-            Ok(None) => Ok(ResponseBody::Revocations {
-                snapshot: &snapshot,
-            }),
-            Ok(Some(n)) => Ok(ResponseBody::Token {
-                token: &token[..n],
+            Ok(Granted::Enrolled) => Ok(ResponseBody::Enrolled),
+            Ok(Granted::Page(page)) => Ok(ResponseBody::Revocations { page }),
+            Ok(Granted::Token(n)) => Ok(ResponseBody::Token {
+                token: &token[..*n],
                 grant: grant.as_ref().map(|g| (&g[..], grant_expires_at)),
             }),
         };
@@ -279,26 +354,82 @@ impl FakeHub {
         out
     }
 
-    fn delta(&self, seq: u64, entries: &[Entry]) -> Vec<u8> {
-        let mut out = vec![0u8; max_payload_len(entries.len())];
-        let n = encode_delta(seq, self.now_s(), entries, &mut out).expect("encode");
+    /// The latest change of the agent's stream.
+    fn seq(&self) -> u64 {
+        self.changes.len() as u64
+    }
+
+    /// Records a change of the agent's stream made of `entries` and returns its delta (the
+    /// page `from = to = seq`), signed, as the hub publishes it.
+    fn revoke(&mut self, entries: Vec<Addressed>) -> Vec<u8> {
+        self.changes.push(entries);
+        self.page(self.seq(), self.seq())
+    }
+
+    /// The signed page of the agent's stream with the entries of changes `from..=to` still
+    /// in force now.
+    fn page(&self, from: u64, to: u64) -> Vec<u8> {
+        let now = self.now_s();
+        let entries: Vec<&Addressed> = self.changes
+            [usize::try_from(from - 1).expect("fits")..usize::try_from(to).expect("fits")]
+            .iter()
+            .flatten()
+            .filter(|e| e.entry.expires_at() >= now)
+            .collect();
+        self.page_on(&stream(), self.seq(), from, to, &entries)
+    }
+
+    /// The answer to `fetch_revocations` from `from`: one page, of at most
+    /// `changes_per_page` changes.
+    fn fetch_answer(&self, from: u64) -> Vec<u8> {
+        let seq = self.seq();
+        assert!(
+            (1..=seq).contains(&from),
+            "the agent asks from change {from}; the stream is at {seq}"
+        );
+        self.page(from, seq.min(from + self.changes_per_page - 1))
+    }
+
+    /// A signed page of any stream, with whatever numbers and entries a test needs.
+    fn page_on(
+        &self,
+        stream: &Stream<'_>,
+        seq: u64,
+        from: u64,
+        to: u64,
+        entries: &[&Addressed],
+    ) -> Vec<u8> {
+        let len = entries.iter().map(|e| e.encoded_len()).sum();
+        let mut out = vec![0u8; max_page_len(stream, len)];
+        let n = encode_page(
+            seq,
+            self.now_s(),
+            stream,
+            from,
+            to,
+            entries.iter().copied(),
+            &mut out,
+        )
+        .expect("encode");
         self.sign(&out[..n])
     }
 
-    fn snapshot(&self, seq: u64, entries: &[Entry]) -> Vec<u8> {
-        let mut out = vec![0u8; max_payload_len(entries.len())];
-        let n = encode_snapshot(seq, self.now_s(), entries, &mut out).expect("encode");
+    /// A signed heartbeat of the agent's stream, naming its latest change as of now.
+    fn heartbeat(&self) -> Vec<u8> {
+        self.heartbeat_on(&stream(), self.seq())
+    }
+
+    /// A signed heartbeat of any stream, naming change `seq`.
+    fn heartbeat_on(&self, stream: &Stream<'_>, seq: u64) -> Vec<u8> {
+        let mut out = [0u8; MAX_HEARTBEAT_LEN];
+        let n =
+            encode_heartbeat(seq, self.now_s(), stream, self.max_age, &mut out).expect("encode");
         self.sign(&out[..n])
     }
 
-    fn heartbeat(&self, seq: u64) -> Vec<u8> {
-        let mut out = [0u8; 64];
-        let n = encode_heartbeat(seq, self.now_s(), &mut out).expect("encode");
-        self.sign(&out[..n])
-    }
-
-    /// An access token for `app`'s key to use `scope` on the device, presented with `nonce`.
-    fn presentation(&self, lifetime_s: u64, nonce: u8) -> Vec<u8> {
+    /// An access token issued now to the app `app-7` for `door:open` on the device, bound to
+    /// the app's key.
+    fn access_token(&self, lifetime_s: u64) -> Vec<u8> {
         let iat = self.now_s();
         let claims = Claims {
             iss: "hub",
@@ -311,19 +442,30 @@ impl FakeHub {
             cnf: signer(APP_KEY).public_key(),
             scope: Scopes::parse("door:open").expect("valid"),
         };
-        let mut token = [0u8; 512];
-        let tn = token::issue(&claims, &self.key, &mut token).expect("issue");
+        let mut token = vec![0u8; 512];
+        let n = token::issue(&claims, &self.key, &mut token).expect("issue");
+        token.truncate(n);
+        token
+    }
+
+    /// The app's presentation of `token` to the device, made now with `nonce`.
+    fn present(&self, token: &[u8], nonce: u8) -> Vec<u8> {
         let mut out = vec![0u8; 1024];
         let n = Presentation {
-            token: &token[..tn],
+            token,
             audience: DEVICE,
-            issued_at: iat,
+            issued_at: self.now_s(),
             nonce: [nonce; NONCE_LEN],
         }
         .sign(&signer(APP_KEY), &mut out)
         .expect("sign");
         out.truncate(n);
         out
+    }
+
+    /// A new access token, presented with `nonce`.
+    fn presentation(&self, lifetime_s: u64, nonce: u8) -> Vec<u8> {
+        self.present(&self.access_token(lifetime_s), nonce)
     }
 }
 
@@ -408,6 +550,38 @@ impl Sim {
 
     fn deliver(&mut self, topic: &str, payload: &[u8]) -> Vec<Done> {
         self.handle(Event::Message { topic, payload })
+    }
+
+    /// Delivers a message on the agent's delta topic and lets the hub answer what it asks.
+    fn on_delta_topic(&mut self, payload: &[u8]) -> Vec<Done> {
+        let topic = topic::revocation_delta(&stream());
+        self.step(Event::Message {
+            topic: &topic,
+            payload,
+        })
+    }
+
+    /// Delivers a message on the agent's heartbeat topic and lets the hub answer what it
+    /// asks.
+    fn on_heartbeat_topic(&mut self, payload: &[u8]) -> Vec<Done> {
+        let topic = topic::revocation_heartbeat(&stream());
+        self.step(Event::Message {
+            topic: &topic,
+            payload,
+        })
+    }
+
+    /// Moves both clocks to `s` seconds after T0 (no skew), running no wake-ups.
+    fn at(&mut self, s: u64) {
+        self.now = T0 + s * 1000;
+        self.hub.now_ms = self.hub_now();
+    }
+
+    /// Checks a presentation for `door:open` now.
+    fn check(&mut self, presentation: &[u8]) -> Result<(), Error> {
+        self.agent
+            .check_presentation(presentation, "door:open", self.now)
+            .map(|_| ())
     }
 
     fn boot_and_connect(&mut self) -> Vec<Done> {
@@ -1099,73 +1273,221 @@ fn a_token_for_another_audience_is_not_held() {
     assert!(sim.agent.grant_expires_at().is_some());
 }
 
+/// A token entry for the device, expiring with the device's 600 s tokens.
+fn revoked_hash(byte: u8) -> Addressed {
+    to_device(Entry::Token {
+        hash: [byte; 32],
+        expires_at: T0 / 1000 + 600,
+    })
+}
+
 #[test]
-fn a_revocation_gap_fetches_the_snapshot() {
+fn a_delta_after_a_gap_makes_the_agent_fetch_from_the_first_missing_change() {
     let mut sim = Sim::new(config());
     sim.boot_and_connect();
-    let other = Entry::Token {
-        hash: [9; 32],
-        expires_at: T0 / 1000 + 600,
-    };
-    let done = sim.deliver(
-        topic::REVOCATION_DELTA,
-        &sim.hub.delta(1, core::slice::from_ref(&other)),
+    let delta1 = sim.hub.revoke(vec![revoked_hash(1)]);
+    let done = sim.on_delta_topic(&delta1);
+    assert_eq!(
+        revocation_reports(&done),
+        [Report::RevocationsApplied { seq: 1 }]
     );
-    assert_eq!(reports(&done), [Report::RevocationsApplied { seq: 1 }]);
+    assert!(ops(&done).is_empty(), "nothing is missing");
 
-    sim.hub.snapshot = Some(sim.hub.snapshot(3, &[other]));
-    let delta3 = sim.hub.delta(3, &[]);
-    let done = sim.step(Event::Message {
-        topic: topic::REVOCATION_DELTA,
-        payload: &delta3,
-    });
-    assert_eq!(ops(&done), [Operation::FetchRevocations]);
-    let r = reports(&done);
-    assert!(r.contains(&Report::RevocationGap { have: 1, got: 3 }));
-    assert!(r.contains(&Report::RevocationsApplied { seq: 3 }));
-    assert_eq!(sim.agent.revocations().seq(), 3);
+    // The deltas of changes 2 and 3 are lost; the one of change 4 arrives.
+    sim.hub.revoke(vec![revoked_hash(2)]);
+    sim.hub.revoke(vec![revoked_hash(3)]);
+    let delta4 = sim.hub.revoke(vec![revoked_hash(4)]);
+    let done = sim.on_delta_topic(&delta4);
+    assert_eq!(fetched_from(&done), [2]);
+    assert_eq!(
+        revocation_reports(&done),
+        [
+            Report::RevocationGap { have: 1, got: 4 },
+            Report::RevocationsApplied { seq: 4 },
+        ]
+    );
+    let list = sim.agent.revocations();
+    assert_eq!((list.seq(), list.latest(), list.len()), (4, 4, 4));
     assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000));
 }
 
 #[test]
-fn a_heartbeat_ahead_of_the_list_fetches_the_snapshot() {
+fn a_heartbeat_ahead_of_the_list_makes_the_agent_fetch_what_it_lacks() {
     let mut sim = Sim::new(config());
     sim.boot_and_connect();
-    sim.hub.snapshot = Some(sim.hub.snapshot(2, &[]));
-    let heartbeat = sim.hub.heartbeat(2);
-    let done = sim.step(Event::Message {
-        topic: topic::REVOCATION_HEARTBEAT,
-        payload: &heartbeat,
-    });
-    assert_eq!(ops(&done), [Operation::FetchRevocations]);
+    // Both deltas are lost.
+    sim.hub.revoke(vec![revoked_hash(1)]);
+    sim.hub.revoke(vec![revoked_hash(2)]);
+    sim.at(20);
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1]);
+    assert_eq!(
+        revocation_reports(&done),
+        [
+            Report::RevocationGap { have: 0, got: 2 },
+            Report::RevocationsApplied { seq: 2 },
+        ]
+    );
     assert_eq!(sim.agent.revocations().seq(), 2);
-    // Once in step, another heartbeat asks for nothing.
-    let done = sim.step(Event::Message {
-        topic: topic::REVOCATION_HEARTBEAT,
-        payload: &heartbeat,
-    });
+    assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000 + 20));
+    // Once in step, the same heartbeat again asks for nothing and reports nothing.
+    let done = sim.on_heartbeat_topic(&heartbeat);
     assert!(done.is_empty(), "{done:?}");
 }
 
 #[test]
-fn the_own_token_revoked_by_a_delta_is_dropped_and_refreshed() {
+fn a_fetch_takes_page_after_page_until_the_list_holds_every_change() {
     let mut sim = Sim::new(config());
     sim.boot_and_connect();
-    let token = sim.agent.token().expect("holds a token").to_vec();
-    let revoked = Entry::Token {
-        hash: token_hash(&token),
-        expires_at: sim.agent.token_expires_at().expect("token"),
-    };
-    let delta = sim.hub.delta(1, &[revoked]);
-    let done = sim.step(Event::Message {
-        topic: topic::REVOCATION_DELTA,
-        payload: &delta,
-    });
-    let r = reports(&done);
-    assert!(r.contains(&Report::OwnTokenRevoked));
-    assert_eq!(ops(&done), [Operation::Refresh]);
-    assert_eq!(sim.agent.state(), State::Holding);
-    assert_ne!(sim.agent.token(), Some(&token[..]));
+    sim.hub.changes_per_page = 2;
+    // Five changes whose deltas are all lost: more than one page carries.
+    for byte in 1..=5 {
+        sim.hub.revoke(vec![revoked_hash(byte)]);
+    }
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1, 3, 5]);
+    assert_eq!(
+        revocation_reports(&done),
+        [
+            Report::RevocationGap { have: 0, got: 5 },
+            Report::RevocationGap { have: 2, got: 5 },
+            Report::RevocationGap { have: 4, got: 5 },
+            Report::RevocationsApplied { seq: 5 },
+        ]
+    );
+    let list = sim.agent.revocations();
+    assert_eq!((list.seq(), list.len()), (5, 5));
+    assert!(list.wanted_from().is_none());
+    assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000));
+}
+
+#[test]
+fn a_list_that_overflows_fetches_again_once_per_heartbeat_not_in_a_loop() {
+    let mut sim = Sim::new(config());
+    sim.boot_and_connect();
+    // One entry more than the list holds, all addressed to this device, in one change whose
+    // delta is lost.
+    sim.hub.revoke(
+        (0..=MAX_REVOKED)
+            .map(|i| revoked_hash(u8::try_from(i).expect("small")))
+            .collect(),
+    );
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1], "one fetch");
+    assert!(revocation_reports(&done).contains(&Report::RevocationListFull));
+    assert_eq!(
+        sim.agent.revocations().len(),
+        MAX_REVOKED,
+        "what fits is kept"
+    );
+    // Time passes without a heartbeat: no further fetch, however long.
+    let done = sim.advance_to(T0 + 120_000);
+    assert_eq!(fetched_from(&done), Vec::<u64>::new());
+    // The next heartbeat allows one more try.
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1]);
+}
+
+#[test]
+fn while_changes_are_missing_presentations_are_refused_until_the_fetch_is_answered() {
+    let mut sim = presenting();
+    let p = sim.hub.presentation(3600, 1);
+    sim.hub_online = false;
+    sim.hub.revoke(vec![revoked_hash(1)]);
+    let delta2 = sim.hub.revoke(vec![revoked_hash(2)]);
+    let done = sim.on_delta_topic(&delta2);
+    assert_eq!(
+        fetched_from(&done),
+        [1],
+        "asked, but the hub is unreachable"
+    );
+    assert_eq!(
+        sim.check(&p),
+        Err(ClaimsError::RevocationsStale.into()),
+        "knowledge is recent but misses change 1"
+    );
+
+    sim.hub_online = true;
+    // The first backoff after a timeout is at most a second.
+    let done = sim.advance_to(T0 + DEFAULT_REQUEST_TIMEOUT_MS + 1000);
+    assert!(reports(&done).contains(&Report::RequestTimedOut {
+        op: Operation::FetchRevocations
+    }));
+    assert_eq!(fetched_from(&done), [1], "asked again after the timeout");
+    assert_eq!(sim.agent.revocations().seq(), 2);
+    assert!(sim.check(&p).is_ok());
+}
+
+#[test]
+fn entries_addressed_to_another_device_of_the_partition_are_not_kept() {
+    assert_eq!(partition(NEIGHBOUR), partition(DEVICE), "same stream");
+    let mut sim = presenting();
+    let token = sim.hub.access_token(3600);
+    sim.at(5);
+    // What the hub revoked for the neighbour: the same token bytes and the same app, so
+    // only the address tells them apart.
+    let for_neighbour = |entry| Addressed::new(NEIGHBOUR, entry).expect("a valid id");
+    let delta = sim.hub.revoke(vec![
+        for_neighbour(Entry::Token {
+            hash: token_hash(&token),
+            expires_at: T0 / 1000 + 3600,
+        }),
+        for_neighbour(Entry::for_subject("app-7", T0 / 1000 + 5, T0 / 1000 + 3605).expect("id")),
+    ]);
+    let done = sim.on_delta_topic(&delta);
+    assert_eq!(
+        revocation_reports(&done),
+        [Report::RevocationsApplied { seq: 1 }]
+    );
+    assert!(sim.agent.revocations().is_empty());
+    assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000 + 5));
+    let p = sim.hub.present(&token, 1);
+    assert!(sim.check(&p).is_ok());
+}
+
+#[test]
+fn a_page_or_heartbeat_of_another_stream_is_ignored_and_does_not_refresh_knowledge() {
+    let mut sim = presenting();
+    sim.at(80);
+    let other_partition = Stream::of_device("device-43");
+    assert_ne!(other_partition, stream());
+    let entry = Addressed::new(
+        "device-43",
+        Entry::Token {
+            hash: [7; 32],
+            expires_at: T0 / 1000 + 600,
+        },
+    )
+    .expect("a valid id");
+    let service = Stream::of_service(AUDIENCE).expect("a valid id");
+    // Signed by the hub for other verifiers, and delivered (by a broker that mixes streams
+    // up) on the agent's own topics, numbered ahead of the agent's stream.
+    let foreign = [
+        sim.hub.page_on(&other_partition, 7, 7, 7, &[&entry]),
+        sim.hub.heartbeat_on(&other_partition, 7),
+        sim.hub.heartbeat_on(&service, 7),
+    ];
+    for message in &foreign {
+        for done in [sim.on_delta_topic(message), sim.on_heartbeat_topic(message)] {
+            assert_eq!(
+                reports(&done),
+                [Report::Ignored(Ignored::Invalid(
+                    DecodeError::InvalidValue("stream").into()
+                ))]
+            );
+            assert!(ops(&done).is_empty(), "nothing is fetched");
+        }
+    }
+    let list = sim.agent.revocations();
+    assert_eq!((list.seq(), list.latest(), list.len()), (0, 0, 0));
+    assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000));
+    sim.at(DEFAULT_MAX_AGE + 1);
+    let p = sim.hub.presentation(3600, 1);
+    assert_eq!(sim.check(&p), Err(ClaimsError::RevocationsStale.into()));
 }
 
 #[test]
@@ -1197,15 +1519,14 @@ fn a_newer_key_set_is_trusted_and_persisted() {
     assert_eq!(sim.agent.state(), State::Holding);
 }
 
-/// An agent holding a token, with revocation knowledge fresh as of now.
+/// An agent holding a token, with revocation knowledge fresh as of T0: the hub's heartbeat
+/// of the device's (still empty) stream.
 fn presenting() -> Sim {
     let mut sim = Sim::new(config());
     sim.boot_and_connect();
-    let heartbeat = sim.hub.heartbeat(0);
-    assert!(
-        sim.deliver(topic::REVOCATION_HEARTBEAT, &heartbeat)
-            .is_empty()
-    );
+    let heartbeat = sim.hub.heartbeat();
+    assert!(sim.on_heartbeat_topic(&heartbeat).is_empty());
+    assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000));
     sim
 }
 
@@ -1222,7 +1543,7 @@ fn a_presentation_is_accepted_once_and_refused_when_replayed() {
         sim.agent
             .check_presentation(&p, "door:open", sim.now + 1000)
             .map(|_| ()),
-        Err(ClaimsError::ProofOfPossession.into())
+        Err(ClaimsError::PresentationReplayed.into())
     );
     assert_eq!(
         sim.agent
@@ -1235,41 +1556,128 @@ fn a_presentation_is_accepted_once_and_refused_when_replayed() {
 #[test]
 fn a_presentation_is_refused_when_revocation_knowledge_is_stale() {
     let mut sim = presenting();
-    let later = sim.now + (DEFAULT_REVOCATION_MAX_AGE_S + 1) * 1000;
-    sim.hub.now_ms = later;
+    assert_eq!(sim.agent.revocation_max_age(), DEFAULT_MAX_AGE);
+    sim.at(DEFAULT_MAX_AGE + 1);
     let p = sim.hub.presentation(3600, 1);
-    assert_eq!(
-        sim.agent
-            .check_presentation(&p, "door:open", later)
-            .map(|_| ()),
-        Err(ClaimsError::RevocationsStale.into())
-    );
+    assert_eq!(sim.check(&p), Err(ClaimsError::RevocationsStale.into()));
     // A heartbeat makes the same presentation acceptable.
-    let heartbeat = sim.hub.heartbeat(0);
-    sim.now = later;
-    sim.deliver(topic::REVOCATION_HEARTBEAT, &heartbeat);
-    assert!(sim.agent.check_presentation(&p, "door:open", later).is_ok());
+    let heartbeat = sim.hub.heartbeat();
+    sim.on_heartbeat_topic(&heartbeat);
+    assert!(sim.check(&p).is_ok());
 }
 
 #[test]
-fn a_presentation_of_a_revoked_token_is_refused() {
+fn a_presentation_of_a_token_revoked_by_hash_or_by_subject_is_refused() {
     let mut sim = presenting();
-    let p = sim.hub.presentation(300, 1);
-    let checked = sim
-        .agent
-        .check_presentation(&p, "door:open", sim.now)
-        .expect("accepted");
-    let revoked = Entry::Token {
-        hash: checked.token.hash(),
-        expires_at: checked.token.claims().exp,
-    };
-    let delta = sim.hub.delta(1, &[revoked]);
-    sim.deliver(topic::REVOCATION_DELTA, &delta);
+    let earlier = sim.hub.access_token(300);
+    sim.at(2);
+    let token = sim.hub.access_token(300);
+    assert!(sim.check(&sim.hub.present(&token, 1)).is_ok());
+
+    sim.at(5);
+    let delta = sim.hub.revoke(vec![to_device(Entry::Token {
+        hash: token_hash(&token),
+        expires_at: T0 / 1000 + 302,
+    })]);
+    sim.on_delta_topic(&delta);
     assert_eq!(
-        sim.agent
-            .check_presentation(&sim.hub.presentation(300, 2), "door:open", sim.now)
-            .map(|_| ()),
+        sim.check(&sim.hub.present(&token, 2)),
         Err(ClaimsError::Revoked.into())
+    );
+    assert!(sim.check(&sim.hub.present(&earlier, 3)).is_ok());
+
+    // Everything issued to the app before T0+1.
+    let delta = sim.hub.revoke(vec![to_device(
+        Entry::for_subject("app-7", T0 / 1000 + 1, T0 / 1000 + 301).expect("id"),
+    )]);
+    sim.on_delta_topic(&delta);
+    assert_eq!(
+        sim.check(&sim.hub.present(&earlier, 4)),
+        Err(ClaimsError::Revoked.into())
+    );
+    let later = sim.hub.access_token(300);
+    assert!(sim.check(&sim.hub.present(&later, 5)).is_ok());
+}
+
+#[test]
+fn a_suppressed_revocation_passes_only_until_knowledge_is_older_than_the_max_age() {
+    let mut sim = presenting();
+    let token = sim.hub.access_token(3600);
+    let old_heartbeat = sim.hub.heartbeat();
+    sim.at(10);
+    // The hub revokes the app's token; the broker drops the delta and, from then on, only
+    // replays the hub's old heartbeat, which it cannot forge anew.
+    sim.hub.revoke(vec![to_device(Entry::Token {
+        hash: token_hash(&token),
+        expires_at: T0 / 1000 + 3600,
+    })]);
+    for (s, nonce) in [(30, 1), (DEFAULT_MAX_AGE, 2)] {
+        sim.at(s);
+        assert!(sim.on_heartbeat_topic(&old_heartbeat).is_empty());
+        assert!(
+            sim.check(&sim.hub.present(&token, nonce)).is_ok(),
+            "T0+{s}: knowledge is {s} s old, within the max age"
+        );
+    }
+    assert_eq!(sim.agent.revocation_fresh_as_of(), Some(T0 / 1000));
+    sim.at(DEFAULT_MAX_AGE + 1);
+    assert!(sim.on_heartbeat_topic(&old_heartbeat).is_empty());
+    assert_eq!(
+        sim.check(&sim.hub.present(&token, 3)),
+        Err(ClaimsError::RevocationsStale.into())
+    );
+
+    // A new heartbeat gets through and names the change the agent never saw.
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1]);
+    assert_eq!(
+        sim.check(&sim.hub.present(&token, 4)),
+        Err(ClaimsError::Revoked.into())
+    );
+}
+
+#[test]
+fn the_max_age_is_the_one_the_hubs_heartbeat_announces() {
+    let mut sim = Sim::new(config());
+    sim.boot_and_connect();
+    assert_eq!(
+        sim.agent.revocation_max_age(),
+        DEFAULT_MAX_AGE,
+        "before any heartbeat"
+    );
+    sim.hub.max_age = 40;
+    let heartbeat = sim.hub.heartbeat();
+    sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(sim.agent.revocation_max_age(), 40);
+    let token = sim.hub.access_token(3600);
+    sim.at(40);
+    assert!(sim.check(&sim.hub.present(&token, 1)).is_ok());
+    sim.at(41);
+    assert_eq!(
+        sim.check(&sim.hub.present(&token, 2)),
+        Err(ClaimsError::RevocationsStale.into())
+    );
+}
+
+#[test]
+fn a_configured_max_age_overrides_the_announced_one() {
+    let mut sim = Sim::new(AgentConfig {
+        revocation_max_age_s: Some(120),
+        ..config()
+    });
+    sim.boot_and_connect();
+    sim.hub.max_age = 40;
+    let heartbeat = sim.hub.heartbeat();
+    sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(sim.agent.revocation_max_age(), 120);
+    let token = sim.hub.access_token(3600);
+    sim.at(120);
+    assert!(sim.check(&sim.hub.present(&token, 1)).is_ok());
+    sim.at(121);
+    assert_eq!(
+        sim.check(&sim.hub.present(&token, 2)),
+        Err(ClaimsError::RevocationsStale.into())
     );
 }
 
@@ -1278,12 +1686,7 @@ fn presentations_are_refused_before_the_clock_is_learned() {
     let mut sim = Sim::new(config());
     sim.step(Event::Boot { stored: None });
     let p = sim.hub.presentation(300, 1);
-    assert_eq!(
-        sim.agent
-            .check_presentation(&p, "door:open", sim.now)
-            .map(|_| ()),
-        Err(ClaimsError::RevocationsStale.into())
-    );
+    assert_eq!(sim.check(&p), Err(ClaimsError::RevocationsStale.into()));
 }
 
 #[test]
@@ -1292,8 +1695,11 @@ fn the_most_actions_one_event_can_cause_fit() {
     let mut sim = Sim::new(config());
     sim.boot_and_connect();
     sim.hub_online = false;
-    sim.hub.snapshot = None;
-    sim.deliver(topic::REVOCATION_HEARTBEAT, &sim.hub.heartbeat(5));
+    for byte in 1..=5 {
+        sim.hub.revoke(vec![revoked_hash(byte)]);
+    }
+    let heartbeat = sim.hub.heartbeat();
+    sim.on_heartbeat_topic(&heartbeat);
     sim.now += 1;
     let command = sim.hub.control(DEVICE, Command::RefreshNow, T0 / 1000);
     sim.step(Event::Message {
@@ -1316,13 +1722,20 @@ fn unknown_topics_and_garbage_are_reported_not_fatal() {
         reports(&sim.deliver("tessera/v1/hub/other", b"x")),
         [Report::Ignored(Ignored::UnknownTopic)]
     );
+    // Another partition's stream is not one the agent follows.
+    let elsewhere = topic::revocation_delta(&Stream::of_device("device-43"));
+    assert_eq!(
+        reports(&sim.deliver(&elsewhere, b"x")),
+        [Report::Ignored(Ignored::UnknownTopic)]
+    );
+    let own = stream();
     for topic in [
         RESPONSE_TOPIC,
         CONTROL_TOPIC,
         topic::KEYS,
-        topic::REVOCATION_SNAPSHOT,
-        topic::REVOCATION_DELTA,
-        topic::REVOCATION_HEARTBEAT,
+        &topic::revocation_delta(&own),
+        &topic::revocation_heartbeat(&own),
+        &topic::revocation_snapshot_page(&own, 0),
     ] {
         let r = reports(&sim.deliver(topic, &[0xff, 0x00, 0x13]));
         assert!(
@@ -1330,6 +1743,11 @@ fn unknown_topics_and_garbage_are_reported_not_fatal() {
             "{topic}: {r:?}"
         );
     }
+    // The hub clearing a retained snapshot page it no longer needs.
+    assert_eq!(
+        reports(&sim.deliver(&topic::revocation_snapshot_page(&own, 3), &[])),
+        [Report::Ignored(Ignored::Outdated)]
+    );
     assert_eq!(sim.agent.state(), State::Holding);
 }
 

@@ -11,7 +11,7 @@ use crate::crypto::{KeyLookup, Signer};
 use crate::error::{DecodeError, Error};
 
 /// What the hub tells a device to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Command {
     /// The device is revoked: wipe stored tokens and grants and stop refreshing.
@@ -21,7 +21,13 @@ pub enum Command {
 }
 
 impl Command {
-    const fn from_u64(n: u64) -> Option<Self> {
+    /// The command's number on the wire.
+    pub const fn as_u64(self) -> u64 {
+        self as u64
+    }
+
+    /// The command with this wire number, if any.
+    pub const fn from_u64(n: u64) -> Option<Self> {
         Some(match n {
             1 => Self::Revoked,
             2 => Self::RefreshNow,

@@ -5,7 +5,7 @@
 //! [`topic`](crate::topic).
 //!
 //! Every signed payload is a CBOR map whose key `0` is its [`MessageType`], so a payload
-//! signed for one purpose can never be accepted as another (a delta as a snapshot, a
+//! signed for one purpose can never be accepted as another (a heartbeat as a page, a
 //! response as a request, a presentation as a request).
 
 mod control;
@@ -16,8 +16,8 @@ mod response;
 pub use control::{Command, Control};
 pub use presentation::{Presentation, SignedPresentation};
 pub use request::{
-    EnrollmentCode, MAX_GRANT_LEN, NONCE_LEN, Operation, Request, RequestBody, RevokeTarget,
-    SignedRequest,
+    EnrollmentCode, IdList, MAX_GRANT_LEN, MAX_REVOKE_LIST, NONCE_LEN, Operation, Request,
+    RequestBody, RequestHead, RevokeTarget, SignedRequest,
 };
 pub use response::{
     ErrorCode, MAX_REASON_LEN, Outcome, Response, ResponseBody, SignedResponse, WireError,
@@ -36,11 +36,10 @@ pub enum MessageType {
     Response = 2,
     /// The hub's signed, retained key set.
     KeySet = 10,
-    /// The retained signed revocation snapshot.
-    RevocationSnapshot = 20,
-    /// A sequence-numbered signed revocation delta.
-    RevocationDelta = 21,
-    /// A signed heartbeat naming the latest revocation sequence number.
+    /// A signed page of a revocation stream: a delta, or part of a snapshot. (21, the
+    /// delta of the first drafts, is retired and never reused.)
+    RevocationPage = 20,
+    /// A signed heartbeat naming a revocation stream's latest change number.
     RevocationHeartbeat = 22,
     /// A signed message to one device on its control topic.
     Control = 30,
@@ -60,8 +59,7 @@ impl MessageType {
             1 => Self::Request,
             2 => Self::Response,
             10 => Self::KeySet,
-            20 => Self::RevocationSnapshot,
-            21 => Self::RevocationDelta,
+            20 => Self::RevocationPage,
             22 => Self::RevocationHeartbeat,
             30 => Self::Control,
             40 => Self::Presentation,
@@ -126,8 +124,7 @@ mod tests {
             MessageType::Request,
             MessageType::Response,
             MessageType::KeySet,
-            MessageType::RevocationSnapshot,
-            MessageType::RevocationDelta,
+            MessageType::RevocationPage,
             MessageType::RevocationHeartbeat,
             MessageType::Control,
             MessageType::Presentation,
@@ -135,5 +132,6 @@ mod tests {
             assert_eq!(MessageType::from_u64(t.as_u64()), Some(t));
         }
         assert_eq!(MessageType::from_u64(3), None);
+        assert_eq!(MessageType::from_u64(21), None, "retired");
     }
 }

@@ -111,7 +111,7 @@ impl<'a> SignedPresentation<'a> {
             return Err(ClaimsError::WrongAudience.into());
         }
         if p.issued_at.abs_diff(validation.now) > window {
-            return Err(ClaimsError::ProofOfPossession.into());
+            return Err(ClaimsError::PresentationOutsideWindow.into());
         }
         Ok(Self {
             token,
@@ -169,7 +169,7 @@ mod tests {
         let v = Validation::new(NOW + 61, "device-42");
         assert_eq!(
             SignedPresentation::verify(&out[..n], &signer(1).public_key(), &v, 60).map(|_| ()),
-            Err(ClaimsError::ProofOfPossession.into())
+            Err(ClaimsError::PresentationOutsideWindow.into())
         );
     }
 

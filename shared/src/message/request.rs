@@ -13,7 +13,7 @@ use crate::cbor::{Reader, SeenKeys, Writer};
 use crate::cose::{self, Sign1};
 use crate::crypto::{Kid, PublicKey, Signer, Verifier};
 use crate::error::{DecodeError, Error};
-use crate::revocation::TokenHash;
+use crate::revocation::{MAX_STREAM_NAME_LEN, Stream, TokenHash};
 use crate::scope::{MAX_SCOPE_LEN, Scopes};
 
 /// Length of a request nonce.
@@ -72,18 +72,131 @@ impl Operation {
     }
 }
 
+/// Most devices one `revoke` request may name ([`RevokeTarget::Devices`]).
+pub const MAX_REVOKE_LIST: usize = 16_384;
+
 /// What an operator revokes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokeTarget<'a> {
-    /// One token, by the SHA-256 of its bytes.
+    /// Kind 0: one token, by its [`token_hash`](crate::revocation::token_hash).
     TokenHash(TokenHash),
-    /// One token, by its `cti`.
+    /// Kind 1: one token, by its `cti`.
     TokenId(&'a [u8]),
-    /// Every token issued to a device or app before now.
+    /// Kind 2: every token issued to a device or app before now, and its grants.
     Subject(&'a str),
-    /// A whole device: its tokens, its grants and its enrollment.
+    /// Kind 3: a whole device: its tokens, its grants and its enrollment.
     Device(&'a str),
+    /// Kind 4: every device in a group, each as [`Device`](Self::Device).
+    Group(&'a str),
+    /// Kind 5: every client with a role: devices as [`Device`](Self::Device), apps and
+    /// operators as [`Subject`](Self::Subject).
+    Role(&'a str),
+    /// Kind 6: a list of 1 to [`MAX_REVOKE_LIST`] devices, each as
+    /// [`Device`](Self::Device).
+    Devices(IdList<'a>),
 }
+
+impl RevokeTarget<'_> {
+    /// The kind number on the wire.
+    pub fn kind(&self) -> u64 {
+        match self {
+            Self::TokenHash(_) => 0,
+            Self::TokenId(_) => 1,
+            Self::Subject(_) => 2,
+            Self::Device(_) => 3,
+            Self::Group(_) => 4,
+            Self::Role(_) => 5,
+            Self::Devices(_) => 6,
+        }
+    }
+}
+
+/// A list of identifiers: either given by the sender, or as decoded (already validated).
+#[derive(Debug, Clone, Copy)]
+pub struct IdList<'a>(IdListRepr<'a>);
+
+#[derive(Debug, Clone, Copy)]
+enum IdListRepr<'a> {
+    Given(&'a [&'a str]),
+    /// The items of a decoded CBOR array of validated ids, without its head.
+    Wire {
+        items: &'a [u8],
+        len: usize,
+    },
+}
+
+impl<'a> IdList<'a> {
+    /// A list to send; every id must be valid and there must be 1 to [`MAX_REVOKE_LIST`]
+    /// (checked when the request is encoded).
+    pub const fn new(ids: &'a [&'a str]) -> Self {
+        Self(IdListRepr::Given(ids))
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            IdListRepr::Given(ids) => ids.len(),
+            IdListRepr::Wire { len, .. } => len,
+        }
+    }
+
+    /// Whether the list is empty (never, once decoded).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids in order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let (given, wire) = match self.0 {
+            IdListRepr::Given(ids) => (Some(ids.iter().copied()), None),
+            IdListRepr::Wire { items, len } => (None, Some((Reader::new(items), len))),
+        };
+        given.into_iter().flatten().chain(
+            wire.into_iter()
+                // Every item was read and validated when the list was decoded.
+                .flat_map(|(mut r, len)| {
+                    (0..len).map_while(move |_| r.str(crate::MAX_ID_LEN).ok())
+                }),
+        )
+    }
+
+    fn encode(&self, w: &mut Writer<'_>) -> Result<(), Error> {
+        if self.is_empty() || self.len() > MAX_REVOKE_LIST {
+            return Err(crate::error::EncodeError::InvalidValue("device list").into());
+        }
+        w.array(self.len() as u64)?;
+        for id in self.iter() {
+            crate::message::validate_id(id)
+                .map_err(|_| crate::error::EncodeError::InvalidValue("id"))?;
+            w.str(id)?;
+        }
+        Ok(())
+    }
+
+    fn decode(r: &mut Reader<'a>) -> Result<Self, Error> {
+        let len = r.array(MAX_REVOKE_LIST)?;
+        if len == 0 {
+            return Err(DecodeError::InvalidValue("device list").into());
+        }
+        let start = r.position();
+        for _ in 0..len {
+            read_id(r)?;
+        }
+        let items = r
+            .input()
+            .get(start..r.position())
+            .ok_or(DecodeError::Malformed)?;
+        Ok(Self(IdListRepr::Wire { items, len }))
+    }
+}
+
+impl PartialEq for IdList<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for IdList<'_> {}
 
 /// The operation-specific part of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,10 +223,15 @@ pub enum RequestBody<'a> {
         /// The current refresh grant.
         grant: &'a [u8],
     },
-    /// `{1: kind, 2: value}`; kind 0 token hash, 1 token id, 2 subject, 3 device.
+    /// `{1: kind, 2: value}`; see [`RevokeTarget`] for the kinds.
     Revoke(RevokeTarget<'a>),
-    /// `{}`.
-    FetchRevocations,
+    /// `{1: stream, 2: from}`: a page of a revocation stream starting at change `from`.
+    FetchRevocations {
+        /// The stream.
+        stream: Stream<'a>,
+        /// The first change wanted (at least 1).
+        from: u64,
+    },
 }
 
 impl RequestBody<'_> {
@@ -125,7 +243,7 @@ impl RequestBody<'_> {
             Self::AccessToken { .. } => Operation::AccessToken,
             Self::Refresh { .. } => Operation::Refresh,
             Self::Revoke(_) => Operation::Revoke,
-            Self::FetchRevocations => Operation::FetchRevocations,
+            Self::FetchRevocations { .. } => Operation::FetchRevocations,
         }
     }
 
@@ -138,8 +256,14 @@ impl RequestBody<'_> {
                     w.u8(2)?.bytes(p)?;
                 }
             }
-            Self::DeviceToken | Self::FetchRevocations => {
+            Self::DeviceToken => {
                 w.map(0)?;
+            }
+            Self::FetchRevocations { stream, from } => {
+                if *from == 0 {
+                    return Err(crate::error::EncodeError::InvalidValue("from").into());
+                }
+                w.map(2)?.u8(1)?.str(&stream.name())?.u8(2)?.u64(*from)?;
             }
             Self::AccessToken { device, scope } => {
                 w.map(2)?.u8(1)?.str(device)?.u8(2)?.str(scope.as_str())?;
@@ -149,11 +273,18 @@ impl RequestBody<'_> {
             }
             Self::Revoke(target) => {
                 w.map(2)?.u8(1)?;
+                w.u64(target.kind())?.u8(2)?;
                 match target {
-                    RevokeTarget::TokenHash(h) => w.u8(0)?.u8(2)?.bytes(h)?,
-                    RevokeTarget::TokenId(cti) => w.u8(1)?.u8(2)?.bytes(cti)?,
-                    RevokeTarget::Subject(s) => w.u8(2)?.u8(2)?.str(s)?,
-                    RevokeTarget::Device(d) => w.u8(3)?.u8(2)?.str(d)?,
+                    RevokeTarget::TokenHash(h) => w.bytes(h)?,
+                    RevokeTarget::TokenId(cti) => w.bytes(cti)?,
+                    RevokeTarget::Subject(id)
+                    | RevokeTarget::Device(id)
+                    | RevokeTarget::Group(id)
+                    | RevokeTarget::Role(id) => w.str(id)?,
+                    RevokeTarget::Devices(list) => {
+                        list.encode(w)?;
+                        w
+                    }
                 };
             }
         }
@@ -183,6 +314,16 @@ impl RequestBody<'_> {
                 }
                 (Operation::Revoke, 1) => body.kind = Some(r.uint()?),
                 (Operation::Revoke, 2) => body.value = Some(r.position()),
+                (Operation::FetchRevocations, 1) => {
+                    body.stream = Some(Stream::parse(r.str(MAX_STREAM_NAME_LEN)?)?)
+                }
+                (Operation::FetchRevocations, 2) => {
+                    let from = r.uint()?;
+                    if from == 0 {
+                        return Err(DecodeError::InvalidValue("from").into());
+                    }
+                    body.from = Some(from);
+                }
                 _ => return Err(DecodeError::InvalidValue("body key").into()),
             }
             if (op, k) == (Operation::Revoke, 2) {
@@ -195,7 +336,10 @@ impl RequestBody<'_> {
                 code_proof: body.proof,
             },
             Operation::DeviceToken => RequestBody::DeviceToken,
-            Operation::FetchRevocations => RequestBody::FetchRevocations,
+            Operation::FetchRevocations => RequestBody::FetchRevocations {
+                stream: body.stream.ok_or(DecodeError::MissingField("stream"))?,
+                from: body.from.ok_or(DecodeError::MissingField("from"))?,
+            },
             Operation::AccessToken => RequestBody::AccessToken {
                 device: body.text.ok_or(DecodeError::MissingField("device"))?,
                 scope: body.scope.ok_or(DecodeError::MissingField("scope"))?,
@@ -222,6 +366,8 @@ struct Fields<'b> {
     bytes: Option<&'b [u8]>,
     kind: Option<u64>,
     value: Option<usize>,
+    stream: Option<Stream<'b>>,
+    from: Option<u64>,
 }
 
 /// The revoke value can only be typed once its kind is known, which may come after it.
@@ -238,6 +384,9 @@ fn decode_target<'b>(r: &Reader<'b>, kind: u64, at: usize) -> Result<RevokeTarge
         }
         2 => RevokeTarget::Subject(read_id(&mut v)?),
         3 => RevokeTarget::Device(read_id(&mut v)?),
+        4 => RevokeTarget::Group(read_id(&mut v)?),
+        5 => RevokeTarget::Role(read_id(&mut v)?),
+        6 => RevokeTarget::Devices(IdList::decode(&mut v)?),
         _ => return Err(DecodeError::InvalidValue("revoke kind").into()),
     })
 }
@@ -343,10 +492,60 @@ pub struct SignedRequest<'a> {
     request: Request<'a>,
 }
 
+/// What a request says about itself before anything else of it is read: enough for the
+/// hub to refuse an oversized request cheaply, and to answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHead<'a> {
+    /// The operation it claims.
+    pub op: Operation,
+    /// The client it claims to come from.
+    pub client: &'a str,
+    /// Its request id.
+    pub request_id: u64,
+    /// Its nonce.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl<'a> RequestHead<'a> {
+    /// Reads the head of a signed request (at most [`MAX_REQUEST_LEN`](cose::MAX_REQUEST_LEN)
+    /// bytes) without decoding its body, and without checking anything: a sender writes the
+    /// body last, so for a well-formed request the body is never walked.
+    pub fn peek(bytes: &'a [u8]) -> Result<Self, Error> {
+        let envelope = Sign1::decode_within(bytes, cose::MAX_REQUEST_LEN)?;
+        let payload = envelope.unverified_payload();
+        let mut r = Reader::new(payload);
+        let n = read_type(&mut r, MessageType::Request, 6)?;
+        let (mut op, mut client, mut request_id, mut nonce) = (None, None, None, None);
+        for _ in 0..n {
+            if op.is_some() && client.is_some() && request_id.is_some() && nonce.is_some() {
+                break;
+            }
+            match r.key()? {
+                1 => {
+                    op = Some(
+                        Operation::from_u64(r.uint()?).ok_or(DecodeError::InvalidValue("op"))?,
+                    )
+                }
+                2 => client = Some(read_id(&mut r)?),
+                3 => request_id = Some(r.uint()?),
+                5 => nonce = Some(r.bytes_exact::<NONCE_LEN>("nonce")?),
+                _ => r.skip()?,
+            }
+        }
+        Ok(Self {
+            op: op.ok_or(DecodeError::MissingField("op"))?,
+            client: client.ok_or(DecodeError::MissingField("client"))?,
+            request_id: request_id.ok_or(DecodeError::MissingField("request_id"))?,
+            nonce: nonce.ok_or(DecodeError::MissingField("nonce"))?,
+        })
+    }
+}
+
 impl<'a> SignedRequest<'a> {
-    /// Decodes the envelope and the payload strictly, without checking the signature.
+    /// Decodes the envelope (at most [`MAX_REQUEST_LEN`](cose::MAX_REQUEST_LEN) bytes)
+    /// and the payload strictly, without checking the signature.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, Error> {
-        let envelope = Sign1::decode(bytes)?;
+        let envelope = Sign1::decode_within(bytes, cose::MAX_REQUEST_LEN)?;
         let request = Request::decode(envelope.unverified_payload())?;
         Ok(Self { envelope, request })
     }
@@ -454,7 +653,9 @@ mod tests {
         }
     }
 
-    fn every_body() -> [RequestBody<'static>; 9] {
+    const LIST: &[&str] = &["device-1", "device-2", "device-3"];
+
+    fn every_body() -> [RequestBody<'static>; 13] {
         [
             RequestBody::Enroll {
                 key: signer(2).public_key(),
@@ -474,15 +675,19 @@ mod tests {
             RequestBody::Revoke(RevokeTarget::TokenId(&[5; 16])),
             RequestBody::Revoke(RevokeTarget::Subject("app-1")),
             RequestBody::Revoke(RevokeTarget::Device("device-9")),
+            RequestBody::Revoke(RevokeTarget::Group("building-a")),
+            RequestBody::Revoke(RevokeTarget::Role("sensor")),
+            RequestBody::Revoke(RevokeTarget::Devices(IdList::new(LIST))),
+            RequestBody::FetchRevocations {
+                stream: Stream::Devices(0x3f),
+                from: 17,
+            },
         ]
     }
 
     #[test]
     fn every_operation_round_trips_through_a_signed_envelope() {
-        for body in every_body()
-            .into_iter()
-            .chain([RequestBody::FetchRevocations])
-        {
+        for body in every_body() {
             let req = request(body);
             let mut out = [0u8; 512];
             let n = req.sign(&signer(1), &mut out).expect("sign");
@@ -490,6 +695,79 @@ mod tests {
             assert_eq!(signed.client(), "device-42");
             assert_eq!(signed.verify(&signer(1).public_key()), Ok(req));
         }
+    }
+
+    #[test]
+    fn the_head_of_a_request_is_read_without_its_body() {
+        for body in every_body() {
+            let req = request(body);
+            let mut out = [0u8; 512];
+            let n = req.sign(&signer(1), &mut out).expect("sign");
+            let head = RequestHead::peek(&out[..n]).expect("peek");
+            assert_eq!(
+                (head.op, head.client, head.request_id, head.nonce),
+                (req.operation(), "device-42", 7, [3; NONCE_LEN])
+            );
+        }
+        // A body that does not decode: the head is still read (the body is never walked),
+        // while the request as a whole is refused.
+        let req = request(RequestBody::Revoke(RevokeTarget::Devices(IdList::new(
+            LIST,
+        ))));
+        let mut payload = [0u8; 512];
+        let n = req.encode_to(&mut payload).expect("encode");
+        let at = payload[..n]
+            .windows(8)
+            .position(|w| w == b"device-3")
+            .expect("the last id");
+        payload[at] = b'/';
+        let mut out = [0u8; 640];
+        let m = cose::sign(&signer(1), &payload[..n], &mut out).expect("sign");
+        assert!(SignedRequest::decode(&out[..m]).is_err());
+        assert_eq!(
+            RequestHead::peek(&out[..m]).map(|h| h.op),
+            Ok(Operation::Revoke)
+        );
+    }
+
+    #[test]
+    fn a_decoded_device_list_reads_back_its_ids() {
+        let req = request(RequestBody::Revoke(RevokeTarget::Devices(IdList::new(
+            LIST,
+        ))));
+        let mut out = [0u8; 512];
+        let n = req.encode_to(&mut out).expect("encode");
+        let back = Request::decode(&out[..n]).expect("decode");
+        let RequestBody::Revoke(RevokeTarget::Devices(list)) = back.body else {
+            panic!("not a device list: {back:?}");
+        };
+        assert_eq!(list.len(), 3);
+        assert!(list.iter().eq(LIST.iter().copied()));
+    }
+
+    #[test]
+    fn device_lists_must_hold_valid_ids_and_not_be_empty() {
+        let mut out = [0u8; 512];
+        for bad in [&[][..], &["ok", "not/an/id"][..]] {
+            let req = request(RequestBody::Revoke(RevokeTarget::Devices(IdList::new(bad))));
+            assert!(req.encode_to(&mut out).is_err(), "{bad:?}");
+        }
+        // An empty array on the wire: {1: 6, 2: []}.
+        let n = request(RequestBody::Revoke(RevokeTarget::Group("g")))
+            .encode_to(&mut out)
+            .expect("encode");
+        let at = out[..n]
+            .windows(3)
+            .position(|w| w == [0x02, 0x61, b'g'])
+            .expect("value");
+        let mut bytes = out[..n].to_vec();
+        bytes[at - 1] = 6; // kind
+        bytes[at + 1] = 0x80; // []
+        bytes.remove(at + 2);
+        assert_eq!(
+            Request::decode(&bytes),
+            Err(DecodeError::InvalidValue("device list").into())
+        );
     }
 
     #[test]

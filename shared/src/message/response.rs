@@ -10,9 +10,10 @@
 use super::request::{MAX_GRANT_LEN, NONCE_LEN, Operation};
 use super::{MessageType, read_id, read_type};
 use crate::cbor::{Reader, SeenKeys, Writer};
-use crate::cose::{self, MAX_SIGN1_LEN, Sign1};
+use crate::cose::{self, Sign1};
 use crate::crypto::{KeyLookup, Signer};
 use crate::error::{DecodeError, Error};
+use crate::revocation::MAX_PAGE_LEN;
 use crate::token::MAX_TOKEN_LEN;
 
 /// Longest error reason carried on the wire, in bytes.
@@ -117,16 +118,20 @@ pub enum ResponseBody<'a> {
         /// the next refresh must present this one.
         grant: Option<(&'a [u8], u64)>,
     },
-    /// Revoke: `{1: seq}`, the revocation sequence number that carries the revocation.
-    /// Sent only once the revocation is durable.
+    /// Revoke: `{1: revoked, 2: entries, 3: notified}`. Sent only once the revocation is
+    /// durable.
     Revoked {
-        /// Sequence number of the delta that carries it.
-        seq: u64,
+        /// Tokens or clients the request revoked (already revoked ones not counted).
+        revoked: u64,
+        /// Revocation entries it added to the streams.
+        entries: u64,
+        /// Control messages it sends to devices (`revoked` or `refresh_now`).
+        notified: u64,
     },
-    /// FetchRevocations: `{1: snapshot}`, the signed snapshot as published.
+    /// FetchRevocations: `{1: page}`, a signed page of the asked stream.
     Revocations {
-        /// A signed revocation snapshot (COSE_Sign1).
-        snapshot: &'a [u8],
+        /// A signed revocation page (COSE_Sign1).
+        page: &'a [u8],
     },
 }
 
@@ -144,11 +149,21 @@ impl ResponseBody<'_> {
                     w.u8(2)?.bytes(g)?.u8(3)?.u64(*exp)?;
                 }
             }
-            Self::Revoked { seq } => {
-                w.map(1)?.u8(1)?.u64(*seq)?;
+            Self::Revoked {
+                revoked,
+                entries,
+                notified,
+            } => {
+                w.map(3)?
+                    .u8(1)?
+                    .u64(*revoked)?
+                    .u8(2)?
+                    .u64(*entries)?
+                    .u8(3)?
+                    .u64(*notified)?;
             }
-            Self::Revocations { snapshot } => {
-                w.map(1)?.u8(1)?.bytes(snapshot)?;
+            Self::Revocations { page } => {
+                w.map(1)?.u8(1)?.bytes(page)?;
             }
         }
         Ok(())
@@ -158,6 +173,7 @@ impl ResponseBody<'_> {
         let n = r.map(3)?;
         let mut seen = SeenKeys::default();
         let (mut bytes, mut grant, mut number) = (None, None, None);
+        let mut counts = [None; 3];
         for _ in 0..n {
             let k = r.key()?;
             seen.insert(k)?;
@@ -171,8 +187,10 @@ impl ResponseBody<'_> {
                 (Operation::DeviceToken | Operation::AccessToken | Operation::Refresh, 3) => {
                     number = Some(r.uint()?)
                 }
-                (Operation::Revoke, 1) => number = Some(r.uint()?),
-                (Operation::FetchRevocations, 1) => bytes = Some(r.bytes(MAX_SIGN1_LEN)?),
+                (Operation::Revoke, 1..=3) => {
+                    counts[usize::try_from(k - 1).unwrap_or(0)] = Some(r.uint()?)
+                }
+                (Operation::FetchRevocations, 1) => bytes = Some(r.bytes(MAX_PAGE_LEN)?),
                 _ => return Err(DecodeError::InvalidValue("body key").into()),
             }
         }
@@ -190,10 +208,12 @@ impl ResponseBody<'_> {
                 }
             }
             Operation::Revoke => ResponseBody::Revoked {
-                seq: number.ok_or(DecodeError::MissingField("seq"))?,
+                revoked: counts[0].ok_or(DecodeError::MissingField("revoked"))?,
+                entries: counts[1].ok_or(DecodeError::MissingField("entries"))?,
+                notified: counts[2].ok_or(DecodeError::MissingField("notified"))?,
             },
             Operation::FetchRevocations => ResponseBody::Revocations {
-                snapshot: bytes.ok_or(DecodeError::MissingField("snapshot"))?,
+                page: bytes.ok_or(DecodeError::MissingField("page"))?,
             },
         })
     }
@@ -428,11 +448,15 @@ mod tests {
             ),
             response(
                 Some(Operation::Revoke),
-                Ok(ResponseBody::Revoked { seq: 12 }),
+                Ok(ResponseBody::Revoked {
+                    revoked: 1000,
+                    entries: 12,
+                    notified: 990,
+                }),
             ),
             response(
                 Some(Operation::FetchRevocations),
-                Ok(ResponseBody::Revocations { snapshot: &[9; 40] }),
+                Ok(ResponseBody::Revocations { page: &[9; 40] }),
             ),
             response(
                 None,
