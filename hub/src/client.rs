@@ -11,7 +11,7 @@ use rumqttc::v5::AsyncClient;
 use tessera_shared::crypto::{P256Signer, PublicKey};
 use tessera_shared::keyset::KeySet;
 use tessera_shared::message::{
-    ErrorCode, NONCE_LEN, Request, RequestBody, ResponseBody, SignedResponse,
+    ErrorCode, NONCE_LEN, Request, RequestBody, ResponseBody, RevokeTarget, SignedResponse,
 };
 use tessera_shared::topic;
 use tokio::sync::{mpsc, watch};
@@ -181,7 +181,17 @@ impl Client {
             nonce,
             body,
         };
-        let mut buf = vec![0u8; 4096];
+        // Room for the largest request: a revoke naming the most devices one may.
+        let room = match &request.body {
+            RequestBody::Revoke(RevokeTarget::Devices(list)) => list
+                .iter()
+                .map(|id| id.len() + 3)
+                .sum::<usize>()
+                .saturating_add(1024)
+                .min(tessera_shared::cose::MAX_REQUEST_LEN),
+            _ => 4096,
+        };
+        let mut buf = vec![0u8; room];
         let n = request
             .sign(&self.signer, &mut buf)
             .map_err(ClientError::Core)?;

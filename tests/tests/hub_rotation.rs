@@ -23,8 +23,10 @@ const WAIT: Duration = Duration::from_secs(5);
 async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can_verify()
 -> Result<()> {
     let hub = TestHub::builder()
-        .config("heartbeat_s = 30", "heartbeat_s = 1")
-        .config("rotation_announce_s = 300", "rotation_announce_s = 2")
+        // A heartbeat longer than a second, so that counting the announce period from
+        // `keys rotate` instead of from the key set's publication would show.
+        .config("heartbeat_s = 30", "heartbeat_s = 3")
+        .config("rotation_announce_s = 300", "rotation_announce_s = 4")
         .policy("leeway_s = 30", "leeway_s = 1")
         .policy("token_lifetime_s = 600", "token_lifetime_s = 3")
         .policy("token_lifetime_s = 120", "token_lifetime_s = 2")
@@ -74,11 +76,16 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
     // Refresh every 400 ms (lifetime 3 s) until the old key is gone from the key set.
     let mut signed_by_next = 0;
     let mut announced_before_use = false;
-    let deadline = rotated_at + Duration::from_secs(20);
+    let mut next_published: Option<Instant> = None;
+    let mut next_first_used: Option<Instant> = None;
+    let deadline = rotated_at + Duration::from_secs(30);
     loop {
         for message in keys.take_messages() {
             held.update(&message.payload)
                 .map_err(|e| anyhow::anyhow!("a key set that does not verify: {e}"))?;
+        }
+        if next_published.is_none() && held.keys().iter().any(|k| hex::encode(k.kid()) == next) {
+            next_published = Some(Instant::now());
         }
         let held_kids: Vec<String> = held.keys().iter().map(|k| hex::encode(k.kid())).collect();
         let Answer::Token {
@@ -97,6 +104,9 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
             held.update(&message.payload)
                 .map_err(|e| anyhow::anyhow!("a key set that does not verify: {e}"))?;
         }
+        if next_published.is_none() && held.keys().iter().any(|k| hex::encode(k.kid()) == next) {
+            next_published = Some(Instant::now());
+        }
         let verified = token::verify(&token, &held, &Validation::new(unix_now(), "tessera"))
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -108,6 +118,7 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         if hex::encode(verified.kid()) == next {
             if signed_by_next == 0 {
                 announced_before_use = held_kids.contains(&next);
+                next_first_used = Some(Instant::now());
             }
             signed_by_next += 1;
         }
@@ -117,7 +128,7 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         }
         ensure!(
             Instant::now() < deadline,
-            "no full rotation within 20 s: {signed_by_next} tokens by the next key {next}, key \
+            "no full rotation within 30 s: {signed_by_next} tokens by the next key {next}, key \
              set {held_kids:?}; `keys list`:\n{}\nhub log:\n{}",
             hub.dir()
                 .run(&["keys", "list"])
@@ -132,12 +143,22 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         announced_before_use,
         "the next key was in the published key set before the first token it signed"
     );
-    // Retired: announce (2 s) + the longest lifetime (3 s) + leeway (1 s) after the key set
+    // For the whole announce period (4 s, counted in whole seconds from the publication,
+    // so at least 3 s of wall-clock time), not from `keys rotate`.
+    let (published, used) = (next_published.unwrap(), next_first_used.unwrap());
+    assert!(
+        used.duration_since(published) >= Duration::from_millis(2900),
+        "the next key signed {:?} after the key set announcing it went out (rotated {:?} \
+         before that)",
+        used.duration_since(published),
+        published.duration_since(rotated_at)
+    );
+    // Retired: announce (4 s) + the longest lifetime (3 s) + leeway (1 s) after the key set
     // with the next key went out (at the first heartbeat after rotating, so no earlier
     // than rotating), counted in whole seconds, so up to one second early in wall-clock
     // time.
     assert!(
-        rotated_at.elapsed() >= Duration::from_secs(5),
+        published.elapsed() >= Duration::from_secs(7),
         "the old key was dropped after {:?}, before its last tokens expired",
         rotated_at.elapsed()
     );

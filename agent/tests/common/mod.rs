@@ -64,6 +64,10 @@ pub(crate) struct HubOptions {
     pub(crate) tls: bool,
     /// Seconds between the hub's revocation heartbeats.
     pub(crate) heartbeat_s: u64,
+    /// Device groups to declare besides `building-a` (name, description).
+    pub(crate) groups: Vec<(String, String)>,
+    /// TOML appended to the policy (roles, access rules).
+    pub(crate) extra_policy: String,
 }
 
 impl Default for HubOptions {
@@ -72,6 +76,8 @@ impl Default for HubOptions {
             device_token_lifetime_s: 600,
             tls: false,
             heartbeat_s: 2,
+            groups: Vec::new(),
+            extra_policy: String::new(),
         }
     }
 }
@@ -95,6 +101,15 @@ impl Hub {
             &format!("token_lifetime_s = {}", options.device_token_lifetime_s),
         )?;
         dir.append_to_policy(EXTRA_POLICY)?;
+        dir.append_to_policy(&options.extra_policy)?;
+        for (name, description) in &options.groups {
+            dir.replace_in_policy(
+                "building-a = \"Doors and sensors in building A\"",
+                &format!(
+                    "building-a = \"Doors and sensors in building A\"\n{name} = {description:?}"
+                ),
+            )?;
+        }
         dir.run(&["policy", "check"])?;
         let pki = options.tls.then(TestPki::new).transpose()?;
         let mut builder = Broker::builder();

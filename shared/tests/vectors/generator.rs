@@ -103,7 +103,7 @@ pub(crate) fn issuer_pem() -> String {
 // ------------------------------------------------------------------------------------------
 // A minimal CBOR encoder, so the invalid cases can say exactly which bytes they hold.
 
-fn head(major: u8, arg: u64) -> Vec<u8> {
+pub(crate) fn head(major: u8, arg: u64) -> Vec<u8> {
     let mt = major << 5;
     let b = arg.to_be_bytes();
     match arg {
@@ -115,15 +115,15 @@ fn head(major: u8, arg: u64) -> Vec<u8> {
     }
 }
 
-fn len64(n: usize) -> u64 {
+pub(crate) fn len64(n: usize) -> u64 {
     u64::try_from(n).expect("lengths fit in u64")
 }
 
-fn uint(v: u64) -> Vec<u8> {
+pub(crate) fn uint(v: u64) -> Vec<u8> {
     head(0, v)
 }
 
-fn int(v: i64) -> Vec<u8> {
+pub(crate) fn int(v: i64) -> Vec<u8> {
     if v >= 0 {
         head(0, v.unsigned_abs())
     } else {
@@ -131,15 +131,15 @@ fn int(v: i64) -> Vec<u8> {
     }
 }
 
-fn text(s: &str) -> Vec<u8> {
+pub(crate) fn text(s: &str) -> Vec<u8> {
     [head(3, len64(s.len())), s.as_bytes().to_vec()].concat()
 }
 
-fn bstr(b: &[u8]) -> Vec<u8> {
+pub(crate) fn bstr(b: &[u8]) -> Vec<u8> {
     [head(2, len64(b.len())), b.to_vec()].concat()
 }
 
-fn array(items: &[Vec<u8>]) -> Vec<u8> {
+pub(crate) fn array(items: &[Vec<u8>]) -> Vec<u8> {
     let mut out = head(4, len64(items.len()));
     for item in items {
         out.extend_from_slice(item);
@@ -149,14 +149,14 @@ fn array(items: &[Vec<u8>]) -> Vec<u8> {
 
 /// How a map's length is written.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum MapForm {
+pub(crate) enum MapForm {
     Definite,
     /// `bf ... ff`, which the core refuses everywhere.
     Indefinite,
 }
 
 /// A map of integer labels to already encoded values, in the order given.
-fn map(entries: &[(i64, Vec<u8>)], form: MapForm) -> Vec<u8> {
+pub(crate) fn map(entries: &[(i64, Vec<u8>)], form: MapForm) -> Vec<u8> {
     let mut out = match form {
         MapForm::Definite => head(5, len64(entries.len())),
         MapForm::Indefinite => vec![0xbf],
@@ -254,24 +254,24 @@ impl ClaimSet {
 
 /// Which fixed key signs a token.
 #[derive(Clone, Copy)]
-enum SigningKey {
+pub(crate) enum SigningKey {
     Issuer,
     OtherIssuer,
 }
 
 /// Everything a vector token is made of.
 #[derive(Clone)]
-struct Parts {
+pub(crate) struct Parts {
     /// Wrap the tagged COSE_Sign1 in the CWT tag 61.
-    cwt_tag: bool,
+    pub(crate) cwt_tag: bool,
     /// The protected header map, as the bstr's content.
-    protected: Vec<u8>,
+    pub(crate) protected: Vec<u8>,
     /// The unprotected header map.
-    unprotected: Vec<u8>,
-    /// The payload: the claims map.
-    claims: Vec<u8>,
+    pub(crate) unprotected: Vec<u8>,
+    /// The payload: the claims map (or, for the revocation vectors, a page or heartbeat).
+    pub(crate) claims: Vec<u8>,
     /// The key whose signature the token carries.
-    key: SigningKey,
+    pub(crate) key: SigningKey,
 }
 
 /// `{1: alg, 4: kid}`: what the core writes, with a choice of algorithm.
@@ -281,7 +281,7 @@ fn protected_header(alg: i64, kid: &Kid) -> Vec<u8> {
 
 impl Parts {
     /// A token as the issuer signs it: tag 18, `{1: -7, 4: issuer kid}`, `{}`.
-    fn issued(claims: Vec<u8>) -> Self {
+    pub(crate) fn issued(claims: Vec<u8>) -> Self {
         Self {
             cwt_tag: false,
             protected: protected_header(ALG_ES256, &issuer().kid()),
@@ -293,7 +293,7 @@ impl Parts {
 
     /// Signs the `Sig_structure` over these parts exactly as `cose.rs` does (low-`s`
     /// signature) and lays out `[61(] 18([protected, unprotected, payload, signature]) [)]`.
-    fn assemble(&self) -> Vec<u8> {
+    pub(crate) fn assemble(&self) -> Vec<u8> {
         let signer = match self.key {
             SigningKey::Issuer => issuer(),
             SigningKey::OtherIssuer => other_issuer(),
@@ -326,13 +326,13 @@ impl Parts {
 
 /// The signature with `s` replaced by `n - s` if it is above `n / 2`: the form
 /// `cose::sign` writes, so the hand-built vectors carry the signature the core would.
-fn low_s(signature: &[u8; 64]) -> [u8; 64] {
+pub(crate) fn low_s(signature: &[u8; 64]) -> [u8; 64] {
     let sig = p256::ecdsa::Signature::from_slice(signature).expect("a p256 signature");
     sig.normalize_s().to_bytes().into()
 }
 
 /// The other valid signature over the same message: `s` replaced by `n - s`.
-fn twin_s(signature: &[u8]) -> [u8; 64] {
+pub(crate) fn twin_s(signature: &[u8]) -> [u8; 64] {
     let sig = p256::ecdsa::Signature::from_slice(signature).expect("a p256 signature");
     let (r, s) = sig.split_scalars();
     p256::ecdsa::Signature::from_scalars(r, -*s)

@@ -349,6 +349,7 @@ fn percentile(sorted: &[u64], pct: usize) -> u64 {
 }
 
 struct Spread {
+    first: u64,
     p50: u64,
     p99: u64,
     last: u64,
@@ -357,6 +358,7 @@ struct Spread {
 fn spread(mut ms: Vec<u64>) -> Spread {
     ms.sort_unstable();
     Spread {
+        first: ms.first().copied().unwrap_or(0),
         p50: percentile(&ms, 50),
         p99: percentile(&ms, 99),
         last: ms.last().copied().unwrap_or(0),
@@ -491,6 +493,28 @@ async fn main() -> Result<()> {
         "{held} devices hold a device token after {enrolled_s:.1} s"
     ));
 
+    // What the command costs by itself (start, key, connect, one refused round trip), to
+    // tell it from the hub's work below.
+    let mut baseline = hub.command();
+    baseline
+        .args(["revoke", "--as", "ops-1", "--key"])
+        .arg(&op_key)
+        .arg("--trust-anchor")
+        .arg(hub.dir.join("trust-anchor.pem"))
+        .args(["--token-hash", &"00".repeat(32)]);
+    let mut baseline_ms = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = baseline.output()?;
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("denied"),
+            "the baseline request was not refused: {out:?}"
+        );
+        baseline_ms.push(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    }
+    baseline_ms.sort_unstable();
+    let cli_ms = baseline_ms[1];
+
     // The operator's one command.
     say(&format!(
         "revoke --group {GROUP} ({} registered devices)",
@@ -567,32 +591,48 @@ async fn main() -> Result<()> {
     }
 
     let ratio = |a: u64, b: u64| a as f64 / (b.max(1)) as f64;
-    println!("| measure | p50 | p99 | last |");
-    println!("|---|---|---|---|");
+    println!("| measure | first | p50 | p99 | last |");
+    println!("|---|---|---|---|---|");
     println!(
-        "| hub: `revoke --group` of {} devices, command start → each of {} connected devices wiped | {} ms | {} ms | {} ms |",
-        o.registered, o.devices, fanout.p50, fanout.p99, fanout.last
+        "| hub: `revoke --group` of {} devices, command start → each of {} connected devices wiped | {} ms | {} ms | {} ms | {} ms |",
+        o.registered, o.devices, fanout.first, fanout.p50, fanout.p99, fanout.last
     );
     println!(
-        "| broker: one {}-byte message → the same {} connections (median of {FANOUT_ROUNDS} rounds) | {} ms | {} ms | {} ms |",
-        107, o.devices, broker_fanout.p50, broker_fanout.p99, broker_fanout.last
+        "| broker: one {}-byte message → the same {} connections (median of {FANOUT_ROUNDS} rounds) | {} ms | {} ms | {} ms | {} ms |",
+        107,
+        o.devices,
+        broker_fanout.first,
+        broker_fanout.p50,
+        broker_fanout.p99,
+        broker_fanout.last
     );
     println!(
-        "| ratio hub / broker | {:.1} | {:.1} | {:.1} |",
+        "| ratio hub / broker | | {:.1} | {:.1} | {:.1} |",
         ratio(fanout.p50, broker_fanout.p50),
         ratio(fanout.p99, broker_fanout.p99),
         ratio(fanout.last, broker_fanout.last)
     );
+    println!(
+        "| hub, after its answer: first wipe − answer; last wipe − first wipe | {} ms | | | {} ms |",
+        fanout.first.saturating_sub(ack_ms),
+        fanout.last.saturating_sub(fanout.first)
+    );
     println!();
     println!(
-        "`revoke --group` of {} registered devices ({} enrolled): answered durable in {ack_ms} ms \
-         (command start to exit); `device import` of {} devices: {import_s:.1} s; {} devices \
-         enrolled and held a token in {enrolled_s:.1} s.",
-        o.registered, o.devices, o.registered, o.devices
+        "`revoke --group` of {} registered devices ({} enrolled): answered durable {ack_ms} ms \
+         after the command started; the same command refused at once takes {cli_ms} ms \
+         (process start, key, MQTT connection, one round trip), so the hub's work for the \
+         revocation is about {} ms. `device import` of {} devices: {import_s:.1} s; {} \
+         devices enrolled and held a token in {enrolled_s:.1} s.",
+        o.registered,
+        o.devices,
+        ack_ms.saturating_sub(cli_ms),
+        o.registered,
+        o.devices
     );
     if o.json {
         println!(
-            "{{\"registered\":{},\"devices\":{},\"revoke_ack_ms\":{ack_ms},\
+            "{{\"registered\":{},\"devices\":{},\"revoke_ack_ms\":{ack_ms},\"cli_ms\":{cli_ms},\
              \"wipe_ms\":{{\"p50\":{},\"p99\":{},\"last\":{}}},\
              \"broker_fanout_ms\":{{\"p50\":{},\"p99\":{},\"last\":{}}},\
              \"import_s\":{import_s:.2},\"enroll_s\":{enrolled_s:.2}}}",
