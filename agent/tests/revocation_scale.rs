@@ -195,9 +195,10 @@ async fn a_thousand_devices_revoked_as_a_group_and_a_thousand_from_a_list_leave_
         "the keeper's knowledge went stale during the mass revocation: {samples:?}"
     );
     let log = std::fs::read_to_string(hub.dir.log_path())?;
+    // Never a failed heartbeat, snapshot or publication: nothing above INFO at all.
     ensure!(
-        !log.contains("cannot build"),
-        "the hub failed to build: {log}"
+        !log.contains("WARN") && !log.contains("ERROR"),
+        "the hub warned or failed:\n{log}"
     );
     Ok(())
 }
@@ -333,9 +334,10 @@ async fn a_list_larger_than_one_message_keeps_heartbeats_flowing_and_reaches_a_n
     let counts = blocking(|| hub.revoke(("big-op", &op), "device", "more-0"))?;
     ensure!((counts.revoked, counts.entries) == (1, 1), "{counts:?}");
     let log = std::fs::read_to_string(hub.dir.log_path())?;
+    // Never a failed heartbeat, snapshot or publication: nothing above INFO at all.
     ensure!(
-        !log.contains("cannot build"),
-        "the hub failed to build: {log}"
+        !log.contains("WARN") && !log.contains("ERROR"),
+        "the hub warned or failed:\n{log}"
     );
     Ok(())
 }

@@ -1238,9 +1238,11 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 PageOutcome::Applied | PageOutcome::Gap { .. } => Ok(()),
             },
             StreamMessage::Heartbeat(heartbeat) => {
-                // One try per heartbeat for a list that overflowed (see the field).
+                let outcome = self.revocations.apply_heartbeat(&heartbeat)?;
+                // One try per heartbeat of its stream for a list that overflowed (see the
+                // field).
                 self.revocations_overflowed = false;
-                match self.revocations.apply_heartbeat(&heartbeat)? {
+                match outcome {
                     HeartbeatOutcome::InSync => Ok(()),
                     HeartbeatOutcome::Behind => {
                         self.report(Report::RevocationGap {
