@@ -76,6 +76,17 @@ pub fn token_hash(token: &[u8]) -> TokenHash {
     }
 }
 
+/// Checks a signed message from a revocation stream or a `fetch_revocations` answer
+/// (at most [`MAX_PAGE_LEN`] bytes, §2.4) and returns its payload once its signature
+/// verifies with a key of `keys`; decode it with [`StreamMessage::decode`] or
+/// [`Page::decode`].
+pub fn verify<'a>(
+    signed: &'a [u8],
+    keys: &dyn crate::crypto::KeyLookup,
+) -> Result<&'a [u8], Error> {
+    crate::cose::Sign1::decode_within(signed, MAX_PAGE_LEN)?.verify(keys)
+}
+
 /// Entries a device keeps by default: the revocations addressed to it within one access
 /// token lifetime, at about 100 bytes each, so the whole list stays near 6.5 KiB of RAM.
 pub const MAX_REVOKED: usize = 64;
@@ -391,7 +402,7 @@ impl Addressed {
             });
         }
         let subject = r.str(MAX_ID_LEN)?;
-        if subject.is_empty() {
+        if validate_id(subject).is_err() {
             return Err(DecodeError::InvalidValue("subject"));
         }
         let subject = heapless::String::try_from(subject).map_err(|_| DecodeError::TooLarge)?;
@@ -1188,8 +1199,9 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
     /// audience (skipping those spent at `now`) and counts its changes as applied.
     ///
     /// A page of another stream is refused (`DecodeError::InvalidValue("stream")`). If an
-    /// entry does not fit, the list keeps what fits, does not count the page's changes as
-    /// applied, is no longer fresh, and returns [`CapacityError::Revocations`].
+    /// entry does not fit, the list still adds or folds every other entry of the page that
+    /// fits, does not count the page's changes as applied, is no longer fresh, and returns
+    /// [`CapacityError::Revocations`].
     pub fn apply_page(&mut self, page: &Page<'_>, now: u64) -> Result<PageOutcome, Error> {
         self.check_stream(&page.stream)?;
         self.latest = self.latest.max(page.seq);
@@ -1227,13 +1239,21 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
 
     /// Compares the list with a heartbeat of its stream (another stream's is refused); if
     /// the list holds every change it names, its freshness dates from the heartbeat's
-    /// `issued_at` (never moving backwards) and the heartbeat's `max_age` becomes the
-    /// announced one.
+    /// `issued_at` (never moving backwards). The `max_age` of the newest heartbeat seen
+    /// (by `issued_at`) becomes the announced one, in sync or not.
     pub fn apply_heartbeat(
         &mut self,
         heartbeat: &Heartbeat<'_>,
     ) -> Result<HeartbeatOutcome, Error> {
         self.check_stream(&heartbeat.stream)?;
+        // The hub's configuration, not the list's state: taken from the newest heartbeat
+        // whatever the list holds, and a replayed older one never overrides it.
+        if self
+            .announced_max_age
+            .is_none_or(|(at, _)| heartbeat.issued_at >= at)
+        {
+            self.announced_max_age = Some((heartbeat.issued_at, heartbeat.max_age));
+        }
         if heartbeat.seq > self.prefix {
             self.latest = self.latest.max(heartbeat.seq);
             return Ok(HeartbeatOutcome::Behind);
@@ -1242,12 +1262,6 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
             return Ok(HeartbeatOutcome::Outdated);
         }
         self.mark_in_sync(heartbeat.issued_at);
-        if self
-            .announced_max_age
-            .is_none_or(|(at, _)| heartbeat.issued_at >= at)
-        {
-            self.announced_max_age = Some((heartbeat.issued_at, heartbeat.max_age));
-        }
         Ok(HeartbeatOutcome::InSync)
     }
 

@@ -81,7 +81,6 @@ use core::fmt;
 
 use crate::MAX_ID_LEN;
 use crate::claims::MAX_AUDIENCE_LEN;
-use crate::cose::Sign1;
 use crate::crypto::{Kid, PublicKey, Signer, sha256};
 use crate::error::{CapacityError, ClaimsError, DecodeError, Error};
 use crate::keyset::{KeySet, KeySetOutcome};
@@ -90,7 +89,7 @@ use crate::message::{
     RequestBody, Response, ResponseBody, SignedPresentation, SignedResponse, validate_id,
 };
 use crate::revocation::{
-    Bounded, HeartbeatOutcome, MAX_REVOKED, Page, PageOutcome, RevocationList, Stream,
+    self, Bounded, HeartbeatOutcome, MAX_REVOKED, Page, PageOutcome, RevocationList, Stream,
     StreamMessage,
 };
 use crate::schedule::{self, Backoff};
@@ -1231,7 +1230,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             // The hub clearing a retained snapshot page it no longer needs.
             return Err(Ignored::Outdated);
         }
-        let payload = Sign1::decode(signed)?.verify(&self.keys)?;
+        let payload = revocation::verify(signed, &self.keys)?;
         match StreamMessage::decode(payload)? {
             StreamMessage::Page(page) => match self.apply_page(&page, now)? {
                 PageOutcome::AlreadyApplied => Err(Ignored::Outdated),
@@ -1260,7 +1259,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
 
     /// Verifies and applies a signed page (from a `fetch_revocations` answer).
     fn apply_signed_page(&mut self, signed: &[u8], now: u64) -> Result<PageOutcome, Error> {
-        let payload = Sign1::decode(signed)?.verify(&self.keys)?;
+        let payload = revocation::verify(signed, &self.keys)?;
         self.apply_page(&Page::decode(payload)?, now)
     }
 

@@ -281,6 +281,60 @@ fn entries_with_an_invalid_audience_or_kind_are_refused() {
 }
 
 #[test]
+fn a_subject_that_is_not_an_identifier_is_refused() {
+    // [1, "a", "app 7", 1, 1]: the subject holds a space.
+    let bad = [
+        0x85, 0x01, 0x61, b'a', 0x65, b'a', b'p', b'p', b' ', b'7', 0x01, 0x01,
+    ];
+    assert_eq!(
+        Addressed::decode(&mut Reader::new(&bad)),
+        Err(DecodeError::InvalidValue("subject"))
+    );
+    let mut good = bad;
+    good[8] = b'-';
+    assert!(Addressed::decode(&mut Reader::new(&good)).is_ok());
+}
+
+#[test]
+fn a_signed_message_above_the_page_limit_is_refused_before_its_signature() {
+    use crate::crypto::Signer as _;
+    let signer = crate::crypto::testing::signer(1);
+    let keys = signer.public_key();
+    // Neighbour entries on DEV's stream, enough to pass 16 000 bytes signed.
+    let n = neighbour();
+    let entry = |i: u16| {
+        let mut hash = [0u8; TOKEN_HASH_LEN];
+        hash[..2].copy_from_slice(&i.to_be_bytes());
+        to(
+            &n,
+            Entry::Token {
+                hash,
+                expires_at: NOW,
+            },
+        )
+    };
+    // Just past the page limit, within the general message limit.
+    let count = u16::try_from(MAX_PAGE_LEN / entry(0).encoded_len() + 1).unwrap();
+    let entries: Vec<Addressed> = (0..count).map(entry).collect();
+    let sign = |entries: &[Addressed]| {
+        let payload = page_bytes(&stream(), 1, NOW, 1, 1, entries);
+        let mut out = std::vec![0u8; payload.len() + 200];
+        let len = crate::cose::sign(&signer, &payload, &mut out).unwrap();
+        out.truncate(len);
+        out
+    };
+    let big = sign(&entries);
+    assert!(big.len() > MAX_PAGE_LEN && big.len() <= crate::cose::MAX_SIGN1_LEN);
+    assert_eq!(verify(&big, &keys), Err(DecodeError::TooLarge.into()));
+    let small = sign(&entries[..100]);
+    let payload = verify(&small, &keys).unwrap();
+    assert!(matches!(
+        StreamMessage::decode(payload),
+        Ok(StreamMessage::Page(_))
+    ));
+}
+
+#[test]
 fn the_longest_entry_fits_its_bound() {
     let long = "x".repeat(MAX_ID_LEN);
     let e = to(&long, subject(&long, u64::MAX, u64::MAX));
@@ -619,6 +673,58 @@ fn at_capacity_every_kind_fits_and_one_more_fails_closed() {
     );
     assert_eq!(l.len(), 2);
     assert!(l.is_fresh(later, 0));
+}
+
+#[test]
+fn an_overflowing_page_still_adds_every_entry_that_fits() {
+    // Room for one: the first subject entry takes it, the token cannot, and the later
+    // entry for the same subject still folds its later cut-off in (§11.5 step 3).
+    let mut l = list::<1>();
+    assert_eq!(
+        apply(
+            &mut l,
+            (1, 1, 1),
+            NOW,
+            &[
+                subject("app-7", NOW + 100, NOW + 900),
+                token(9, NOW + 900),
+                subject("app-7", NOW + 500, NOW + 900),
+            ]
+        ),
+        Err(Error::Capacity(CapacityError::Revocations))
+    );
+    assert!(l.is_revoked(&[0; 32], "app-7", NOW + 400));
+    assert!(!l.is_revoked(&[9; 32], "app-8", 0), "the token did not fit");
+    assert_eq!((l.wanted_from(), l.fresh_as_of()), (Some(1), None));
+}
+
+#[test]
+fn max_age_comes_from_the_newest_heartbeat_whatever_the_lists_state() {
+    let mut l = list::<4>();
+    let hb = |seq, at, max_age| heartbeat_bytes(&stream(), seq, at, max_age);
+    // Behind: the newer heartbeat's max_age is taken all the same.
+    let newer = hb(1, NOW + 30, 60);
+    assert_eq!(
+        l.apply_heartbeat(&Heartbeat::decode(&newer).unwrap()),
+        Ok(HeartbeatOutcome::Behind)
+    );
+    assert_eq!(l.max_age(None), 60);
+    assert_eq!(apply(&mut l, (1, 1, 1), NOW, &[]), Ok(PageOutcome::Applied));
+    // An older heartbeat (delayed, or replayed) that finds the list in sync dates the
+    // knowledge but does not override the newer announcement.
+    let older = hb(1, NOW + 10, 45);
+    assert_eq!(
+        l.apply_heartbeat(&Heartbeat::decode(&older).unwrap()),
+        Ok(HeartbeatOutcome::InSync)
+    );
+    assert_eq!(l.max_age(None), 60);
+    assert_eq!(l.fresh_as_of(), Some(NOW + 10));
+    let later = hb(1, NOW + 40, 45);
+    assert_eq!(
+        l.apply_heartbeat(&Heartbeat::decode(&later).unwrap()),
+        Ok(HeartbeatOutcome::InSync)
+    );
+    assert_eq!((l.max_age(None), l.fresh_as_of()), (45, Some(NOW + 40)));
 }
 
 #[test]
