@@ -386,8 +386,11 @@ impl Config {
                 "backoff_base_ms must be positive and at most backoff_cap_ms".into(),
             ));
         }
-        if file.leeway_s > 300 {
-            return Err(invalid("leeway_s must be 0 to 300".into()));
+        if file.leeway_s > tessera_shared::revocation::MAX_LEEWAY {
+            return Err(invalid(format!(
+                "leeway_s must be 0 to {}",
+                tessera_shared::revocation::MAX_LEEWAY
+            )));
         }
         if file.presentation_window_s == 0 || file.revocation_max_age_s == Some(0) {
             return Err(invalid(

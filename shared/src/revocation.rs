@@ -114,6 +114,11 @@ pub const MAX_PENDING_RANGES: usize = 4;
 /// `expires_at`; the same default as token verification.
 pub const DEFAULT_LEEWAY: u64 = 30;
 
+/// The largest clock-skew leeway a verifier may use, in seconds (and the largest the hub's
+/// policy allows). The hub serves an entry until `expires_at + MAX_LEEWAY`, so a verifier
+/// with any leeway up to this one finds every entry it still needs when it fetches.
+pub const MAX_LEEWAY: u64 = 300;
+
 /// Default maximum age of revocation knowledge, in seconds, until a heartbeat announces the
 /// hub's own ([`Heartbeat::max_age`]): three heartbeats of the reference hub.
 pub const DEFAULT_MAX_AGE: u64 = 90;

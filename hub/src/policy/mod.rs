@@ -35,7 +35,9 @@ pub const MAX_TOKEN_LIFETIME_S: u64 = 86_400;
 pub const MAX_GRANT_LIFETIME_S: u64 = 365 * 86_400;
 
 /// Largest clock-skew leeway, in seconds: more would let expired tokens live on noticeably.
-pub const MAX_LEEWAY_S: u64 = 300;
+/// The same bound as every verifier's (revocation entries are served that long past their
+/// `expires_at`).
+pub const MAX_LEEWAY_S: u64 = tessera_shared::revocation::MAX_LEEWAY;
 
 /// `[defaults] leeway_s` when the file leaves it out.
 pub const DEFAULT_LEEWAY_S: u64 = 30;
