@@ -234,14 +234,70 @@ impl KeyRing {
     /// announced for the future, or not yet published at all, are not used, so verifiers
     /// know them first.
     pub fn active(&self, now: u64) -> &P256Signer {
+        &self.signers[self.active_index(now)].1
+    }
+
+    fn active_index(&self, now: u64) -> usize {
+        let published = |r: &KeyRecord| r.published_at.is_some();
         self.signers
             .iter()
-            .filter(|(r, _)| r.published_at.is_some() && r.active_from <= now)
-            .max_by_key(|(r, _)| (r.active_from, r.created_at))
-            .or_else(|| self.signers.iter().find(|(r, _)| r.published_at.is_some()))
-            .or_else(|| self.signers.first())
-            .map(|(_, s)| s)
-            .unwrap_or_else(|| unreachable!("a KeyRing always holds a key"))
+            .enumerate()
+            .filter(|(_, (r, _))| published(r) && r.active_from <= now)
+            .max_by_key(|(_, (r, _))| (r.active_from, r.created_at))
+            .or_else(|| {
+                self.signers
+                    .iter()
+                    .enumerate()
+                    .find(|(_, (r, _))| published(r))
+            })
+            .map_or(0, |(i, _)| i)
+    }
+
+    /// The loaded keys the key set at `now` holds, at most
+    /// [`MAX_KEYS`](tessera_shared::keyset::MAX_KEYS), oldest first. When more keys are
+    /// loaded than fit, they are chosen in this order: the active key (it signs the set
+    /// itself and everything the hub sends); keys already published that sign next
+    /// (receivers trust them already, and must keep them to verify the set they will sign);
+    /// keys that signed before, newest first (the tokens they signed last are the ones most
+    /// likely still live); keys never published, oldest first (a key left out is not
+    /// announced and so does not sign: rotation waits for room); last, published keys that
+    /// never signed (another key announced with them took over at once).
+    fn published(&self, now: u64) -> Vec<&(KeyRecord, P256Signer)> {
+        let active = self.active_index(now);
+        let order = |r: &KeyRecord| (r.active_from, r.created_at);
+        // A key published with another of the same `active_from` but created later was
+        // never the newest active key: it signed nothing.
+        let never_signed = |r: &KeyRecord| {
+            self.signers.iter().any(|(k, _)| {
+                k.published_at.is_some()
+                    && k.active_from == r.active_from
+                    && k.created_at > r.created_at
+            })
+        };
+        let (mut upcoming, mut earlier, mut unpublished, mut idle) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (r, _)) in self.signers.iter().enumerate() {
+            if i == active {
+                continue;
+            }
+            match r.published_at {
+                None => unpublished.push(i),
+                Some(_) if r.active_from > now => upcoming.push(i),
+                Some(_) if never_signed(r) => idle.push(i),
+                Some(_) => earlier.push(i),
+            }
+        }
+        upcoming.sort_by_key(|i| order(&self.signers[*i].0));
+        earlier.sort_by_key(|i| std::cmp::Reverse(order(&self.signers[*i].0)));
+        let mut chosen: Vec<usize> = std::iter::once(active)
+            .chain(upcoming)
+            .chain(earlier)
+            .chain(unpublished)
+            .chain(idle)
+            .take(tessera_shared::keyset::MAX_KEYS)
+            .collect();
+        chosen.sort_unstable();
+        chosen.into_iter().map(|i| &self.signers[i]).collect()
     }
 
     /// The ids of loaded keys no key set has been published with yet.
@@ -253,6 +309,11 @@ impl KeyRing {
             .collect()
     }
 
+    /// The ids of the keys the key set at `now` holds, oldest first.
+    pub fn published_kids(&self, now: u64) -> Vec<[u8; 8]> {
+        self.published(now).iter().map(|(r, _)| r.kid).collect()
+    }
+
     /// Replaces the stored record of a loaded key (after [`Store::mark_key_published`]).
     pub fn update_record(&mut self, record: KeyRecord) {
         if let Some((r, _)) = self.signers.iter_mut().find(|(r, _)| r.kid == record.kid) {
@@ -260,17 +321,21 @@ impl KeyRing {
         }
     }
 
-    /// Every published public key.
+    /// Every loaded public key, oldest first (the key set may hold fewer: see
+    /// [`KeyRing::published_kids`]).
     pub fn public_keys(&self) -> Vec<PublicKey> {
         self.signers.iter().map(|(_, s)| s.public_key()).collect()
     }
 
-    /// The key set to publish, at `version`.
+    /// The key set to publish at `now`, at `version`: see [`KeyRing::published_kids`] for
+    /// which keys it holds when more are loaded than a set holds. Newest first.
     pub fn keyset(&self, version: u64, now: u64) -> Result<KeySet, KeyError> {
-        // Newest first, so a full set drops the oldest key.
-        let mut keys = self.public_keys();
-        keys.reverse();
-        keys.truncate(tessera_shared::keyset::MAX_KEYS);
+        let keys: Vec<PublicKey> = self
+            .published(now)
+            .iter()
+            .rev()
+            .map(|(_, s)| s.public_key())
+            .collect();
         KeySet::new(version, now, &keys).map_err(KeyError::Core)
     }
 
@@ -324,8 +389,9 @@ pub async fn rotate<S: Store>(
     Ok(next)
 }
 
-/// After a key set was published at `now`: records the first publication of every key in
-/// `ring` that had none, so it signs only `announce_s` after it (PROTOCOL.md §10), and
+/// After a key set was published at `now`: records the first publication of every key of
+/// that set ([`KeyRing::published_kids`]) that had none, so it signs only `announce_s`
+/// after it (PROTOCOL.md §10), and
 /// keeps every other key until the tokens signed before the switch have expired
 /// (`max_token_lifetime_s + leeway_s` after it). Returns whether a key changed.
 pub async fn announce_published<S: Store>(
@@ -336,7 +402,14 @@ pub async fn announce_published<S: Store>(
     max_token_lifetime_s: u64,
     leeway_s: u64,
 ) -> Result<bool, KeyError> {
-    let unpublished = ring.unpublished();
+    // Only the keys the published set held: one left out for want of room was not
+    // announced, and its announce period has not started.
+    let in_set = ring.published_kids(now);
+    let unpublished: Vec<[u8; 8]> = ring
+        .unpublished()
+        .into_iter()
+        .filter(|kid| in_set.contains(kid))
+        .collect();
     for kid in &unpublished {
         let record = store
             .mark_key_published(kid, now, now.saturating_add(announce_s))
@@ -407,5 +480,77 @@ mod tests {
                 .expect("announce")
         );
         assert_eq!(ring.active(NOW + 325).kid(), next.kid());
+    }
+
+    fn kids_of(set: &KeySet) -> Vec<[u8; 8]> {
+        let mut kids: Vec<[u8; 8]> = set.keys().iter().map(PublicKey::kid).collect();
+        kids.sort_unstable();
+        kids
+    }
+
+    fn sorted(mut kids: Vec<[u8; 8]>) -> Vec<[u8; 8]> {
+        kids.sort_unstable();
+        kids
+    }
+
+    #[tokio::test]
+    async fn the_key_set_always_holds_the_signing_key_and_then_the_keys_that_signed_live_tokens() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        let first = create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("first key");
+        // Five rotations before the hub published any: six keys, more than a set holds.
+        let mut next = Vec::new();
+        for i in 0..5 {
+            next.push(
+                rotate(&store, &kek, "hub", NOW + i, 300, 900, 30)
+                    .await
+                    .expect("rotate"),
+            );
+        }
+        let mut ring = KeyRing::load(&store, &kek, "hub", NOW + 10)
+            .await
+            .expect("load");
+        assert_eq!(ring.kids().len(), 6);
+        let set = ring.keyset(1, NOW + 10).expect("key set");
+        // The signing key, and the oldest keys waiting to be announced; not the newest
+        // four, which would leave out the key that signs the set.
+        assert_eq!(
+            kids_of(&set),
+            sorted(vec![
+                first.kid(),
+                next[0].kid(),
+                next[1].kid(),
+                next[2].kid()
+            ])
+        );
+        assert_eq!(ring.active(NOW + 10).kid(), first.kid());
+        // Only the keys the set held count as announced: the others have not started
+        // their announce period.
+        assert!(
+            announce_published(&store, &mut ring, NOW + 10, 300, 900, 30)
+                .await
+                .expect("announce")
+        );
+        assert_eq!(ring.unpublished(), [next[3].kid(), next[4].kid()]);
+
+        // After the announce period the newest announced key signs. The first key signed
+        // the tokens still live: it stays. The two announced with the new signer never
+        // signed anything: they make room for the two keys still to announce.
+        let later = NOW + 310;
+        assert_eq!(ring.active(later).kid(), next[2].kid());
+        assert_eq!(
+            sorted(ring.published_kids(later)),
+            sorted(vec![
+                first.kid(),
+                next[2].kid(),
+                next[3].kid(),
+                next[4].kid()
+            ])
+        );
+        let set = ring.keyset(2, later).expect("key set");
+        assert!(kids_of(&set).contains(&ring.active(later).kid()));
+        assert!(kids_of(&set).contains(&first.kid()));
     }
 }

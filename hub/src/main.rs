@@ -859,12 +859,7 @@ async fn client_cmd(config: &HubConfig, cmd: ClientCmd) -> Result<()> {
                 .await?
                 .with_context(|| format!("no client `{id}`"))?;
             check_role(&policy, &role, client.kind)?;
-            store.set_role(&id, &role).await?;
-            let updated = store
-                .client(&id)
-                .await?
-                .with_context(|| format!("no client `{id}`"))?;
-            match policy_change::revoke_disallowed(&store, &policy, &[updated], SystemClock.now())
+            match policy_change::change_role(&store, &policy, &client, &role, SystemClock.now())
                 .await?
             {
                 Some(out) => println!(

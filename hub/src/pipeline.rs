@@ -25,8 +25,8 @@ use crate::keys::KeyRing;
 use crate::policy::SharedPolicy;
 use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
 use crate::store::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, Store, StoreError,
-    StreamState, TokenKind,
+    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, Pruned,
+    Store, StoreError, StoreResult, StreamState, TokenKind, Unmatched,
 };
 
 /// Length of a refresh grant value.
@@ -251,45 +251,21 @@ impl<S: Store> Hub<S> {
         if payload.len() > revoke_limit {
             return Err(too_large(revoke_limit));
         }
-        if payload.len() > self.config.max_request_bytes {
-            // Only an operator's revoke (a device list) may be larger than an ordinary
-            // request. Read just its head before anything else: nobody else makes the hub
-            // walk a large request.
-            let head =
-                RequestHead::peek(payload).map_err(|_| too_large(self.config.max_request_bytes))?;
-            *correlation = (Some(head.op), head.request_id, head.nonce);
-            let operator = head.client == topic_client
-                && self
-                    .store
-                    .client(head.client)
-                    .await?
-                    .is_some_and(|c| c.kind == ClientKind::Operator);
-            if head.op != Operation::Revoke || !operator {
-                return Err(too_large(self.config.max_request_bytes));
+        let (client, request) = if payload.len() > self.config.max_request_bytes {
+            self.authenticate_large(topic_client, payload, correlation)
+                .await?
+        } else {
+            let signed = SignedRequest::decode(payload)
+                .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("not a request: {e}")))?;
+            let (request_id, nonce) = signed.correlation();
+            *correlation = (Some(signed.operation()), request_id, nonce);
+            if signed.client() != topic_client {
+                return Err(wrong_topic(signed.client(), topic_client));
             }
-        }
-        let signed = SignedRequest::decode(payload)
-            .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("not a request: {e}")))?;
-        let (request_id, nonce) = signed.correlation();
-        *correlation = (Some(signed.operation()), request_id, nonce);
-        if signed.client() != topic_client {
-            return Err(Refusal::new(
-                ErrorCode::Malformed,
-                format!(
-                    "request names client `{}` but was sent on `{topic_client}`'s topic",
-                    signed.client()
-                ),
-            ));
-        }
-        let client = self
-            .store
-            .client(topic_client)
-            .await?
-            .ok_or_else(|| Refusal::new(ErrorCode::UnknownClient, "no such client"))?;
-        if client.revoked_at.is_some() {
-            return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
-        }
-        let request = self.authenticate(&client, signed)?;
+            let client = self.live_client(topic_client).await?;
+            let request = self.authenticate(&client, signed)?;
+            (client, request)
+        };
 
         let window = self.config.freshness_window_s;
         if request.issued_at.abs_diff(now) > window {
@@ -352,6 +328,70 @@ impl<S: Store> Hub<S> {
         }
     }
 
+    /// The registered client that sent a request, refused if unknown or revoked.
+    async fn live_client(&self, id: &str) -> Result<ClientRecord, Refusal> {
+        let client = self
+            .store
+            .client(id)
+            .await?
+            .ok_or_else(|| Refusal::new(ErrorCode::UnknownClient, "no such client"))?;
+        if client.revoked_at.is_some() {
+            return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
+        }
+        Ok(client)
+    }
+
+    /// A request larger than an ordinary one: only an operator's revoke (a device list) may
+    /// be. Its head is read first, without walking the body, and its signature is checked
+    /// with the operator's registered key before the body is decoded: nobody else makes the
+    /// hub walk a large request.
+    async fn authenticate_large<'a>(
+        &self,
+        topic_client: &str,
+        payload: &'a [u8],
+        correlation: &mut (Option<Operation>, u64, [u8; NONCE_LEN]),
+    ) -> Result<(ClientRecord, Request<'a>), Refusal> {
+        let limit = self.config.max_request_bytes;
+        let too_large = || {
+            Refusal::new(
+                ErrorCode::Malformed,
+                format!("request is {} bytes, the limit is {limit}", payload.len()),
+            )
+        };
+        let head = RequestHead::peek(payload).map_err(|_| too_large())?;
+        *correlation = (Some(head.op), head.request_id, head.nonce);
+        if head.op != Operation::Revoke || head.client != topic_client {
+            return Err(too_large());
+        }
+        let client = match self.store.client(head.client).await? {
+            Some(c) if c.kind == ClientKind::Operator => c,
+            _ => return Err(too_large()),
+        };
+        if client.revoked_at.is_some() {
+            return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
+        }
+        let key = registered_key(&client)?.ok_or_else(|| {
+            Refusal::new(ErrorCode::UnknownClient, "client has not enrolled a key")
+        })?;
+        let verified = tessera_shared::cose::Sign1::decode_within(
+            payload,
+            tessera_shared::cose::MAX_REQUEST_LEN,
+        )
+        .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("not a request: {e}")))?
+        .verify_with(&key)
+        .map_err(bad_signature)?;
+        let request = Request::decode(verified)
+            .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("not a request: {e}")))?;
+        *correlation = (Some(request.operation()), request.request_id, request.nonce);
+        if request.client != topic_client {
+            return Err(wrong_topic(request.client, topic_client));
+        }
+        if request.operation() != Operation::Revoke {
+            return Err(too_large());
+        }
+        Ok((client, request))
+    }
+
     /// Checks the request's signature with the right key: the registered one, or for an
     /// enrollment the key in the body (which must match a pre-registered key or come with
     /// a valid one-time code proof).
@@ -360,23 +400,12 @@ impl<S: Store> Hub<S> {
         client: &ClientRecord,
         signed: SignedRequest<'a>,
     ) -> Result<Request<'a>, Refusal> {
-        let bad_sig = |e: tessera_shared::Error| {
-            Refusal::new(
-                ErrorCode::BadSignature,
-                format!("signature check failed: {e}"),
-            )
-        };
-        let registered = client
-            .public_key
-            .as_deref()
-            .map(PublicKey::from_sec1)
-            .transpose()
-            .map_err(|_| Refusal::new(ErrorCode::Internal, "registered key is corrupt"))?;
+        let registered = registered_key(client)?;
         if let Some(key) = signed.enrollment_key() {
             if client.kind != ClientKind::Device {
                 return Err(Refusal::new(ErrorCode::Denied, "only devices enroll"));
             }
-            let request = signed.verify(&key).map_err(bad_sig)?;
+            let request = signed.verify(&key).map_err(bad_signature)?;
             match (registered, &client.enrollment_code_key, &request.body) {
                 (Some(reg), _, _) if reg == key => {}
                 (Some(_), _, _) => {
@@ -419,7 +448,7 @@ impl<S: Store> Hub<S> {
         let key = registered.ok_or_else(|| {
             Refusal::new(ErrorCode::UnknownClient, "client has not enrolled a key")
         })?;
-        signed.verify(&key).map_err(bad_sig)
+        signed.verify(&key).map_err(bad_signature)
     }
 
     async fn enroll(
@@ -595,35 +624,6 @@ impl<S: Store> Hub<S> {
             .ok_or_else(|| Refusal::new(ErrorCode::Denied, "client has no enrolled key"))?;
         let scopes = Scopes::parse(scope)
             .map_err(|e| Refusal::new(ErrorCode::Internal, format!("policy scope: {e}")))?;
-        let cti = random::<CTI_LEN>()?;
-        let claims = Claims {
-            iss: &self.config.hub_id,
-            sub: &holder.id,
-            aud: audience,
-            exp: now + lifetime_s,
-            nbf: None,
-            iat: now,
-            cti: &cti,
-            cnf,
-            scope: scopes,
-        };
-        let mut buf = vec![0u8; token::MAX_TOKEN_LEN];
-        let n = {
-            let keys = self.keys.read().await;
-            token::issue(&claims, keys.active(now), &mut buf)
-                .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot sign: {e}")))?
-        };
-        buf.truncate(n);
-        let issued = IssuedToken {
-            cti,
-            hash: revocation::token_hash(&buf),
-            kind,
-            subject: holder.id.clone(),
-            audience: audience.to_string(),
-            scope: scope.to_string(),
-            issued_at: now,
-            expires_at: claims.exp,
-        };
         let (grant_value, grant_record) = match grant {
             Some((grant_lifetime, family)) if grant_lifetime > 0 => {
                 let value = random::<GRANT_LEN>()?;
@@ -641,25 +641,86 @@ impl<S: Store> Hub<S> {
             }
             _ => (None, None),
         };
-        self.store
-            .record_issued(issued, grant_record)
-            .await
-            .map_err(|e| match e {
-                // A revocation committed while this token was being decided.
-                StoreError::Conflict(m) => Refusal::new(ErrorCode::Revoked, m),
-                other => other.into(),
-            })?;
+        let (mut iat, mut retried) = (now, false);
+        let (token, cti) = loop {
+            let cti = random::<CTI_LEN>()?;
+            let claims = Claims {
+                iss: &self.config.hub_id,
+                sub: &holder.id,
+                aud: audience,
+                exp: iat + lifetime_s,
+                nbf: None,
+                iat,
+                cti: &cti,
+                cnf,
+                scope: scopes,
+            };
+            let mut buf = vec![0u8; token::MAX_TOKEN_LEN];
+            let n = {
+                let keys = self.keys.read().await;
+                token::issue(&claims, keys.active(now), &mut buf)
+                    .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cannot sign: {e}")))?
+            };
+            buf.truncate(n);
+            let issued = IssuedToken {
+                cti,
+                hash: revocation::token_hash(&buf),
+                kind,
+                subject: holder.id.clone(),
+                audience: audience.to_string(),
+                scope: scope.to_string(),
+                issued_at: iat,
+                expires_at: claims.exp,
+            };
+            match self.store.record_issued(issued, grant_record.clone()).await {
+                Ok(()) => break (buf, cti),
+                // The holder was revoked whole while this token was being decided.
+                Err(StoreError::Conflict(m)) => return Err(Refusal::new(ErrorCode::Revoked, m)),
+                // Only the holder's tokens issued before a cut-off were revoked meanwhile
+                // (this request read the clock before the revocation committed, or another
+                // replica's clock is ahead): the request counts as arriving after the
+                // revocation, so the token is issued again at the cut-off, once. Never far
+                // ahead of the hub's clock: verifiers would refuse a token issued in the
+                // future beyond their leeway.
+                Err(StoreError::CutOff { issued_before, .. })
+                    if !retried
+                        && issued_before.saturating_sub(now)
+                            <= self.policy.current().leeway_s() =>
+                {
+                    iat = issued_before.max(now);
+                    retried = true;
+                }
+                Err(e @ StoreError::CutOff { .. }) => {
+                    tracing::warn!(
+                        error = %e,
+                        holder = %holder.id,
+                        iat,
+                        "token refused by a revocation cut-off, again or too far ahead"
+                    );
+                    return Err(Refusal::new(
+                        ErrorCode::Internal,
+                        "a revocation of this client's earlier tokens was being recorded; retry",
+                    ));
+                }
+                Err(other) => return Err(other.into()),
+            }
+        };
         Ok(Success {
             body: Answer::Token {
-                token: buf,
+                token,
                 grant: grant_value,
             },
             broadcast: Vec::new(),
             target: audience.to_string(),
             reason: format!(
-                "{} token, scope `{scope}`, {lifetime_s} s, cti {}",
+                "{} token, scope `{scope}`, {lifetime_s} s, cti {}{}",
                 kind.as_str(),
-                hex::encode(cti)
+                hex::encode(cti),
+                if retried {
+                    format!(", issued at the revocation cut-off {iat}")
+                } else {
+                    String::new()
+                }
             ),
         })
     }
@@ -676,7 +737,7 @@ impl<S: Store> Hub<S> {
         // Durable before acknowledged: the response is only built after this returns.
         let outcome = self
             .store
-            .revoke(vec![target], now, leeway)
+            .revoke(vec![target], now, leeway, Unmatched::Refuse)
             .await
             .map_err(|e| match e {
                 StoreError::NotFound(m) | StoreError::Conflict(m) => {
@@ -793,7 +854,6 @@ impl<S: Store> Hub<S> {
         from: u64,
         now: u64,
     ) -> Result<Vec<u8>, Refusal> {
-        let leeway = self.policy.current().leeway_s();
         let name = stream.name();
         // More than one change can hold, so a read cut short still has a whole change.
         let read = self
@@ -802,7 +862,7 @@ impl<S: Store> Hub<S> {
                 &name,
                 from,
                 now,
-                leeway,
+                revocation::MAX_LEEWAY,
                 2 * revocation::MAX_ENTRIES_PER_PAGE,
             )
             .await?;
@@ -840,10 +900,9 @@ impl<S: Store> Hub<S> {
         now: u64,
     ) -> Result<(Vec<Publication>, u64), Refusal> {
         let stream = parse_stream(&state.name)?;
-        let leeway = self.policy.current().leeway_s();
         let read = self
             .store
-            .stream_entries(&state.name, 1, now, leeway, usize::MAX)
+            .stream_entries(&state.name, 1, now, revocation::MAX_LEEWAY, usize::MAX)
             .await?;
         let mut out = Vec::new();
         if read.latest > 0 {
@@ -965,8 +1024,12 @@ impl<S: Store> Hub<S> {
             );
             return None;
         };
-        if tessera_shared::topic::controlled_device(topic).is_some() {
+        if let Some(device) = tessera_shared::topic::controlled_device(topic) {
             let c = Control::decode(payload).ok()?;
+            // Seen on its own device's topic only.
+            if c.device != device {
+                return None;
+            }
             return Some(Echo::Control(PendingControl {
                 device: c.device.to_owned(),
                 command: c.command,
@@ -974,21 +1037,33 @@ impl<S: Store> Hub<S> {
             }));
         }
         match StreamMessage::decode(payload).ok()? {
-            StreamMessage::Page(page) => Some(Echo::Changes(
-                page.stream().name().to_string(),
-                page.from(),
-                page.to(),
-            )),
-            StreamMessage::Heartbeat(_) => None,
+            // Only what the hub publishes on a delta topic: the page of one change of that
+            // topic's stream (see `delta`). Any other page the hub signed, a snapshot page
+            // covering the whole stream replayed there say, confirms nothing: it would mark
+            // changes published that may never have gone out as deltas.
+            StreamMessage::Page(page)
+                if page.from() == page.to()
+                    && tessera_shared::topic::delta_stream(topic) == Some(page.stream()) =>
+            {
+                Some(Echo::Changes(
+                    page.stream().name().to_string(),
+                    page.from(),
+                    page.to(),
+                ))
+            }
+            StreamMessage::Page(_) | StreamMessage::Heartbeat(_) => None,
         }
     }
 
     /// What was recorded but not yet confirmed by the broker, recorded at or before
     /// `created_before` (after a crash, a restart, or a lost connection), to publish
-    /// again: the deltas of unpublished changes and the control messages owed.
+    /// again: the deltas of unpublished changes and the oldest `max_controls` control
+    /// messages owed (a broker that never echoes them must not make every heartbeat
+    /// republish every control message ever owed).
     pub async fn pending_broadcasts(
         &self,
         created_before: u64,
+        max_controls: usize,
     ) -> Result<Vec<Publication>, Refusal> {
         let now = self.clock.now();
         let changes = self.store.unpublished_changes(created_before).await?;
@@ -1003,12 +1078,37 @@ impl<S: Store> Hub<S> {
                 out.push(self.delta(change, latest, now).await?);
             }
         }
-        let controls = self.store.unsent_controls(created_before).await?;
+        let controls = self
+            .store
+            .unsent_controls(created_before, max_controls)
+            .await?;
         let keys = self.keys.read().await;
         for c in &controls {
             out.push(control_publication(&keys, c, now)?);
         }
         Ok(out)
+    }
+
+    /// Forgets what can no longer matter ([`Store::prune`]): issued tokens, grants and
+    /// nonces past their expiry plus the policy's leeway; revocation entries past their
+    /// `expires_at` plus [`MAX_LEEWAY`](revocation::MAX_LEEWAY), the largest leeway a
+    /// verifier may apply; control messages owed for longer than the policy's longest
+    /// token lifetime plus leeway; audit events older than `audit_retention_s`.
+    pub async fn prune(&self, audit_retention_s: u64) -> StoreResult<Pruned> {
+        let now_ms = self.clock.now_ms();
+        let now = now_ms / 1000;
+        let policy = self.policy.current();
+        let leeway = policy.leeway_s();
+        self.store
+            .prune(Horizons {
+                tokens_before: now.saturating_sub(leeway),
+                entries_before: now.saturating_sub(revocation::MAX_LEEWAY),
+                controls_before: now
+                    .saturating_sub(policy.longest_token_lifetime_s())
+                    .saturating_sub(leeway),
+                audit_before_ms: now_ms.saturating_sub(audit_retention_s.saturating_mul(1000)),
+            })
+            .await
     }
 
     /// The key set to publish (retained).
@@ -1029,6 +1129,32 @@ impl<S: Store> Hub<S> {
     pub async fn active_public_key(&self) -> PublicKey {
         self.keys.read().await.active(self.clock.now()).public_key()
     }
+}
+
+/// A refused signature.
+fn bad_signature(e: tessera_shared::Error) -> Refusal {
+    Refusal::new(
+        ErrorCode::BadSignature,
+        format!("signature check failed: {e}"),
+    )
+}
+
+/// A request that names another client than the one whose topic it came on.
+fn wrong_topic(named: &str, topic_client: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::Malformed,
+        format!("request names client `{named}` but was sent on `{topic_client}`'s topic"),
+    )
+}
+
+/// The client's registered key, if it has one.
+fn registered_key(client: &ClientRecord) -> Result<Option<PublicKey>, Refusal> {
+    client
+        .public_key
+        .as_deref()
+        .map(PublicKey::from_sec1)
+        .transpose()
+        .map_err(|_| Refusal::new(ErrorCode::Internal, "registered key is corrupt"))
 }
 
 /// Device tokens go only to devices that have enrolled (proved their key to the hub),

@@ -12,26 +12,36 @@
 //!
 //! Refresh grants need no such sweep: every refresh decides again under the current
 //! policy.
+//!
+//! The sweep reads the live tokens and decides under the policy outside any store
+//! transaction, then revokes them in one, skipping any token that is no longer live by then
+//! ([`Unmatched::Skip`]): pruned or expired in between, it needs no revocation, and it must
+//! not fail the others. A role change commits the new role and that revocation together
+//! ([`change_role`]).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::policy::Policy;
 use crate::revocation::{Outcome, Target};
-use crate::store::{ClientKind, ClientRecord, Store, StoreError};
+use crate::store::{ClientKind, ClientRecord, Store, StoreError, Unmatched};
 
-/// Revokes the live tokens of `subjects` (and, for devices, the access tokens for them)
-/// that `policy` no longer allows. Returns what was revoked, or `None` if nothing had to
-/// be. The running hub publishes the changes and control messages (its heartbeat
-/// publishes whatever is recorded and not yet published).
-pub async fn revoke_disallowed<S: Store>(
+/// The live tokens of `subjects` (and, for devices, the access tokens for them) that
+/// `policy` no longer allows and that are not revoked yet, by hash. Only reads: the
+/// caller revokes them with [`Unmatched::Skip`], since a token read here may be pruned or
+/// expire before the revoking transaction.
+pub async fn disallowed<S: Store>(
     store: &S,
     policy: &Policy,
     subjects: &[ClientRecord],
     now: u64,
-) -> Result<Option<Outcome>, StoreError> {
-    let leeway = policy.leeway_s();
-    let live_after = now.saturating_sub(leeway);
+) -> Result<Vec<Target>, StoreError> {
+    let live_after = now.saturating_sub(policy.leeway_s());
     let mut clients: HashMap<String, Option<ClientRecord>> = HashMap::new();
+    // The subjects as the caller has them (with a role not committed yet, for a role
+    // change), not as stored.
+    for subject in subjects {
+        clients.insert(subject.id.clone(), Some(subject.clone()));
+    }
     let mut hashes = HashSet::new();
     let mut targets = Vec::new();
     for subject in subjects {
@@ -60,10 +70,29 @@ pub async fn revoke_disallowed<S: Store>(
             }
         }
     }
+    Ok(targets)
+}
+
+/// Revokes the live tokens of `subjects` (and, for devices, the access tokens for them)
+/// that `policy` no longer allows. Returns what was revoked, or `None` if nothing had to
+/// be. The running hub publishes the changes and control messages (its heartbeat
+/// publishes whatever is recorded and not yet published).
+///
+/// A token found here but pruned or expired before the revoking transaction is skipped
+/// there, not an error: it needs no revocation any more.
+pub async fn revoke_disallowed<S: Store>(
+    store: &S,
+    policy: &Policy,
+    subjects: &[ClientRecord],
+    now: u64,
+) -> Result<Option<Outcome>, StoreError> {
+    let targets = disallowed(store, policy, subjects, now).await?;
     if targets.is_empty() {
         return Ok(None);
     }
-    let outcome = store.revoke(targets, now, leeway).await?;
+    let outcome = store
+        .revoke(targets, now, policy.leeway_s(), Unmatched::Skip)
+        .await?;
     Ok((outcome.revoked > 0).then_some(outcome))
 }
 
@@ -75,4 +104,31 @@ pub async fn revoke_disallowed_everywhere<S: Store>(
 ) -> Result<Option<Outcome>, StoreError> {
     let all = store.clients(None).await?;
     revoke_disallowed(store, policy, &all, now).await
+}
+
+/// Gives `client` the role `role` and revokes the live tokens the new role no longer
+/// allows. The role and the revocation of the tokens found live commit in one transaction
+/// ([`Store::set_role`]), so a crash cannot leave the new role with the tokens it
+/// disallows unrevoked. The tokens are found before that transaction (which policy
+/// decisions cannot run inside); a second sweep after it catches any token recorded in
+/// between. Returns what was revoked, or `None` if nothing had to be.
+pub async fn change_role<S: Store>(
+    store: &S,
+    policy: &Policy,
+    client: &ClientRecord,
+    role: &str,
+    now: u64,
+) -> Result<Option<Outcome>, StoreError> {
+    let mut changed = client.clone();
+    role.clone_into(&mut changed.role);
+    let targets = disallowed(store, policy, std::slice::from_ref(&changed), now).await?;
+    let mut outcome = store
+        .set_role(&client.id, role, targets, now, policy.leeway_s())
+        .await?;
+    if let Some(stored) = store.client(&client.id).await?
+        && let Some(later) = revoke_disallowed(store, policy, &[stored], now).await?
+    {
+        outcome.absorb(later);
+    }
+    Ok((outcome.revoked > 0).then_some(outcome))
 }

@@ -160,6 +160,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Adds what a later revocation did to this one.
+    pub fn absorb(&mut self, later: Outcome) {
+        self.changes.extend(later.changes);
+        for (stream, seq) in later.latest {
+            let latest = self.latest.entry(stream).or_default();
+            *latest = (*latest).max(seq);
+        }
+        self.controls.extend(later.controls);
+        self.revoked += later.revoked;
+    }
+
     /// Number of entries in all changes.
     pub fn entry_count(&self) -> u64 {
         let n: usize = self.changes.iter().map(|c| c.entries.len()).sum();
@@ -321,7 +332,9 @@ pub struct PagePlan {
 /// Packs the changes of a stream read from `from` on (each with the entries still in
 /// force, in change order) into consecutive pages that each fit the page budget, the last
 /// one reaching `latest`. `complete` says whether `changes` reaches the end of what is
-/// stored; if not, the last change read may be partial and is left for a later page.
+/// stored; if not, the last change read may be partial and is left for a later page, and a
+/// read that holds nothing but that change gives no page at all: a page claims every change
+/// of its range whole, so one must never be built from a change that may have been cut.
 /// With `max_pages = Some(1)` this is the one page a `fetch_revocations` answers with.
 pub fn pack(
     stream: &Stream<'_>,
@@ -337,7 +350,8 @@ pub fn pack(
     let (usable, reaches_end) = match (complete, changes.split_last()) {
         (true, _) => (changes, true),
         (false, Some((_, rest))) if !rest.is_empty() => (rest, false),
-        (false, _) => (changes, false),
+        // Nothing read is known whole (a reader asking for too few entries).
+        (false, _) => return Vec::new(),
     };
     let mut pages = Vec::new();
     let mut page = PagePlan {

@@ -8,7 +8,10 @@ use tessera_hub::clock::{Clock, FakeClock};
 use tessera_hub::keys::{self, Kek, KeyRing};
 use tessera_hub::pipeline::{Echo, Handled, Hub, PipelineConfig, Publication};
 use tessera_hub::policy::{Policy, SharedPolicy};
-use tessera_hub::store::{ClientKind, ClientRecord, IssuedToken, Sqlite, Store, TokenKind};
+use tessera_hub::revocation::Target;
+use tessera_hub::store::{
+    ClientKind, ClientRecord, IssuedToken, Sqlite, Store, TokenKind, Unmatched,
+};
 use tessera_shared::cose::Sign1;
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
 use tessera_shared::message::{
@@ -592,12 +595,7 @@ async fn a_role_change_revokes_exactly_the_tokens_it_disallows_and_tells_the_dev
     assert!(rig.answer(&e).is_ok());
     let t = rig.ask("lock-1", &k, RequestBody::DeviceToken).await;
     assert!(matches!(rig.answer(&t), Ok(ResponseBody::Token { .. })));
-    rig.hub
-        .store
-        .set_role("lock-1", "sensor")
-        .await
-        .expect("set_role");
-    let updated = rig
+    let lock = rig
         .hub
         .store
         .client("lock-1")
@@ -605,15 +603,24 @@ async fn a_role_change_revokes_exactly_the_tokens_it_disallows_and_tells_the_dev
         .expect("client")
         .expect("kept");
     let policy = rig.hub.policy.current();
-    let out = tessera_hub::policy_change::revoke_disallowed(
+    let out = tessera_hub::policy_change::change_role(
         &rig.hub.store,
         &policy,
-        std::slice::from_ref(&updated),
+        &lock,
+        "sensor",
         rig.now(),
     )
     .await
-    .expect("sweep")
+    .expect("role change")
     .expect("something revoked");
+    let updated = rig
+        .hub
+        .store
+        .client("lock-1")
+        .await
+        .expect("client")
+        .expect("kept");
+    assert_eq!(updated.role, "sensor");
     assert_eq!((out.revoked, out.entry_count()), (1, 1));
     assert_eq!(out.changes[0].stream, "service/tessera");
     assert!(
@@ -638,7 +645,11 @@ async fn a_role_change_revokes_exactly_the_tokens_it_disallows_and_tells_the_dev
         .is_none()
     );
     // The running hub publishes it at its heartbeat: the delta and the control message.
-    let pending = rig.hub.pending_broadcasts(u64::MAX).await.expect("pending");
+    let pending = rig
+        .hub
+        .pending_broadcasts(u64::MAX, usize::MAX)
+        .await
+        .expect("pending");
     assert_eq!(
         controls(&pending, &rig.anchor),
         [("lock-1".to_owned(), Command::RefreshNow)]
@@ -687,7 +698,7 @@ async fn what_comes_back_from_the_broker_confirms_exactly_that_and_nothing_forge
     // Before confirmation both are owed; afterwards neither.
     assert_eq!(
         rig.hub
-            .pending_broadcasts(u64::MAX)
+            .pending_broadcasts(u64::MAX, usize::MAX)
             .await
             .expect("pending")
             .len(),
@@ -695,7 +706,7 @@ async fn what_comes_back_from_the_broker_confirms_exactly_that_and_nothing_forge
     );
     rig.hub
         .store
-        .mark_published(vec![("service/tessera".into(), 1)])
+        .mark_published(vec![("service/tessera".into(), 1, 1)])
         .await
         .expect("mark");
     let Some(Echo::Control(c)) = rig.hub.echo(&control.topic, &control.payload).await else {
@@ -708,7 +719,7 @@ async fn what_comes_back_from_the_broker_confirms_exactly_that_and_nothing_forge
         .expect("mark");
     assert!(
         rig.hub
-            .pending_broadcasts(u64::MAX)
+            .pending_broadcasts(u64::MAX, usize::MAX)
             .await
             .expect("pending")
             .is_empty()
@@ -745,4 +756,250 @@ async fn revoking_what_does_not_exist_is_refused_with_a_reason() {
         rig.answer(&handled).map(|_| ()).map_err(|e| e.0),
         Err(ErrorCode::Denied)
     );
+}
+
+/// The token answer's claims, verified with the hub's key.
+fn claims_of<'a>(rig: &Rig, handled: &'a Handled) -> tessera_shared::claims::Claims<'a> {
+    let Ok(ResponseBody::Token { token, .. }) = rig.answer(handled) else {
+        panic!("not a token: {:?}", rig.answer(handled).map(|_| ()));
+    };
+    tessera_shared::token::dangerous_verify_signature_only(token, &rig.anchor).expect("hub token")
+}
+
+#[tokio::test]
+async fn a_device_token_decided_before_a_subject_revocation_committed_is_issued_at_its_cut_off_not_refused()
+ {
+    let mut rig = Rig::new(POLICY).await;
+    let id = rig.fleet("race", 1, "building-a", 1).await.remove(0);
+    let key = signer(1000);
+    // Another replica, whose clock is a second ahead, revokes the device's tokens (not the
+    // device) while this hub is still deciding with its own `now`.
+    let cut_off = rig.now() + 1;
+    let outcome = rig
+        .hub
+        .store
+        .revoke(
+            vec![Target::Subject(id.clone())],
+            cut_off,
+            LEEWAY,
+            Unmatched::Refuse,
+        )
+        .await
+        .expect("revoke");
+    let handled = rig.ask(&id, &key, RequestBody::DeviceToken).await;
+    let claims = claims_of(&rig, &handled);
+    // The request counts as arriving after the revocation: its token is issued at the
+    // cut-off, which the subject entry does not cover, and lasts its whole lifetime.
+    assert_eq!(claims.iat, cut_off);
+    assert_eq!(claims.exp, cut_off + 900);
+    let mut service =
+        RevocationList::for_service(Indexed::with_capacity(100), "tessera", LEEWAY).expect("list");
+    let deltas = rig
+        .hub
+        .outcome_publications(&outcome, cut_off)
+        .await
+        .expect("deltas");
+    assert_eq!(
+        apply_deltas(&deltas, &rig.anchor, &mut service, rig.now()),
+        1
+    );
+    assert!(!service.is_revoked(&[0; 32], &id, claims.iat));
+    assert!(
+        service.is_revoked(&[0; 32], &id, rig.now()),
+        "what was issued before is"
+    );
+    // The token is recorded as issued, so a later revocation covers it.
+    let recorded = rig.hub.store.issued(claims.cti).await.expect("issued");
+    assert_eq!(recorded.map(|t| t.issued_at), Some(cut_off));
+
+    // A cut-off further ahead than a verifier's leeway would make a token issued at it
+    // unusable: the answer is a retryable `internal`, never `revoked`.
+    rig.hub
+        .store
+        .revoke(
+            vec![Target::Subject(id.clone())],
+            rig.now() + 10 * LEEWAY,
+            LEEWAY,
+            Unmatched::Refuse,
+        )
+        .await
+        .expect("revoke");
+    let handled = rig.ask(&id, &key, RequestBody::DeviceToken).await;
+    assert_eq!(
+        rig.answer(&handled).map(|_| ()).map_err(|e| e.0),
+        Err(ErrorCode::Internal)
+    );
+
+    // Revoked whole meanwhile: still `revoked`.
+    rig.hub
+        .store
+        .revoke(
+            vec![Target::Device(id.clone())],
+            rig.now() + 1,
+            LEEWAY,
+            Unmatched::Refuse,
+        )
+        .await
+        .expect("revoke");
+    let handled = rig.ask(&id, &key, RequestBody::DeviceToken).await;
+    assert_eq!(
+        rig.answer(&handled).map(|_| ()).map_err(|e| e.0),
+        Err(ErrorCode::Revoked)
+    );
+}
+
+/// How many entries a `fetch_revocations` of the service stream from change 1 returns.
+async fn fetched_entries(rig: &mut Rig) -> usize {
+    let body = RequestBody::FetchRevocations {
+        stream: Stream::Service("tessera"),
+        from: 1,
+    };
+    let handled = rig.ask("app-7", &signer(2), body).await;
+    let Ok(ResponseBody::Revocations { page }) = rig.answer(&handled) else {
+        panic!("fetch: {:?}", rig.answer(&handled).map(|_| ()));
+    };
+    let payload = Sign1::decode(page)
+        .expect("decode")
+        .verify(&rig.anchor)
+        .expect("verify");
+    let StreamMessage::Page(p) = StreamMessage::decode(payload).expect("page") else {
+        panic!("not a page");
+    };
+    p.entries().iter().count()
+}
+
+#[tokio::test]
+async fn an_entry_is_served_and_kept_until_the_largest_leeway_a_verifier_may_use_has_passed() {
+    let mut rig = Rig::new(POLICY).await;
+    let id = rig.fleet("kept", 1, "building-a", 1).await.remove(0);
+    let token = rig
+        .hub
+        .store
+        .issued_to(&id, 0)
+        .await
+        .expect("issued_to")
+        .remove(0);
+    let (_, counts) = rig.revoke(RevokeTarget::TokenHash(token.hash)).await;
+    assert_eq!(counts.1, 1);
+    let expires_at = token.expires_at + LEEWAY;
+    // Spent for a verifier with the hub's 30 s leeway, not for one allowed up to
+    // MAX_LEEWAY: the hub keeps it, and serves it.
+    rig.clock.set_ms((expires_at + 61) * 1000);
+    rig.hub.prune(86_400).await.expect("prune");
+    assert_eq!(fetched_entries(&mut rig).await, 1);
+    let state = rig.hub.store.streams().await.expect("streams").remove(0);
+    let (pubs, _) = rig
+        .hub
+        .snapshot_publications(&state, rig.now())
+        .await
+        .expect("snapshot");
+    assert!(!pubs.is_empty() && !pubs[0].payload.is_empty());
+    // Once no verifier may need it any more, it goes.
+    rig.clock
+        .set_ms((expires_at + tessera_shared::revocation::MAX_LEEWAY + 1) * 1000);
+    let pruned = rig.hub.prune(86_400).await.expect("prune");
+    assert_eq!(pruned.revocation_entries, 1);
+    assert_eq!(fetched_entries(&mut rig).await, 0);
+}
+
+#[tokio::test]
+async fn control_messages_owed_longer_than_any_token_lives_are_forgotten() {
+    let mut rig = Rig::new(POLICY).await;
+    let id = rig.fleet("old", 1, "building-a", 1).await.remove(0);
+    rig.revoke(RevokeTarget::Subject(&id)).await;
+    let owed = |rig: &Rig| {
+        let hub = rig.hub.clone();
+        async move {
+            hub.store
+                .unsent_controls(u64::MAX, usize::MAX)
+                .await
+                .expect("unsent_controls")
+                .len()
+        }
+    };
+    assert_eq!(owed(&rig).await, 1);
+    // The longest lifetime of the policy (900 s device tokens) plus leeway later, it
+    // still counts; a second more and the device's tokens have all expired.
+    rig.clock.advance_ms((900 + LEEWAY) * 1000);
+    rig.hub.prune(86_400).await.expect("prune");
+    assert_eq!(owed(&rig).await, 1);
+    rig.clock.advance_ms(1000);
+    assert_eq!(rig.hub.prune(86_400).await.expect("prune").controls, 1);
+    assert_eq!(owed(&rig).await, 0);
+}
+
+#[tokio::test]
+async fn only_a_single_change_page_on_its_own_delta_topic_confirms_a_delta() {
+    let mut rig = Rig::new(POLICY).await;
+    rig.fleet("e", 3, "building-a", 3).await;
+    for id in ["e-0000", "e-0001", "e-0002"] {
+        rig.revoke(RevokeTarget::Device(id)).await;
+    }
+    let state = rig.hub.store.streams().await.expect("streams").remove(0);
+    assert_eq!(state.seq, 3);
+    // The retained snapshot page covers changes 1..=3 and is signed by the hub: replayed
+    // on the delta topic it confirms nothing.
+    let (pubs, _) = rig
+        .hub
+        .snapshot_publications(&state, rig.now())
+        .await
+        .expect("snapshot");
+    let delta_topic = topic::revocation_delta(&Stream::Service("tessera")).to_string();
+    assert_eq!(rig.hub.echo(&delta_topic, &pubs[0].payload).await, None);
+    // A delta on another stream's delta topic neither.
+    let change = rig
+        .hub
+        .store
+        .unpublished_changes(u64::MAX)
+        .await
+        .expect("unpublished")
+        .remove(0);
+    let delta = rig.hub.delta(&change, 3, rig.now()).await.expect("delta");
+    let other = topic::revocation_delta(&Stream::Devices(7)).to_string();
+    assert_eq!(rig.hub.echo(&other, &delta.payload).await, None);
+    assert_eq!(
+        rig.hub.echo(&delta.topic, &delta.payload).await,
+        Some(Echo::Changes("service/tessera".into(), 1, 1))
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_revoke_is_refused_for_its_signature_before_its_body_is_read() {
+    let rig = Rig::new(POLICY).await;
+    // A device list well over the 4096-byte ordinary limit, whose last id is invalid.
+    let ids: Vec<String> = (0..400).map(|i| format!("listed-device-{i:04}")).collect();
+    let mut refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    refs.push("zz-bad-device");
+    let request = Request {
+        client: "ops-1",
+        request_id: 7,
+        issued_at: rig.now(),
+        nonce: [7; 16],
+        body: RequestBody::Revoke(RevokeTarget::Devices(IdList::new(&refs))),
+    };
+    let mut payload = vec![0u8; tessera_shared::cose::MAX_REQUEST_LEN];
+    let n = request.encode_to(&mut payload).expect("encode");
+    payload.truncate(n);
+    let at = payload
+        .windows(13)
+        .position(|w| w == b"zz-bad-device")
+        .expect("the last id");
+    payload[at + 2] = b' ';
+    let signed = |key: &P256Signer| {
+        let mut out = vec![0u8; payload.len() + tessera_shared::cose::OVERHEAD];
+        let n = tessera_shared::cose::sign(key, &payload, &mut out).expect("sign");
+        out.truncate(n);
+        out
+    };
+    // Signed by someone else: a bad signature, whatever the body holds.
+    let forged = signed(&signer(99));
+    assert!(forged.len() > PipelineConfig::default().max_request_bytes);
+    let handled = rig.hub.handle("ops-1", &forged).await;
+    let (code, reason) = rig.answer(&handled).map(|_| ()).expect_err("refused");
+    assert_eq!(code, ErrorCode::BadSignature, "{reason}");
+    // Signed by the operator: only then is the body read, and found malformed.
+    let genuine = signed(&signer(1));
+    let handled = rig.hub.handle("ops-1", &genuine).await;
+    let (code, reason) = rig.answer(&handled).map(|_| ()).expect_err("refused");
+    assert_eq!(code, ErrorCode::Malformed, "{reason}");
 }

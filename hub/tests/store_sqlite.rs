@@ -9,9 +9,9 @@ use tempfile::TempDir;
 use tessera_hub::revocation::Target;
 use tessera_hub::store::{
     ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Sqlite, Store,
-    StoreError, TokenKind, conformance,
+    StoreError, TokenKind, Unmatched, conformance,
 };
-use tessera_shared::revocation::{Addressed, Entry, Stream};
+use tessera_shared::revocation::{Addressed, Entry, MAX_LEEWAY, Stream};
 
 const NOW: u64 = 1_700_000_000;
 
@@ -69,6 +69,8 @@ conformance!(
     revoke_targets,
     revoke_subject_per_audience,
     revoke_is_all_or_nothing,
+    revoke_skips_what_names_nothing_when_asked,
+    set_role_revokes_in_the_same_transaction,
     revoke_mass_in_changes_that_fit_a_page,
     revocation_streams,
     revocation_sequence_race,
@@ -183,15 +185,20 @@ async fn everything_survives_closing_and_reopening_the_database() {
             GrantUse::Fresh(_)
         ));
         let out = store
-            .revoke(vec![Target::TokenHash([2; 32])], NOW, 30)
+            .revoke(vec![Target::TokenHash([2; 32])], NOW, 30, Unmatched::Refuse)
             .await
             .expect("revoke");
         store
-            .mark_published(vec![(out.changes[0].stream.clone(), 1)])
+            .mark_published(vec![(out.changes[0].stream.clone(), 1, 1)])
             .await
             .expect("mark_published");
         store
-            .revoke(vec![Target::TokenHash([1; 32])], NOW + 1, 30)
+            .revoke(
+                vec![Target::TokenHash([1; 32])],
+                NOW + 1,
+                30,
+                Unmatched::Refuse,
+            )
             .await
             .expect("revoke");
         store.add_key(key.clone()).await.expect("add_key");
@@ -274,7 +281,12 @@ async fn everything_survives_closing_and_reopening_the_database() {
         .await
         .expect("record_issued");
     let out = store
-        .revoke(vec![Target::TokenHash([3; 32])], NOW + 2, 30)
+        .revoke(
+            vec![Target::TokenHash([3; 32])],
+            NOW + 2,
+            30,
+            Unmatched::Refuse,
+        )
         .await
         .expect("revoke");
     assert_eq!(out.changes[0].seq, 3, "numbering continues");
@@ -388,7 +400,12 @@ async fn two_handles_on_one_file_cannot_both_use_a_grant() {
         let s = Arc::clone(if i % 2 == 0 { &a } else { &b });
         tasks.spawn(async move {
             let out = s
-                .revoke(vec![Target::TokenHash([10 + i; 32])], NOW, 30)
+                .revoke(
+                    vec![Target::TokenHash([10 + i; 32])],
+                    NOW,
+                    30,
+                    Unmatched::Refuse,
+                )
                 .await
                 .expect("revoke");
             out.changes[0].seq
@@ -440,7 +457,7 @@ async fn times_beyond_sqlite_integers_are_refused_not_wrapped() {
         .await
         .expect("record_issued");
     store
-        .revoke(vec![Target::TokenHash([2; 32])], NOW, 30)
+        .revoke(vec![Target::TokenHash([2; 32])], NOW, 30, Unmatched::Refuse)
         .await
         .expect("revoke");
     assert_eq!(
@@ -453,7 +470,7 @@ async fn times_beyond_sqlite_integers_are_refused_not_wrapped() {
     );
     assert_eq!(
         store
-            .unsent_controls(u64::MAX)
+            .unsent_controls(u64::MAX, usize::MAX)
             .await
             .expect("unsent_controls"),
         []
@@ -475,7 +492,8 @@ async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
             "INSERT INTO clients (id, kind, role, created_at) VALUES ('app-a', 'app', 'c', {NOW});
              INSERT INTO issued_tokens VALUES
                 (x'{cti1}', x'{h1}', 'access', 'app-a', 'dev-a', 'door:open', {NOW}, {exp}),
-                (x'{cti2}', x'{h2}', 'device', 'dev-b', 'tessera', 'telemetry:write', {NOW}, {exp});
+                (x'{cti2}', x'{h2}', 'device', 'dev-b', 'tessera', 'telemetry:write', {NOW}, {exp}),
+                (x'{cti3}', x'{h3}', 'device', 'dev-b', 'tessera', 'telemetry:write', {NOW}, {exp3});
              INSERT INTO revocations (seq, created_at, published) VALUES (1, {NOW}, 1), (2, {NOW}, 0);
              INSERT INTO revocation_entries VALUES
                 (1, 0, x'{h1}', NULL, NULL, {exp}),
@@ -484,6 +502,9 @@ async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
              PRAGMA user_version = 1;",
             cti1 = "01".repeat(16),
             cti2 = "02".repeat(16),
+            cti3 = "03".repeat(16),
+            h3 = "33".repeat(32),
+            exp3 = NOW + 300,
             h1 = "11".repeat(32),
             h2 = "22".repeat(32),
             h9 = "99".repeat(32),
@@ -503,6 +524,10 @@ async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
         .expect("unpublished_changes");
     changes.sort_by(|a, b| a.stream.cmp(&b.stream));
     let device_stream = Stream::of_device("dev-a").name().to_string();
+    // Each entry lasts at least until its token's `exp` plus the largest leeway a policy
+    // may set (the old value was the bare `exp` here); the subject entry covering two
+    // tokens of one audience is one entry, not one per token.
+    let until = NOW + 600 + MAX_LEEWAY;
     let mut expected = vec![
         (
             device_stream,
@@ -511,7 +536,7 @@ async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
                     "dev-a",
                     Entry::Token {
                         hash: [0x11; 32],
-                        expires_at: NOW + 600,
+                        expires_at: until,
                     },
                 )
                 .expect("id"),
@@ -522,7 +547,7 @@ async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
             vec![
                 Addressed::new(
                     "tessera",
-                    Entry::for_subject("dev-b", NOW + 1, NOW + 600).expect("id"),
+                    Entry::for_subject("dev-b", NOW + 1, until).expect("id"),
                 )
                 .expect("id"),
             ],

@@ -391,6 +391,28 @@ fn a_read_cut_by_its_limit_leaves_its_last_change_for_the_next_page() {
 }
 
 #[test]
+fn a_read_cut_inside_its_only_change_gives_no_page_rather_than_claim_that_change_whole() {
+    let stream = Stream::of_device("dev-a");
+    let e = |n: u8| {
+        addressed(
+            "dev-a",
+            Entry::Token {
+                hash: [n; 32],
+                expires_at: NOW + 60,
+            },
+        )
+    };
+    // The store stopped inside change 4, the only one read: a page covering it would tell
+    // a verifier it holds change 4 whole, and it would never fetch the entries cut.
+    assert_eq!(
+        pack(&stream, 1, 9, &[(4, vec![e(4), e(5)])], false, Some(1)),
+        []
+    );
+    assert_eq!(pack(&stream, 1, 9, &[(4, vec![e(4)])], false, None), []);
+    assert_eq!(pack(&stream, 1, 9, &[], false, Some(1)), []);
+}
+
+#[test]
 fn one_page_for_a_fetch_stops_where_the_next_change_does_not_fit() {
     let stream = Stream::of_service("tessera").expect("id");
     let changes = chunk(&stream, many(2_000));

@@ -19,8 +19,8 @@ use tessera_shared::message::Command;
 use tessera_shared::revocation::{Addressed, Entry, Stream};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Pruned,
-    Store, StoreError, StreamRead, TokenKind,
+    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, KeyRecord,
+    Pruned, Store, StoreError, StreamRead, TokenKind, Unmatched,
 };
 use crate::revocation::{Outcome, PendingControl, Target};
 
@@ -54,6 +54,8 @@ where
     revoke_targets(make().await).await;
     revoke_subject_per_audience(make().await).await;
     revoke_is_all_or_nothing(make().await).await;
+    revoke_skips_what_names_nothing_when_asked(make().await).await;
+    set_role_revokes_in_the_same_transaction(make().await).await;
     revoke_mass_in_changes_that_fit_a_page(make().await).await;
     revocation_streams(make().await).await;
     revocation_sequence_race(make().await).await;
@@ -196,7 +198,10 @@ fn device_token(n: u8, device: &str, issued_at: u64, expires_at: u64) -> IssuedT
 }
 
 async fn revoke<S: Store>(store: &S, targets: Vec<Target>, now: u64) -> Outcome {
-    store.revoke(targets, now, LEEWAY).await.expect("revoke")
+    store
+        .revoke(targets, now, LEEWAY, Unmatched::Refuse)
+        .await
+        .expect("revoke")
 }
 
 /// Every entry of an outcome, per stream, in order.
@@ -344,11 +349,17 @@ pub async fn registry<S: Store>(store: S) {
         Some(device("dev-b"))
     );
 
-    store.set_role("dev-b", "camera").await.expect("set_role");
+    let out = store
+        .set_role("dev-b", "camera", Vec::new(), NOW, LEEWAY)
+        .await
+        .expect("set_role");
+    assert_eq!(out, Outcome::default());
     let mut expected = device("dev-b");
     expected.role = "camera".to_owned();
     assert_eq!(store.client("dev-b").await.expect("client"), Some(expected));
-    let r = store.set_role("nobody", "camera").await;
+    let r = store
+        .set_role("nobody", "camera", Vec::new(), NOW, LEEWAY)
+        .await;
     assert!(is_not_found(&r), "set_role of an unknown client: {r:?}");
 
     assert!(store.remove_client("dev-b").await.expect("remove_client"));
@@ -466,7 +477,9 @@ pub async fn client_revocation<S: Store>(store: S) {
         Target::Device("app-a".into()),
         Target::Subject("nobody".into()),
     ] {
-        let r = store.revoke(vec![target.clone()], NOW, LEEWAY).await;
+        let r = store
+            .revoke(vec![target.clone()], NOW, LEEWAY, Unmatched::Refuse)
+            .await;
         assert!(is_not_found(&r), "revoking {target:?}: {r:?}");
     }
 }
@@ -967,7 +980,9 @@ pub async fn revoke_targets<S: Store>(store: S) {
         Target::TokenId(vec![99; 16]),
         Target::TokenHash(expired.hash),
     ] {
-        let r = store.revoke(vec![target.clone()], NOW, LEEWAY).await;
+        let r = store
+            .revoke(vec![target.clone()], NOW, LEEWAY, Unmatched::Refuse)
+            .await;
         assert!(is_not_found(&r), "{target:?}: {r:?}");
     }
 }
@@ -1041,10 +1056,16 @@ pub async fn revoke_subject_per_audience<S: Store>(store: S) {
         store.use_grant(&[10; 32], NOW).await.expect("use_grant"),
         GrantUse::Revoked(grant(10, 7, "app-a", NOW + 3600))
     );
-    // A token decided before the cut-off but recorded after it is refused; one issued at
-    // or after it is not.
+    // A token decided before the cut-off but recorded after it is refused, naming the
+    // cut-off (the holder is not revoked: a token issued at the cut-off may be); one issued
+    // at or after it is not.
     let late = at(7, "dev-a", NOW - 1, NOW + 299);
-    assert!(is_conflict(&store.record_issued(late, None).await));
+    let r = store.record_issued(late, None).await;
+    assert!(
+        matches!(&r, Err(StoreError::CutOff { subject, issued_before }) if subject == "app-a" && *issued_before == NOW),
+        "{r:?}"
+    );
+    assert_eq!(store.issued(&[7; 16]).await.expect("issued"), None);
     store
         .record_issued(at(8, "dev-a", NOW, NOW + 300), None)
         .await
@@ -1085,7 +1106,9 @@ pub async fn revoke_is_all_or_nothing<S: Store>(store: S) {
         ],
         vec![Target::Role("no-such-role".into())],
     ] {
-        let r = store.revoke(targets.clone(), NOW, LEEWAY).await;
+        let r = store
+            .revoke(targets.clone(), NOW, LEEWAY, Unmatched::Refuse)
+            .await;
         assert!(is_not_found(&r), "{targets:?}: {r:?}");
         assert_eq!(
             store
@@ -1099,6 +1122,116 @@ pub async fn revoke_is_all_or_nothing<S: Store>(store: S) {
         );
     }
     assert_eq!(store.streams().await.expect("streams"), []);
+}
+
+/// With [`Unmatched::Skip`] a target that names nothing is left out and the others are
+/// revoked: a sweep that read two tokens, one of which was pruned before it revoked them,
+/// revokes the other (with [`Unmatched::Refuse`] the same request revokes nothing).
+pub async fn revoke_skips_what_names_nothing_when_asked<S: Store>(store: S) {
+    store.add_client(app("app-a")).await.expect("add_client");
+    store.add_client(device("dev-a")).await.expect("add_client");
+    let ending = token(1, TokenKind::Access, "app-a", "dev-a", NOW - 300, NOW - 31);
+    let live = access(2, "app-a");
+    for t in [&ending, &live] {
+        store.record_issued(t.clone(), None).await.expect("record");
+    }
+    // The sweep reads both tokens live at NOW - 40; prune then forgets the first.
+    let read = store
+        .issued_to("app-a", NOW - 40 - LEEWAY)
+        .await
+        .expect("issued_to");
+    assert_eq!(read.len(), 2);
+    let targets: Vec<Target> = read.iter().map(|t| Target::TokenHash(t.hash)).collect();
+    store
+        .prune(Horizons {
+            tokens_before: NOW - LEEWAY,
+            ..Horizons::default()
+        })
+        .await
+        .expect("prune");
+    let r = store
+        .revoke(targets.clone(), NOW, LEEWAY, Unmatched::Refuse)
+        .await;
+    assert!(is_not_found(&r), "{r:?}");
+    assert_eq!(store.streams().await.expect("streams"), []);
+    let mut with_others = targets;
+    with_others.extend([
+        Target::Subject("nobody".into()),
+        Target::Device("app-a".into()),
+        Target::Group("nowhere".into()),
+        Target::Role("nobody".into()),
+        Target::Devices(vec!["ghost".into()]),
+    ]);
+    let out = store
+        .revoke(with_others, NOW, LEEWAY, Unmatched::Skip)
+        .await
+        .expect("revoke");
+    assert_eq!(out.revoked, 1);
+    assert_eq!(
+        entries_by_stream(&out),
+        [(
+            device_stream("dev-a"),
+            vec![token_entry("dev-a", 2, NOW + 3600 + LEEWAY)]
+        )]
+    );
+    // Nothing at all left to revoke is no error either.
+    let out = store
+        .revoke(
+            vec![Target::TokenHash(ending.hash)],
+            NOW,
+            LEEWAY,
+            Unmatched::Skip,
+        )
+        .await
+        .expect("revoke");
+    assert_eq!((out.revoked, out.changes.len()), (0, 0));
+}
+
+/// `set_role` changes the role and revokes the tokens it is given in one transaction,
+/// skipping those no longer live; an unknown client changes and revokes nothing.
+pub async fn set_role_revokes_in_the_same_transaction<S: Store>(store: S) {
+    store.add_client(app("app-a")).await.expect("add_client");
+    let live = access(1, "app-a");
+    let gone = token(2, TokenKind::Access, "app-a", "dev-a", NOW - 300, NOW - 100);
+    for t in [&live, &gone] {
+        store.record_issued(t.clone(), None).await.expect("record");
+    }
+    let targets = vec![Target::TokenHash(live.hash), Target::TokenHash(gone.hash)];
+    let r = store
+        .set_role("nobody", "viewer", targets.clone(), NOW, LEEWAY)
+        .await;
+    assert!(is_not_found(&r), "{r:?}");
+    assert_eq!(store.streams().await.expect("streams"), []);
+
+    let out = store
+        .set_role("app-a", "viewer", targets, NOW, LEEWAY)
+        .await
+        .expect("set_role");
+    assert_eq!(out.revoked, 1);
+    assert_eq!(
+        entries_by_stream(&out),
+        [(
+            device_stream("dev-a"),
+            vec![token_entry("dev-a", 1, NOW + 3600 + LEEWAY)]
+        )]
+    );
+    assert_eq!(
+        store
+            .client("app-a")
+            .await
+            .expect("client")
+            .expect("kept")
+            .role,
+        "viewer"
+    );
+    assert_eq!(
+        store
+            .unpublished_changes(u64::MAX)
+            .await
+            .expect("unpublished_changes")
+            .len(),
+        1
+    );
 }
 
 /// A group, a role and a list each revoke their devices whole (apps of a role as
@@ -1257,7 +1390,7 @@ pub async fn revocation_streams<S: Store>(store: S) {
         [(stream.clone(), 1, 1), (stream.clone(), 2, 1)]
     );
     store
-        .mark_published(vec![(stream.clone(), 2), ("devices/zz".into(), 1)])
+        .mark_published(vec![(stream.clone(), 2, 2), ("devices/zz".into(), 1, 1)])
         .await
         .expect("mark_published");
     assert_eq!(
@@ -1265,8 +1398,15 @@ pub async fn revocation_streams<S: Store>(store: S) {
         [(stream.clone(), 1, 1), (stream.clone(), 3, 1)],
         "marking 2 does not mark 1"
     );
+    // A range marks every change in it, bounds included, and no other; a range beyond the
+    // stream's changes marks what exists of it.
     store
-        .mark_published(vec![(stream.clone(), 1), (stream.clone(), 3)])
+        .mark_published(vec![(stream.clone(), 3, 1_000_000)])
+        .await
+        .expect("mark_published");
+    assert_eq!(unpublished(u64::MAX).await, [(stream.clone(), 1, 1)]);
+    store
+        .mark_published(vec![(stream.clone(), 1, 3)])
         .await
         .expect("mark_published");
     assert_eq!(unpublished(u64::MAX).await, []);
@@ -1291,7 +1431,12 @@ pub async fn revocation_sequence_race<S: Store>(store: S) {
         let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async move {
             let out = s
-                .revoke(vec![Target::TokenHash([n; 32])], NOW, LEEWAY)
+                .revoke(
+                    vec![Target::TokenHash([n; 32])],
+                    NOW,
+                    LEEWAY,
+                    Unmatched::Refuse,
+                )
                 .await
                 .expect("revoke");
             out.changes.iter().map(|c| c.seq).collect::<Vec<_>>()
@@ -1328,7 +1473,7 @@ pub async fn control_messages<S: Store>(store: S) {
         let store = &store;
         async move {
             store
-                .unsent_controls(before)
+                .unsent_controls(before, usize::MAX)
                 .await
                 .expect("unsent_controls")
         }
@@ -1344,6 +1489,17 @@ pub async fn control_messages<S: Store>(store: S) {
             pending("dev-a", Command::Revoked, NOW),
             pending("dev-b", Command::RefreshNow, NOW + 5)
         ]
+    );
+    assert_eq!(
+        store
+            .unsent_controls(u64::MAX, 2)
+            .await
+            .expect("unsent_controls"),
+        [
+            pending("dev-a", Command::Revoked, NOW),
+            pending("dev-b", Command::RefreshNow, NOW + 5)
+        ],
+        "at most the limit, oldest first"
     );
     store
         .mark_controls_sent(vec![pending("dev-b", Command::RefreshNow, NOW + 5)])
@@ -1473,10 +1629,16 @@ pub async fn audit_log<S: Store>(store: S) {
     assert_eq!(store.audit_tail(0).await.expect("audit_tail"), []);
 }
 
-/// `prune` forgets exactly what has expired (and old audit events); a stream that lost
-/// entries gets its snapshot published again, and its numbering carries on.
+/// `prune` forgets exactly what is before its horizon: issued tokens, grants and nonces
+/// before theirs, revocation entries before theirs (a later one: verifiers may need an
+/// entry for longer than the hub's leeway), control messages owed before theirs, old audit
+/// events; a stream that lost entries gets its snapshot published again, and its
+/// numbering carries on.
 pub async fn prune<S: Store>(store: S) {
     store.add_client(app("app-a")).await.expect("add_client");
+    let mut dev = device("dev-z");
+    dev.enrolled_at = Some(NOW - 5000);
+    store.add_client(dev).await.expect("add_client");
     let old = token(
         1,
         TokenKind::Access,
@@ -1496,9 +1658,12 @@ pub async fn prune<S: Store>(store: S) {
     // Entries expiring at NOW - 40 + LEEWAY and NOW + 3600 + LEEWAY.
     revoke(&store, vec![Target::TokenHash(short.hash)], NOW - 100).await;
     revoke(&store, vec![Target::TokenHash(live.hash)], NOW - 99).await;
+    // Control messages owed since NOW - 4000 and NOW - 98.
+    revoke(&store, vec![Target::Subject("dev-z".into())], NOW - 4000).await;
+    revoke(&store, vec![Target::Subject("dev-z".into())], NOW - 98).await;
     let stream = device_stream("dev-a");
     store
-        .mark_published(vec![(stream.clone(), 1), (stream.clone(), 2)])
+        .mark_published(vec![(stream.clone(), 1, 2)])
         .await
         .expect("mark_published");
     store
@@ -1506,15 +1671,46 @@ pub async fn prune<S: Store>(store: S) {
         .await
         .expect("set_snapshot_published");
     store.audit(vec![event(1), event(2)]).await.expect("audit");
+    let horizons = |entries_before: u64| Horizons {
+        tokens_before: NOW,
+        entries_before,
+        controls_before: NOW - 1000,
+        audit_before_ms: NOW * 1000 + 2,
+    };
 
-    let pruned = store.prune(NOW, NOW * 1000 + 2).await.expect("prune");
+    // The spent entry is kept while its own horizon has not passed it: the token it names
+    // goes.
+    let pruned = store.prune(horizons(NOW - 40)).await.expect("prune");
     assert_eq!(
         pruned,
         Pruned {
             tokens: 2,
             grants: 1,
-            revocation_entries: 1,
+            revocation_entries: 0,
             audit_events: 1,
+            controls: 1,
+        }
+    );
+    assert_eq!(store.issued(&short.cti).await.expect("issued"), None);
+    assert_eq!(read(&store, &stream, 1, NOW - 1000).await.changes.len(), 2);
+    assert_eq!(
+        store
+            .unsent_controls(u64::MAX, usize::MAX)
+            .await
+            .expect("unsent_controls"),
+        [PendingControl {
+            device: "dev-z".into(),
+            command: Command::RefreshNow,
+            issued_at: NOW - 98,
+        }]
+    );
+
+    let pruned = store.prune(horizons(NOW)).await.expect("prune");
+    assert_eq!(
+        pruned,
+        Pruned {
+            revocation_entries: 1,
+            ..Pruned::default()
         }
     );
     assert_eq!(store.issued(&old.cti).await.expect("issued"), None);
@@ -1537,8 +1733,9 @@ pub async fn prune<S: Store>(store: S) {
         )
     );
     let states = store.streams().await.expect("streams");
+    let state = states.iter().find(|s| s.name == stream).expect("stream");
     assert_eq!(
-        states[0].snapshot_seq, 0,
+        state.snapshot_seq, 0,
         "to be published again without the spent entry"
     );
     let t4 = token(4, TokenKind::Access, "app-a", "dev-a", NOW, NOW + 10);
@@ -1551,7 +1748,7 @@ pub async fn prune<S: Store>(store: S) {
     );
     assert_eq!(store.audit_tail(10).await.expect("audit_tail"), [event(2)]);
     assert_eq!(
-        store.prune(NOW, NOW * 1000 + 2).await.expect("prune"),
+        store.prune(horizons(NOW)).await.expect("prune"),
         Pruned::default()
     );
 }

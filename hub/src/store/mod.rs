@@ -223,6 +223,25 @@ pub struct AuditEvent {
     pub reason: String,
 }
 
+/// What [`Store::prune`] forgets: everything whose time is before its horizon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Horizons {
+    /// Issued-token records, refresh grants and nonces whose `expires_at` is before this
+    /// (Unix seconds): the hub passes `now − its leeway`.
+    pub tokens_before: u64,
+    /// Revocation entries whose `expires_at` is before this (Unix seconds): the hub passes
+    /// `now −` [`MAX_LEEWAY`](tessera_shared::revocation::MAX_LEEWAY), since a verifier may
+    /// apply any leeway up to that and keeps needing an entry until `expires_at` plus its
+    /// own leeway.
+    pub entries_before: u64,
+    /// Control messages owed and recorded (`issued_at`) before this (Unix seconds): the hub
+    /// passes `now −` the policy's longest token lifetime `−` its leeway, by when the
+    /// device's tokens have expired and the message changes nothing.
+    pub controls_before: u64,
+    /// Audit events recorded before this (Unix milliseconds).
+    pub audit_before_ms: u64,
+}
+
 /// What [`Store::prune`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -234,10 +253,25 @@ pub struct Pruned {
     pub revocation_entries: u64,
     /// Audit events.
     pub audit_events: u64,
+    /// Control messages owed that can no longer matter.
+    pub controls: u64,
+}
+
+/// What [`Store::revoke`] does with a target that names nothing (any more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Refuse the whole revocation with [`StoreError::NotFound`]: an operator's request,
+    /// where a target naming nothing is a mistake to report.
+    Refuse,
+    /// Skip the target and revoke the others: a sweep whose targets were read before the
+    /// revoking transaction (a token pruned or expired meanwhile needs no revocation).
+    Skip,
 }
 
 /// A store failure. Every variant is a hub-side problem (the request may be retried),
-/// except [`StoreError::Conflict`], which means the write contradicts existing state.
+/// except [`StoreError::Conflict`], which means the write contradicts existing state, and
+/// [`StoreError::CutOff`], which means a token was decided before a revocation that covers
+/// it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend failed (I/O, SQL, connection).
@@ -252,6 +286,17 @@ pub enum StoreError {
     /// The record does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// [`Store::record_issued`]: the token's `iat` is before the cut-off its holder's tokens
+    /// were revoked with (a subject revocation that committed after the token was decided),
+    /// so it is not recorded. The holder itself is not revoked: a token issued at
+    /// `issued_before` or later is not covered.
+    #[error("tokens of {subject:?} issued before {issued_before} are revoked")]
+    CutOff {
+        /// The token's holder.
+        subject: String,
+        /// The cut-off: tokens with `iat < issued_before` are revoked.
+        issued_before: u64,
+    },
 }
 
 /// Result of a store operation.
@@ -273,8 +318,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Vec<ClientRecord>>> + Send;
     /// Removes a client; returns whether it existed.
     fn remove_client(&self, id: &str) -> impl Future<Output = StoreResult<bool>> + Send;
-    /// Changes a client's role (the caller revokes what the new role no longer allows).
-    fn set_role(&self, id: &str, role: &str) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Changes a client's role and, in the same transaction, revokes `disallowed` (the
+    /// tokens the new role no longer allows, which the caller decides) as
+    /// [`Store::revoke`] does with [`Unmatched::Skip`]; returns what was revoked.
+    /// [`StoreError::NotFound`] if there is no such client (and nothing is revoked).
+    fn set_role(
+        &self,
+        id: &str,
+        role: &str,
+        disallowed: Vec<Target>,
+        now: u64,
+        leeway: u64,
+    ) -> impl Future<Output = StoreResult<Outcome>> + Send;
     /// Records a device's enrollment: sets its key and `enrolled_at` and consumes its
     /// enrollment code, all at once. [`StoreError::Conflict`] if the device is revoked,
     /// or already enrolled with a different key.
@@ -316,9 +371,10 @@ pub trait Store: Send + Sync + 'static {
     // --- issuance ---
 
     /// Records an issued token and, in the same transaction, the grant issued with it.
-    /// [`StoreError::Conflict`] if a revocation that covers it committed meanwhile: its
-    /// holder was revoked whole, or the holder's tokens issued before a time after the
-    /// token's `iat` were revoked (see [`Store::revoke`]).
+    /// Re-checked under the write lock, so a revocation that committed after the token was
+    /// decided still wins: [`StoreError::Conflict`] if its holder was revoked whole;
+    /// [`StoreError::CutOff`] if only the holder's tokens issued before a time after the
+    /// token's `iat` were revoked (see [`Store::revoke`]). Nothing is recorded then.
     fn record_issued(
         &self,
         token: IssuedToken,
@@ -357,21 +413,26 @@ pub trait Store: Send + Sync + 'static {
     /// entries ([`crate::revocation::plan`]), numbers the changes on their streams,
     /// records them unpublished and records the control messages owed.
     ///
-    /// A target that names nothing is [`StoreError::NotFound`] with the reason, and
-    /// nothing is revoked: an unknown or expired token, an unregistered subject without
-    /// live tokens, a device that is not a registered device, an empty group or role, a
-    /// device list with any id that is not a registered device.
+    /// A target that names nothing: an unknown or expired token, an unregistered subject
+    /// without live tokens, a device that is not a registered device, an empty group or
+    /// role, an id of a device list that is not a registered device. With
+    /// [`Unmatched::Refuse`] it is [`StoreError::NotFound`] with the reason, and nothing is
+    /// revoked; with [`Unmatched::Skip`] it is left out (decided inside the transaction, so
+    /// a token pruned after the caller read it cannot fail the others).
     fn revoke(
         &self,
         targets: Vec<Target>,
         now: u64,
         leeway: u64,
+        unmatched: Unmatched,
     ) -> impl Future<Output = StoreResult<Outcome>> + Send;
     /// Every stream that ever changed, by name.
     fn streams(&self) -> impl Future<Output = StoreResult<Vec<StreamState>>> + Send;
     /// The entries of `stream` still in force at `now` (`expires_at + leeway ≥ now`)
     /// from change `from` on, grouped by change in order, reading at most `max_entries`
-    /// entries, and the stream's latest change number.
+    /// entries, and the stream's latest change number. The hub passes
+    /// [`MAX_LEEWAY`](tessera_shared::revocation::MAX_LEEWAY) as `leeway`: an entry is
+    /// served as long as some verifier may still need it.
     fn stream_entries(
         &self,
         stream: &str,
@@ -394,16 +455,19 @@ pub trait Store: Send + Sync + 'static {
         &self,
         created_before: u64,
     ) -> impl Future<Output = StoreResult<Vec<Change>>> + Send;
-    /// Marks exactly these changes (stream, change number) published; unknown ones are
+    /// Marks exactly the changes of these ranges (stream, first, last change number,
+    /// inclusive) published, each range with one ranged update; unknown changes are
     /// ignored.
     fn mark_published(
         &self,
-        changes: Vec<(String, u64)>,
+        ranges: Vec<(String, u64, u64)>,
     ) -> impl Future<Output = StoreResult<()>> + Send;
-    /// Control messages owed and recorded at or before `created_before`.
+    /// Control messages owed and recorded at or before `created_before`, oldest first, at
+    /// most `limit` of them.
     fn unsent_controls(
         &self,
         created_before: u64,
+        limit: usize,
     ) -> impl Future<Output = StoreResult<Vec<PendingControl>>> + Send;
     /// Forgets control messages the broker took; unknown ones are ignored.
     fn mark_controls_sent(
@@ -439,15 +503,11 @@ pub trait Store: Send + Sync + 'static {
     // --- housekeeping ---
 
     /// Forgets what can no longer matter, so the store stays bounded by token lifetimes
-    /// and the audit retention: issued tokens, grants and revocation entries whose
-    /// `expires_at` is before `expired_before`, changes left without entries, expired
-    /// nonces, and audit events older than `audit_before_ms`. A stream that lost entries
-    /// gets its snapshot published again; change numbers are never reused.
-    fn prune(
-        &self,
-        expired_before: u64,
-        audit_before_ms: u64,
-    ) -> impl Future<Output = StoreResult<Pruned>> + Send;
+    /// and the audit retention: whatever is before its horizon in `horizons` (issued
+    /// tokens, grants, nonces, revocation entries, control messages owed, audit events),
+    /// and published changes left without entries. A stream that lost entries gets its
+    /// snapshot published again; change numbers are never reused.
+    fn prune(&self, horizons: Horizons) -> impl Future<Output = StoreResult<Pruned>> + Send;
 
     // --- audit ---
 

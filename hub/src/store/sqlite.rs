@@ -19,11 +19,11 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, ffi, params};
 use tessera_shared::message::Command;
-use tessera_shared::revocation::{Addressed, Entry, Stream, TOKEN_HASH_LEN};
+use tessera_shared::revocation::{Addressed, Entry, MAX_LEEWAY, Stream, TOKEN_HASH_LEN};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Pruned,
-    Store, StoreError, StoreResult, StreamRead, StreamState, TokenKind,
+    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, KeyRecord,
+    Pruned, Store, StoreError, StoreResult, StreamRead, StreamState, TokenKind, Unmatched,
 };
 use crate::revocation::{self, Change, Outcome, PendingControl, Resolved, ResolvedSubject, Target};
 
@@ -235,6 +235,12 @@ const STREAMS_SCHEMA: &str = "
 /// the streams of the tokens it covers, as unpublished changes (the hub publishes them when
 /// it starts). An old entry that covers no recorded token covers nothing live: it is
 /// dropped.
+///
+/// An old entry's `expires_at` came from the policy at the time (a subject entry's from the
+/// longest lifetime then), which may be earlier than a token it covers really lasts: each
+/// new entry lasts at least until its tokens' `exp` plus [`MAX_LEEWAY`] (the policy's
+/// leeway is unknown here, and no policy allows more). An old subject entry covering several
+/// tokens of one audience becomes one entry, as does a token listed twice.
 fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
     tx.execute_batch(STREAMS_SCHEMA)
         .ctx("creating the stream tables")?;
@@ -256,6 +262,8 @@ fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
         },
     )?;
     let mut per_stream: BTreeMap<String, Vec<Addressed>> = BTreeMap::new();
+    // Where each (stream, audience, token or subject) is in `per_stream`.
+    let mut held: HashMap<(String, String, String), usize> = HashMap::new();
     let mut newest = 0;
     for (hash, subject, issued_before, expires_at, created_at) in old {
         newest = newest.max(created_at);
@@ -278,10 +286,11 @@ fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
             _ => return Err(StoreError::Corrupt("old revocation entry".into())),
         };
         for token in tokens {
-            let entry = match (&token.kind, issued_before) {
-                (_, Some(before)) => Entry::for_subject(&token.subject, before, expires_at)
+            let expires_at = expires_at.max(token.expires_at.saturating_add(MAX_LEEWAY));
+            let entry = match issued_before {
+                Some(before) => Entry::for_subject(&token.subject, before, expires_at)
                     .map_err(|e| StoreError::Corrupt(format!("old entry subject: {e}")))?,
-                (_, None) => Entry::Token {
+                None => Entry::Token {
                     hash: token.hash,
                     expires_at,
                 },
@@ -292,10 +301,23 @@ fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
             let Ok(addressed) = Addressed::new(&token.audience, entry) else {
                 continue;
             };
-            per_stream
-                .entry(stream.name().to_string())
-                .or_default()
-                .push(addressed);
+            let stream = stream.name().to_string();
+            let entries = per_stream.entry(stream.clone()).or_default();
+            // One entry per token or subject and audience: fold into it (the later cut-off
+            // and the later expiry, as verifiers fold) rather than list it again.
+            let named = match &addressed.entry {
+                Entry::Token { hash, .. } => hex::encode(hash),
+                Entry::Subject { subject, .. } => format!("subject {subject}"),
+            };
+            match held.entry((stream, addressed.audience.to_string(), named)) {
+                std::collections::hash_map::Entry::Occupied(at) => {
+                    entries[*at.get()].entry.merge(&addressed.entry);
+                }
+                std::collections::hash_map::Entry::Vacant(at) => {
+                    at.insert(entries.len());
+                    entries.push(addressed);
+                }
+            }
         }
     }
     for (name, entries) in per_stream {
@@ -499,6 +521,8 @@ fn prefix(e: StoreError, what: &str) -> StoreError {
         StoreError::Corrupt(m) => StoreError::Corrupt(format!("{what}: {m}")),
         StoreError::Conflict(m) => StoreError::Conflict(format!("{what}: {m}")),
         StoreError::NotFound(m) => StoreError::NotFound(format!("{what}: {m}")),
+        // Typed for the caller to act on: no message to prefix.
+        e @ StoreError::CutOff { .. } => e,
     }
 }
 
@@ -869,9 +893,15 @@ fn resolve(
     targets: &[Target],
     now: u64,
     leeway: u64,
+    unmatched: Unmatched,
 ) -> StoreResult<Resolved> {
     // Live: still accepted by a verifier with this leeway.
     let live_after = bound(now.saturating_sub(leeway));
+    // A target that names nothing: refused, or skipped.
+    let unmatched = |e: StoreError| match unmatched {
+        Unmatched::Refuse => Err(e),
+        Unmatched::Skip => Ok(()),
+    };
     let mut resolved = Resolved::default();
     // Subjects in the order named, each once; whole wins.
     let mut subjects: Vec<(String, bool, Option<ClientRecord>)> = Vec::new();
@@ -882,21 +912,24 @@ fn resolve(
         Some(held) => held.1 |= whole,
         None => subjects.push((id.to_owned(), whole, client)),
     };
-    let live_token = |sql: &str, key: &[u8], what: String| -> StoreResult<IssuedToken> {
-        collect(
+    let live_token = |sql: &str, key: &[u8], what: String| -> StoreResult<Option<IssuedToken>> {
+        match collect(
             tx,
             &format!("SELECT {TOKEN_COLUMNS} FROM issued_tokens WHERE {sql} AND expires_at >= ?2"),
             params![key, live_after],
             token_row,
         )?
         .pop()
-        .ok_or_else(|| {
-            StoreError::NotFound(format!(
+        {
+            Some(t) => Ok(Some(t)),
+            None => unmatched(StoreError::NotFound(format!(
                 "{what}: no live token of this hub has it (unknown, or already expired)"
-            ))
-        })
+            )))
+            .map(|()| None),
+        }
     };
-    let mut add_token = |t: IssuedToken| -> StoreResult<()> {
+    let mut add_token = |t: Option<IssuedToken>| -> StoreResult<()> {
+        let Some(t) = t else { return Ok(()) };
         // Revoked by hash before: nothing more to do (and nothing counted).
         let listed = tx
             .prepare_cached("SELECT 1 FROM stream_entries WHERE token_hash = ?1 LIMIT 1")
@@ -924,21 +957,20 @@ fn resolve(
             Target::Subject(id) => {
                 let client = client_without_groups(tx, id)?;
                 if client.is_none() && live_tokens(tx, id, live_after)?.is_empty() {
-                    return Err(StoreError::NotFound(format!(
+                    unmatched(StoreError::NotFound(format!(
                         "no client {id:?}, and no live token issued to it"
-                    )));
+                    )))?;
+                    continue;
                 }
                 add(id, false, client);
             }
             Target::Device(id) => match client_without_groups(tx, id)? {
                 Some(c) if c.kind == ClientKind::Device => add(id, true, Some(c)),
-                Some(c) => {
-                    return Err(StoreError::NotFound(format!(
-                        "{id:?} is a registered {}, not a device (revoke it as a subject)",
-                        c.kind.as_str()
-                    )));
-                }
-                None => return Err(StoreError::NotFound(format!("no device {id:?}"))),
+                Some(c) => unmatched(StoreError::NotFound(format!(
+                    "{id:?} is a registered {}, not a device (revoke it as a subject)",
+                    c.kind.as_str()
+                )))?,
+                None => unmatched(StoreError::NotFound(format!("no device {id:?}")))?,
             },
             Target::Group(group) => {
                 let members = collect(
@@ -956,9 +988,9 @@ fn resolve(
                     client_row,
                 )?;
                 if members.is_empty() {
-                    return Err(StoreError::NotFound(format!(
+                    unmatched(StoreError::NotFound(format!(
                         "no device in group {group:?}"
-                    )));
+                    )))?;
                 }
                 for c in members {
                     add(&c.id.clone(), true, Some(c));
@@ -972,9 +1004,9 @@ fn resolve(
                     client_row,
                 )?;
                 if members.is_empty() {
-                    return Err(StoreError::NotFound(format!(
+                    unmatched(StoreError::NotFound(format!(
                         "no client with role {role:?}"
-                    )));
+                    )))?;
                 }
                 for c in members {
                     let whole = c.kind == ClientKind::Device;
@@ -992,7 +1024,7 @@ fn resolve(
                 }
                 if !unknown.is_empty() {
                     let shown: Vec<&str> = unknown.iter().take(5).copied().collect();
-                    return Err(StoreError::NotFound(format!(
+                    unmatched(StoreError::NotFound(format!(
                         "{} of the {} ids are not registered devices ({}{}); nothing was revoked",
                         unknown.len(),
                         ids.len(),
@@ -1002,7 +1034,7 @@ fn resolve(
                         } else {
                             ""
                         }
-                    )));
+                    )))?;
                 }
                 for c in found {
                     add(&c.id.clone(), true, Some(c));
@@ -1020,6 +1052,90 @@ fn resolve(
         });
     }
     Ok(resolved)
+}
+
+/// Revokes `targets` inside `tx` (see [`Store::revoke`]); the caller commits.
+fn revoke_in(
+    tx: &Transaction<'_>,
+    targets: &[Target],
+    now: u64,
+    leeway: u64,
+    unmatched: Unmatched,
+) -> StoreResult<Outcome> {
+    let resolved = resolve(tx, targets, now, leeway, unmatched)?;
+    let plan =
+        revocation::plan(&resolved, now, leeway).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    for subject in &resolved.subjects {
+        let Some(client) = &subject.client else {
+            continue;
+        };
+        if subject.whole {
+            revoke_client(tx, &client.id, now)?;
+        } else {
+            tx.prepare_cached(
+                "UPDATE clients SET tokens_revoked_before =
+                    MAX(COALESCE(tokens_revoked_before, 0), ?2) WHERE id = ?1",
+            )
+            .ctx("preparing the cut-off update")?
+            .execute(params![client.id, stored(now, "now")?])
+            .ctx("recording the cut-off")?;
+        }
+        revoke_grants(tx, &subject.id)?;
+    }
+    let mut outcome = Outcome {
+        revoked: plan.revoked,
+        controls: plan.controls.clone(),
+        ..Outcome::default()
+    };
+    for (name, changes) in plan.changes {
+        let mut seq: u64 = tx
+            .prepare_cached("SELECT seq FROM revocation_streams WHERE name = ?1")
+            .ctx("preparing the stream read")?
+            .query_row(params![name], |row| row.get::<_, i64>(0))
+            .optional()
+            .ctx("reading the stream")?
+            .map_or(Ok(0), |v| {
+                u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("seq {v}")))
+            })?;
+        tx.prepare_cached(
+            "INSERT INTO revocation_streams (name, seq) VALUES (?1, 0)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .ctx("preparing the stream insert")?
+        .execute(params![name])
+        .ctx("recording the stream")?;
+        for entries in changes {
+            seq += 1;
+            insert_change(tx, &name, seq, now, &entries)?;
+            outcome.changes.push(Change {
+                stream: name.clone(),
+                seq,
+                created_at: now,
+                entries,
+            });
+        }
+        tx.prepare_cached("UPDATE revocation_streams SET seq = ?2 WHERE name = ?1")
+            .ctx("preparing the stream update")?
+            .execute(params![name, stored(seq, "seq")?])
+            .ctx("numbering the stream")?;
+        outcome.latest.insert(name, seq);
+    }
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO pending_controls (device, command, issued_at)
+             VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )
+        .ctx("preparing the control insert")?;
+    for c in &plan.controls {
+        insert
+            .execute(params![
+                c.device,
+                command_number(c.command),
+                stored(c.issued_at, "issued_at")?
+            ])
+            .ctx("recording a control message")?;
+    }
+    Ok(outcome)
 }
 
 /// Tokens issued to `subject` with `expires_at ≥ live_after`.
@@ -1096,7 +1212,14 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn set_role(&self, id: &str, role: &str) -> StoreResult<()> {
+    async fn set_role(
+        &self,
+        id: &str,
+        role: &str,
+        disallowed: Vec<Target>,
+        now: u64,
+        leeway: u64,
+    ) -> StoreResult<Outcome> {
         let (id, role) = (id.to_owned(), role.to_owned());
         self.run("set_role", move |conn| {
             let tx = immediate(conn)?;
@@ -1109,7 +1232,13 @@ impl Store for Sqlite {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("client {id:?}")));
             }
-            tx.commit().ctx("committing")
+            let outcome = if disallowed.is_empty() {
+                Outcome::default()
+            } else {
+                revoke_in(&tx, &disallowed, now, leeway, Unmatched::Skip)?
+            };
+            tx.commit().ctx("committing")?;
+            Ok(outcome)
         })
         .await
     }
@@ -1301,10 +1430,12 @@ impl Store for Sqlite {
                     )));
                 }
                 Some((None, Some(before))) if bound(token.issued_at) < before => {
-                    return Err(StoreError::Conflict(format!(
-                        "tokens of {:?} issued before {before} were revoked meanwhile",
-                        token.subject
-                    )));
+                    return Err(StoreError::CutOff {
+                        subject: token.subject,
+                        issued_before: u64::try_from(before).map_err(|_| {
+                            StoreError::Corrupt(format!("tokens_revoked_before is {before}"))
+                        })?,
+                    });
                 }
                 _ => {}
             }
@@ -1457,84 +1588,16 @@ impl Store for Sqlite {
 
     // --- revocation ---
 
-    async fn revoke(&self, targets: Vec<Target>, now: u64, leeway: u64) -> StoreResult<Outcome> {
+    async fn revoke(
+        &self,
+        targets: Vec<Target>,
+        now: u64,
+        leeway: u64,
+        unmatched: Unmatched,
+    ) -> StoreResult<Outcome> {
         self.run("revoke", move |conn| {
             let tx = immediate(conn)?;
-            let resolved = resolve(&tx, &targets, now, leeway)?;
-            let plan = revocation::plan(&resolved, now, leeway)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            for subject in &resolved.subjects {
-                let Some(client) = &subject.client else {
-                    continue;
-                };
-                if subject.whole {
-                    revoke_client(&tx, &client.id, now)?;
-                } else {
-                    tx.prepare_cached(
-                        "UPDATE clients SET tokens_revoked_before =
-                            MAX(COALESCE(tokens_revoked_before, 0), ?2) WHERE id = ?1",
-                    )
-                    .ctx("preparing the cut-off update")?
-                    .execute(params![client.id, stored(now, "now")?])
-                    .ctx("recording the cut-off")?;
-                }
-                revoke_grants(&tx, &subject.id)?;
-            }
-            let mut outcome = Outcome {
-                revoked: plan.revoked,
-                controls: plan.controls.clone(),
-                ..Outcome::default()
-            };
-            for (name, changes) in plan.changes {
-                let mut seq: u64 = tx
-                    .prepare_cached("SELECT seq FROM revocation_streams WHERE name = ?1")
-                    .ctx("preparing the stream read")?
-                    .query_row(params![name], |row| row.get::<_, i64>(0))
-                    .optional()
-                    .ctx("reading the stream")?
-                    .map_or(Ok(0), |v| {
-                        u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("seq {v}")))
-                    })?;
-                tx.prepare_cached(
-                    "INSERT INTO revocation_streams (name, seq) VALUES (?1, 0)
-                     ON CONFLICT (name) DO NOTHING",
-                )
-                .ctx("preparing the stream insert")?
-                .execute(params![name])
-                .ctx("recording the stream")?;
-                for entries in changes {
-                    seq += 1;
-                    insert_change(&tx, &name, seq, now, &entries)?;
-                    outcome.changes.push(Change {
-                        stream: name.clone(),
-                        seq,
-                        created_at: now,
-                        entries,
-                    });
-                }
-                tx.prepare_cached("UPDATE revocation_streams SET seq = ?2 WHERE name = ?1")
-                    .ctx("preparing the stream update")?
-                    .execute(params![name, stored(seq, "seq")?])
-                    .ctx("numbering the stream")?;
-                outcome.latest.insert(name, seq);
-            }
-            {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO pending_controls (device, command, issued_at)
-                         VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                    )
-                    .ctx("preparing the control insert")?;
-                for c in &plan.controls {
-                    insert
-                        .execute(params![
-                            c.device,
-                            command_number(c.command),
-                            stored(c.issued_at, "issued_at")?
-                        ])
-                        .ctx("recording a control message")?;
-                }
-            }
+            let outcome = revoke_in(&tx, &targets, now, leeway, unmatched)?;
             tx.commit().ctx("committing")?;
             Ok(outcome)
         })
@@ -1679,23 +1742,24 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn mark_published(&self, changes: Vec<(String, u64)>) -> StoreResult<()> {
-        if changes.is_empty() {
+    async fn mark_published(&self, ranges: Vec<(String, u64, u64)>) -> StoreResult<()> {
+        if ranges.is_empty() {
             return Ok(());
         }
         self.run("mark_published", move |conn| {
             let tx = immediate(conn)?;
             {
+                // One statement per range, whatever its length: the primary key finds it.
                 let mut update = tx
                     .prepare_cached(
                         "UPDATE revocation_changes SET published = 1
-                         WHERE stream = ?1 AND seq = ?2 AND published = 0",
+                         WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3 AND published = 0",
                     )
                     .ctx("preparing the update")?;
-                for (stream, seq) in &changes {
+                for (stream, from, to) in &ranges {
                     update
-                        .execute(params![stream, bound(*seq)])
-                        .ctx("marking a change published")?;
+                        .execute(params![stream, bound(*from), bound(*to)])
+                        .ctx("marking changes published")?;
                 }
             }
             tx.commit().ctx("committing")
@@ -1703,13 +1767,18 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn unsent_controls(&self, created_before: u64) -> StoreResult<Vec<PendingControl>> {
+    async fn unsent_controls(
+        &self,
+        created_before: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<PendingControl>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run("unsent_controls", move |conn| {
             collect(
                 conn,
                 "SELECT device, command, issued_at FROM pending_controls
-                 WHERE issued_at <= ?1 ORDER BY issued_at, device",
-                params![bound(created_before)],
+                 WHERE issued_at <= ?1 ORDER BY issued_at, device, command LIMIT ?2",
+                params![bound(created_before), limit],
                 |row| {
                     let n: i64 = row.get(1).map_err(|e| column(e, "control command"))?;
                     Ok(PendingControl {
@@ -1901,8 +1970,11 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn prune(&self, expired_before: u64, audit_before_ms: u64) -> StoreResult<Pruned> {
-        let (before, audit_before) = (bound(expired_before), bound(audit_before_ms));
+    async fn prune(&self, horizons: Horizons) -> StoreResult<Pruned> {
+        let tokens_before = bound(horizons.tokens_before);
+        let entries_before = bound(horizons.entries_before);
+        let controls_before = bound(horizons.controls_before);
+        let audit_before = bound(horizons.audit_before_ms);
         self.run("prune", move |conn| {
             let tx = immediate(conn)?;
             let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
@@ -1910,26 +1982,29 @@ impl Store for Sqlite {
                 tokens: count(
                     tx.execute(
                         "DELETE FROM issued_tokens WHERE expires_at < ?1",
-                        params![before],
+                        params![tokens_before],
                     )
                     .ctx("pruning issued tokens")?,
                 ),
                 grants: count(
-                    tx.execute("DELETE FROM grants WHERE expires_at < ?1", params![before])
-                        .ctx("pruning grants")?,
+                    tx.execute(
+                        "DELETE FROM grants WHERE expires_at < ?1",
+                        params![tokens_before],
+                    )
+                    .ctx("pruning grants")?,
                 ),
                 revocation_entries: {
                     // A snapshot retained with spent entries is republished without them.
                     tx.execute(
                         "UPDATE revocation_streams SET snapshot_seq = 0 WHERE name IN
                          (SELECT DISTINCT stream FROM stream_entries WHERE expires_at < ?1)",
-                        params![before],
+                        params![entries_before],
                     )
                     .ctx("marking snapshots to republish")?;
                     let n = tx
                         .execute(
                             "DELETE FROM stream_entries WHERE expires_at < ?1",
-                            params![before],
+                            params![entries_before],
                         )
                         .ctx("pruning revocation entries")?;
                     // Published changes left without entries are only numbers now.
@@ -1950,9 +2025,19 @@ impl Store for Sqlite {
                     )
                     .ctx("pruning the audit log")?,
                 ),
+                controls: count(
+                    tx.execute(
+                        "DELETE FROM pending_controls WHERE issued_at < ?1",
+                        params![controls_before],
+                    )
+                    .ctx("pruning control messages")?,
+                ),
             };
-            tx.execute("DELETE FROM nonces WHERE expires_at < ?1", params![before])
-                .ctx("pruning nonces")?;
+            tx.execute(
+                "DELETE FROM nonces WHERE expires_at < ?1",
+                params![tokens_before],
+            )
+            .ctx("pruning nonces")?;
             tx.commit().ctx("committing")?;
             Ok(pruned)
         })
