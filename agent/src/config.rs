@@ -67,12 +67,12 @@ request_timeout_ms = 10000
 backoff_base_ms = 500
 backoff_cap_ms = 60000
 
-# `verify` refuses presentations once the revocation knowledge is older than this,
-# seconds. Unset (the default), the agent uses the max_age the hub announces in each signed
-# heartbeat: two to three heartbeat intervals, and no more than half the shortest access
-# token lifetime, so a broker that suppresses revocations shows up before a revoked token
-# has lived out much of its life (90 s until the first heartbeat arrives). Set it only to
-# be stricter than the hub.
+# `verify` refuses presentations once the revocation knowledge is older than the max_age
+# the hub announces in each signed heartbeat: two to three heartbeat intervals, and no more
+# than half the shortest access token lifetime, so a broker that suppresses revocations
+# shows up before a revoked token has lived out much of its life (90 s until the first
+# heartbeat arrives). Set, the smaller of this and the hub's applies, in seconds: it can
+# only make the agent stricter, and a larger value is ignored.
 # revocation_max_age_s = 60
 
 # How far a presentation's issued_at may be from now, seconds.
@@ -281,7 +281,8 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Retry backoff.
     pub backoff: Backoff,
-    /// Maximum age of revocation knowledge for `verify`, seconds; `None` follows the hub.
+    /// Maximum age of revocation knowledge for `verify`, seconds, when stricter than the
+    /// hub's announced one (the smaller applies); `None` follows the hub.
     pub revocation_max_age_s: Option<u64>,
     /// Presentation window, seconds.
     pub presentation_window_s: u64,

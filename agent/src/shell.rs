@@ -321,6 +321,13 @@ impl Shell {
                     "revocation changes missed; fetching the snapshot"
                 );
             }
+            Report::RevocationsRefetching { latest } => {
+                tracing::warn!(
+                    latest,
+                    "hub time went back past revocation entries judged spent; fetching the \
+                     revocation stream again"
+                );
+            }
             Report::RevocationListFull => {
                 tracing::warn!("revocation list full: presentations refused until a snapshot fits");
             }

@@ -1085,7 +1085,9 @@ pub enum HeartbeatOutcome {
 /// count that change as applied, and stops being fresh ([`is_fresh`](Self::is_fresh) is
 /// false, [`fresh_as_of`](Self::fresh_as_of) is `None`) until it holds every change it
 /// knows of again, because a verifier that dropped a revocation must not claim to know them
-/// all.
+/// all. For the same reason a verifier whose clock went back after it skipped entries as
+/// spent fetches its stream again ([`must_refetch`](Self::must_refetch)), and one that
+/// does not know the time yet applies pages with `now = 0`, skipping nothing.
 #[derive(Debug, Clone)]
 pub struct RevocationList<S: EntryStore = Bounded<MAX_REVOKED>, const P: usize = MAX_PENDING_RANGES>
 {
@@ -1101,6 +1103,11 @@ pub struct RevocationList<S: EntryStore = Bounded<MAX_REVOKED>, const P: usize =
     fresh_as_of: Option<u64>,
     /// The newest heartbeat's announced maximum age, with its `issued_at`.
     announced_max_age: Option<(u64, u64)>,
+    /// The latest `now` the list judged entries spent at (applying a page, pruning) since
+    /// the last [`refetch`](Self::refetch): if the verifier's clock later reads much
+    /// earlier, entries skipped then may still be needed
+    /// ([`must_refetch`](Self::must_refetch)).
+    judged_spent_at: u64,
     leeway: u64,
 }
 
@@ -1125,6 +1132,7 @@ impl<const N: usize> RevocationList<Bounded<N>> {
             pending: heapless::Vec::new(),
             fresh_as_of: None,
             announced_max_age: None,
+            judged_spent_at: 0,
             leeway,
         }
     }
@@ -1155,6 +1163,7 @@ impl<S: EntryStore> RevocationList<S> {
             pending: self.pending.into_iter().take(Q).collect(),
             fresh_as_of: self.fresh_as_of,
             announced_max_age: self.announced_max_age,
+            judged_spent_at: self.judged_spent_at,
             leeway: self.leeway,
         }
     }
@@ -1173,6 +1182,7 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
             pending: heapless::Vec::new(),
             fresh_as_of: None,
             announced_max_age: None,
+            judged_spent_at: 0,
             leeway,
         })
     }
@@ -1203,6 +1213,11 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
     /// Applies a page of this list's stream: keeps its entries addressed to this list's
     /// audience (skipping those spent at `now`) and counts its changes as applied.
     ///
+    /// `now` is the verifier's time, Unix seconds; a verifier that does not know the time
+    /// yet (a device before the hub's first answer) passes 0, so that no entry counts as
+    /// spent: skipping one by a wrong clock would lose it for good, as its change counts as
+    /// applied all the same.
+    ///
     /// A page of another stream is refused (`DecodeError::InvalidValue("stream")`). If an
     /// entry does not fit, the list still adds or folds every other entry of the page that
     /// fits, does not count the page's changes as applied, is no longer fresh, and returns
@@ -1210,6 +1225,7 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
     pub fn apply_page(&mut self, page: &Page<'_>, now: u64) -> Result<PageOutcome, Error> {
         self.check_stream(&page.stream)?;
         self.latest = self.latest.max(page.seq);
+        self.judged_spent_at = self.judged_spent_at.max(now);
         let already = page.to <= self.prefix;
         let mut overflowed = false;
         for entry in page.entries {
@@ -1280,9 +1296,35 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
     }
 
     /// Forgets every entry whose tokens have all expired by `now` even allowing the list's
-    /// leeway.
+    /// leeway. A verifier that does not know the time does not prune.
     pub fn prune(&mut self, now: u64) {
+        self.judged_spent_at = self.judged_spent_at.max(now);
         self.store.prune(now, self.leeway);
+    }
+
+    /// Whether the verifier's clock, reading `now`, has gone back by more than the list's
+    /// leeway since the list last judged entries spent (applying a page, pruning): an
+    /// entry skipped or forgotten then may still be needed now, so the changes counted as
+    /// applied may miss it. The list is not fresh meanwhile; the verifier calls
+    /// [`refetch`](Self::refetch).
+    ///
+    /// A clock that was ahead by at most the leeway when it judged is what the leeway in
+    /// [`Entry::is_spent`] is there to absorb (and `expires_at` carries the hub's leeway
+    /// on top), so only a larger step back counts; it also keeps the sub-second corrections
+    /// of a clock learned from the hub from causing fetches.
+    pub fn must_refetch(&self, now: u64) -> bool {
+        now.saturating_add(self.leeway) < self.judged_spent_at && self.latest > 0
+    }
+
+    /// Forgets which changes the list applied, and how fresh it was, so that it fetches
+    /// its stream again from change 1; the entries it holds stay (each is still a true
+    /// revocation, and the pages fetched again fold into them) and so does the latest
+    /// change heard of. For a clock set back ([`must_refetch`](Self::must_refetch)).
+    pub fn refetch(&mut self) {
+        self.prefix = 0;
+        self.pending.clear();
+        self.fresh_as_of = None;
+        self.judged_spent_at = 0;
     }
 
     /// Where the list must fetch from to hold every change it knows of: `Some(n)` when
@@ -1300,20 +1342,31 @@ impl<S: EntryStore, const P: usize> RevocationList<S, P> {
 
     /// Whether the list was complete and current at most `max_age` seconds before `now`.
     ///
-    /// A hub clock slightly ahead of ours counts as age 0 rather than as stale.
+    /// A hub clock slightly ahead of ours counts as age 0 rather than as stale; a clock
+    /// gone back since entries were judged spent ([`must_refetch`](Self::must_refetch))
+    /// is not fresh.
     pub fn is_fresh(&self, now: u64, max_age: u64) -> bool {
         self.is_complete()
+            && !self.must_refetch(now)
             && self
                 .fresh_as_of
                 .is_some_and(|as_of| now.saturating_sub(as_of) <= max_age)
     }
 
-    /// The maximum age to hold knowledge to: `configured` if set, else what the newest
-    /// heartbeat announced, else [`DEFAULT_MAX_AGE`].
+    /// The maximum age to hold knowledge to: what the newest heartbeat announced (else
+    /// [`DEFAULT_MAX_AGE`]), or `configured` if that is smaller. A configured value only
+    /// tightens the hub's: an old configuration that wrote a larger one must not weaken
+    /// the freshness the hub asks for.
     pub fn max_age(&self, configured: Option<u64>) -> u64 {
-        configured
-            .or(self.announced_max_age.map(|(_, m)| m))
-            .unwrap_or(DEFAULT_MAX_AGE)
+        let announced = self
+            .announced_max_age
+            .map_or(DEFAULT_MAX_AGE, |(_, max_age)| max_age);
+        configured.map_or(announced, |c| c.min(announced))
+    }
+
+    /// `issued_at` of the newest heartbeat of the stream applied (`None` before the first).
+    pub fn last_heartbeat_at(&self) -> Option<u64> {
+        self.announced_max_age.map(|(issued_at, _)| issued_at)
     }
 
     /// Whether the list holds every change it has heard of.

@@ -68,6 +68,12 @@
 //! [`ErrorCode::Stale`] refusal, without which the device could never talk to the hub
 //! again. [`Action::WakeAt`] and [`Agent::next_wake`] are in the shell's local milliseconds.
 //!
+//! The revocation list judges entries spent by that time, so a wrong clock must not lose
+//! one: until the time is known (the local clock trusted, or a response received) it
+//! judges none spent, and when its idea of the time goes back by more than the leeway (a
+//! correction, or the local clock set back) after it skipped entries as spent, it fetches
+//! its stream again from change 1 ([`Report::RevocationsRefetching`]).
+//!
 //! # Persisted state
 //!
 //! See [`persisted`] for the layout of [`Action::Store`]'s plaintext.
@@ -144,9 +150,11 @@ pub struct AgentConfig {
     /// the hub's time learned from every verified response.
     pub trust_local_clock: bool,
     /// Presentations are refused once the revocation knowledge is older than this, in
-    /// seconds. `None` (the default) follows the `max_age` the hub announces in its
-    /// heartbeats, which it derives from its heartbeat interval and the shortest access
-    /// token lifetime ([`recommended_max_age`](crate::revocation::recommended_max_age)).
+    /// seconds, if that is stricter than the hub: the agent holds knowledge to the smaller
+    /// of this and the `max_age` the hub announces in its heartbeats, which it derives from
+    /// its heartbeat interval and the shortest access token lifetime
+    /// ([`recommended_max_age`](crate::revocation::recommended_max_age)). `None` (the
+    /// default) follows the hub's.
     pub revocation_max_age_s: Option<u64>,
     /// How far a presentation's `issued_at` may be from now, in seconds.
     pub presentation_window_s: u64,
@@ -328,6 +336,14 @@ pub enum Report {
     /// The revocations addressed to this device do not fit its list: presentations are
     /// refused as stale until they fit again (as entries expire, they are fetched again).
     RevocationListFull,
+    /// The agent's hub time went back by more than its leeway (a clock correction) after
+    /// it had judged revocation entries spent at the later time: it forgets which changes it
+    /// applied, keeping every entry it holds, and fetches its stream again from change 1.
+    /// Presentations are refused as stale until it holds every change again.
+    RevocationsRefetching {
+        /// The latest change of the stream it has heard of.
+        latest: u64,
+    },
     /// A message was ignored.
     Ignored(Ignored),
 }
@@ -642,7 +658,7 @@ pub struct Agent<S: Signer, const R: usize = MAX_REVOKED> {
     refreshed_on_command: Option<u64>,
     /// The revocations addressed to this device did not fit its list: fetching again is
     /// pointless until time has spent some of them, so the next fetch waits for a
-    /// heartbeat (one per interval) instead of looping.
+    /// heartbeat newer than any before (one per interval) instead of looping.
     revocations_overflowed: bool,
     token_requests: Requests,
     revocation_requests: Requests,
@@ -853,8 +869,8 @@ impl<S: Signer, const R: usize> Agent<S, R> {
     }
 
     /// How old, in seconds, revocation knowledge may be for a presentation to pass: the
-    /// configured [`revocation_max_age_s`](AgentConfig::revocation_max_age_s), else the
-    /// hub's announced one.
+    /// hub's announced one, or the configured
+    /// [`revocation_max_age_s`](AgentConfig::revocation_max_age_s) if that is smaller.
     pub fn revocation_max_age(&self) -> u64 {
         self.revocations.max_age(self.config.revocation_max_age_s)
     }
@@ -1237,10 +1253,17 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 PageOutcome::Applied | PageOutcome::Gap { .. } => Ok(()),
             },
             StreamMessage::Heartbeat(heartbeat) => {
+                let newer = self
+                    .revocations
+                    .last_heartbeat_at()
+                    .is_none_or(|at| heartbeat.issued_at() > at);
                 let outcome = self.revocations.apply_heartbeat(&heartbeat)?;
-                // One try per heartbeat of its stream for a list that overflowed (see the
-                // field).
-                self.revocations_overflowed = false;
+                // One try per heartbeat interval for a list that overflowed (see the field):
+                // only a heartbeat newer than every one before counts, so a broker replaying
+                // old ones (outdated, or naming the change still missing) causes no fetch.
+                if newer {
+                    self.revocations_overflowed = false;
+                }
                 match outcome {
                     HeartbeatOutcome::InSync => Ok(()),
                     HeartbeatOutcome::Behind => {
@@ -1266,7 +1289,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
     /// Applies a verified page. An overflow is reported here and returned as
     /// [`CapacityError::Revocations`].
     fn apply_page(&mut self, page: &Page<'_>, now: u64) -> Result<PageOutcome, Error> {
-        match self.revocations.apply_page(page, self.clock.hub_s(now)) {
+        match self.revocations.apply_page(page, self.revocation_time(now)) {
             Ok(outcome) => {
                 match outcome {
                     PageOutcome::Applied => self.report(Report::RevocationsApplied {
@@ -1287,6 +1310,18 @@ impl<S: Signer, const R: usize> Agent<S, R> {
                 Err(e)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The time the revocation list judges entries spent by: the hub's, once the agent knows
+    /// it; until then 0, so that no entry counts as spent. A device whose clock is off
+    /// (an hour fast, say) would otherwise skip entries still in force from the snapshot it
+    /// gets before the hub's first answer, and count their changes as applied all the same.
+    fn revocation_time(&self, now: u64) -> u64 {
+        if self.clock.synced {
+            self.clock.hub_s(now)
+        } else {
+            0
         }
     }
 
@@ -1318,6 +1353,16 @@ impl<S: Signer, const R: usize> Agent<S, R> {
     fn drive(&mut self, now: u64) {
         if matches!(self.state, State::Starting | State::Revoked) {
             return;
+        }
+        // The hub time went back (a clock correction, or the local clock set back) since
+        // the list skipped entries as spent: they may still be in force, so the changes
+        // that carried them are fetched again.
+        if self.clock.synced && self.revocations.must_refetch(self.clock.hub_s(now)) {
+            self.revocations.refetch();
+            self.report(Report::RevocationsRefetching {
+                latest: self.revocations.latest(),
+            });
+            self.revocation_requests.hurry();
         }
         if self.clock.synced
             && self

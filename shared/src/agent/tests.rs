@@ -14,8 +14,8 @@ use crate::crypto::{P256Signer, Signer};
 use crate::error::SignatureError;
 use crate::message::{Presentation, SignedRequest, WireError};
 use crate::revocation::{
-    Addressed, DEFAULT_MAX_AGE, Entry, MAX_HEARTBEAT_LEN, MAX_REVOKED, Stream, encode_heartbeat,
-    encode_page, max_page_len, partition, token_hash,
+    Addressed, DEFAULT_MAX_AGE, Entry, MAX_HEARTBEAT_LEN, MAX_LEEWAY, MAX_REVOKED, Stream,
+    encode_heartbeat, encode_page, max_page_len, partition, token_hash,
 };
 use crate::scope::Scopes;
 
@@ -366,15 +366,17 @@ impl FakeHub {
         self.page(self.seq(), self.seq())
     }
 
-    /// The signed page of the agent's stream with the entries of changes `from..=to` still
-    /// in force now.
+    /// The signed page of the agent's stream with the entries of changes `from..=to` the
+    /// hub still serves now: as the real one, until `expires_at + MAX_LEEWAY`, so that a
+    /// verifier with any leeway finds every entry it needs, and the agent is shown entries
+    /// it must itself skip as spent.
     fn page(&self, from: u64, to: u64) -> Vec<u8> {
         let now = self.now_s();
         let entries: Vec<&Addressed> = self.changes
             [usize::try_from(from - 1).expect("fits")..usize::try_from(to).expect("fits")]
             .iter()
             .flatten()
-            .filter(|e| e.entry.expires_at() >= now)
+            .filter(|e| e.entry.expires_at() + MAX_LEEWAY >= now)
             .collect();
         self.page_on(&stream(), self.seq(), from, to, &entries)
     }
@@ -1387,6 +1389,7 @@ fn a_list_that_overflows_fetches_again_once_per_heartbeat_not_in_a_loop() {
     let done = sim.advance_to(T0 + 120_000);
     assert_eq!(fetched_from(&done), Vec::<u64>::new());
     // The next heartbeat allows one more try.
+    sim.hub.now_ms = sim.hub_now();
     let heartbeat = sim.hub.heartbeat();
     let done = sim.on_heartbeat_topic(&heartbeat);
     assert_eq!(fetched_from(&done), [1]);
@@ -1661,24 +1664,34 @@ fn the_max_age_is_the_one_the_hubs_heartbeat_announces() {
 }
 
 #[test]
-fn a_configured_max_age_overrides_the_announced_one() {
-    let mut sim = Sim::new(AgentConfig {
-        revocation_max_age_s: Some(120),
-        ..config()
-    });
-    sim.boot_and_connect();
-    sim.hub.max_age = 40;
-    let heartbeat = sim.hub.heartbeat();
-    sim.on_heartbeat_topic(&heartbeat);
-    assert_eq!(sim.agent.revocation_max_age(), 120);
-    let token = sim.hub.access_token(3600);
-    sim.at(120);
-    assert!(sim.check(&sim.hub.present(&token, 1)).is_ok());
-    sim.at(121);
-    assert_eq!(
-        sim.check(&sim.hub.present(&token, 2)),
-        Err(ClaimsError::RevocationsStale.into())
-    );
+fn a_configured_max_age_only_tightens_the_announced_one() {
+    // (configured, announced, what applies): a larger configured one, as older default
+    // configs wrote, is ignored; a smaller one applies.
+    for (configured, announced, applies) in [(300, 40, 40), (20, 40, 20)] {
+        let mut sim = Sim::new(AgentConfig {
+            revocation_max_age_s: Some(configured),
+            ..config()
+        });
+        sim.boot_and_connect();
+        assert_eq!(
+            sim.agent.revocation_max_age(),
+            configured.min(DEFAULT_MAX_AGE),
+            "before any heartbeat, against the default"
+        );
+        sim.hub.max_age = announced;
+        let heartbeat = sim.hub.heartbeat();
+        sim.on_heartbeat_topic(&heartbeat);
+        assert_eq!(sim.agent.revocation_max_age(), applies);
+        let token = sim.hub.access_token(3600);
+        sim.at(applies);
+        assert!(sim.check(&sim.hub.present(&token, 1)).is_ok());
+        sim.at(applies + 1);
+        assert_eq!(
+            sim.check(&sim.hub.present(&token, 2)),
+            Err(ClaimsError::RevocationsStale.into()),
+            "configured {configured}, announced {announced}"
+        );
+    }
 }
 
 #[test]
@@ -1821,4 +1834,198 @@ fn a_refresh_lost_near_expiry_is_resent_in_time_to_keep_the_token() {
         reports(&done)
     );
     assert!(!reports(&done).contains(&Report::TokenExpired));
+}
+
+// --- revocations and the clock ---
+
+/// One hour, in ms: how far the device clocks below are off.
+const HOUR_MS: u64 = 3_600_000;
+
+#[test]
+fn a_snapshot_received_before_the_clock_is_learned_loses_no_entry() {
+    let mut sim = Sim::new(config());
+    // The device's clock is an hour fast, and no answer from the hub has told it yet.
+    sim.hub_skew_ms = -i64::try_from(HOUR_MS).expect("fits");
+    sim.hub.now_ms = sim.hub_now();
+    let token = sim.hub.access_token(300);
+    sim.hub.revoke(vec![to_device(Entry::Token {
+        hash: token_hash(&token),
+        expires_at: sim.hub.now_s() + 300 + 30,
+    })]);
+    // The hub is slow to answer; meanwhile the retained snapshot arrives on subscribing.
+    sim.hub_online = false;
+    sim.boot_and_connect();
+    let snapshot = sim.hub.page(1, sim.hub.seq());
+    let done = sim.deliver(&topic::revocation_snapshot_page(&stream(), 0), &snapshot);
+    assert_eq!(
+        revocation_reports(&done),
+        [Report::RevocationsApplied { seq: 1 }]
+    );
+    assert_eq!(
+        sim.agent.revocations().len(),
+        1,
+        "spent by the device's own clock, but that clock is not known to be right"
+    );
+    // The hub answers the resent enrollment: `stale`, which sets the clock, then the rest.
+    sim.hub_online = true;
+    let until = sim.now + 2 * DEFAULT_REQUEST_TIMEOUT_MS;
+    sim.advance_to(until);
+    assert_eq!(sim.agent.state(), State::Holding);
+    let offset = sim.agent.clock_offset_ms();
+    assert!(
+        offset.abs_diff(-i64::try_from(HOUR_MS).expect("fits")) <= 1000,
+        "offset {offset}"
+    );
+    sim.hub.now_ms = sim.hub_now();
+    let heartbeat = sim.hub.heartbeat();
+    sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(
+        sim.check(&sim.hub.present(&token, 1)),
+        Err(ClaimsError::Revoked.into())
+    );
+}
+
+#[test]
+fn a_clock_set_back_after_entries_were_skipped_as_spent_fetches_the_stream_again() {
+    for trust_local_clock in [false, true] {
+        let mut sim = Sim::new(AgentConfig {
+            trust_local_clock,
+            ..config()
+        });
+        sim.boot_and_connect();
+        let heartbeat = sim.hub.heartbeat();
+        sim.on_heartbeat_topic(&heartbeat);
+        let token = sim.hub.access_token(300);
+        // The device's clock steps an hour ahead (a bad time source); the hub's does not.
+        sim.now += HOUR_MS;
+        sim.hub_skew_ms -= i64::try_from(HOUR_MS).expect("fits");
+        let delta = sim.hub.revoke(vec![to_device(Entry::Token {
+            hash: token_hash(&token),
+            expires_at: T0 / 1000 + 300 + 30,
+        })]);
+        // By the device's clock the entry is spent. Its token looks expired too, so it asks
+        // for a new one: the hub refuses it as `stale`, which sets the clock back an hour.
+        let done = sim.on_delta_topic(&delta);
+        assert!(reports(&done).contains(&Report::RequestFailed {
+            op: Operation::Refresh,
+            code: ErrorCode::Stale
+        }));
+        assert!(
+            reports(&done).contains(&Report::RevocationsRefetching { latest: 1 }),
+            "{done:?}"
+        );
+        assert_eq!(fetched_from(&done), [1], "from the start of the stream");
+        assert_eq!(sim.agent.state(), State::Holding);
+        let list = sim.agent.revocations();
+        assert_eq!((list.seq(), list.len()), (1, 1));
+        assert_eq!(
+            sim.check(&sim.hub.present(&token, 1)),
+            Err(ClaimsError::Revoked.into()),
+            "trust_local_clock = {trust_local_clock}"
+        );
+    }
+}
+
+#[test]
+fn between_a_clock_set_back_and_the_next_event_knowledge_is_not_fresh() {
+    let mut sim = presenting();
+    let token = sim.hub.access_token(3600);
+    // Applied while the device's clock was an hour ahead.
+    sim.now += HOUR_MS;
+    sim.hub_skew_ms -= i64::try_from(HOUR_MS).expect("fits");
+    let delta = sim.hub.revoke(vec![revoked_hash(1)]);
+    sim.deliver(&topic::revocation_delta(&stream()), &delta);
+    // The local clock steps back, and an app presents before the agent handles anything.
+    sim.now -= HOUR_MS;
+    sim.hub_skew_ms += i64::try_from(HOUR_MS).expect("fits");
+    assert_eq!(
+        sim.check(&sim.hub.present(&token, 1)),
+        Err(ClaimsError::RevocationsStale.into())
+    );
+    // The next event has it fetch the stream again; then it vouches once more.
+    let done = sim.step(Event::Timer);
+    assert_eq!(fetched_from(&done), [1]);
+    assert!(sim.check(&sim.hub.present(&token, 2)).is_ok());
+}
+
+#[test]
+fn a_clock_correction_within_the_leeway_keeps_what_the_list_applied() {
+    for (ahead_s, refetched) in [
+        (token::DEFAULT_LEEWAY - 10, false),
+        (token::DEFAULT_LEEWAY + 10, true),
+    ] {
+        let mut sim = presenting();
+        // The device's clock runs ahead of the hub's (within the hub's request window) when
+        // a change arrives; a RefreshNow makes it ask, and the answer corrects the clock.
+        sim.now += ahead_s * 1000;
+        sim.hub_skew_ms -= i64::try_from(ahead_s * 1000).expect("fits");
+        let delta = sim.hub.revoke(vec![revoked_hash(1)]);
+        sim.on_delta_topic(&delta);
+        let command = sim.hub.control(DEVICE, Command::RefreshNow, T0 / 1000);
+        let done = sim.step(Event::Message {
+            topic: CONTROL_TOPIC,
+            payload: &command,
+        });
+        assert!(
+            reports(&done)
+                .iter()
+                .any(|r| matches!(r, Report::ClockAdjusted { .. })),
+            "{done:?}"
+        );
+        assert_eq!(
+            reports(&done).contains(&Report::RevocationsRefetching { latest: 1 }),
+            refetched,
+            "{ahead_s} s ahead: {done:?}"
+        );
+        let list = sim.agent.revocations();
+        assert_eq!((list.seq(), list.len()), (1, 1));
+    }
+}
+
+#[test]
+fn an_entry_the_hub_still_serves_but_spent_by_the_agents_clock_is_skipped() {
+    let mut sim = presenting();
+    // Expired 10 s after T0: the hub serves it until expires_at + MAX_LEEWAY.
+    sim.hub.revoke(vec![to_device(Entry::Token {
+        hash: [9; 32],
+        expires_at: T0 / 1000 + 10,
+    })]);
+    sim.at(10 + token::DEFAULT_LEEWAY + 1);
+    let served = sim.hub.page(1, 1);
+    let payload = revocation::verify(&served, &sim.hub.key.public_key()).expect("verifies");
+    assert_eq!(Page::decode(payload).expect("a page").entries().len(), 1);
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1]);
+    let list = sim.agent.revocations();
+    assert_eq!((list.seq(), list.len()), (1, 0), "applied, nothing kept");
+    assert!(list.is_complete());
+}
+
+#[test]
+fn a_replayed_heartbeat_does_not_retry_a_list_that_overflowed() {
+    let mut sim = Sim::new(config());
+    sim.boot_and_connect();
+    let before = sim.hub.heartbeat();
+    sim.at(1);
+    sim.hub.revoke(
+        (0..=MAX_REVOKED)
+            .map(|i| revoked_hash(u8::try_from(i).expect("small")))
+            .collect(),
+    );
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1]);
+    assert!(revocation_reports(&done).contains(&Report::RevocationListFull));
+    // A broker replays the hub's heartbeats: the one that named the change (Behind), and
+    // an older one (Outdated). Neither is a new heartbeat interval.
+    sim.at(30);
+    for replay in [&heartbeat, &before, &heartbeat] {
+        let done = sim.on_heartbeat_topic(replay);
+        assert_eq!(fetched_from(&done), Vec::<u64>::new(), "{done:?}");
+    }
+    // A new heartbeat allows one more try.
+    let heartbeat = sim.hub.heartbeat();
+    let done = sim.on_heartbeat_topic(&heartbeat);
+    assert_eq!(fetched_from(&done), [1]);
 }

@@ -384,6 +384,8 @@ fn a_new_list_is_at_change_zero_complete_and_not_fresh() {
     assert_eq!(l.fresh_as_of(), None);
     assert!(!l.is_fresh(NOW, u64::MAX));
     assert_eq!(l.max_age(None), DEFAULT_MAX_AGE);
+    assert_eq!(l.max_age(Some(300)), DEFAULT_MAX_AGE);
+    assert_eq!(l.max_age(Some(20)), 20);
 }
 
 #[test]
@@ -523,7 +525,8 @@ fn heartbeats_date_complete_knowledge_and_ask_for_what_is_missing() {
     assert_eq!(beat(&mut l, 0, NOW), HeartbeatOutcome::InSync);
     assert_eq!(l.fresh_as_of(), Some(NOW));
     assert_eq!(l.max_age(None), 60, "the announced max age");
-    assert_eq!(l.max_age(Some(20)), 20, "a configured one wins");
+    assert_eq!(l.max_age(Some(20)), 20, "a smaller configured one applies");
+    assert_eq!(l.max_age(Some(300)), 60, "a larger configured one does not");
     // A replayed older heartbeat does not move freshness backwards.
     assert_eq!(beat(&mut l, 0, NOW - 30), HeartbeatOutcome::InSync);
     assert_eq!(l.fresh_as_of(), Some(NOW));
@@ -612,6 +615,93 @@ fn a_full_list_makes_room_by_forgetting_spent_entries() {
     );
     assert!(l.is_revoked(&[3; 32], "x", 0));
     assert!(l.is_fresh(NOW + 20, 0));
+}
+
+/// Applies a page of `DEV`'s stream issued at `issued_at` when the verifier's clock reads
+/// `now`.
+fn apply_at<S: EntryStore>(
+    l: &mut RevocationList<S>,
+    (seq, from, to): (u64, u64, u64),
+    issued_at: u64,
+    now: u64,
+    entries: &[Entry],
+) -> Result<PageOutcome, Error> {
+    let entries: Vec<Addressed> = entries.iter().cloned().map(|e| self::to(DEV, e)).collect();
+    let bytes = page_bytes(&stream(), seq, issued_at, from, to, &entries);
+    l.apply_page(&Page::decode(&bytes).unwrap(), now)
+}
+
+#[test]
+fn a_verifier_without_a_known_time_skips_no_entry_as_spent() {
+    // Time 0: an entry spent by any real clock is kept, and a full list forgets nothing to
+    // make room (it fails closed instead).
+    let mut l: RevocationList<Bounded<2>> = list();
+    let long_spent = [token(1, 10), token(2, 20)];
+    assert_eq!(
+        apply_at(&mut l, (1, 1, 1), NOW, 0, &long_spent),
+        Ok(PageOutcome::Applied)
+    );
+    assert_eq!(l.len(), 2);
+    assert_eq!(
+        apply_at(&mut l, (2, 2, 2), NOW, 0, &[token(3, NOW + 60)]),
+        Err(CapacityError::Revocations.into())
+    );
+    assert_eq!((l.len(), l.wanted_from()), (2, Some(2)));
+    // Nothing was judged spent, so no later clock asks to fetch again.
+    assert!(!l.must_refetch(0));
+}
+
+#[test]
+fn a_clock_set_back_beyond_the_leeway_refetches_and_keeps_its_entries() {
+    let mut l: RevocationList<Bounded<8>> = list();
+    // Applied by a clock an hour fast: the entry expiring at NOW + 60 is skipped as spent.
+    let ahead = NOW + 3600;
+    assert_eq!(
+        apply_at(
+            &mut l,
+            (1, 1, 1),
+            NOW,
+            ahead,
+            &[token(1, NOW + 60), token(2, NOW + 7200)]
+        ),
+        Ok(PageOutcome::Applied)
+    );
+    assert_eq!(beat(&mut l, 1, NOW), HeartbeatOutcome::InSync);
+    assert_eq!(l.len(), 1);
+    // A clock back by at most the leeway changes nothing.
+    assert!(!l.must_refetch(ahead - DEFAULT_LEEWAY));
+    assert!(l.is_fresh(ahead - DEFAULT_LEEWAY, 3600));
+    // Set back by more: the list cannot vouch for what it skipped.
+    assert!(l.must_refetch(ahead - DEFAULT_LEEWAY - 1));
+    assert!(!l.is_fresh(NOW, 3600));
+    l.refetch();
+    assert_eq!((l.seq(), l.latest(), l.wanted_from()), (0, 1, Some(1)));
+    assert_eq!((l.len(), l.fresh_as_of()), (1, None), "the entries stay");
+    assert!(l.is_revoked(&[2; 32], "x", 0));
+    assert!(!l.must_refetch(NOW), "asked once");
+    // The stream fetched again at the right time holds the entry skipped before.
+    assert_eq!(
+        apply_at(
+            &mut l,
+            (1, 1, 1),
+            NOW + 1,
+            NOW + 1,
+            &[token(1, NOW + 60), token(2, NOW + 7200)]
+        ),
+        Ok(PageOutcome::Applied)
+    );
+    assert_eq!(l.len(), 2);
+    assert!(l.is_revoked(&[1; 32], "x", 0));
+    assert!(l.is_fresh(NOW + 1, 60));
+}
+
+#[test]
+fn pruning_by_a_clock_later_set_back_also_refetches() {
+    let mut l: RevocationList<Bounded<8>> = list();
+    let _ = apply(&mut l, (1, 1, 1), NOW, &[token(1, NOW + 60)]);
+    l.prune(NOW + 3600);
+    assert!(l.is_empty());
+    assert!(l.must_refetch(NOW + 10));
 }
 
 #[test]
