@@ -182,7 +182,7 @@ impl TlsConfig {
                 self.ca_file.display()
             )));
         }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(crypto_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| MqttError::Tls(e.to_string()))?
@@ -205,6 +205,21 @@ impl TlsConfig {
         }
     }
 }
+
+/// The TLS crypto provider this build was made with (see the crate's features).
+#[cfg(feature = "aws-lc-rs")]
+fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+/// The TLS crypto provider this build was made with (see the crate's features).
+#[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+#[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+compile_error!("tessera-mqtt needs a TLS crypto provider: enable its `aws-lc-rs` or `ring` feature");
 
 /// One received application message.
 #[derive(Debug, Clone)]
