@@ -188,6 +188,7 @@ impl<S: Store> Hub<S> {
                 Err(r) => r.code.name().to_string(),
             },
             reason,
+            count: 1,
         };
         let response = Response {
             op,

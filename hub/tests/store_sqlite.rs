@@ -217,6 +217,7 @@ async fn everything_survives_closing_and_reopening_the_database() {
                 target: "dev-a".to_owned(),
                 outcome: "ok".to_owned(),
                 reason: "registered".to_owned(),
+                count: 1,
             }])
             .await
             .expect("audit");

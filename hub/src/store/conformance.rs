@@ -244,6 +244,7 @@ fn event(n: u64) -> AuditEvent {
         target: "dev-a".to_owned(),
         outcome: if n.is_multiple_of(2) { "ok" } else { "denied" }.to_owned(),
         reason: format!("event {n}"),
+        count: 1 + n % 3,
     }
 }
 

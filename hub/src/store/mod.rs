@@ -221,6 +221,10 @@ pub struct AuditEvent {
     pub outcome: String,
     /// Why, in words.
     pub reason: String,
+    /// How many identical decisions this row stands for (1, or more when the hub
+    /// aggregated a flood of refusals from one client into one row per window; `at_ms` is
+    /// then the first of them).
+    pub count: u64,
 }
 
 /// What [`Store::prune`] forgets: everything whose time is before its horizon.

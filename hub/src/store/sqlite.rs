@@ -169,6 +169,10 @@ const MIGRATIONS: &[Step] = &[
     // 2: revocation streams (PROTOCOL.md §11): changes numbered per stream, entries
     // addressed to an audience, control messages owed to devices.
     Step::Code(streams_migration),
+    // 3: an audit row may stand for several identical decisions (a flood aggregated).
+    Step::Sql(
+        "ALTER TABLE audit_log ADD COLUMN count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1);",
+    ),
 ];
 
 /// The tables of schema version 2.
@@ -405,7 +409,7 @@ pub struct Sqlite {
 impl Sqlite {
     /// The schema version this code writes (`PRAGMA user_version` after migrating): the
     /// number of migration steps.
-    pub const SCHEMA_VERSION: u32 = 2;
+    pub const SCHEMA_VERSION: u32 = 3;
 
     /// Opens (creating it if needed) the database at `path`, switches it to WAL with durable
     /// commits and applies pending migrations. Refuses, with [`StoreError::Corrupt`], a
@@ -746,6 +750,7 @@ fn audit_row(row: &Row<'_>) -> StoreResult<AuditEvent> {
         target: text(row, 3, "audit target")?,
         outcome: text(row, 4, "audit outcome")?,
         reason: text(row, 5, "audit reason")?,
+        count: time(row, 6, "audit count")?,
     })
 }
 
@@ -1948,8 +1953,9 @@ impl Store for Sqlite {
             {
                 let mut insert = tx
                     .prepare_cached(
-                        "INSERT INTO audit_log (at_ms, actor, action, target, outcome, reason)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT INTO audit_log
+                            (at_ms, actor, action, target, outcome, reason, count)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )
                     .ctx("preparing the insert")?;
                 for e in &events {
@@ -1960,7 +1966,8 @@ impl Store for Sqlite {
                             e.action,
                             e.target,
                             e.outcome,
-                            e.reason
+                            e.reason,
+                            stored(e.count.max(1), "count")?
                         ])
                         .ctx("inserting an event")?;
                 }
@@ -2049,8 +2056,8 @@ impl Store for Sqlite {
         self.run("audit_tail", move |conn| {
             collect(
                 conn,
-                "SELECT at_ms, actor, action, target, outcome, reason FROM
-                 (SELECT id, at_ms, actor, action, target, outcome, reason FROM audit_log
+                "SELECT at_ms, actor, action, target, outcome, reason, count FROM
+                 (SELECT id, at_ms, actor, action, target, outcome, reason, count FROM audit_log
                   ORDER BY id DESC LIMIT ?1)
                  ORDER BY id",
                 params![limit],
