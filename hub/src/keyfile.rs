@@ -120,7 +120,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.pem");
-        let signer = crate::keys::generate_signer().expect("rng");
+        let signer = crate::keys::generate_client_key().expect("rng");
         write_private(&path, &signer).expect("write");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn public_key_pem_round_trips_and_garbage_is_a_clear_error() {
-        let signer = crate::keys::generate_signer().expect("rng");
+        let signer = crate::keys::generate_client_key().expect("rng");
         let pem = public_to_pem(&signer.public_key());
         assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
         assert_eq!(public_from_pem(&pem), Ok(signer.public_key()));

@@ -7,11 +7,12 @@
 
 use std::path::Path;
 
-use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
+use tessera_shared::crypto::{KeyLookup, P256Signer, PublicKey, Signer, Verifier};
 use tessera_shared::keyset::KeySet;
 use tessera_shared::record::{self, RecordKey};
 use zeroize::Zeroizing;
 
+use crate::crypto::AwsLcSigner;
 use crate::store::{KeyRecord, Store, StoreError};
 
 /// Environment variable that may hold the key-encryption secret, hex-encoded.
@@ -113,8 +114,15 @@ impl Kek {
     }
 }
 
-/// A new random P-256 signer from the OS RNG.
-pub fn generate_signer() -> Result<P256Signer, KeyError> {
+/// A new random signing key for the hub, from the OS RNG.
+pub fn generate_key() -> Result<AwsLcSigner, KeyError> {
+    AwsLcSigner::generate().map_err(|e| KeyError::Random(e.to_string()))
+}
+
+/// A new random P-256 key for a client (`tessera-hub keygen`): devices, apps and operators
+/// sign with the core's `p256` backend, and their key files are written by
+/// [`keyfile`](crate::keyfile).
+pub fn generate_client_key() -> Result<P256Signer, KeyError> {
     loop {
         let mut scalar = Zeroizing::new([0u8; 32]);
         getrandom::fill(scalar.as_mut()).map_err(|e| KeyError::Random(e.to_string()))?;
@@ -129,19 +137,19 @@ pub fn generate_signer() -> Result<P256Signer, KeyError> {
 fn seal_key(
     kek: &Kek,
     hub_id: &str,
-    signer: &P256Signer,
+    signer: &AwsLcSigner,
     created_at: u64,
 ) -> Result<Vec<u8>, KeyError> {
     let key = kek.record_key(hub_id)?;
     let mut nonce = [0u8; record::NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|e| KeyError::Random(e.to_string()))?;
     let mut buf = Zeroizing::new(vec![0u8; record::sealed_len(32)]);
-    record::plaintext_mut(&mut buf)[..32].copy_from_slice(&*Zeroizing::new(signer.to_scalar()));
+    record::plaintext_mut(&mut buf)[..32].copy_from_slice(&*signer.to_scalar().map_err(KeyError::Core)?);
     let n = record::seal(&key, hub_id, created_at, nonce, &mut buf, 32).map_err(KeyError::Core)?;
     Ok(buf[..n].to_vec())
 }
 
-fn unseal_key(kek: &Kek, hub_id: &str, rec: &KeyRecord) -> Result<P256Signer, KeyError> {
+fn unseal_key(kek: &Kek, hub_id: &str, rec: &KeyRecord) -> Result<AwsLcSigner, KeyError> {
     let unseal_err = |reason| KeyError::Unseal {
         kid: hex::encode(rec.kid),
         reason,
@@ -155,7 +163,10 @@ fn unseal_key(kek: &Kek, hub_id: &str, rec: &KeyRecord) -> Result<P256Signer, Ke
             .try_into()
             .map_err(|_| unseal_err(tessera_shared::error::RecordError::Malformed.into()))?,
     );
-    let signer = P256Signer::from_scalar(&scalar).map_err(unseal_err)?;
+    // The scalar is authenticated by the seal; the stored public key and kid are not, so
+    // both are checked against it.
+    let signer = AwsLcSigner::from_scalar_and_public_key(&scalar, &rec.public_key)
+        .map_err(|_| unseal_err(tessera_shared::error::RecordError::Tampered.into()))?;
     if signer.kid() != rec.kid {
         return Err(unseal_err(
             tessera_shared::error::RecordError::Tampered.into(),
@@ -176,7 +187,7 @@ pub async fn create_key<S: Store>(
     active_from: u64,
     published_at: Option<u64>,
 ) -> Result<PublicKey, KeyError> {
-    let signer = generate_signer()?;
+    let signer = generate_key()?;
     let public = signer.public_key();
     store
         .add_key(KeyRecord {
@@ -194,7 +205,7 @@ pub async fn create_key<S: Store>(
 
 /// The hub's keys as loaded: the signer in use, and the published key set.
 pub struct KeyRing {
-    signers: Vec<(KeyRecord, P256Signer)>,
+    signers: Vec<(KeyRecord, AwsLcSigner)>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -233,7 +244,7 @@ impl KeyRing {
     /// The key to sign with at `now`: the newest one already published and active. Keys
     /// announced for the future, or not yet published at all, are not used, so verifiers
     /// know them first.
-    pub fn active(&self, now: u64) -> &P256Signer {
+    pub fn active(&self, now: u64) -> &AwsLcSigner {
         &self.signers[self.active_index(now)].1
     }
 
@@ -262,7 +273,7 @@ impl KeyRing {
     /// likely still live); keys never published, oldest first (a key left out is not
     /// announced and so does not sign: rotation waits for room); last, published keys that
     /// never signed (another key announced with them took over at once).
-    fn published(&self, now: u64) -> Vec<&(KeyRecord, P256Signer)> {
+    fn published(&self, now: u64) -> Vec<&(KeyRecord, AwsLcSigner)> {
         let active = self.active_index(now);
         let order = |r: &KeyRecord| (r.active_from, r.created_at);
         // A key published with another of the same `active_from` but created later was
@@ -361,6 +372,18 @@ impl KeyRing {
             .iter()
             .find(|(r, _)| r.kid == kid)
             .map(|(_, s)| s.public_key())
+    }
+}
+
+/// Every loaded key verifies what it signed, with the hub's backend: the hub checks its own
+/// messages seen back from the broker with this rather than with a key set (which would
+/// verify with the core's `p256`).
+impl KeyLookup for KeyRing {
+    fn verifier(&self, kid: &[u8]) -> Option<&dyn Verifier> {
+        self.signers
+            .iter()
+            .find(|(r, _)| r.kid == kid)
+            .map(|(_, s)| s as &dyn Verifier)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod acl;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod events;
 pub mod keyfile;
 pub mod keys;

@@ -318,7 +318,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Keygen { out } => {
-            let signer = keys::generate_signer()?;
+            let signer = keys::generate_client_key()?;
             keyfile::write_private(&out, &signer)?;
             let public = keyfile::public_to_pem(&signer.public_key());
             let pub_path = PathBuf::from(format!("{}.pub", out.display()));

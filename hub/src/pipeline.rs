@@ -97,7 +97,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+    /// A refusal with this code and reason.
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
         Self {
             code,
             reason: reason.into(),
@@ -160,7 +161,34 @@ impl<S: Store> Hub<S> {
         let result = self
             .process(topic_client, payload, now, &mut correlation)
             .await;
-        let (op, request_id, nonce) = correlation;
+        self.answer(topic_client, correlation, result, now_ms).await
+    }
+
+    /// Answers a request with `refusal` without processing it (no signature check, no
+    /// store access): for a hub that has more work queued than it takes
+    /// ([`ErrorCode::Overloaded`]). The response names the request id and nonce its head
+    /// claims, so the sender can match it; nothing else of the request is read.
+    pub async fn refuse(&self, topic_client: &str, payload: &[u8], refusal: Refusal) -> Handled {
+        let now_ms = self.clock.now_ms();
+        let correlation = RequestHead::peek(payload)
+            .ok()
+            .filter(|head| head.client == topic_client)
+            .map_or((None, 0, [0u8; NONCE_LEN]), |head| {
+                (Some(head.op), head.request_id, head.nonce)
+            });
+        self.answer(topic_client, correlation, Err(refusal), now_ms)
+            .await
+    }
+
+    /// The signed response to a request and its audit event.
+    async fn answer(
+        &self,
+        topic_client: &str,
+        (op, request_id, nonce): (Option<Operation>, u64, [u8; NONCE_LEN]),
+        result: Result<Success, Refusal>,
+        now_ms: u64,
+    ) -> Handled {
+        let now = now_ms / 1000;
         let (outcome, broadcast, target, reason) = match &result {
             Ok(s) => (
                 Ok(s.body.as_body()),

@@ -56,7 +56,7 @@
 //! | `revoked` to `refresh`, `denied` to `refresh` | drops the grant, asks with `device_token` at once |
 //! | `revoked` to `enroll` or `device_token` | wipes and stops ([`State::Revoked`]) |
 //! | `replay` | keeps waiting for the answer to the first copy of the request |
-//! | `rate_limited`, `internal` | backs off |
+//! | `rate_limited`, `internal`, `overloaded` | backs off |
 //! | anything else | backs off from the cap |
 //!
 //! # Time

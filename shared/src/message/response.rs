@@ -43,6 +43,9 @@ pub enum ErrorCode {
     Internal = 9,
     /// The operation is not supported by this hub.
     Unsupported = 10,
+    /// The hub has more work queued than it can take: nothing was done; retry after a
+    /// backoff.
+    Overloaded = 11,
 }
 
 impl ErrorCode {
@@ -64,6 +67,7 @@ impl ErrorCode {
             8 => Self::Malformed,
             9 => Self::Internal,
             10 => Self::Unsupported,
+            11 => Self::Overloaded,
             _ => return None,
         })
     }
@@ -81,12 +85,16 @@ impl ErrorCode {
             Self::Malformed => "malformed",
             Self::Internal => "internal",
             Self::Unsupported => "unsupported",
+            Self::Overloaded => "overloaded",
         }
     }
 
     /// Whether sending the same request again later may succeed.
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::RateLimited | Self::Internal | Self::Stale)
+        matches!(
+            self,
+            Self::RateLimited | Self::Internal | Self::Stale | Self::Overloaded
+        )
     }
 }
 
