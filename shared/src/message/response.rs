@@ -521,11 +521,12 @@ mod tests {
 
     #[test]
     fn every_error_code_round_trips_and_has_a_name() {
-        for n in 1..=10 {
+        for n in 1..=11 {
             let c = ErrorCode::from_u64(n).expect("code");
             assert_eq!(c.as_u64(), n);
             assert!(!c.name().is_empty());
         }
-        assert_eq!(ErrorCode::from_u64(11), None);
+        assert_eq!(ErrorCode::from_u64(12), None);
+        assert!(ErrorCode::Overloaded.is_retryable());
     }
 }
