@@ -25,8 +25,9 @@ use crate::keys::KeyRing;
 use crate::policy::SharedPolicy;
 use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
 use crate::store::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, Pruned,
-    Store, StoreError, StoreResult, StreamState, TokenKind, Unmatched,
+    AuditEvent, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse, Horizons,
+    IssuedToken, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError, StoreResult,
+    StreamState, TokenKind, Unmatched,
 };
 
 /// Length of a refresh grant value.
@@ -156,10 +157,9 @@ impl<S: Store> Hub<S> {
     /// Handles one message from `tessera/v1/client/{topic_client}/req`.
     pub async fn handle(&self, topic_client: &str, payload: &[u8]) -> Handled {
         let now_ms = self.clock.now_ms();
-        let now = now_ms / 1000;
         let mut correlation = (None, 0, [0u8; NONCE_LEN]);
         let result = self
-            .process(topic_client, payload, now, &mut correlation)
+            .process(topic_client, payload, now_ms, &mut correlation)
             .await;
         self.answer(topic_client, correlation, result, now_ms).await
     }
@@ -264,7 +264,7 @@ impl<S: Store> Hub<S> {
         &self,
         topic_client: &str,
         payload: &[u8],
-        now: u64,
+        now_ms: u64,
         correlation: &mut (Option<Operation>, u64, [u8; NONCE_LEN]),
     ) -> Result<Success, Refusal> {
         let too_large = |limit: usize| {
@@ -296,6 +296,7 @@ impl<S: Store> Hub<S> {
             (client, request)
         };
 
+        let now = now_ms / 1000;
         let window = self.config.freshness_window_s;
         if request.issued_at.abs_diff(now) > window {
             return Err(Refusal::new(
@@ -306,55 +307,105 @@ impl<S: Store> Hub<S> {
                 ),
             ));
         }
-        // A nonce must be remembered for as long as its request could still be fresh.
-        let remember_until = request.issued_at.max(now) + window;
-        if !self
+        // A hint that saves deciding (and signing for) a replay; the commit decides.
+        if self
             .store
-            .remember_nonce(&client.id, &request.nonce, now, remember_until)
+            .nonce_seen(&client.id, &request.nonce, now)
             .await?
         {
             return Err(Refusal::new(ErrorCode::Replay, "nonce already used"));
         }
-        if !self
-            .store
-            .take_rate_token(
-                &client.id,
-                self.clock.now_ms(),
-                self.config.rate_burst,
-                self.config.rate_per_second,
-            )
-            .await?
-        {
-            return Err(Refusal::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} requests per second (burst {})",
-                    self.config.rate_per_second, self.config.rate_burst
-                ),
-            ));
+        // Only now, after freshness and replay: a stale or replayed guess of an enrollment
+        // code is refused the same way whether it was right or not.
+        if let RequestBody::Enroll { key, code_proof } = &request.body {
+            check_enrollment(&client, key, code_proof.as_ref(), &request.nonce)?;
         }
         let policy = self.policy.current();
         policy
             .operation(&client, request.operation())
             .map_err(|d| Refusal::new(ErrorCode::Denied, d.reason))?;
 
+        let ticket = Ticket {
+            client: client.id.clone(),
+            nonce: request.nonce,
+            // Remembered for as long as the request could still be fresh.
+            nonce_expires_at: request.issued_at.max(now) + window,
+            now_ms,
+        };
         match request.body {
-            RequestBody::Enroll { key, .. } => self.enroll(&client, key, now).await,
-            RequestBody::DeviceToken => self.device_token(&client, now).await,
+            RequestBody::Enroll { key, .. } => self.enroll(&ticket, key).await,
+            RequestBody::DeviceToken => self.device_token(&ticket, &client).await,
             RequestBody::AccessToken { device, scope } => {
-                self.access_token(&client, device, &scope, now).await
+                self.access_token(&ticket, &client, device, &scope).await
             }
-            RequestBody::Refresh { grant } => self.refresh(&client, grant, now).await,
-            RequestBody::Revoke(target) => self.revoke(&client, &target, now).await,
-            RequestBody::FetchRevocations { stream, from } => Ok(Success {
-                body: Answer::Revocations {
-                    page: self.fetch_page(&stream, from, now).await?,
-                },
-                broadcast: Vec::new(),
-                target: stream.name().to_string(),
-                reason: format!("page from change {from}"),
-            }),
+            RequestBody::Refresh { grant } => self.refresh(&ticket, &client, grant).await,
+            RequestBody::Revoke(target) => self.revoke(&ticket, &client, &target).await,
+            RequestBody::FetchRevocations { stream, from } => {
+                let page = self.fetch_page(&stream, from, now).await?;
+                self.commit(&ticket, Effect::None).await?;
+                Ok(Success {
+                    body: Answer::Revocations { page },
+                    broadcast: Vec::new(),
+                    target: stream.name().to_string(),
+                    reason: format!("page from change {from}"),
+                })
+            }
         }
+    }
+
+    /// Commits a request's effects with its nonce and rate charge (see [`Store::commit`]);
+    /// a refusal comes back as the store said it, for the callers that act on one.
+    async fn try_commit(
+        &self,
+        ticket: &Ticket,
+        effect: Effect,
+    ) -> Result<Result<Committed, Refused>, Refusal> {
+        Ok(self
+            .store
+            .commit(RequestCommit {
+                client: ticket.client.clone(),
+                nonce: ticket.nonce,
+                nonce_expires_at: ticket.nonce_expires_at,
+                now_ms: ticket.now_ms,
+                rate: RateLimit {
+                    burst: self.config.rate_burst,
+                    per_second: self.config.rate_per_second,
+                },
+                effect,
+            })
+            .await?)
+    }
+
+    /// [`try_commit`](Self::try_commit), with every refusal answered as such.
+    async fn commit(&self, ticket: &Ticket, effect: Effect) -> Result<Committed, Refusal> {
+        self.try_commit(ticket, effect)
+            .await?
+            .map_err(|r| self.refusal(r))
+    }
+
+    /// The answer to a commit's refusal.
+    fn refusal(&self, refused: Refused) -> Refusal {
+        let code = match &refused {
+            Refused::Replay => ErrorCode::Replay,
+            Refused::RateLimited => {
+                return Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} requests per second (burst {})",
+                        self.config.rate_per_second, self.config.rate_burst
+                    ),
+                );
+            }
+            Refused::Grant(GrantUse::Reused(r)) => {
+                tracing::warn!(client = %r.client, "refresh grant reused: family revoked");
+                ErrorCode::Revoked
+            }
+            Refused::Grant(GrantUse::Revoked(_)) | Refused::HolderRevoked(_) => ErrorCode::Revoked,
+            Refused::Grant(GrantUse::Expired(_) | GrantUse::Unknown) => ErrorCode::Denied,
+            Refused::Conflict(_) | Refused::NotFound(_) => ErrorCode::Denied,
+            Refused::Grant(GrantUse::Fresh(_)) | Refused::CutOff { .. } => ErrorCode::Internal,
+        };
+        Refusal::new(code, refused.to_string())
     }
 
     /// The registered client that sent a request, refused if unknown or revoked.
@@ -422,125 +473,81 @@ impl<S: Store> Hub<S> {
     }
 
     /// Checks the request's signature with the right key: the registered one, or for an
-    /// enrollment the key in the body (which must match a pre-registered key or come with
-    /// a valid one-time code proof).
+    /// enrollment the key in the body (whether the device may enroll with that key is
+    /// checked later, by [`check_enrollment`], once the request is known fresh and new).
     fn authenticate<'a>(
         &self,
         client: &ClientRecord,
         signed: SignedRequest<'a>,
     ) -> Result<Request<'a>, Refusal> {
-        let registered = registered_key(client)?;
         if let Some(key) = signed.enrollment_key() {
             if client.kind != ClientKind::Device {
                 return Err(Refusal::new(ErrorCode::Denied, "only devices enroll"));
             }
-            let request = signed.verify(&key).map_err(bad_signature)?;
-            match (registered, &client.enrollment_code_key, &request.body) {
-                (Some(reg), _, _) if reg == key => {}
-                (Some(_), _, _) => {
-                    return Err(Refusal::new(
-                        ErrorCode::Denied,
-                        "this is not the device's registered key; a device's key never changes \
-                         over the wire: revoke the device and register it again",
-                    ));
-                }
-                (
-                    None,
-                    Some(code_key),
-                    RequestBody::Enroll {
-                        code_proof: Some(p),
-                        ..
-                    },
-                ) => {
-                    if !EnrollmentCode::check(code_key, &client.id, &key.kid(), &request.nonce, p) {
-                        return Err(Refusal::new(
-                            ErrorCode::Denied,
-                            "enrollment code proof does not match",
-                        ));
-                    }
-                }
-                (None, Some(_), _) => {
-                    return Err(Refusal::new(
-                        ErrorCode::Denied,
-                        "enrollment needs the one-time code proof",
-                    ));
-                }
-                (None, None, _) => {
-                    return Err(Refusal::new(
-                        ErrorCode::Denied,
-                        "no key and no enrollment code registered for this device",
-                    ));
-                }
-            }
-            return Ok(request);
+            return signed.verify(&key).map_err(bad_signature);
         }
-        let key = registered.ok_or_else(|| {
+        let key = registered_key(client)?.ok_or_else(|| {
             Refusal::new(ErrorCode::UnknownClient, "client has not enrolled a key")
         })?;
         signed.verify(&key).map_err(bad_signature)
     }
 
-    async fn enroll(
-        &self,
-        client: &ClientRecord,
-        key: PublicKey,
-        now: u64,
-    ) -> Result<Success, Refusal> {
-        self.store
-            .enroll(&client.id, &key.to_sec1(), now)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(m) => Refusal::new(ErrorCode::Denied, m),
-                other => other.into(),
-            })?;
+    async fn enroll(&self, ticket: &Ticket, key: PublicKey) -> Result<Success, Refusal> {
+        self.commit(
+            ticket,
+            Effect::Enroll {
+                public_key: key.to_sec1().to_vec(),
+            },
+        )
+        .await?;
         Ok(Success {
             body: Answer::Enrolled,
             broadcast: Vec::new(),
-            target: client.id.clone(),
+            target: ticket.client.clone(),
             reason: format!("enrolled key {}", hex::encode(key.kid())),
         })
     }
 
-    async fn device_token(&self, device: &ClientRecord, now: u64) -> Result<Success, Refusal> {
+    async fn device_token(
+        &self,
+        ticket: &Ticket,
+        device: &ClientRecord,
+    ) -> Result<Success, Refusal> {
         require_enrolled(device)?;
         let policy = self.policy.current();
         let grant = policy
             .device_token(device)
             .map_err(|d| Refusal::new(ErrorCode::Denied, d.reason))?;
-        self.issue(
-            device,
-            TokenKind::Device,
-            &grant.audience,
-            &grant.scope,
-            grant.lifetime_s,
-            Some((grant.grant_lifetime_s, random::<16>()?)),
-            now,
-        )
-        .await
+        let token = TokenSpec {
+            kind: TokenKind::Device,
+            audience: grant.audience,
+            scope: grant.scope,
+            lifetime_s: grant.lifetime_s,
+            grant: Some((grant.grant_lifetime_s, random::<16>()?)),
+        };
+        self.issue(ticket, device, token, None).await
     }
 
     async fn access_token(
         &self,
+        ticket: &Ticket,
         app: &ClientRecord,
         device_id: &str,
         scope: &Scopes<'_>,
-        now: u64,
     ) -> Result<Success, Refusal> {
         let device = self.live_device(device_id).await?;
         let policy = self.policy.current();
         let grant = policy
             .access_token(app, &device, scope)
             .map_err(|d| Refusal::new(ErrorCode::Denied, d.reason))?;
-        self.issue(
-            app,
-            TokenKind::Access,
-            &device.id,
-            &grant.scope,
-            grant.lifetime_s,
-            Some((grant.grant_lifetime_s, random::<16>()?)),
-            now,
-        )
-        .await
+        let token = TokenSpec {
+            kind: TokenKind::Access,
+            audience: device.id,
+            scope: grant.scope,
+            lifetime_s: grant.lifetime_s,
+            grant: Some((grant.grant_lifetime_s, random::<16>()?)),
+        };
+        self.issue(ticket, app, token, None).await
     }
 
     async fn live_device(&self, id: &str) -> Result<ClientRecord, Refusal> {
@@ -559,35 +566,36 @@ impl<S: Store> Hub<S> {
         Ok(device)
     }
 
+    /// A refresh: the grant is read and the new token decided first; the commit spends the
+    /// grant only if it is still fresh then (so two replicas presented it at once cannot
+    /// both issue), together with the new token.
     async fn refresh(
         &self,
+        ticket: &Ticket,
         client: &ClientRecord,
         grant: &[u8],
-        now: u64,
     ) -> Result<Success, Refusal> {
+        let now = ticket.now();
         let hash = sha256(&[grant]);
-        let record = match self.store.use_grant(&hash, now).await? {
+        let state = self.store.grant(&hash).await?;
+        let record = match state.map_or(GrantUse::Unknown, |s| s.classify(now)) {
             GrantUse::Fresh(r) => r,
-            GrantUse::Reused(r) => {
-                tracing::warn!(client = %r.client, "refresh grant reused: family revoked");
-                return Err(Refusal::new(
-                    ErrorCode::Revoked,
-                    "refresh grant was already used: its whole family is revoked",
-                ));
+            // Used already: record the reuse, which revokes the whole family.
+            GrantUse::Reused(_) => {
+                return match self.commit(ticket, Effect::SpendGrant(hash)).await? {
+                    Committed::Spent(used) => Err(self.refusal(Refused::Grant(used))),
+                    other => Err(Refusal::new(
+                        ErrorCode::Internal,
+                        format!("spending a grant answered {other:?}"),
+                    )),
+                };
             }
-            GrantUse::Revoked(_) => {
-                return Err(Refusal::new(ErrorCode::Revoked, "refresh grant is revoked"));
-            }
-            GrantUse::Expired(_) => {
-                return Err(Refusal::new(ErrorCode::Denied, "refresh grant has expired"));
-            }
-            GrantUse::Unknown => {
-                return Err(Refusal::new(ErrorCode::Denied, "unknown refresh grant"));
-            }
+            other => return Err(self.refusal(Refused::Grant(other))),
         };
         if record.client != client.id {
             // Someone else's grant: it has leaked, so its family must not live on.
-            self.store.revoke_grants_of(&record.client).await?;
+            self.commit(ticket, Effect::RevokeGrantsOf(record.client.clone()))
+                .await?;
             return Err(Refusal::new(
                 ErrorCode::Denied,
                 "refresh grant belongs to another client",
@@ -595,7 +603,7 @@ impl<S: Store> Hub<S> {
         }
         // Policy may have changed since the grant was issued: decide again.
         let policy = self.policy.current();
-        let (audience, scope, lifetime, grant_lifetime) = match record.kind {
+        let (audience, scope, lifetime_s, grant_lifetime) = match record.kind {
             TokenKind::Device => {
                 require_enrolled(client)?;
                 let g = policy
@@ -620,29 +628,33 @@ impl<S: Store> Hub<S> {
         };
         // The new grant lives no longer than the family's first one.
         let grant_lifetime = grant_lifetime.min(record.expires_at.saturating_sub(now));
-        self.issue(
-            client,
-            record.kind,
-            &audience,
-            &scope,
-            lifetime,
-            Some((grant_lifetime, record.family)),
-            now,
-        )
-        .await
+        let token = TokenSpec {
+            kind: record.kind,
+            audience,
+            scope,
+            lifetime_s,
+            grant: Some((grant_lifetime, record.family)),
+        };
+        self.issue(ticket, client, token, Some(hash)).await
     }
 
-    #[allow(clippy::too_many_arguments)] // each is a distinct fact about the token
+    /// Signs a token for `holder` and commits it with the request (spending `spends`, the
+    /// refresh grant presented, if any).
     async fn issue(
         &self,
+        ticket: &Ticket,
         holder: &ClientRecord,
-        kind: TokenKind,
-        audience: &str,
-        scope: &str,
-        lifetime_s: u64,
-        grant: Option<(u64, [u8; 16])>,
-        now: u64,
+        spec: TokenSpec,
+        spends: Option<[u8; 32]>,
     ) -> Result<Success, Refusal> {
+        let now = ticket.now();
+        let TokenSpec {
+            kind,
+            audience,
+            scope,
+            lifetime_s,
+            grant,
+        } = spec;
         let cnf = holder
             .public_key
             .as_deref()
@@ -651,7 +663,7 @@ impl<S: Store> Hub<S> {
             .ok()
             .flatten()
             .ok_or_else(|| Refusal::new(ErrorCode::Denied, "client has no enrolled key"))?;
-        let scopes = Scopes::parse(scope)
+        let scopes = Scopes::parse(&scope)
             .map_err(|e| Refusal::new(ErrorCode::Internal, format!("policy scope: {e}")))?;
         let (grant_value, grant_record) = match grant {
             Some((grant_lifetime, family)) if grant_lifetime > 0 => {
@@ -661,8 +673,8 @@ impl<S: Store> Hub<S> {
                     family,
                     client: holder.id.clone(),
                     kind,
-                    audience: audience.to_string(),
-                    scope: scope.to_string(),
+                    audience: audience.clone(),
+                    scope: scope.clone(),
                     expires_at: now + grant_lifetime,
                     created_at: now,
                 };
@@ -676,7 +688,7 @@ impl<S: Store> Hub<S> {
             let claims = Claims {
                 iss: &self.config.hub_id,
                 sub: &holder.id,
-                aud: audience,
+                aud: &audience,
                 exp: iat + lifetime_s,
                 nbf: None,
                 iat,
@@ -696,22 +708,25 @@ impl<S: Store> Hub<S> {
                 hash: revocation::token_hash(&buf),
                 kind,
                 subject: holder.id.clone(),
-                audience: audience.to_string(),
-                scope: scope.to_string(),
+                audience: audience.clone(),
+                scope: scope.clone(),
                 issued_at: iat,
                 expires_at: claims.exp,
             };
-            match self.store.record_issued(issued, grant_record.clone()).await {
-                Ok(()) => break (buf, cti),
-                // The holder was revoked whole while this token was being decided.
-                Err(StoreError::Conflict(m)) => return Err(Refusal::new(ErrorCode::Revoked, m)),
+            let effect = Effect::Issue {
+                token: issued,
+                grant: grant_record.clone(),
+                spends,
+            };
+            match self.try_commit(ticket, effect).await? {
+                Ok(_) => break (buf, cti),
                 // Only the holder's tokens issued before a cut-off were revoked meanwhile
                 // (this request read the clock before the revocation committed, or another
                 // replica's clock is ahead): the request counts as arriving after the
                 // revocation, so the token is issued again at the cut-off, once. Never far
                 // ahead of the hub's clock: verifiers would refuse a token issued in the
                 // future beyond their leeway.
-                Err(StoreError::CutOff { issued_before, .. })
+                Err(Refused::CutOff { issued_before, .. })
                     if !retried
                         && issued_before.saturating_sub(now)
                             <= self.policy.current().leeway_s() =>
@@ -719,9 +734,9 @@ impl<S: Store> Hub<S> {
                     iat = issued_before.max(now);
                     retried = true;
                 }
-                Err(e @ StoreError::CutOff { .. }) => {
+                Err(refused @ Refused::CutOff { .. }) => {
                     tracing::warn!(
-                        error = %e,
+                        refused = %refused,
                         holder = %holder.id,
                         iat,
                         "token refused by a revocation cut-off, again or too far ahead"
@@ -731,7 +746,7 @@ impl<S: Store> Hub<S> {
                         "a revocation of this client's earlier tokens was being recorded; retry",
                     ));
                 }
-                Err(other) => return Err(other.into()),
+                Err(refused) => return Err(self.refusal(refused)),
             }
         };
         Ok(Success {
@@ -740,7 +755,7 @@ impl<S: Store> Hub<S> {
                 grant: grant_value,
             },
             broadcast: Vec::new(),
-            target: audience.to_string(),
+            target: audience,
             reason: format!(
                 "{} token, scope `{scope}`, {lifetime_s} s, cti {}{}",
                 kind.as_str(),
@@ -756,24 +771,30 @@ impl<S: Store> Hub<S> {
 
     async fn revoke(
         &self,
+        ticket: &Ticket,
         operator: &ClientRecord,
         target: &RevokeTarget<'_>,
-        now: u64,
     ) -> Result<Success, Refusal> {
+        let now = ticket.now();
         let target = Target::from_wire(target);
         let target_name = target.describe();
         let leeway = self.policy.current().leeway_s();
-        // Durable before acknowledged: the response is only built after this returns.
-        let outcome = self
-            .store
-            .revoke(vec![target], now, leeway, Unmatched::Refuse)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound(m) | StoreError::Conflict(m) => {
-                    Refusal::new(ErrorCode::Denied, m)
-                }
-                other => other.into(),
-            })?;
+        // Durable before acknowledged: the response is only built after this returns, and
+        // the nonce, the rate charge and the revocation commit together.
+        let effect = Effect::Revoke {
+            targets: vec![target],
+            leeway,
+            unmatched: Unmatched::Refuse,
+        };
+        let outcome = match self.commit(ticket, effect).await? {
+            Committed::Revoked(outcome) => outcome,
+            other => {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("revoking answered {other:?}"),
+                ));
+            }
+        };
         let broadcast = self.outcome_publications(&outcome, now).await?;
         let (entries, notified) = (
             outcome.entry_count(),
@@ -1184,6 +1205,71 @@ fn registered_key(client: &ClientRecord) -> Result<Option<PublicKey>, Refusal> {
         .map(PublicKey::from_sec1)
         .transpose()
         .map_err(|_| Refusal::new(ErrorCode::Internal, "registered key is corrupt"))
+}
+
+/// What a request's commit needs besides its effect (see [`Hub::commit`]).
+struct Ticket {
+    client: String,
+    nonce: [u8; NONCE_LEN],
+    nonce_expires_at: u64,
+    now_ms: u64,
+}
+
+impl Ticket {
+    fn now(&self) -> u64 {
+        self.now_ms / 1000
+    }
+}
+
+/// A token the policy decided on, before it is signed.
+struct TokenSpec {
+    kind: TokenKind,
+    audience: String,
+    scope: String,
+    lifetime_s: u64,
+    /// The grant to issue with it: its lifetime and family.
+    grant: Option<(u64, [u8; 16])>,
+}
+
+/// Whether a device may enroll with `key`: its pre-registered key, or a valid proof of its
+/// one-time enrollment code. Checked only once the request is known fresh and new, so a
+/// guess of the code learns nothing from being stale or replayed.
+fn check_enrollment(
+    client: &ClientRecord,
+    key: &PublicKey,
+    code_proof: Option<&[u8; 32]>,
+    nonce: &[u8; NONCE_LEN],
+) -> Result<(), Refusal> {
+    match (
+        registered_key(client)?,
+        &client.enrollment_code_key,
+        code_proof,
+    ) {
+        (Some(registered), _, _) if registered == *key => Ok(()),
+        (Some(_), _, _) => Err(Refusal::new(
+            ErrorCode::Denied,
+            "this is not the device's registered key; a device's key never changes over the \
+             wire: revoke the device and register it again",
+        )),
+        (None, Some(code_key), Some(proof)) => {
+            if EnrollmentCode::check(code_key, &client.id, &key.kid(), nonce, proof) {
+                Ok(())
+            } else {
+                Err(Refusal::new(
+                    ErrorCode::Denied,
+                    "enrollment code proof does not match",
+                ))
+            }
+        }
+        (None, Some(_), None) => Err(Refusal::new(
+            ErrorCode::Denied,
+            "enrollment needs the one-time code proof",
+        )),
+        (None, None, _) => Err(Refusal::new(
+            ErrorCode::Denied,
+            "no key and no enrollment code registered for this device",
+        )),
+    }
 }
 
 /// Device tokens go only to devices that have enrolled (proved their key to the hub),

@@ -9,6 +9,7 @@ use tessera_hub::keys::{self, Kek, KeyRing};
 use tessera_hub::pipeline::{Echo, Handled, Hub, PipelineConfig, Publication};
 use tessera_hub::policy::{Policy, SharedPolicy};
 use tessera_hub::revocation::Target;
+use tessera_hub::store::conformance::Primitives as _;
 use tessera_hub::store::{
     ClientKind, ClientRecord, IssuedToken, Sqlite, Store, TokenKind, Unmatched,
 };

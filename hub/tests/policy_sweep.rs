@@ -5,9 +5,11 @@
 use tessera_hub::policy::Policy;
 use tessera_hub::policy_change;
 use tessera_hub::revocation::{Outcome, PendingControl, Target};
+use tessera_hub::store::conformance::Primitives as _;
 use tessera_hub::store::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, KeyRecord,
-    Pruned, Sqlite, Store, StoreResult, StreamRead, StreamState, TokenKind, Unmatched,
+    AuditEvent, ClientKind, ClientRecord, Committed, GrantState, Horizons, IssuedToken, KeyRecord,
+    Pruned, Refused, RequestCommit, Sqlite, Store, StoreResult, StreamRead, StreamState, TokenKind,
+    Unmatched,
 };
 
 const T0: u64 = 1_767_225_600;
@@ -61,40 +63,17 @@ impl Store for PrunesFirst {
         self.prune_first().await?;
         self.inner.set_role(id, role, disallowed, now, leeway).await
     }
-    async fn enroll(&self, id: &str, public_key: &[u8], at: u64) -> StoreResult<()> {
-        self.inner.enroll(id, public_key, at).await
-    }
     async fn add_clients(&self, clients: Vec<ClientRecord>) -> StoreResult<()> {
         self.inner.add_clients(clients).await
     }
-    async fn remember_nonce(
-        &self,
-        client: &str,
-        nonce: &[u8; 16],
-        now: u64,
-        expires_at: u64,
-    ) -> StoreResult<bool> {
-        self.inner
-            .remember_nonce(client, nonce, now, expires_at)
-            .await
+    async fn nonce_seen(&self, client: &str, nonce: &[u8; 16], now: u64) -> StoreResult<bool> {
+        self.inner.nonce_seen(client, nonce, now).await
     }
-    async fn take_rate_token(
-        &self,
-        client: &str,
-        now_ms: u64,
-        burst: u32,
-        per_second: f64,
-    ) -> StoreResult<bool> {
-        self.inner
-            .take_rate_token(client, now_ms, burst, per_second)
-            .await
+    async fn grant(&self, hash: &[u8; 32]) -> StoreResult<Option<GrantState>> {
+        self.inner.grant(hash).await
     }
-    async fn record_issued(
-        &self,
-        token: IssuedToken,
-        grant: Option<GrantRecord>,
-    ) -> StoreResult<()> {
-        self.inner.record_issued(token, grant).await
+    async fn commit(&self, request: RequestCommit) -> StoreResult<Result<Committed, Refused>> {
+        self.inner.commit(request).await
     }
     async fn issued(&self, cti: &[u8]) -> StoreResult<Option<IssuedToken>> {
         self.inner.issued(cti).await
@@ -104,12 +83,6 @@ impl Store for PrunesFirst {
     }
     async fn issued_for(&self, audience: &str, now: u64) -> StoreResult<Vec<IssuedToken>> {
         self.inner.issued_for(audience, now).await
-    }
-    async fn use_grant(&self, hash: &[u8; 32], now: u64) -> StoreResult<GrantUse> {
-        self.inner.use_grant(hash, now).await
-    }
-    async fn revoke_grants_of(&self, client: &str) -> StoreResult<u64> {
-        self.inner.revoke_grants_of(client).await
     }
     async fn revoke(
         &self,

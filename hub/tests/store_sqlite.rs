@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tempfile::TempDir;
 use tessera_hub::revocation::Target;
+use tessera_hub::store::conformance::Primitives as _;
 use tessera_hub::store::{
-    ClientKind, ClientRecord, GrantRecord, GrantUse, IssuedToken, KeyRecord, Sqlite, Store,
-    StoreError, TokenKind, Unmatched, conformance,
+    ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse, IssuedToken, KeyRecord,
+    RateLimit, Refused, RequestCommit, Sqlite, Store, StoreError, TokenKind, Unmatched,
+    conformance,
 };
 use tessera_shared::revocation::{Addressed, Entry, MAX_LEEWAY, Stream};
 
@@ -418,6 +420,71 @@ async fn two_handles_on_one_file_cannot_both_use_a_grant() {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
+}
+
+/// Requests committed at once each get their answer only once durable, all of them
+/// survive a reopen, and one failing request does not take the others of its batch down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_are_each_durable_and_fail_alone() {
+    let dir = TempDir::new().expect("temp dir");
+    {
+        let store = Arc::new(Sqlite::open(&db_path(&dir)).expect("open"));
+        store.add_client(app("app-a")).await.expect("add_client");
+        let before = store.write_stats();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..64u8 {
+            let store = Arc::clone(&store);
+            tasks.spawn(async move {
+                // Every eighth reuses a nonce another task used: exactly one of each pair
+                // commits.
+                let nonce = if n % 8 == 7 { n - 1 } else { n };
+                let r = store
+                    .commit(RequestCommit {
+                        client: "app-a".into(),
+                        nonce: [nonce; 16],
+                        nonce_expires_at: NOW + 60,
+                        now_ms: NOW * 1000,
+                        rate: RateLimit::NONE,
+                        effect: Effect::Issue {
+                            token: access(100 + n),
+                            grant: None,
+                            spends: None,
+                        },
+                    })
+                    .await
+                    .expect("commit");
+                (n, r)
+            });
+        }
+        let mut done = 0;
+        let mut replays = 0;
+        while let Some(result) = tasks.join_next().await {
+            match result.expect("task") {
+                (_, Ok(Committed::Done)) => done += 1,
+                (_, Err(Refused::Replay)) => replays += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!((done, replays), (56, 8));
+        let stats = store.write_stats();
+        assert!(stats.writes - before.writes >= 64, "{stats:?}");
+        assert!(stats.transactions - before.transactions <= 64, "{stats:?}");
+    }
+    let store = Sqlite::open(&db_path(&dir)).expect("reopen");
+    let mut recorded = 0;
+    for n in 0..64u8 {
+        recorded += usize::from(
+            store
+                .issued(&[100 + n; 16])
+                .await
+                .expect("issued")
+                .is_some(),
+        );
+    }
+    assert_eq!(
+        recorded, 56,
+        "every committed token survives, no refused one"
+    );
 }
 
 #[tokio::test]

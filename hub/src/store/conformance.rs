@@ -19,8 +19,9 @@ use tessera_shared::message::Command;
 use tessera_shared::revocation::{Addressed, Entry, Stream};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, KeyRecord,
-    Pruned, Store, StoreError, StreamRead, TokenKind, Unmatched,
+    AuditEvent, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse, Horizons,
+    IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError,
+    StoreResult, StreamRead, TokenKind, Unmatched,
 };
 use crate::revocation::{Outcome, PendingControl, Target};
 
@@ -45,6 +46,10 @@ where
     nonces_race(make().await).await;
     rate_limit(make().await).await;
     rate_limit_race(make().await).await;
+    commit_refusals_record_nothing(make().await).await;
+    commit_spending_a_used_grant_keeps_the_family_revoked(make().await).await;
+    commit_grant_race(make().await).await;
+    request_reads(make().await).await;
     issued_tokens(make().await).await;
     record_issued_is_atomic(make().await).await;
     grant_lifecycle(make().await).await;
@@ -64,6 +69,158 @@ where
     keyset_version(make().await).await;
     audit_log(make().await).await;
     prune(make().await).await;
+}
+
+// --- the single operations, through Store::commit ---
+
+/// The effects of [`Store::commit`] one at a time, as the checks below (and other tests
+/// that set up state) use them: each is one commit of its own, with a nonce of its own and
+/// no rate limit unless it is the rate limit being checked.
+pub trait Primitives: Store {
+    /// Remembers `nonce` of `client` until `expires_at`; `false` for a replay.
+    fn remember_nonce(
+        &self,
+        client: &str,
+        nonce: &[u8; 16],
+        now: u64,
+        expires_at: u64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send {
+        let request = RequestCommit {
+            client: client.to_owned(),
+            nonce: *nonce,
+            nonce_expires_at: expires_at,
+            now_ms: now * 1000,
+            rate: RateLimit::NONE,
+            effect: Effect::None,
+        };
+        async move {
+            match self.commit(request).await? {
+                Ok(_) => Ok(true),
+                Err(Refused::Replay) => Ok(false),
+                Err(other) => Err(StoreError::Backend(format!("unexpected refusal: {other}"))),
+            }
+        }
+    }
+
+    /// Takes one token from `client`'s bucket; `false` if it is empty.
+    fn take_rate_token(
+        &self,
+        client: &str,
+        now_ms: u64,
+        burst: u32,
+        per_second: f64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send {
+        let request = RequestCommit {
+            client: client.to_owned(),
+            nonce: fresh_nonce(),
+            nonce_expires_at: now_ms / 1000 + 60,
+            now_ms,
+            rate: RateLimit { burst, per_second },
+            effect: Effect::None,
+        };
+        async move {
+            match self.commit(request).await? {
+                Ok(_) => Ok(true),
+                Err(Refused::RateLimited) => Ok(false),
+                Err(other) => Err(StoreError::Backend(format!("unexpected refusal: {other}"))),
+            }
+        }
+    }
+
+    /// Enrolls device `id` with `public_key` at `at` (its own request).
+    fn enroll(
+        &self,
+        id: &str,
+        public_key: &[u8],
+        at: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        let request = own_request(
+            id,
+            at,
+            Effect::Enroll {
+                public_key: public_key.to_vec(),
+            },
+        );
+        async move { refused_as_error(self.commit(request).await?).map(|_| ()) }
+    }
+
+    /// Records an issued token and its grant: a holder revoked whole or cut off is
+    /// [`StoreError::Conflict`].
+    fn record_issued(
+        &self,
+        token: IssuedToken,
+        grant: Option<GrantRecord>,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        let request = own_request(
+            &token.subject.clone(),
+            token.issued_at,
+            Effect::Issue {
+                token,
+                grant,
+                spends: None,
+            },
+        );
+        async move { refused_as_error(self.commit(request).await?).map(|_| ()) }
+    }
+
+    /// Presents a grant at `now`.
+    fn use_grant(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> impl Future<Output = StoreResult<GrantUse>> + Send {
+        let request = own_request("anyone", now, Effect::SpendGrant(*hash));
+        async move {
+            match refused_as_error(self.commit(request).await?)? {
+                Committed::Spent(used) => Ok(used),
+                other => Err(StoreError::Backend(format!("spending answered {other:?}"))),
+            }
+        }
+    }
+
+    /// Revokes every grant of `client`; how many were live.
+    fn revoke_grants_of(&self, client: &str) -> impl Future<Output = StoreResult<u64>> + Send {
+        let request = own_request("anyone", NOW, Effect::RevokeGrantsOf(client.to_owned()));
+        async move {
+            match refused_as_error(self.commit(request).await?)? {
+                Committed::GrantsRevoked(n) => Ok(n),
+                other => Err(StoreError::Backend(format!(
+                    "revoking grants answered {other:?}"
+                ))),
+            }
+        }
+    }
+}
+
+impl<S: Store> Primitives for S {}
+
+/// A nonce no other request used.
+fn fresh_nonce() -> [u8; 16] {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut nonce = [0xa5; 16];
+    nonce[..8].copy_from_slice(&n.to_be_bytes());
+    nonce
+}
+
+/// A request of `client` at `now` (seconds) with a nonce of its own and no rate limit.
+fn own_request(client: &str, now: u64, effect: Effect) -> RequestCommit {
+    RequestCommit {
+        client: client.to_owned(),
+        nonce: fresh_nonce(),
+        nonce_expires_at: now + 60,
+        now_ms: now * 1000,
+        rate: RateLimit::NONE,
+        effect,
+    }
+}
+
+/// A refusal as the store error a single operation would have returned.
+fn refused_as_error(r: Result<Committed, Refused>) -> StoreResult<Committed> {
+    r.map_err(|refused| match refused {
+        Refused::NotFound(m) => StoreError::NotFound(m),
+        other => StoreError::Conflict(other.to_string()),
+    })
 }
 
 // --- fixtures ---
@@ -483,6 +640,311 @@ pub async fn client_revocation<S: Store>(store: S) {
             .await;
         assert!(is_not_found(&r), "revoking {target:?}: {r:?}");
     }
+}
+
+// --- one request, one commit ---
+
+/// A request of `client` at `now` with this nonce and rate limit.
+fn request(client: &str, nonce: u8, now: u64, rate: RateLimit, effect: Effect) -> RequestCommit {
+    RequestCommit {
+        client: client.to_owned(),
+        nonce: [nonce; 16],
+        nonce_expires_at: now + 60,
+        now_ms: now * 1000,
+        rate,
+        effect,
+    }
+}
+
+/// A refused commit records nothing: not its nonce (the same request may come again), not
+/// its rate charge, not its effect.
+pub async fn commit_refusals_record_nothing<S: Store>(store: S) {
+    store.add_client(app("app-a")).await.expect("add_client");
+    store.add_client(device("dev-b")).await.expect("add_client");
+    let one = RateLimit {
+        burst: 1,
+        per_second: 0.001,
+    };
+    // The holder is revoked whole: refused, and neither the nonce nor the rate charge stays.
+    revoke(&store, vec![Target::Device("dev-b".into())], NOW).await;
+    let issue = Effect::Issue {
+        token: device_token(1, "dev-b", NOW, NOW + 900),
+        grant: Some(GrantRecord {
+            client: "dev-b".into(),
+            kind: TokenKind::Device,
+            ..grant(1, 1, "dev-b", NOW + 3600)
+        }),
+        spends: None,
+    };
+    assert_eq!(
+        store
+            .commit(request("dev-b", 1, NOW, one, issue))
+            .await
+            .expect("commit"),
+        Err(Refused::HolderRevoked("dev-b".into()))
+    );
+    assert_eq!(store.issued(&[1; 16]).await.expect("issued"), None);
+    assert_eq!(store.grant(&[1; 32]).await.expect("grant"), None);
+    assert!(
+        !store
+            .nonce_seen("dev-b", &[1; 16], NOW)
+            .await
+            .expect("seen")
+    );
+    assert_eq!(
+        store
+            .commit(request("dev-b", 1, NOW, one, Effect::None))
+            .await
+            .expect("commit"),
+        Ok(Committed::Done),
+        "same nonce, and the bucket of one still full"
+    );
+    // A replay: nothing new recorded, and the bucket is not charged for it.
+    let two = RateLimit {
+        burst: 2,
+        per_second: 0.001,
+    };
+    assert_eq!(
+        store
+            .commit(request("app-a", 2, NOW, two, Effect::None))
+            .await
+            .expect("commit"),
+        Ok(Committed::Done)
+    );
+    assert_eq!(
+        store
+            .commit(request("app-a", 2, NOW, two, Effect::None))
+            .await
+            .expect("commit"),
+        Err(Refused::Replay)
+    );
+    assert_eq!(
+        store
+            .commit(request("app-a", 3, NOW, two, Effect::None))
+            .await
+            .expect("commit"),
+        Ok(Committed::Done),
+        "the replay took no token"
+    );
+    // Rate limited: the nonce is not kept, so the request may come again once refilled.
+    assert_eq!(
+        store
+            .commit(request("app-a", 4, NOW, two, Effect::None))
+            .await
+            .expect("commit"),
+        Err(Refused::RateLimited)
+    );
+    assert!(
+        !store
+            .nonce_seen("app-a", &[4; 16], NOW)
+            .await
+            .expect("seen")
+    );
+    let refilled = RateLimit {
+        burst: 2,
+        per_second: 1.0,
+    };
+    assert_eq!(
+        store
+            .commit(request("app-a", 4, NOW + 5, refilled, Effect::None))
+            .await
+            .expect("commit"),
+        Ok(Committed::Done)
+    );
+    // A revocation naming nothing: refused, nonce not kept.
+    let nothing = Effect::Revoke {
+        targets: vec![Target::Subject("nobody".into())],
+        leeway: LEEWAY,
+        unmatched: Unmatched::Refuse,
+    };
+    assert!(matches!(
+        store
+            .commit(request("app-a", 5, NOW + 5, RateLimit::NONE, nothing))
+            .await
+            .expect("commit"),
+        Err(Refused::NotFound(_))
+    ));
+    assert!(
+        !store
+            .nonce_seen("app-a", &[5; 16], NOW + 5)
+            .await
+            .expect("seen")
+    );
+    // A duplicate cti is a conflict, and the request's grant is not recorded either.
+    store
+        .commit(request("app-a", 6, NOW + 5, RateLimit::NONE, {
+            Effect::Issue {
+                token: access(6, "app-a"),
+                grant: None,
+                spends: None,
+            }
+        }))
+        .await
+        .expect("commit")
+        .expect("recorded");
+    let duplicate = Effect::Issue {
+        token: access(6, "app-a"),
+        grant: Some(grant(7, 7, "app-a", NOW + 3600)),
+        spends: None,
+    };
+    assert!(matches!(
+        store
+            .commit(request("app-a", 7, NOW + 5, RateLimit::NONE, duplicate))
+            .await
+            .expect("commit"),
+        Err(Refused::Conflict(_))
+    ));
+    assert_eq!(store.grant(&[7; 32]).await.expect("grant"), None);
+}
+
+/// Spending a grant already used refuses the request but keeps what the reuse revoked:
+/// the whole family, durably. A fresh grant is spent with the token it refreshes, at once.
+pub async fn commit_spending_a_used_grant_keeps_the_family_revoked<S: Store>(store: S) {
+    store.add_client(app("app-a")).await.expect("add_client");
+    record(
+        &store,
+        access(1, "app-a"),
+        &grant(1, 9, "app-a", NOW + 3600),
+    )
+    .await;
+    let refresh = |n: u8, spends: u8| Effect::Issue {
+        token: access(n, "app-a"),
+        grant: Some(grant(n, 9, "app-a", NOW + 3600)),
+        spends: Some([spends; 32]),
+    };
+    // Fresh: spent, and the rotated grant recorded, in one commit.
+    assert_eq!(
+        store
+            .commit(request("app-a", 1, NOW, RateLimit::NONE, refresh(2, 1)))
+            .await
+            .expect("commit"),
+        Ok(Committed::Done)
+    );
+    let state = store.grant(&[1; 32]).await.expect("grant").expect("stored");
+    assert!(state.used && !state.family_revoked);
+    assert!(store.issued(&[2; 16]).await.expect("issued").is_some());
+    // Spent again: the family is revoked, nothing issued.
+    let r = store
+        .commit(request("app-a", 2, NOW, RateLimit::NONE, refresh(3, 1)))
+        .await
+        .expect("commit");
+    assert!(
+        matches!(r, Err(Refused::Grant(GrantUse::Reused(_)))),
+        "{r:?}"
+    );
+    assert_eq!(store.issued(&[3; 16]).await.expect("issued"), None);
+    for n in [1u8, 2] {
+        let state = store.grant(&[n; 32]).await.expect("grant").expect("stored");
+        assert!(state.family_revoked, "grant {n} of the family");
+    }
+    // The rotated grant, fresh until now, is refused as revoked and records nothing.
+    let r = store
+        .commit(request("app-a", 3, NOW, RateLimit::NONE, refresh(4, 2)))
+        .await
+        .expect("commit");
+    assert!(
+        matches!(r, Err(Refused::Grant(GrantUse::Revoked(_)))),
+        "{r:?}"
+    );
+    assert!(
+        !store
+            .nonce_seen("app-a", &[3; 16], NOW)
+            .await
+            .expect("seen")
+    );
+}
+
+/// Of many requests refreshing with the same grant at once, exactly one gets a token; the
+/// others find it used (the first of them revokes the family, the rest find it revoked),
+/// and the family ends revoked.
+pub async fn commit_grant_race<S: Store>(store: S) {
+    store.add_client(app("app-a")).await.expect("add_client");
+    record(
+        &store,
+        access(1, "app-a"),
+        &grant(1, 9, "app-a", NOW + 3600),
+    )
+    .await;
+    let store = Arc::new(store);
+    let next = Arc::new(std::sync::atomic::AtomicU8::new(10));
+    let results = race(&store, |s| {
+        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            s.commit(request(
+                "app-a",
+                n,
+                NOW,
+                RateLimit::NONE,
+                Effect::Issue {
+                    token: access(n, "app-a"),
+                    grant: Some(grant(n, 9, "app-a", NOW + 3600)),
+                    spends: Some([1; 32]),
+                },
+            ))
+            .await
+            .expect("commit")
+        }
+    })
+    .await;
+    let issued = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(issued, 1, "{results:?}");
+    assert!(
+        results.iter().filter(|r| r.is_err()).all(|r| matches!(
+            r,
+            Err(Refused::Grant(GrantUse::Reused(_) | GrantUse::Revoked(_)))
+        )),
+        "{results:?}"
+    );
+    let state = store.grant(&[1; 32]).await.expect("grant").expect("stored");
+    assert!(state.family_revoked);
+}
+
+/// The reads a request is decided on: a nonce seen (until its `expires_at`), a grant as
+/// stored.
+pub async fn request_reads<S: Store>(store: S) {
+    assert!(
+        !store
+            .nonce_seen("app-a", &[1; 16], NOW)
+            .await
+            .expect("seen")
+    );
+    assert!(
+        store
+            .remember_nonce("app-a", &[1; 16], NOW, NOW + 60)
+            .await
+            .expect("remember")
+    );
+    assert!(
+        store
+            .nonce_seen("app-a", &[1; 16], NOW + 60)
+            .await
+            .expect("seen")
+    );
+    assert!(
+        !store
+            .nonce_seen("app-a", &[1; 16], NOW + 61)
+            .await
+            .expect("seen")
+    );
+    assert!(
+        !store
+            .nonce_seen("app-b", &[1; 16], NOW)
+            .await
+            .expect("seen")
+    );
+    assert_eq!(store.grant(&[5; 32]).await.expect("grant"), None);
+    store.add_client(app("app-a")).await.expect("add_client");
+    record(&store, access(5, "app-a"), &grant(5, 5, "app-a", NOW + 10)).await;
+    let state = store.grant(&[5; 32]).await.expect("grant").expect("stored");
+    assert_eq!(state.record, grant(5, 5, "app-a", NOW + 10));
+    assert_eq!(
+        state.clone().classify(NOW),
+        GrantUse::Fresh(state.record.clone())
+    );
+    assert_eq!(
+        state.clone().classify(NOW + 10),
+        GrantUse::Expired(state.record.clone())
+    );
 }
 
 // --- replay and rate limiting ---
@@ -1061,10 +1523,24 @@ pub async fn revoke_subject_per_audience<S: Store>(store: S) {
     // cut-off (the holder is not revoked: a token issued at the cut-off may be); one issued
     // at or after it is not.
     let late = at(7, "dev-a", NOW - 1, NOW + 299);
-    let r = store.record_issued(late, None).await;
-    assert!(
-        matches!(&r, Err(StoreError::CutOff { subject, issued_before }) if subject == "app-a" && *issued_before == NOW),
-        "{r:?}"
+    let r = store
+        .commit(own_request(
+            "app-a",
+            NOW + 1,
+            Effect::Issue {
+                token: late,
+                grant: None,
+                spends: None,
+            },
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(
+        r,
+        Err(Refused::CutOff {
+            subject: "app-a".to_owned(),
+            issued_before: NOW
+        })
     );
     assert_eq!(store.issued(&[7; 16]).await.expect("issued"), None);
     store

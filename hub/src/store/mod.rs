@@ -261,6 +261,187 @@ pub struct Pruned {
     pub controls: u64,
 }
 
+/// A grant as stored (see [`Store::grant`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantState {
+    /// The grant.
+    pub record: GrantRecord,
+    /// Whether it was spent (grants are single use).
+    pub used: bool,
+    /// Whether its family was revoked (by a reuse, or with its client).
+    pub family_revoked: bool,
+}
+
+impl GrantState {
+    /// What presenting it at `now` amounts to, before anything is recorded.
+    pub fn classify(self, now: u64) -> GrantUse {
+        if self.family_revoked {
+            GrantUse::Revoked(self.record)
+        } else if now >= self.record.expires_at {
+            GrantUse::Expired(self.record)
+        } else if self.used {
+            GrantUse::Reused(self.record)
+        } else {
+            GrantUse::Fresh(self.record)
+        }
+    }
+}
+
+/// A client's rate limit shared by every replica (a token bucket in the store).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Requests a client may send in a burst.
+    pub burst: u32,
+    /// Sustained requests per second.
+    pub per_second: f64,
+}
+
+impl RateLimit {
+    /// No limit: for commits that are not a client's request (tests, tools).
+    pub const NONE: Self = Self {
+        burst: u32::MAX,
+        per_second: 1e12,
+    };
+}
+
+/// Every effect of one authenticated request (see [`Store::commit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestCommit {
+    /// The client that sent it (its nonce and rate bucket).
+    pub client: String,
+    /// The request's nonce.
+    pub nonce: [u8; 16],
+    /// Until when the nonce is remembered, Unix seconds (as long as the request could
+    /// still be fresh).
+    pub nonce_expires_at: u64,
+    /// The hub's time of the request, Unix milliseconds.
+    pub now_ms: u64,
+    /// The client's shared rate limit, charged one request.
+    pub rate: RateLimit,
+    /// What the request changes besides.
+    pub effect: Effect,
+}
+
+impl RequestCommit {
+    /// The hub's time of the request, Unix seconds.
+    pub fn now(&self) -> u64 {
+        self.now_ms / 1000
+    }
+}
+
+/// What a request changes besides its nonce and rate bucket.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // one per request, moved once into its commit
+pub enum Effect {
+    /// Nothing (a read such as `fetch_revocations`).
+    None,
+    /// The requesting device's enrollment: sets its key and `enrolled_at` and consumes its
+    /// enrollment code. [`Refused::Conflict`] if the device is revoked, or already enrolled
+    /// with a different key; enrolling again with the same key changes nothing;
+    /// [`Refused::NotFound`] if there is no such client.
+    Enroll {
+        /// The device's key, SEC1 uncompressed.
+        public_key: Vec<u8>,
+    },
+    /// Records an issued token and the grant issued with it, after spending `spends` (the
+    /// hash of the refresh grant presented) if set. Re-checked here, so a revocation that
+    /// committed after the token was decided still wins: [`Refused::HolderRevoked`] if its
+    /// holder was revoked whole; [`Refused::CutOff`] if only the holder's tokens issued
+    /// before a time after the token's `iat` were revoked. A spent grant must still be
+    /// fresh, else [`Refused::Grant`] (and for one already used, its family is revoked and
+    /// that is committed).
+    Issue {
+        /// The token.
+        token: IssuedToken,
+        /// The grant issued with it.
+        grant: Option<GrantRecord>,
+        /// The refresh grant presented.
+        spends: Option<[u8; 32]>,
+    },
+    /// Presents a grant without issuing anything: [`Committed::Spent`] says what it was
+    /// ([`GrantUse`]); a fresh one is now used, one already used has its family revoked.
+    /// Atomic, so two replicas presented the same grant at once cannot both see `Fresh`.
+    SpendGrant([u8; 32]),
+    /// Revokes every grant of a client (one that presented another client's grant, for
+    /// instance): [`Committed::GrantsRevoked`] with how many were live.
+    RevokeGrantsOf(String),
+    /// A revocation, as [`Store::revoke`]: [`Committed::Revoked`], or
+    /// [`Refused::NotFound`] for a target that names nothing (with [`Unmatched::Refuse`]).
+    Revoke {
+        /// What to revoke.
+        targets: Vec<crate::revocation::Target>,
+        /// The leeway tokens are live with.
+        leeway: u64,
+        /// What to do with a target that names nothing.
+        unmatched: Unmatched,
+    },
+}
+
+/// What a committed request did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Committed {
+    /// Its effects are recorded ([`Effect::None`], [`Effect::Enroll`], [`Effect::Issue`]).
+    Done,
+    /// [`Effect::SpendGrant`]: what the grant was.
+    Spent(GrantUse),
+    /// [`Effect::RevokeGrantsOf`]: how many grants were live.
+    GrantsRevoked(u64),
+    /// [`Effect::Revoke`]: what was revoked.
+    Revoked(Outcome),
+}
+
+/// Why [`Store::commit`] recorded nothing (see each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The client already used this nonce in a request still remembered.
+    Replay,
+    /// The client's shared rate bucket is empty.
+    RateLimited,
+    /// The grant presented is not fresh (a reuse has revoked its family, durably).
+    Grant(GrantUse),
+    /// The token's holder was revoked whole.
+    HolderRevoked(String),
+    /// The holder's tokens issued before `issued_before` were revoked, and the token's
+    /// `iat` is earlier (a subject revocation committed after the token was decided). The
+    /// holder itself is not revoked: a token issued at `issued_before` or later is not
+    /// covered.
+    CutOff {
+        /// The token's holder.
+        subject: String,
+        /// The cut-off.
+        issued_before: u64,
+    },
+    /// The effect contradicts what is stored (an enrollment with another key, a duplicate).
+    Conflict(String),
+    /// The effect names nothing (an unknown client, a revocation target).
+    NotFound(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Replay => f.write_str("nonce already used"),
+            Self::RateLimited => f.write_str("rate limit reached"),
+            Self::Grant(GrantUse::Reused(_)) => {
+                f.write_str("refresh grant was already used: its whole family is revoked")
+            }
+            Self::Grant(GrantUse::Revoked(_)) => f.write_str("refresh grant is revoked"),
+            Self::Grant(GrantUse::Expired(_)) => f.write_str("refresh grant has expired"),
+            Self::Grant(GrantUse::Unknown) => f.write_str("unknown refresh grant"),
+            Self::Grant(GrantUse::Fresh(_)) => f.write_str("refresh grant is fresh"),
+            Self::HolderRevoked(id) => write!(f, "client {id:?} was revoked"),
+            Self::CutOff {
+                subject,
+                issued_before,
+            } => write!(
+                f,
+                "tokens of {subject:?} issued before {issued_before} are revoked"
+            ),
+            Self::Conflict(m) | Self::NotFound(m) => f.write_str(m),
+        }
+    }
+}
+
 /// What [`Store::revoke`] does with a target that names nothing (any more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmatched {
@@ -273,9 +454,8 @@ pub enum Unmatched {
 }
 
 /// A store failure. Every variant is a hub-side problem (the request may be retried),
-/// except [`StoreError::Conflict`], which means the write contradicts existing state, and
-/// [`StoreError::CutOff`], which means a token was decided before a revocation that covers
-/// it.
+/// except [`StoreError::Conflict`] and [`StoreError::NotFound`], which mean the write
+/// contradicts existing state.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend failed (I/O, SQL, connection).
@@ -290,21 +470,19 @@ pub enum StoreError {
     /// The record does not exist.
     #[error("not found: {0}")]
     NotFound(String),
-    /// [`Store::record_issued`]: the token's `iat` is before the cut-off its holder's tokens
-    /// were revoked with (a subject revocation that committed after the token was decided),
-    /// so it is not recorded. The holder itself is not revoked: a token issued at
-    /// `issued_before` or later is not covered.
-    #[error("tokens of {subject:?} issued before {issued_before} are revoked")]
-    CutOff {
-        /// The token's holder.
-        subject: String,
-        /// The cut-off: tokens with `iat < issued_before` are revoked.
-        issued_before: u64,
-    },
 }
 
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How a backend's writes went, since it was opened (see [`Store::write_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Durable transactions committed (each one `fsync` for SQLite in WAL mode).
+    pub transactions: u64,
+    /// Writes they carried (requests committed, audit batches, registry changes…).
+    pub writes: u64,
+}
 
 /// The hub's durable state. Every method is atomic; every write is durable when its
 /// future completes (so the hub can acknowledge after it).
@@ -334,15 +512,6 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
         leeway: u64,
     ) -> impl Future<Output = StoreResult<Outcome>> + Send;
-    /// Records a device's enrollment: sets its key and `enrolled_at` and consumes its
-    /// enrollment code, all at once. [`StoreError::Conflict`] if the device is revoked,
-    /// or already enrolled with a different key.
-    fn enroll(
-        &self,
-        id: &str,
-        public_key: &[u8],
-        at: u64,
-    ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Adds many clients in one transaction: all or none
     /// ([`StoreError::Conflict`] names the first id that exists).
     fn add_clients(
@@ -350,40 +519,41 @@ pub trait Store: Send + Sync + 'static {
         clients: Vec<ClientRecord>,
     ) -> impl Future<Output = StoreResult<()>> + Send;
 
-    // --- replay and rate limiting (shared by every replica) ---
+    // --- requests: read, decide, then commit everything at once ---
 
-    /// Records a request nonce of a client until `expires_at`; returns `false` if the
-    /// same nonce of the same client is already recorded and unexpired (a replay).
-    /// Also forgets nonces that expired before `now`.
-    fn remember_nonce(
+    /// Whether `client` used `nonce` in a request still remembered at `now` (a replay).
+    /// Only a hint that saves deciding a replayed request: [`Store::commit`] decides.
+    fn nonce_seen(
         &self,
         client: &str,
         nonce: &[u8; 16],
         now: u64,
-        expires_at: u64,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
-    /// Takes one token from the client's bucket (capacity `burst`, refilled at
-    /// `per_second`); returns `false` if the bucket is empty.
-    fn take_rate_token(
+    /// The grant with this hash as stored, to decide a refresh before
+    /// [`Store::commit`] spends it.
+    fn grant(
         &self,
-        client: &str,
-        now_ms: u64,
-        burst: u32,
-        per_second: f64,
-    ) -> impl Future<Output = StoreResult<bool>> + Send;
-
-    // --- issuance ---
-
-    /// Records an issued token and, in the same transaction, the grant issued with it.
-    /// Re-checked under the write lock, so a revocation that committed after the token was
-    /// decided still wins: [`StoreError::Conflict`] if its holder was revoked whole;
-    /// [`StoreError::CutOff`] if only the holder's tokens issued before a time after the
-    /// token's `iat` were revoked (see [`Store::revoke`]). Nothing is recorded then.
-    fn record_issued(
+        hash: &[u8; 32],
+    ) -> impl Future<Output = StoreResult<Option<GrantState>>> + Send;
+    /// Commits every effect of one request in one transaction, durable when this completes,
+    /// re-checking the preconditions the request was decided on:
+    ///
+    /// 1. the nonce is remembered until `nonce_expires_at` ([`Refused::Replay`] if the client
+    ///    already used it in a request still remembered; expired nonces are forgotten);
+    /// 2. the client's shared rate bucket gives one token ([`Refused::RateLimited`]);
+    /// 3. the [`Effect`].
+    ///
+    /// A refusal commits nothing (not even the nonce), except [`Refused::Grant`] for a grant
+    /// already used, whose whole family is then revoked, durably: see [`Effect::Issue`].
+    /// Concurrent commits may share one durable write (group commit); each is atomic on its
+    /// own and answered only once durable.
+    fn commit(
         &self,
-        token: IssuedToken,
-        grant: Option<GrantRecord>,
-    ) -> impl Future<Output = StoreResult<()>> + Send;
+        request: RequestCommit,
+    ) -> impl Future<Output = StoreResult<Result<Committed, Refused>>> + Send;
+
+    // --- issued tokens ---
+
     /// The issued token with this `cti`.
     fn issued(&self, cti: &[u8]) -> impl Future<Output = StoreResult<Option<IssuedToken>>> + Send;
     /// Unexpired tokens issued to `subject`.
@@ -398,15 +568,6 @@ pub trait Store: Send + Sync + 'static {
         audience: &str,
         now: u64,
     ) -> impl Future<Output = StoreResult<Vec<IssuedToken>>> + Send;
-    /// Presents a grant: see [`GrantUse`]. Atomic, so two replicas presented the same
-    /// grant at once cannot both get `Fresh`.
-    fn use_grant(
-        &self,
-        hash: &[u8; 32],
-        now: u64,
-    ) -> impl Future<Output = StoreResult<GrantUse>> + Send;
-    /// Revokes every grant of a client; returns how many were live.
-    fn revoke_grants_of(&self, client: &str) -> impl Future<Output = StoreResult<u64>> + Send;
 
     // --- revocation ---
 
@@ -517,6 +678,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends audit events (batched by the caller where it helps).
     fn audit(&self, events: Vec<AuditEvent>) -> impl Future<Output = StoreResult<()>> + Send;
+    /// How many transactions carried how many writes (group commit); zeros for a backend
+    /// that does not count.
+    fn write_stats(&self) -> WriteStats {
+        WriteStats::default()
+    }
+
     /// The most recent audit events, newest last.
     fn audit_tail(&self, limit: usize)
     -> impl Future<Output = StoreResult<Vec<AuditEvent>>> + Send;

@@ -1,18 +1,29 @@
 //! The embedded SQLite backend of [`Store`]: one database file in WAL mode with durable
 //! commits, schema migrations tracked in `PRAGMA user_version`.
 //!
-//! rusqlite is synchronous, so every operation runs on tokio's blocking pool while holding
-//! the one connection of this handle. Within a process that mutex already serialises
-//! operations; every read-modify-write still runs in a `BEGIN IMMEDIATE` transaction so that
-//! several handles (or processes) on one file stay correct too: the write lock is taken before
-//! the read, and `busy_timeout` makes the others wait for it instead of failing.
+//! **Writes** go to one writer thread that owns the write connection. It takes every write
+//! queued, runs each in its own savepoint inside one `BEGIN IMMEDIATE` transaction, commits
+//! once (one `fsync` for the whole batch: group commit), and only then answers each: a write
+//! is durable when its future completes. A write that fails rolls back its savepoint alone.
+//! Under load the batches grow by themselves, since writes queue while the thread waits for
+//! the disk; alone, a write costs one commit as before.
+//!
+//! **Reads** run on the calling task, on one of a few read-only connections: WAL lets them
+//! read the last committed state while the writer writes, so a request's reads never wait
+//! for another request's `fsync`. (An in-memory database has a single connection, so its
+//! reads go to the writer thread too, between batches.)
+//!
+//! `BEGIN IMMEDIATE` takes the write lock before reading, so several handles (or processes,
+//! such as the CLI beside a running hub) on one file stay correct; `busy_timeout` makes them
+//! wait for each other instead of failing.
 //!
 //! Integers: SQLite stores signed 64-bit integers, so a time or counter above `i64::MAX` is
 //! refused on write (no real time is that large) and a negative one read back is corruption.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -22,8 +33,9 @@ use tessera_shared::message::Command;
 use tessera_shared::revocation::{Addressed, Entry, MAX_LEEWAY, Stream, TOKEN_HASH_LEN};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, GrantRecord, GrantUse, Horizons, IssuedToken, KeyRecord,
-    Pruned, Store, StoreError, StoreResult, StreamRead, StreamState, TokenKind, Unmatched,
+    AuditEvent, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantState, GrantUse,
+    Horizons, IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError,
+    StoreResult, StreamRead, StreamState, TokenKind, Unmatched, WriteStats,
 };
 use crate::revocation::{self, Change, Outcome, PendingControl, Resolved, ResolvedSubject, Target};
 
@@ -343,7 +355,7 @@ fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
 
 /// Inserts one numbered change with its entries (the stream row is the caller's).
 fn insert_change(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     stream: &str,
     seq: u64,
     created_at: u64,
@@ -398,12 +410,84 @@ fn insert_change(
     Ok(())
 }
 
+/// Most writes one transaction takes (group commit): enough for every request in flight.
+const MAX_BATCH: usize = 1024;
+
+/// Read-only connections of a database file.
+const READERS: usize = 4;
+
 /// The [`Store`] on an SQLite database file.
 ///
-/// Cloning is cheap and shares the connection.
-#[derive(Debug, Clone)]
+/// Cloning is cheap and shares the connections. The writer thread ends when the last clone
+/// is dropped, after finishing the writes queued.
+#[derive(Clone)]
 pub struct Sqlite {
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// To the writer thread.
+    jobs: mpsc::Sender<Job>,
+    /// What the writer thread did.
+    stats: Arc<Counters>,
+    /// Read connections; `None` for an in-memory database (reads go to the writer).
+    readers: Option<Readers>,
+}
+
+impl std::fmt::Debug for Sqlite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sqlite")
+            .field(
+                "readers",
+                &self.inner.readers.as_ref().map_or(0, |r| r.conns.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Work for the writer thread.
+enum Job {
+    /// Runs in its own savepoint inside the batch's transaction.
+    Write(Box<dyn FnOnce(&Connection) -> Ran + Send>),
+    /// Runs alone, outside any transaction (reads of an in-memory database).
+    Read(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// A write that ran: whether to keep what it wrote, and how to answer it once the batch's
+/// commit is known (`Some(reason)` if the commit failed).
+struct Ran {
+    keep: bool,
+    answer: Box<dyn FnOnce(Option<String>) + Send>,
+}
+
+/// Counts of the writer thread's work.
+#[derive(Default)]
+struct Counters {
+    transactions: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
+}
+
+/// A few read-only connections, each used by one caller at a time.
+struct Readers {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> T) -> T {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.conns.len();
+        for i in 0..n {
+            if let Ok(mut conn) = self.conns[(start + i) % n].try_lock() {
+                return f(&mut conn);
+            }
+        }
+        // All busy: wait for one. A read that panicked leaves its connection usable.
+        let mut conn = self.conns[start % n]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut conn)
+    }
 }
 
 impl Sqlite {
@@ -412,24 +496,45 @@ impl Sqlite {
     pub const SCHEMA_VERSION: u32 = 3;
 
     /// Opens (creating it if needed) the database at `path`, switches it to WAL with durable
-    /// commits and applies pending migrations. Refuses, with [`StoreError::Corrupt`], a
-    /// database written by a newer hub.
+    /// commits, applies pending migrations and starts the writer thread. Refuses, with
+    /// [`StoreError::Corrupt`], a database written by a newer hub.
     ///
     /// This blocks; call it at startup, or on a blocking thread.
     pub fn open(path: &Path) -> StoreResult<Self> {
+        let context = |e| prefix(e, &format!("opening {}", path.display()));
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
-        Self::configure(conn, true).map_err(|e| prefix(e, &format!("opening {}", path.display())))
+        let conn = Self::configure(conn, true).map_err(context)?;
+        let conns = (0..READERS)
+            .map(|_| {
+                let reader = Connection::open(path).ctx("opening a read connection")?;
+                reader
+                    .busy_timeout(BUSY_TIMEOUT)
+                    .ctx("setting busy_timeout")?;
+                reader
+                    .pragma_update(None, "query_only", "ON")
+                    .ctx("setting query_only")?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<StoreResult<Vec<_>>>()
+            .map_err(context)?;
+        Self::start(
+            conn,
+            Some(Readers {
+                conns,
+                next: AtomicUsize::new(0),
+            }),
+        )
     }
 
     /// A private in-memory database, for tests of code that needs a store. Nothing
     /// survives dropping it.
     pub fn open_in_memory() -> StoreResult<Self> {
         let conn = Connection::open_in_memory().ctx("opening an in-memory database")?;
-        Self::configure(conn, false)
+        Self::start(Self::configure(conn, false)?, None)
     }
 
-    fn configure(mut conn: Connection, wal: bool) -> StoreResult<Self> {
+    fn configure(mut conn: Connection, wal: bool) -> StoreResult<Connection> {
         conn.busy_timeout(BUSY_TIMEOUT)
             .ctx("setting busy_timeout")?;
         if wal {
@@ -449,26 +554,176 @@ impl Sqlite {
         conn.pragma_update(None, "foreign_keys", "ON")
             .ctx("setting foreign_keys")?;
         migrate(&mut conn)?;
+        Ok(conn)
+    }
+
+    fn start(conn: Connection, readers: Option<Readers>) -> StoreResult<Self> {
+        let (jobs, queue) = mpsc::channel();
+        let stats = Arc::new(Counters::default());
+        let counters = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("tessera-store".into())
+            .spawn(move || write_loop(conn, &queue, &counters))
+            .map_err(|e| StoreError::Backend(format!("starting the store's writer: {e}")))?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            inner: Arc::new(Inner {
+                jobs,
+                stats,
+                readers,
+            }),
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
-    async fn run<T, F>(&self, what: &'static str, f: F) -> StoreResult<T>
+    /// Runs `f` in the next batch of the writer thread; answers once that batch is durable.
+    /// An `Err` from `f` undoes what it wrote (its savepoint) and nothing else.
+    async fn write_with<T, E, F>(&self, what: &'static str, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Job::Write(Box::new(move |conn| {
+            let result = f(conn);
+            Ran {
+                keep: result.is_ok(),
+                answer: Box::new(move |failed| {
+                    let _ = tx.send(match failed {
+                        None => result,
+                        Some(m) => Err(StoreError::Backend(format!("{what}: {m}")).into()),
+                    });
+                }),
+            }
+        }));
+        let stopped = || StoreError::Backend(format!("{what}: the store's writer has stopped"));
+        self.inner.jobs.send(job).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// [`write_with`](Self::write_with) for plain store errors, named after the operation.
+    async fn write<T, F>(&self, what: &'static str, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.write_with(what, move |conn| f(conn).map_err(|e| prefix(e, what)))
+            .await
+    }
+
+    /// Runs `f` on a read connection (on the writer thread for an in-memory database).
+    async fn read<T, F>(&self, what: &'static str, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| StoreError::Backend(format!("{what}: connection lock poisoned")))?;
-            f(&mut conn).map_err(|e| prefix(e, what))
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("{what}: blocking task failed: {e}")))?
+        if let Some(readers) = &self.inner.readers {
+            return readers.with(f).map_err(|e| prefix(e, what));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Job::Read(Box::new(move |conn| {
+            let _ = tx.send(f(conn).map_err(|e| prefix(e, what)));
+        }));
+        let stopped = || StoreError::Backend(format!("{what}: the store's writer has stopped"));
+        self.inner.jobs.send(job).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+/// The writer thread: batches of writes, one transaction each (see the module doc).
+fn write_loop(mut conn: Connection, queue: &mpsc::Receiver<Job>, counters: &Counters) {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(job) => job,
+            None => match queue.recv() {
+                Ok(job) => job,
+                // Every handle is gone and every write answered.
+                Err(_) => return,
+            },
+        };
+        let first = match job {
+            Job::Read(f) => {
+                f(&mut conn);
+                continue;
+            }
+            Job::Write(f) => f,
+        };
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Another process holds the write lock past the busy timeout: fail this write
+            // only (answering it needs running it, so say why instead).
+            let reason = format!("beginning a write transaction: {e}");
+            tracing::error!(%reason, "store write failed");
+            let ran = run_write(&conn, first);
+            (ran.answer)(Some(reason));
+            continue;
+        }
+        let mut answers = vec![run_write(&conn, first)];
+        while answers.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(Job::Write(f)) => answers.push(run_write(&conn, f)),
+                Ok(read) => {
+                    next = Some(read);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let failed = conn
+            .execute_batch("COMMIT")
+            .err()
+            .map(|e| format!("committing: {e}"));
+        if let Some(reason) = &failed {
+            tracing::error!(%reason, writes = answers.len(), "store commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+        } else {
+            counters.transactions.fetch_add(1, Ordering::Relaxed);
+            counters
+                .writes
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
+        }
+        for ran in answers {
+            (ran.answer)(failed.clone());
+        }
+    }
+}
+
+/// Runs one write in its own savepoint: kept if it succeeded, undone if not (or if it
+/// panicked: the store keeps serving the others).
+fn run_write(conn: &Connection, f: Box<dyn FnOnce(&Connection) -> Ran + Send>) -> Ran {
+    let undo = |conn: &Connection| {
+        conn.execute_batch("ROLLBACK TO write; RELEASE write")
+            .map_err(|e| format!("undoing a write: {e}"))
+    };
+    if let Err(e) = conn.execute_batch("SAVEPOINT write") {
+        let reason = format!("starting a write: {e}");
+        return Ran {
+            keep: false,
+            answer: Box::new(move |_| tracing::error!(%reason, "store write not run")),
+        };
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn))) {
+        Ok(ran) => {
+            let closed = if ran.keep {
+                conn.execute_batch("RELEASE write")
+                    .map_err(|e| format!("keeping a write: {e}"))
+            } else {
+                undo(conn)
+            };
+            match closed {
+                Ok(()) => ran,
+                Err(reason) => Ran {
+                    keep: false,
+                    answer: Box::new(move |_| (ran.answer)(Some(reason))),
+                },
+            }
+        }
+        Err(_) => {
+            let _ = undo(conn);
+            Ran {
+                keep: false,
+                answer: Box::new(|_| tracing::error!("a store write panicked; it was undone")),
+            }
+        }
     }
 }
 
@@ -525,8 +780,6 @@ fn prefix(e: StoreError, what: &str) -> StoreError {
         StoreError::Corrupt(m) => StoreError::Corrupt(format!("{what}: {m}")),
         StoreError::Conflict(m) => StoreError::Conflict(format!("{what}: {m}")),
         StoreError::NotFound(m) => StoreError::NotFound(format!("{what}: {m}")),
-        // Typed for the caller to act on: no message to prefix.
-        e @ StoreError::CutOff { .. } => e,
     }
 }
 
@@ -798,7 +1051,7 @@ fn load_clients(conn: &Connection, kind: Option<ClientKind>) -> StoreResult<Vec<
 }
 
 /// Inserts one client with its groups.
-fn insert_client(tx: &Transaction<'_>, client: &ClientRecord) -> StoreResult<()> {
+fn insert_client(tx: &Connection, client: &ClientRecord) -> StoreResult<()> {
     tx.prepare_cached(&format!(
         "INSERT INTO clients ({CLIENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     ))
@@ -849,7 +1102,7 @@ fn client_without_groups(conn: &Connection, id: &str) -> StoreResult<Option<Clie
 
 /// Marks a client revoked at `at`. A second revocation keeps the first time. A device
 /// loses its key and enrollment; other clients keep their registered key for the record.
-fn revoke_client(tx: &Transaction<'_>, id: &str, at: u64) -> StoreResult<()> {
+fn revoke_client(tx: &Connection, id: &str, at: u64) -> StoreResult<()> {
     let n = tx
         .prepare_cached(
             "UPDATE clients SET
@@ -869,7 +1122,7 @@ fn revoke_client(tx: &Transaction<'_>, id: &str, at: u64) -> StoreResult<()> {
 }
 
 /// Revokes every grant family of a client; returns how many grants were live.
-fn revoke_grants(tx: &Transaction<'_>, client: &str) -> StoreResult<u64> {
+fn revoke_grants(tx: &Connection, client: &str) -> StoreResult<u64> {
     let live: i64 = tx
         .prepare_cached(
             "SELECT COUNT(*) FROM grants WHERE client = ?1 AND used = 0 AND family_revoked = 0",
@@ -894,7 +1147,7 @@ fn command_number(c: Command) -> i64 {
 
 /// Resolves revocation targets inside the revoking transaction (see [`Store::revoke`]).
 fn resolve(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     targets: &[Target],
     now: u64,
     leeway: u64,
@@ -1061,7 +1314,7 @@ fn resolve(
 
 /// Revokes `targets` inside `tx` (see [`Store::revoke`]); the caller commits.
 fn revoke_in(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     targets: &[Target],
     now: u64,
     leeway: u64,
@@ -1156,21 +1409,354 @@ fn live_tokens(conn: &Connection, subject: &str, live_after: i64) -> StoreResult
     )
 }
 
+// --- one request, one transaction (Store::commit) ---
+
+/// Why a commit stops: a refusal (nothing of the request is kept) or a failure.
+enum Abort {
+    Refused(Box<Refused>),
+    Store(StoreError),
+}
+
+impl From<Refused> for Abort {
+    fn from(r: Refused) -> Self {
+        Self::Refused(Box::new(r))
+    }
+}
+
+impl From<StoreError> for Abort {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Every effect of one request, inside the batch's transaction (see [`Store::commit`]).
+/// An `Err` rolls back the request's savepoint; `Ok(Err(Refused::Grant(_)))` keeps what a
+/// reused grant revoked.
+fn commit_in(tx: &Connection, c: RequestCommit) -> Result<Result<Committed, Refused>, Abort> {
+    let now = c.now();
+    if !remember_nonce_in(tx, &c.client, &c.nonce, now, c.nonce_expires_at)? {
+        return Err(Abort::from(Refused::Replay));
+    }
+    if !take_rate_token_in(tx, &c.client, c.now_ms, c.rate)? {
+        return Err(Abort::from(Refused::RateLimited));
+    }
+    Ok(Ok(match c.effect {
+        Effect::None => Committed::Done,
+        Effect::Enroll { public_key } => {
+            enroll_in(tx, &c.client, &public_key, now)?;
+            Committed::Done
+        }
+        Effect::Issue {
+            token,
+            grant,
+            spends,
+        } => {
+            if let Some(hash) = spends {
+                match use_grant_in(tx, &hash, now)? {
+                    GrantUse::Fresh(_) => {}
+                    // Keeps the family's revocation: the request fails, the reuse is known.
+                    used @ GrantUse::Reused(_) => return Ok(Err(Refused::Grant(used))),
+                    other => return Err(Abort::from(Refused::Grant(other))),
+                }
+            }
+            record_issued_in(tx, &token, grant.as_ref())?;
+            Committed::Done
+        }
+        Effect::SpendGrant(hash) => Committed::Spent(use_grant_in(tx, &hash, now)?),
+        Effect::RevokeGrantsOf(client) => Committed::GrantsRevoked(revoke_grants(tx, &client)?),
+        Effect::Revoke {
+            targets,
+            leeway,
+            unmatched,
+        } => match revoke_in(tx, &targets, now, leeway, unmatched) {
+            Ok(outcome) => Committed::Revoked(outcome),
+            Err(StoreError::NotFound(m)) => return Err(Abort::from(Refused::NotFound(m))),
+            Err(StoreError::Conflict(m)) => return Err(Abort::from(Refused::Conflict(m))),
+            Err(e) => return Err(e.into()),
+        },
+    }))
+}
+
+/// Remembers a nonce until `expires_at`; `false` if the client already used it in a
+/// request still remembered (a replay). Forgets a few expired nonces on the way.
+fn remember_nonce_in(
+    tx: &Connection,
+    client: &str,
+    nonce: &[u8; 16],
+    now: u64,
+    expires_at: u64,
+) -> StoreResult<bool> {
+    // A recorded nonce that expired before `now` is as good as absent: overwrite it.
+    let fresh = tx
+        .prepare_cached(
+            "INSERT INTO nonces (client, nonce, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (client, nonce) DO UPDATE SET expires_at = excluded.expires_at
+             WHERE nonces.expires_at < ?4",
+        )
+        .ctx("preparing the nonce insert")?
+        .execute(params![
+            client,
+            &nonce[..],
+            stored(expires_at, "expires_at")?,
+            bound(now)
+        ])
+        .ctx("recording the nonce")?
+        == 1;
+    tx.prepare_cached(
+        "DELETE FROM nonces WHERE rowid IN
+         (SELECT rowid FROM nonces WHERE expires_at < ?1 LIMIT ?2)",
+    )
+    .ctx("preparing the nonce prune")?
+    .execute(params![bound(now), NONCE_PRUNE_BATCH])
+    .ctx("pruning expired nonces")?;
+    Ok(fresh)
+}
+
+/// Takes one token from the client's bucket; `false` (and nothing written) if it is empty.
+fn take_rate_token_in(
+    tx: &Connection,
+    client: &str,
+    now_ms: u64,
+    rate: RateLimit,
+) -> StoreResult<bool> {
+    if rate == RateLimit::NONE {
+        return Ok(true);
+    }
+    let row = tx
+        .prepare_cached("SELECT tokens, updated_ms FROM rate_buckets WHERE client = ?1")
+        .ctx("preparing the bucket read")?
+        .query_row(params![client], |row| {
+            Ok((row.get::<_, f64>(0)?, row.get::<_, i64>(1)?))
+        })
+        .optional()
+        .ctx("reading the bucket")?;
+    let burst = f64::from(rate.burst);
+    let (tokens, updated_ms) = match row {
+        None => (burst, now_ms),
+        Some((tokens, updated_ms)) => {
+            let updated_ms = u64::try_from(updated_ms)
+                .map_err(|_| StoreError::Corrupt(format!("bucket updated_ms is {updated_ms}")))?;
+            if !tokens.is_finite() || tokens < 0.0 {
+                return Err(StoreError::Corrupt(format!("bucket holds {tokens} tokens")));
+            }
+            // A clock that went back (another replica's, say) refills nothing, and the
+            // bucket keeps the later time so the interval is not counted twice.
+            let elapsed = now_ms.saturating_sub(updated_ms);
+            let refill = if elapsed > 0 && rate.per_second > 0.0 {
+                elapsed as f64 * rate.per_second / 1000.0
+            } else {
+                0.0
+            };
+            ((tokens + refill).min(burst), now_ms.max(updated_ms))
+        }
+    };
+    if tokens < 1.0 - RATE_EPSILON {
+        // Nothing to write: the refill is recomputed from the stored state next time.
+        return Ok(false);
+    }
+    tx.prepare_cached(
+        "INSERT INTO rate_buckets (client, tokens, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (client) DO UPDATE SET tokens = excluded.tokens,
+                                            updated_ms = excluded.updated_ms",
+    )
+    .ctx("preparing the bucket update")?
+    .execute(params![
+        client,
+        (tokens - 1.0).max(0.0),
+        stored(updated_ms, "now_ms")?
+    ])
+    .ctx("updating the bucket")?;
+    Ok(true)
+}
+
+/// Records a device's enrollment (see [`Effect::Enroll`]).
+fn enroll_in(tx: &Connection, id: &str, key: &[u8], at: u64) -> Result<(), Abort> {
+    let row = tx
+        .prepare_cached("SELECT public_key, enrolled_at, revoked_at FROM clients WHERE id = ?1")
+        .ctx("preparing the client read")?
+        .query_row(params![id], |row| {
+            Ok((
+                row.get::<_, Option<Vec<u8>>>(0)?,
+                row.get::<_, Option<i64>>(1)?,
+                row.get::<_, Option<i64>>(2)?,
+            ))
+        })
+        .optional()
+        .ctx("reading the client")?;
+    let Some((current, enrolled_at, revoked_at)) = row else {
+        return Err(Abort::from(Refused::NotFound(format!("client {id:?}"))));
+    };
+    if revoked_at.is_some() {
+        return Err(Abort::from(Refused::Conflict(format!(
+            "client {id:?} is revoked"
+        ))));
+    }
+    match current {
+        Some(current) if current != key => {
+            return Err(Abort::from(Refused::Conflict(format!(
+                "client {id:?} is already enrolled with a different key"
+            ))));
+        }
+        // Enrolling again with the same key changes nothing.
+        Some(_) if enrolled_at.is_some() => return Ok(()),
+        _ => {}
+    }
+    tx.prepare_cached(
+        "UPDATE clients SET public_key = ?2, enrolled_at = ?3, enrollment_code_key = NULL
+         WHERE id = ?1",
+    )
+    .ctx("preparing the enrollment")?
+    .execute(params![id, key, stored(at, "enrolled_at")?])
+    .ctx("updating the client")?;
+    Ok(())
+}
+
+/// Records an issued token and its grant (see [`Effect::Issue`]).
+fn record_issued_in(
+    tx: &Connection,
+    token: &IssuedToken,
+    grant: Option<&GrantRecord>,
+) -> Result<(), Abort> {
+    // Re-checked here, under the write lock: a revocation that committed after the hub
+    // decided to issue must still win.
+    let holder = tx
+        .prepare_cached("SELECT revoked_at, tokens_revoked_before FROM clients WHERE id = ?1")
+        .ctx("preparing the holder check")?
+        .query_row(params![token.subject], |row| {
+            Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))
+        })
+        .optional()
+        .ctx("reading the holder")?;
+    match holder {
+        Some((Some(_), _)) => {
+            return Err(Abort::from(Refused::HolderRevoked(token.subject.clone())));
+        }
+        Some((None, Some(before))) if bound(token.issued_at) < before => {
+            return Err(Abort::from(Refused::CutOff {
+                subject: token.subject.clone(),
+                issued_before: u64::try_from(before).map_err(|_| {
+                    StoreError::Corrupt(format!("tokens_revoked_before is {before}"))
+                })?,
+            }));
+        }
+        _ => {}
+    }
+    let inserted = tx
+        .prepare_cached(&format!(
+            "INSERT INTO issued_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ))
+        .ctx("preparing the token insert")?
+        .execute(params![
+            &token.cti[..],
+            &token.hash[..],
+            token.kind.as_str(),
+            token.subject,
+            token.audience,
+            token.scope,
+            stored(token.issued_at, "issued_at")?,
+            stored(token.expires_at, "expires_at")?,
+        ]);
+    if let Err(e) = inserted {
+        return Err(
+            match insert_error(e, "inserting the token", || {
+                format!(
+                    "a token with cti {} is already recorded",
+                    hex::encode(token.cti)
+                )
+            }) {
+                StoreError::Conflict(m) => Refused::Conflict(m).into(),
+                other => other.into(),
+            },
+        );
+    }
+    if let Some(g) = grant {
+        // A grant rotated into a family that was revoked meanwhile (its predecessor was
+        // replayed on another replica) starts revoked.
+        let inserted = tx
+            .prepare_cached(&format!(
+                "INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0,
+                 EXISTS (SELECT 1 FROM grants WHERE family = ?2 AND family_revoked = 1))"
+            ))
+            .ctx("preparing the grant insert")?
+            .execute(params![
+                &g.hash[..],
+                &g.family[..],
+                g.client,
+                g.kind.as_str(),
+                g.audience,
+                g.scope,
+                stored(g.expires_at, "grant expires_at")?,
+                stored(g.created_at, "grant created_at")?,
+            ]);
+        if let Err(e) = inserted {
+            return Err(
+                match insert_error(e, "inserting the grant", || {
+                    "a grant with this hash is already recorded".to_owned()
+                }) {
+                    StoreError::Conflict(m) => Refused::Conflict(m).into(),
+                    other => other.into(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The grant with this hash as stored.
+fn grant_state(conn: &Connection, hash: &[u8; 32]) -> StoreResult<Option<GrantState>> {
+    Ok(collect(
+        conn,
+        &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE hash = ?1"),
+        params![&hash[..]],
+        grant_row,
+    )?
+    .pop()
+    .map(|(record, used, family_revoked)| GrantState {
+        record,
+        used,
+        family_revoked,
+    }))
+}
+
+/// Presents a grant (see [`Effect::SpendGrant`]).
+fn use_grant_in(tx: &Connection, hash: &[u8; 32], now: u64) -> StoreResult<GrantUse> {
+    let Some(state) = grant_state(tx, hash)? else {
+        return Ok(GrantUse::Unknown);
+    };
+    let outcome = state.classify(now);
+    match &outcome {
+        // Replay of a rotated grant: someone else holds a copy. Revoke the family.
+        GrantUse::Reused(grant) => {
+            tx.prepare_cached("UPDATE grants SET family_revoked = 1 WHERE family = ?1")
+                .ctx("preparing the family revocation")?
+                .execute(params![&grant.family[..]])
+                .ctx("revoking the family")?;
+        }
+        GrantUse::Fresh(_) => {
+            tx.prepare_cached("UPDATE grants SET used = 1 WHERE hash = ?1")
+                .ctx("preparing the grant use")?
+                .execute(params![&hash[..]])
+                .ctx("marking the grant used")?;
+        }
+        _ => {}
+    }
+    Ok(outcome)
+}
+
 impl Store for Sqlite {
     // --- registry ---
 
     async fn add_client(&self, client: ClientRecord) -> StoreResult<()> {
-        self.run("add_client", move |conn| {
-            let tx = immediate(conn)?;
-            insert_client(&tx, &client)?;
-            tx.commit().ctx("committing")
+        self.write("add_client", move |tx| {
+            insert_client(tx, &client)?;
+            Ok(())
         })
         .await
     }
 
     async fn client(&self, id: &str) -> StoreResult<Option<ClientRecord>> {
         let id = id.to_owned();
-        self.run("client", move |conn| {
+        self.read("client", move |conn| {
             let tx = deferred(conn)?;
             let mut found = collect(
                 &tx,
@@ -1193,7 +1779,7 @@ impl Store for Sqlite {
     }
 
     async fn clients(&self, kind: Option<ClientKind>) -> StoreResult<Vec<ClientRecord>> {
-        self.run("clients", move |conn| {
+        self.read("clients", move |conn| {
             let tx = deferred(conn)?;
             load_clients(&tx, kind)
         })
@@ -1202,8 +1788,7 @@ impl Store for Sqlite {
 
     async fn remove_client(&self, id: &str) -> StoreResult<bool> {
         let id = id.to_owned();
-        self.run("remove_client", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("remove_client", move |tx| {
             // Groups go by cascade. Grants go too: a client registered again under this id
             // must not inherit the old one's grants.
             let removed = tx
@@ -1211,7 +1796,6 @@ impl Store for Sqlite {
                 .ctx("deleting the client")?;
             tx.execute("DELETE FROM grants WHERE client = ?1", params![id])
                 .ctx("deleting the client's grants")?;
-            tx.commit().ctx("committing")?;
             Ok(removed > 0)
         })
         .await
@@ -1226,8 +1810,7 @@ impl Store for Sqlite {
         leeway: u64,
     ) -> StoreResult<Outcome> {
         let (id, role) = (id.to_owned(), role.to_owned());
-        self.run("set_role", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("set_role", move |tx| {
             let n = tx
                 .execute(
                     "UPDATE clients SET role = ?2 WHERE id = ?1",
@@ -1240,261 +1823,59 @@ impl Store for Sqlite {
             let outcome = if disallowed.is_empty() {
                 Outcome::default()
             } else {
-                revoke_in(&tx, &disallowed, now, leeway, Unmatched::Skip)?
+                revoke_in(tx, &disallowed, now, leeway, Unmatched::Skip)?
             };
-            tx.commit().ctx("committing")?;
             Ok(outcome)
         })
         .await
     }
 
-    async fn enroll(&self, id: &str, public_key: &[u8], at: u64) -> StoreResult<()> {
-        let (id, key) = (id.to_owned(), public_key.to_vec());
-        self.run("enroll", move |conn| {
-            let tx = immediate(conn)?;
-            let row = tx
-                .query_row(
-                    "SELECT public_key, enrolled_at, revoked_at FROM clients WHERE id = ?1",
-                    params![id],
-                    |row| {
-                        Ok((
-                            row.get::<_, Option<Vec<u8>>>(0)?,
-                            row.get::<_, Option<i64>>(1)?,
-                            row.get::<_, Option<i64>>(2)?,
-                        ))
-                    },
-                )
-                .optional()
-                .ctx("reading the client")?;
-            let Some((current, enrolled_at, revoked_at)) = row else {
-                return Err(StoreError::NotFound(format!("client {id:?}")));
-            };
-            if revoked_at.is_some() {
-                return Err(StoreError::Conflict(format!("client {id:?} is revoked")));
-            }
-            match current {
-                Some(current) if current != key => {
-                    return Err(StoreError::Conflict(format!(
-                        "client {id:?} is already enrolled with a different key"
-                    )));
-                }
-                // Enrolling again with the same key changes nothing.
-                Some(_) if enrolled_at.is_some() => return Ok(()),
-                _ => {}
-            }
-            tx.execute(
-                "UPDATE clients SET public_key = ?2, enrolled_at = ?3, enrollment_code_key = NULL
-                 WHERE id = ?1",
-                params![id, key, stored(at, "enrolled_at")?],
-            )
-            .ctx("updating the client")?;
-            tx.commit().ctx("committing")
-        })
-        .await
-    }
-
     async fn add_clients(&self, clients: Vec<ClientRecord>) -> StoreResult<()> {
-        self.run("add_clients", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("add_clients", move |tx| {
             for client in &clients {
-                insert_client(&tx, client)?;
+                insert_client(tx, client)?;
             }
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
 
-    // --- replay and rate limiting ---
+    // --- requests ---
 
-    async fn remember_nonce(
-        &self,
-        client: &str,
-        nonce: &[u8; 16],
-        now: u64,
-        expires_at: u64,
-    ) -> StoreResult<bool> {
+    async fn nonce_seen(&self, client: &str, nonce: &[u8; 16], now: u64) -> StoreResult<bool> {
         let (client, nonce) = (client.to_owned(), *nonce);
-        self.run("remember_nonce", move |conn| {
-            let tx = immediate(conn)?;
-            // A recorded nonce that expired before `now` is as good as absent: overwrite it.
-            let fresh = tx
-                .prepare_cached(
-                    "INSERT INTO nonces (client, nonce, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (client, nonce) DO UPDATE SET expires_at = excluded.expires_at
-                     WHERE nonces.expires_at < ?4",
-                )
-                .ctx("preparing the nonce insert")?
-                .execute(params![
-                    client,
-                    &nonce[..],
-                    stored(expires_at, "expires_at")?,
-                    bound(now)
-                ])
-                .ctx("recording the nonce")?
-                == 1;
-            tx.prepare_cached(
-                "DELETE FROM nonces WHERE rowid IN
-                 (SELECT rowid FROM nonces WHERE expires_at < ?1 LIMIT ?2)",
+        self.read("nonce_seen", move |conn| {
+            conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM nonces
+                 WHERE client = ?1 AND nonce = ?2 AND expires_at >= ?3)",
             )
-            .ctx("preparing the nonce prune")?
-            .execute(params![bound(now), NONCE_PRUNE_BATCH])
-            .ctx("pruning expired nonces")?;
-            tx.commit().ctx("committing")?;
-            Ok(fresh)
+            .ctx("preparing the nonce read")?
+            .query_row(params![client, &nonce[..], bound(now)], |row| row.get(0))
+            .ctx("reading the nonce")
         })
         .await
     }
 
-    async fn take_rate_token(
-        &self,
-        client: &str,
-        now_ms: u64,
-        burst: u32,
-        per_second: f64,
-    ) -> StoreResult<bool> {
-        let client = client.to_owned();
-        self.run("take_rate_token", move |conn| {
-            let tx = immediate(conn)?;
-            let row = tx
-                .query_row(
-                    "SELECT tokens, updated_ms FROM rate_buckets WHERE client = ?1",
-                    params![client],
-                    |row| Ok((row.get::<_, f64>(0)?, row.get::<_, i64>(1)?)),
-                )
-                .optional()
-                .ctx("reading the bucket")?;
-            let burst = f64::from(burst);
-            let (tokens, updated_ms) = match row {
-                None => (burst, now_ms),
-                Some((tokens, updated_ms)) => {
-                    let updated_ms = u64::try_from(updated_ms).map_err(|_| {
-                        StoreError::Corrupt(format!("bucket updated_ms is {updated_ms}"))
-                    })?;
-                    if !tokens.is_finite() || tokens < 0.0 {
-                        return Err(StoreError::Corrupt(format!("bucket holds {tokens} tokens")));
-                    }
-                    // A clock that went back (another replica's, say) refills nothing, and
-                    // the bucket keeps the later time so the interval is not counted twice.
-                    let elapsed = now_ms.saturating_sub(updated_ms);
-                    let refill = if elapsed > 0 && per_second > 0.0 {
-                        elapsed as f64 * per_second / 1000.0
-                    } else {
-                        0.0
-                    };
-                    ((tokens + refill).min(burst), now_ms.max(updated_ms))
-                }
-            };
-            if tokens < 1.0 - RATE_EPSILON {
-                // Nothing to write: the refill is recomputed from the stored state next time.
-                return Ok(false);
-            }
-            tx.prepare_cached(
-                "INSERT INTO rate_buckets (client, tokens, updated_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (client) DO UPDATE SET tokens = excluded.tokens,
-                                                    updated_ms = excluded.updated_ms",
-            )
-            .ctx("preparing the bucket update")?
-            .execute(params![
-                client,
-                (tokens - 1.0).max(0.0),
-                stored(updated_ms, "now_ms")?
-            ])
-            .ctx("updating the bucket")?;
-            tx.commit().ctx("committing")?;
-            Ok(true)
-        })
-        .await
+    async fn grant(&self, hash: &[u8; 32]) -> StoreResult<Option<GrantState>> {
+        let hash = *hash;
+        self.read("grant", move |conn| grant_state(conn, &hash))
+            .await
     }
 
-    // --- issuance ---
-
-    async fn record_issued(
-        &self,
-        token: IssuedToken,
-        grant: Option<GrantRecord>,
-    ) -> StoreResult<()> {
-        self.run("record_issued", move |conn| {
-            let tx = immediate(conn)?;
-            // Re-checked here, under the write lock: a revocation that committed after the
-            // hub decided to issue must still win.
-            let holder = tx
-                .prepare_cached(
-                    "SELECT revoked_at, tokens_revoked_before FROM clients WHERE id = ?1",
-                )
-                .ctx("preparing the holder check")?
-                .query_row(params![token.subject], |row| {
-                    Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))
-                })
-                .optional()
-                .ctx("reading the holder")?;
-            match holder {
-                Some((Some(_), _)) => {
-                    return Err(StoreError::Conflict(format!(
-                        "client {:?} was revoked",
-                        token.subject
-                    )));
-                }
-                Some((None, Some(before))) if bound(token.issued_at) < before => {
-                    return Err(StoreError::CutOff {
-                        subject: token.subject,
-                        issued_before: u64::try_from(before).map_err(|_| {
-                            StoreError::Corrupt(format!("tokens_revoked_before is {before}"))
-                        })?,
-                    });
-                }
-                _ => {}
-            }
-            tx.prepare_cached(&format!(
-                "INSERT INTO issued_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-            ))
-            .ctx("preparing the token insert")?
-            .execute(params![
-                &token.cti[..],
-                &token.hash[..],
-                token.kind.as_str(),
-                token.subject,
-                token.audience,
-                token.scope,
-                stored(token.issued_at, "issued_at")?,
-                stored(token.expires_at, "expires_at")?,
-            ])
-            .map_err(|e| {
-                insert_error(e, "inserting the token", || {
-                    format!("a token with cti {} is already recorded", hex::encode(token.cti))
-                })
-            })?;
-            if let Some(g) = grant {
-                // A grant rotated into a family that was revoked meanwhile (its predecessor
-                // was replayed on another replica) starts revoked.
-                tx.prepare_cached(&format!(
-                    "INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0,
-                     EXISTS (SELECT 1 FROM grants WHERE family = ?2 AND family_revoked = 1))"
-                ))
-                .ctx("preparing the grant insert")?
-                .execute(params![
-                    &g.hash[..],
-                    &g.family[..],
-                    g.client,
-                    g.kind.as_str(),
-                    g.audience,
-                    g.scope,
-                    stored(g.expires_at, "grant expires_at")?,
-                    stored(g.created_at, "grant created_at")?,
-                ])
-                .map_err(|e| {
-                    insert_error(e, "inserting the grant", || {
-                        "a grant with this hash is already recorded".to_owned()
-                    })
-                })?;
-            }
-            tx.commit().ctx("committing")
-        })
-        .await
+    async fn commit(&self, request: RequestCommit) -> StoreResult<Result<Committed, Refused>> {
+        match self
+            .write_with("commit", move |tx| commit_in(tx, request))
+            .await
+        {
+            Ok(done) => Ok(done),
+            Err(Abort::Refused(refused)) => Ok(Err(*refused)),
+            Err(Abort::Store(e)) => Err(prefix(e, "commit")),
+        }
     }
 
     async fn issued(&self, cti: &[u8]) -> StoreResult<Option<IssuedToken>> {
         let cti = cti.to_vec();
-        self.run("issued", move |conn| {
+        self.read("issued", move |conn| {
             Ok(collect(
                 conn,
                 &format!("SELECT {TOKEN_COLUMNS} FROM issued_tokens WHERE cti = ?1"),
@@ -1508,7 +1889,7 @@ impl Store for Sqlite {
 
     async fn issued_to(&self, subject: &str, now: u64) -> StoreResult<Vec<IssuedToken>> {
         let subject = subject.to_owned();
-        self.run("issued_to", move |conn| {
+        self.read("issued_to", move |conn| {
             collect(
                 conn,
                 &format!(
@@ -1524,7 +1905,7 @@ impl Store for Sqlite {
 
     async fn issued_for(&self, audience: &str, now: u64) -> StoreResult<Vec<IssuedToken>> {
         let audience = audience.to_owned();
-        self.run("issued_for", move |conn| {
+        self.read("issued_for", move |conn| {
             collect(
                 conn,
                 &format!(
@@ -1538,59 +1919,6 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn use_grant(&self, hash: &[u8; 32], now: u64) -> StoreResult<GrantUse> {
-        let hash = *hash;
-        self.run("use_grant", move |conn| {
-            let tx = immediate(conn)?;
-            let found = collect(
-                &tx,
-                &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE hash = ?1"),
-                params![&hash[..]],
-                grant_row,
-            )?
-            .pop();
-            let Some((grant, used, family_revoked)) = found else {
-                return Ok(GrantUse::Unknown);
-            };
-            if family_revoked {
-                return Ok(GrantUse::Revoked(grant));
-            }
-            if now >= grant.expires_at {
-                return Ok(GrantUse::Expired(grant));
-            }
-            let outcome = if used {
-                // Replay of a rotated grant: someone else holds a copy. Revoke the family.
-                tx.execute(
-                    "UPDATE grants SET family_revoked = 1 WHERE family = ?1",
-                    params![&grant.family[..]],
-                )
-                .ctx("revoking the family")?;
-                GrantUse::Reused(grant)
-            } else {
-                tx.execute(
-                    "UPDATE grants SET used = 1 WHERE hash = ?1",
-                    params![&hash[..]],
-                )
-                .ctx("marking the grant used")?;
-                GrantUse::Fresh(grant)
-            };
-            tx.commit().ctx("committing")?;
-            Ok(outcome)
-        })
-        .await
-    }
-
-    async fn revoke_grants_of(&self, client: &str) -> StoreResult<u64> {
-        let client = client.to_owned();
-        self.run("revoke_grants_of", move |conn| {
-            let tx = immediate(conn)?;
-            let live = revoke_grants(&tx, &client)?;
-            tx.commit().ctx("committing")?;
-            Ok(live)
-        })
-        .await
-    }
-
     // --- revocation ---
 
     async fn revoke(
@@ -1600,17 +1928,15 @@ impl Store for Sqlite {
         leeway: u64,
         unmatched: Unmatched,
     ) -> StoreResult<Outcome> {
-        self.run("revoke", move |conn| {
-            let tx = immediate(conn)?;
-            let outcome = revoke_in(&tx, &targets, now, leeway, unmatched)?;
-            tx.commit().ctx("committing")?;
+        self.write("revoke", move |tx| {
+            let outcome = revoke_in(tx, &targets, now, leeway, unmatched)?;
             Ok(outcome)
         })
         .await
     }
 
     async fn streams(&self) -> StoreResult<Vec<StreamState>> {
-        self.run("streams", move |conn| {
+        self.read("streams", move |conn| {
             collect(
                 conn,
                 "SELECT name, seq, snapshot_seq, snapshot_pages FROM revocation_streams
@@ -1638,7 +1964,7 @@ impl Store for Sqlite {
         max_entries: usize,
     ) -> StoreResult<StreamRead> {
         let stream = stream.to_owned();
-        self.run("stream_entries", move |conn| {
+        self.read("stream_entries", move |conn| {
             let tx = deferred(conn)?;
             let latest = tx
                 .prepare_cached("SELECT seq FROM revocation_streams WHERE name = ?1")
@@ -1684,21 +2010,20 @@ impl Store for Sqlite {
 
     async fn set_snapshot_published(&self, stream: &str, seq: u64, pages: u64) -> StoreResult<()> {
         let stream = stream.to_owned();
-        self.run("set_snapshot_published", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("set_snapshot_published", move |tx| {
             tx.execute(
                 "UPDATE revocation_streams SET snapshot_seq = ?2, snapshot_pages = ?3
                  WHERE name = ?1",
                 params![stream, stored(seq, "seq")?, stored(pages, "pages")?],
             )
             .ctx("updating the stream")?;
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
 
     async fn unpublished_changes(&self, created_before: u64) -> StoreResult<Vec<Change>> {
-        self.run("unpublished_changes", move |conn| {
+        self.read("unpublished_changes", move |conn| {
             let tx = deferred(conn)?;
             let rows = collect(
                 &tx,
@@ -1751,8 +2076,7 @@ impl Store for Sqlite {
         if ranges.is_empty() {
             return Ok(());
         }
-        self.run("mark_published", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("mark_published", move |tx| {
             {
                 // One statement per range, whatever its length: the primary key finds it.
                 let mut update = tx
@@ -1767,7 +2091,7 @@ impl Store for Sqlite {
                         .ctx("marking changes published")?;
                 }
             }
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
@@ -1778,7 +2102,7 @@ impl Store for Sqlite {
         limit: usize,
     ) -> StoreResult<Vec<PendingControl>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run("unsent_controls", move |conn| {
+        self.read("unsent_controls", move |conn| {
             collect(
                 conn,
                 "SELECT device, command, issued_at FROM pending_controls
@@ -1804,8 +2128,7 @@ impl Store for Sqlite {
         if controls.is_empty() {
             return Ok(());
         }
-        self.run("mark_controls_sent", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("mark_controls_sent", move |tx| {
             {
                 let mut delete = tx
                     .prepare_cached(
@@ -1823,7 +2146,7 @@ impl Store for Sqlite {
                         .ctx("forgetting a control message")?;
                 }
             }
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
@@ -1831,8 +2154,7 @@ impl Store for Sqlite {
     // --- signing keys ---
 
     async fn add_key(&self, key: KeyRecord) -> StoreResult<()> {
-        self.run("add_key", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("add_key", move |tx| {
             tx.execute(
                 &format!(
                     "INSERT INTO signing_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
@@ -1856,13 +2178,13 @@ impl Store for Sqlite {
                     format!("a key with kid {} exists", hex::encode(key.kid))
                 })
             })?;
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
 
     async fn keys(&self) -> StoreResult<Vec<KeyRecord>> {
-        self.run("keys", move |conn| {
+        self.read("keys", move |conn| {
             collect(
                 conn,
                 &format!("SELECT {KEY_COLUMNS} FROM signing_keys ORDER BY created_at, rowid"),
@@ -1880,8 +2202,7 @@ impl Store for Sqlite {
         active_from: u64,
     ) -> StoreResult<KeyRecord> {
         let kid = *kid;
-        self.run("mark_key_published", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("mark_key_published", move |tx| {
             tx.execute(
                 "UPDATE signing_keys SET published_at = ?2, active_from = MAX(active_from, ?3)
                  WHERE kid = ?1 AND published_at IS NULL",
@@ -1893,14 +2214,13 @@ impl Store for Sqlite {
             )
             .ctx("updating the key")?;
             let key = collect(
-                &tx,
+                tx,
                 &format!("SELECT {KEY_COLUMNS} FROM signing_keys WHERE kid = ?1"),
                 params![&kid[..]],
                 key_row,
             )?
             .pop()
             .ok_or_else(|| StoreError::NotFound(format!("key {}", hex::encode(kid))))?;
-            tx.commit().ctx("committing")?;
             Ok(key)
         })
         .await
@@ -1908,8 +2228,7 @@ impl Store for Sqlite {
 
     async fn retire_key(&self, kid: &[u8; 8], retire_after: u64) -> StoreResult<()> {
         let kid = *kid;
-        self.run("retire_key", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("retire_key", move |tx| {
             let n = tx
                 .execute(
                     "UPDATE signing_keys SET retire_after = ?2 WHERE kid = ?1",
@@ -1919,14 +2238,13 @@ impl Store for Sqlite {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("key {}", hex::encode(kid))));
             }
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
 
     async fn next_keyset_version(&self) -> StoreResult<u64> {
-        self.run("next_keyset_version", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("next_keyset_version", move |tx| {
             let v: i64 = tx
                 .query_row(
                     "INSERT INTO counters (name, value) VALUES ('keyset_version', 1)
@@ -1936,7 +2254,6 @@ impl Store for Sqlite {
                     |row| row.get(0),
                 )
                 .ctx("incrementing the version")?;
-            tx.commit().ctx("committing")?;
             u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("key set version {v}")))
         })
         .await
@@ -1948,8 +2265,7 @@ impl Store for Sqlite {
         if events.is_empty() {
             return Ok(());
         }
-        self.run("audit", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("audit", move |tx| {
             {
                 let mut insert = tx
                     .prepare_cached(
@@ -1972,7 +2288,7 @@ impl Store for Sqlite {
                         .ctx("inserting an event")?;
                 }
             }
-            tx.commit().ctx("committing")
+            Ok(())
         })
         .await
     }
@@ -1982,8 +2298,7 @@ impl Store for Sqlite {
         let entries_before = bound(horizons.entries_before);
         let controls_before = bound(horizons.controls_before);
         let audit_before = bound(horizons.audit_before_ms);
-        self.run("prune", move |conn| {
-            let tx = immediate(conn)?;
+        self.write("prune", move |tx| {
             let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
             let pruned = Pruned {
                 tokens: count(
@@ -2045,15 +2360,21 @@ impl Store for Sqlite {
                 params![tokens_before],
             )
             .ctx("pruning nonces")?;
-            tx.commit().ctx("committing")?;
             Ok(pruned)
         })
         .await
     }
 
+    fn write_stats(&self) -> WriteStats {
+        WriteStats {
+            transactions: self.inner.stats.transactions.load(Ordering::Relaxed),
+            writes: self.inner.stats.writes.load(Ordering::Relaxed),
+        }
+    }
+
     async fn audit_tail(&self, limit: usize) -> StoreResult<Vec<AuditEvent>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run("audit_tail", move |conn| {
+        self.read("audit_tail", move |conn| {
             collect(
                 conn,
                 "SELECT at_ms, actor, action, target, outcome, reason, count FROM
