@@ -11,6 +11,8 @@
 //! - [`free_port`], [`wait_for_port`]: loopback ports.
 //! - [`hub`]: a real `tessera-hub` (init, register, serve, kill, restart) and clients that
 //!   talk to it, for the hub's end-to-end tests.
+//! - [`wait_until`], [`wait_until_every`], [`wait_until_blocking`]: bounded waits on an observable condition,
+//!   instead of fixed sleeps.
 //!
 //! Everything binds and connects to 127.0.0.1 only. Waits are bounded: each has a timeout
 //! of a few seconds and fails with diagnostics (the broker's log tail, the child's output).
@@ -42,6 +44,7 @@ pub mod pki;
 pub mod port;
 pub mod probe;
 pub mod process;
+pub mod wait;
 
 pub use broker::{Broker, BrokerBuilder};
 pub use pki::{CertKeyFiles, TestPki};
@@ -50,3 +53,4 @@ pub use probe::{Message, MqttProbe, ProbeOptions, QoS, topic_matches};
 pub use process::{ChildGuard, cargo_bin, cargo_bin_of};
 pub use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
 pub use rustix::process::Signal;
+pub use wait::{wait_until, wait_until_blocking, wait_until_every};

@@ -570,36 +570,54 @@ pub(crate) enum Sample {
 #[derive(Debug)]
 pub(crate) struct Sampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(u64, Sample)>>>,
+    samples: std::sync::Arc<std::sync::Mutex<Vec<(u64, Sample)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sampler {
     /// Starts sampling `socket`; tokens are checked with `anchor`.
     pub(crate) fn start(socket: PathBuf, anchor: PublicKey, every: Duration) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (flag, taken) = (stop.clone(), samples.clone());
         let thread = std::thread::spawn(move || {
-            let mut samples = Vec::new();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let at = now_ms();
-                samples.push((at, sample(&socket, &anchor, at)));
+                let s = sample(&socket, &anchor, at);
+                taken
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((at, s));
                 std::thread::sleep(every);
             }
-            samples
         });
         Self {
             stop,
+            samples,
             thread: Some(thread),
         }
+    }
+
+    /// How many samples were taken so far.
+    pub(crate) fn len(&self) -> usize {
+        self.samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Stops and returns every sample with its local time (ms).
     pub(crate) fn finish(mut self) -> Vec<(u64, Sample)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(
+            &mut *self
+                .samples
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 

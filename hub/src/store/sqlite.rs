@@ -426,12 +426,28 @@ pub struct Sqlite {
 }
 
 struct Inner {
-    /// To the writer thread.
-    jobs: mpsc::Sender<Job>,
+    /// To the writer thread (`None` once dropping).
+    jobs: Option<mpsc::Sender<Job>>,
+    /// The writer thread, joined on drop.
+    writer: Option<std::thread::JoinHandle<()>>,
     /// What the writer thread did.
     stats: Arc<Counters>,
     /// Read connections; `None` for an in-memory database (reads go to the writer).
     readers: Option<Readers>,
+}
+
+impl Drop for Inner {
+    /// Closes the connections one after another, never two at once: the read connections
+    /// first, then the writer's once it has answered every queued write. (Closing two
+    /// connections of one WAL database on two threads at once could deadlock in SQLite
+    /// before 3.51.2.)
+    fn drop(&mut self) {
+        self.readers = None;
+        self.jobs = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Sqlite {
@@ -561,17 +577,26 @@ impl Sqlite {
         let (jobs, queue) = mpsc::channel();
         let stats = Arc::new(Counters::default());
         let counters = Arc::clone(&stats);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("tessera-store".into())
             .spawn(move || write_loop(conn, &queue, &counters))
             .map_err(|e| StoreError::Backend(format!("starting the store's writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                jobs,
+                jobs: Some(jobs),
+                writer: Some(writer),
                 stats,
                 readers,
             }),
         })
+    }
+
+    /// Hands a job to the writer thread; `Err` if it has stopped.
+    fn send(&self, job: Job) -> Result<(), ()> {
+        match &self.inner.jobs {
+            Some(jobs) => jobs.send(job).map_err(|_| ()),
+            None => Err(()),
+        }
     }
 
     /// Runs `f` in the next batch of the writer thread; answers once that batch is durable.
@@ -596,7 +621,7 @@ impl Sqlite {
             }
         }));
         let stopped = || StoreError::Backend(format!("{what}: the store's writer has stopped"));
-        self.inner.jobs.send(job).map_err(|_| stopped())?;
+        self.send(job).map_err(|()| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -624,7 +649,7 @@ impl Sqlite {
             let _ = tx.send(f(conn).map_err(|e| prefix(e, what)));
         }));
         let stopped = || StoreError::Backend(format!("{what}: the store's writer has stopped"));
-        self.inner.jobs.send(job).map_err(|_| stopped())?;
+        self.send(job).map_err(|()| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 }
