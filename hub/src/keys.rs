@@ -144,7 +144,8 @@ fn seal_key(
     let mut nonce = [0u8; record::NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|e| KeyError::Random(e.to_string()))?;
     let mut buf = Zeroizing::new(vec![0u8; record::sealed_len(32)]);
-    record::plaintext_mut(&mut buf)[..32].copy_from_slice(&*signer.to_scalar().map_err(KeyError::Core)?);
+    record::plaintext_mut(&mut buf)[..32]
+        .copy_from_slice(&*signer.to_scalar().map_err(KeyError::Core)?);
     let n = record::seal(&key, hub_id, created_at, nonce, &mut buf, 32).map_err(KeyError::Core)?;
     Ok(buf[..n].to_vec())
 }
@@ -503,6 +504,81 @@ mod tests {
                 .expect("announce")
         );
         assert_eq!(ring.active(NOW + 325).kid(), next.kid());
+    }
+
+    #[tokio::test]
+    async fn a_key_ring_built_from_a_sealed_key_signs_with_aws_lc() {
+        use tessera_shared::claims::Claims;
+        use tessera_shared::scope::Scopes;
+        use tessera_shared::token::{self, MAX_TOKEN_LEN, Validation};
+
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        let anchor = create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("key");
+        let ring = KeyRing::load(&store, &kek, "hub", NOW).await.expect("load");
+        let active: &AwsLcSigner = ring.active(NOW);
+        assert_eq!(active.public_key(), anchor);
+        // aws-lc-rs signs with a random nonce; the core's p256 backend (RFC 6979) would
+        // sign the same message the same way twice.
+        let (a, b) = (
+            active.sign(&[b"m"]).expect("sign"),
+            active.sign(&[b"m"]).expect("sign"),
+        );
+        assert_ne!(a, b);
+
+        let holder = generate_client_key().expect("rng");
+        let claims = Claims {
+            iss: "hub",
+            sub: "dev-1",
+            aud: "tessera",
+            exp: NOW + 900,
+            nbf: None,
+            iat: NOW,
+            cti: &[1; 16],
+            cnf: holder.public_key(),
+            scope: Scopes::parse("telemetry:write").expect("scope"),
+        };
+        let mut out = [0u8; MAX_TOKEN_LEN];
+        let n = token::issue(&claims, active, &mut out).expect("issue");
+        let validation = Validation::new(NOW, "tessera");
+        // A device: the trust anchor, verified with the core's p256.
+        assert!(token::verify(&out[..n], &KeySet::from_anchor(anchor), &validation).is_ok());
+        // The hub itself: its ring, verified with aws-lc-rs.
+        assert!(token::verify(&out[..n], &ring, &validation).is_ok());
+        // The signed key set verifies for a device holding the anchor.
+        let signed = ring.signed_keyset(1, NOW).expect("key set");
+        let mut device = KeySet::from_anchor(anchor);
+        assert!(device.update(&signed).is_ok());
+        assert_eq!(device.version(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_sealed_key_whose_stored_public_key_was_replaced_is_refused() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("key");
+        let mut rec = store.keys().await.expect("keys").remove(0);
+        assert!(unseal_key(&kek, "hub", &rec).is_ok());
+        let other = generate_key().expect("rng");
+        // Both the public key and the kid swapped for another key's: the sealed scalar
+        // does not match them.
+        rec.public_key = other.public_key().to_sec1().to_vec();
+        rec.kid = other.kid();
+        assert!(matches!(
+            unseal_key(&kek, "hub", &rec),
+            Err(KeyError::Unseal { .. })
+        ));
+        // A wrong key-encryption secret opens nothing.
+        let rec = store.keys().await.expect("keys").remove(0);
+        let wrong = Kek::from_bytes(vec![8; 32]).expect("kek");
+        assert!(matches!(
+            unseal_key(&wrong, "hub", &rec),
+            Err(KeyError::Unseal { .. })
+        ));
     }
 
     fn kids_of(set: &KeySet) -> Vec<[u8; 8]> {

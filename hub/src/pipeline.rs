@@ -21,6 +21,7 @@ use tokio::sync::RwLock;
 
 use crate::client::Answer;
 use crate::clock::Clock;
+use crate::crypto::AwsLcVerifier;
 use crate::keys::KeyRing;
 use crate::policy::SharedPolicy;
 use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
@@ -450,7 +451,7 @@ impl<S: Store> Hub<S> {
         if client.revoked_at.is_some() {
             return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
         }
-        let key = registered_key(&client)?.ok_or_else(|| {
+        let key = registered_verifier(&client)?.ok_or_else(|| {
             Refusal::new(ErrorCode::UnknownClient, "client has not enrolled a key")
         })?;
         let verified = tessera_shared::cose::Sign1::decode_within(
@@ -484,9 +485,10 @@ impl<S: Store> Hub<S> {
             if client.kind != ClientKind::Device {
                 return Err(Refusal::new(ErrorCode::Denied, "only devices enroll"));
             }
-            return signed.verify(&key).map_err(bad_signature);
+            let verifier = AwsLcVerifier::new(&key).map_err(bad_signature)?;
+            return signed.verify(&verifier).map_err(bad_signature);
         }
-        let key = registered_key(client)?.ok_or_else(|| {
+        let key = registered_verifier(client)?.ok_or_else(|| {
             Refusal::new(ErrorCode::UnknownClient, "client has not enrolled a key")
         })?;
         signed.verify(&key).map_err(bad_signature)
@@ -1063,10 +1065,10 @@ impl<S: Store> Hub<S> {
     /// broker took it (one only queued when the hub died or the connection dropped is
     /// sent again). Anything not signed by the hub is ignored.
     pub async fn echo(&self, topic: &str, signed: &[u8]) -> Option<Echo> {
-        let now = self.clock.now();
         let keys = self.keys.read().await;
-        let set = keys.keyset(0, now).ok()?;
-        let Ok(payload) = tessera_shared::cose::Sign1::decode(signed).and_then(|m| m.verify(&set))
+        // Any key the hub holds, checked with its own backend (aws-lc-rs).
+        let Ok(payload) =
+            tessera_shared::cose::Sign1::decode(signed).and_then(|m| m.verify(&*keys))
         else {
             tracing::warn!(
                 topic,
@@ -1195,6 +1197,16 @@ fn wrong_topic(named: &str, topic_client: &str) -> Refusal {
         ErrorCode::Malformed,
         format!("request names client `{named}` but was sent on `{topic_client}`'s topic"),
     )
+}
+
+/// A verifier (aws-lc-rs) for the client's registered key, if it has one.
+fn registered_verifier(client: &ClientRecord) -> Result<Option<AwsLcVerifier>, Refusal> {
+    client
+        .public_key
+        .as_deref()
+        .map(crate::crypto::request_verifier)
+        .transpose()
+        .map_err(|_| Refusal::new(ErrorCode::Internal, "registered key is corrupt"))
 }
 
 /// The client's registered key, if it has one.
