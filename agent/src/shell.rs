@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
-use tessera_mqtt::{Incoming, Notice, QoS};
+use tessera_mqtt::{Incoming, Notice, Notices, QoS};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Ignored, Report, State};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
 use tessera_shared::message::{ErrorCode, Operation, SignedResponse};
@@ -416,7 +416,7 @@ async fn publisher(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound
 /// The MQTT connection of one run: the client, its notices and the publisher task.
 struct Connection {
     client: AsyncClient,
-    notices: mpsc::Receiver<Notice>,
+    notices: Notices,
     stop: watch::Sender<bool>,
     publisher: tokio::task::JoinHandle<()>,
 }

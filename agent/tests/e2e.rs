@@ -470,9 +470,10 @@ async fn a_tampered_rolled_back_or_wrongly_keyed_store_is_refused_with_a_clear_e
         state.join("device-secret"),
     );
     let old_record = std::fs::read(&record)?;
+    // Read before the agent starts: it may store its new token before we look.
+    let before: u64 = std::fs::read_to_string(&counter)?.trim().parse()?;
     let mut agent = blocking(|| device.spawn())?;
     // Without a trusted clock the agent refreshes at start, and stores the new token.
-    let before: u64 = std::fs::read_to_string(&counter)?.trim().parse()?;
     blocking(|| {
         device.wait_status("a newer record", Duration::from_secs(10), |s| {
             s["store_counter"].as_u64().is_some_and(|c| c > before)

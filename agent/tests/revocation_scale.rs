@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use common::{APP_ROLE, DEVICE_ROLE, Device, GROUP, Hub, HubOptions, present, unix_now};
-use tessera_hub::store::conformance::Primitives as _;
 use tessera_hub::mqtt::QoS;
+use tessera_hub::store::conformance::Primitives as _;
 use tessera_hub::store::{IssuedToken, Sqlite, TokenKind};
 use tessera_shared::cose::Sign1;
 use tessera_shared::revocation::{

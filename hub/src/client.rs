@@ -14,9 +14,9 @@ use tessera_shared::message::{
     ErrorCode, NONCE_LEN, Request, RequestBody, ResponseBody, RevokeTarget, SignedResponse,
 };
 use tessera_shared::topic;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::mqtt::{self, MqttConfig, MqttError, Notice, QoS};
+use crate::mqtt::{self, MqttConfig, MqttError, Notice, Notices, QoS};
 
 /// Why a request did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +101,7 @@ pub struct Client {
     signer: P256Signer,
     keys: KeySet,
     mqtt: AsyncClient,
-    notices: mpsc::Receiver<Notice>,
+    notices: Notices,
     stop: watch::Sender<bool>,
     next_request: u64,
     /// The hub's time minus ours, learned from responses (seconds).

@@ -53,8 +53,16 @@ keep_alive_s = 30
 # Subscribe with an MQTT 5 shared subscription ($share/tessera-hub/...), so several hub
 # replicas sharing one PostgreSQL database split the requests.
 shared_subscription = false
-# Requests handled at the same time.
+# Requests handled at the same time (request workers).
 concurrency = 64
+# Requests waiting for a worker. When this many wait, further requests are answered
+# `overloaded` at once (nothing done, clients retry after a backoff); when even those
+# answers cannot keep up, requests are dropped. Every drop and refusal is counted in a
+# summary line logged at each heartbeat. 1 to 65536.
+queue = 256
+# Seconds a shutdown (SIGTERM, SIGINT) waits for the queued and running requests to be
+# answered before it disconnects from the broker anyway. 1 to 600.
+drain_s = 5
 # Seconds between signed revocation heartbeats, one per revocation stream (and the
 # republishing of snapshots that changed). Each heartbeat announces how old verifiers may
 # let their revocation knowledge get: between two and three heartbeats, and within that
@@ -76,10 +84,19 @@ max_request_bytes = 4096
 # per id of 10 characters. The broker must carry messages this large to the hub
 # (Mosquitto: max_packet_size at least this plus 4096). 4096 to 1048576.
 max_revoke_request_bytes = 1048576
-# Per-client rate limit: a burst of this many requests...
+# Per-client rate limit, kept in the database (shared by replicas) and charged only for
+# requests whose signature verified: a burst of this many requests...
 rate_burst = 20
-# ...then this many per second.
+# ...then this many per second. Over it: `rate_limited`.
 rate_per_second = 5.0
+# Admission limit, per client id of the request topic, kept in memory and checked for every
+# message before anything else (signature, database, queue), so a flood costs the hub
+# little: a burst of this many messages...
+admission_burst = 40
+# ...then this many per second. Over it, a client gets one `rate_limited` answer a second
+# and the rest of its messages are dropped unanswered. Keep it above the rate limit
+# above, which then decides for well-behaved clients.
+admission_per_second = 10.0
 
 [keys]
 # `keys rotate` publishes the next signing key this many seconds before using it, so
@@ -154,6 +171,10 @@ pub struct ServeSection {
     pub heartbeat_s: u64,
     /// Days the audit log keeps a decision.
     pub audit_retention_days: u64,
+    /// Requests waiting for a worker at most.
+    pub queue: usize,
+    /// Seconds a shutdown waits for queued and running requests.
+    pub drain_s: u64,
 }
 
 impl Default for ServeSection {
@@ -163,6 +184,8 @@ impl Default for ServeSection {
             concurrency: 64,
             heartbeat_s: 30,
             audit_retention_days: 90,
+            queue: 256,
+            drain_s: 5,
         }
     }
 }
@@ -181,6 +204,10 @@ pub struct RequestsSection {
     pub rate_burst: u32,
     /// Rate-limit sustained rate.
     pub rate_per_second: f64,
+    /// In-memory admission limit: burst.
+    pub admission_burst: u32,
+    /// In-memory admission limit: sustained rate.
+    pub admission_per_second: f64,
 }
 
 impl Default for RequestsSection {
@@ -191,6 +218,8 @@ impl Default for RequestsSection {
             max_revoke_request_bytes: tessera_shared::cose::MAX_REQUEST_LEN,
             rate_burst: 20,
             rate_per_second: 5.0,
+            admission_burst: 40,
+            admission_per_second: 10.0,
         }
     }
 }
@@ -264,6 +293,19 @@ impl HubConfig {
                 "requests.rate_burst and rate_per_second must be positive".into(),
             ));
         }
+        if r.admission_burst == 0
+            || !(r.admission_per_second > 0.0 && r.admission_per_second.is_finite())
+        {
+            return Err(invalid(
+                "requests.admission_burst and admission_per_second must be positive".into(),
+            ));
+        }
+        if !(1..=65_536).contains(&self.serve.queue) {
+            return Err(invalid("serve.queue must be 1..=65536".into()));
+        }
+        if !(1..=600).contains(&self.serve.drain_s) {
+            return Err(invalid("serve.drain_s must be 1..=600".into()));
+        }
         if !(1..=4096).contains(&self.serve.concurrency) {
             return Err(invalid("serve.concurrency must be 1..=4096".into()));
         }
@@ -300,6 +342,14 @@ impl HubConfig {
         }
     }
 
+    /// The admission limit (see [`crate::limiter`]).
+    pub fn admission(&self) -> crate::limiter::Limit {
+        crate::limiter::Limit {
+            burst: self.requests.admission_burst,
+            per_second: self.requests.admission_per_second,
+        }
+    }
+
     /// The pipeline's tunables.
     pub fn pipeline(&self) -> PipelineConfig {
         PipelineConfig {
@@ -324,6 +374,30 @@ mod tests {
         assert_eq!(c.mqtt.port, 1883);
         assert_eq!(c.requests.freshness_window_s, 60);
         assert_eq!(c.serve.heartbeat_s, 30);
+        assert_eq!(c.serve, ServeSection::default());
+        assert_eq!(c.requests, RequestsSection::default());
+    }
+
+    #[test]
+    fn queue_drain_and_admission_limits_are_checked() {
+        for (from, to, key) in [
+            ("queue = 256", "queue = 0", "serve.queue"),
+            ("drain_s = 5", "drain_s = 0", "serve.drain_s"),
+            (
+                "admission_burst = 40",
+                "admission_burst = 0",
+                "admission_burst",
+            ),
+            (
+                "admission_per_second = 10.0",
+                "admission_per_second = -1.0",
+                "admission_per_second",
+            ),
+        ] {
+            let text = DEFAULT_TOML.replace(from, to);
+            let err = HubConfig::parse(&text, Path::new("hub.toml")).expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

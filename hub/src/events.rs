@@ -1,13 +1,20 @@
-//! The live event stream on `tessera/v1/hub/events`: one JSON object per decision.
+//! The live event stream on `tessera/v1/hub/events`: one JSON object per decision, or per
+//! window of identical refusals.
 //!
 //! ```json
 //! {"at_ms": 1700000000123, "actor": "app-7", "action": "access_token",
-//!  "target": "device-42", "outcome": "denied", "reason": "scope door:unlock is not allowed"}
+//!  "target": "device-42", "outcome": "denied", "reason": "scope door:unlock is not allowed",
+//!  "count": 1}
 //! ```
 //! `outcome` is `ok` or a wire error code name (`unknown_client`, `bad_signature`,
 //! `replay`, `stale`, `denied`, `revoked`, `rate_limited`, `malformed`, `internal`,
-//! `unsupported`). Events are published at QoS 0 and may be lost; the audit log in the
-//! store is the durable record.
+//! `unsupported`, `overloaded`). `count` is how many decisions the event stands for: a
+//! success is always one event, but the refusals of one client with the same action and
+//! outcome are reported once when the first comes, then as one event per window with the
+//! count of the others (`at_ms` is then the first of them). `actor` is `*` for refusals
+//! aggregated over many clients (a flood from more client ids than the hub keeps apart).
+//! Events are published at QoS 0 and may be lost, or dropped when the hub is overloaded;
+//! the audit log in the store is the durable record, with the same rows.
 
 use crate::store::AuditEvent;
 
@@ -20,6 +27,7 @@ pub fn to_json(ev: &AuditEvent) -> Vec<u8> {
         "target": ev.target,
         "outcome": ev.outcome,
         "reason": ev.reason,
+        "count": ev.count,
     }))
     .unwrap_or_default()
 }

@@ -3,6 +3,9 @@
 //!
 //! The request pipeline is decode → verify the sender's signature → freshness and nonce
 //! reuse → per-client rate limit → policy → issue or refuse → record durably → respond.
+//! Before it, every message passes the in-memory admission limit of the client id in its
+//! topic ([`limiter`]), and the serving loop ([`server`]) queues it for a worker or, when
+//! the queue is full, answers `overloaded`.
 
 pub mod acl;
 pub mod client;
@@ -12,6 +15,7 @@ pub mod crypto;
 pub mod events;
 pub mod keyfile;
 pub mod keys;
+pub mod limiter;
 pub mod pipeline;
 pub mod policy;
 pub mod policy_change;

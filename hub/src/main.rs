@@ -467,8 +467,15 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
         Command::Audit { limit } => {
             let store = open_store(&config)?;
             for e in store.audit_tail(limit).await? {
+                // An aggregated row (a flood of one client's identical refusals) says how
+                // many decisions it stands for.
+                let times = if e.count > 1 {
+                    format!(" (x{})", e.count)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}  {:<12} {:<18} {:<16} {:<14} {}",
+                    "{}  {:<12} {:<18} {:<16} {:<14} {}{times}",
                     e.at_ms, e.actor, e.action, e.target, e.outcome, e.reason
                 );
             }
@@ -966,6 +973,9 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
         mqtt: config.mqtt.clone(),
         shared_subscription: config.serve.shared_subscription,
         concurrency: config.serve.concurrency,
+        queue: config.serve.queue,
+        admission: config.admission(),
+        drain: Duration::from_secs(config.serve.drain_s),
         heartbeat_s: config.serve.heartbeat_s,
         audit_retention_s: config.serve.audit_retention_days * 86_400,
         kek: Some(kek),
@@ -1007,22 +1017,25 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
             }
         }
     });
-    server::run(hub, serve_config, shutdown_signal()).await?;
+    // Installed before serving, so a SIGTERM from the first moment drains rather than kills.
+    let shutdown = shutdown_signal()?;
+    if let Err(e) = server::run(hub, serve_config, shutdown).await {
+        tracing::error!(error = %e, "the hub stopped on an error");
+        return Err(e.into());
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown requested");
+/// Completes at the first SIGTERM or SIGINT.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
 }

@@ -1,28 +1,61 @@
-//! `serve`: runs the pipeline over MQTT until shutdown.
+//! `serve`: runs the pipeline over MQTT until shutdown, without ever waiting on a full
+//! queue in a loop that something else needs to drain.
 //!
-//! One task polls the MQTT event loop ([`mqtt`](crate::mqtt)); this task dispatches each
-//! request to its own tokio task (bounded by a semaphore), so one slow or malicious
-//! client never holds up the others. On every (re)connection the hub subscribes again,
-//! republishes the retained key set and revocation snapshot, and publishes any revocation
-//! recorded but not yet broadcast (for example because the hub was killed after
-//! acknowledging it). A heartbeat prunes the store, republishes what the broker has not
-//! echoed back (every unconfirmed delta, at most `MAX_CONTROLS_PER_HEARTBEAT` (256) control
-//! messages, oldest first), the snapshots that changed, and a signed heartbeat per stream,
-//! issued when it is built, after the rest. Echoes of the hub's own deltas and control
-//! messages are verified off the loop, at most `ECHO_CONCURRENCY` (64) at once.
+//! ```text
+//! MQTT event loop ─▶ incoming queue (full: dropped, counted)
+//!   ─▶ dispatcher, per message: admission limiter by the client id of the topic
+//!        admitted  ─▶ work queue (serve.queue) ─▶ request workers (serve.concurrency)
+//!                     full ─▶ refusal queue ─▶ refusal worker: `overloaded`
+//!        limited   ─▶ refusal queue ─▶ refusal worker: `rate_limited` (once a second)
+//!        otherwise ─▶ dropped: counted, audited once a second per client
+//!        echoes    ─▶ echo queue ─▶ confirmer (full: dropped, counted)
+//! workers, refusal worker, dispatcher ─▶ audit channel (full: dropped, counted)
+//!   ─▶ audit writer: audit log (refusals aggregated) and event stream (try_publish)
+//! ```
+//!
+//! - The MQTT event loop ([`mqtt::connection`]) never waits for anyone but the network: a
+//!   full incoming queue drops the message (counted), so it always drains the requests the
+//!   workers' `publish` calls wait on.
+//! - The dispatcher never waits either: each message on a request topic passes the
+//!   in-memory admission limiter ([`crate::limiter`]) before anything is done with it, then
+//!   goes to the work queue; a full work queue gets an `overloaded` answer from the refusal
+//!   worker (signed, nothing else done); a full refusal queue, and a client over its
+//!   admission limit already told so, get nothing (counted and audited, aggregated).
+//! - A fixed pool of request workers takes from the work queue: no task per message.
+//! - Audit events and the event stream are best effort on the way (dropped and counted
+//!   when the writer is behind); the writer folds identical refusals of one client into
+//!   one row per window ([`Aggregator`]), so a flood grows the audit log per window, not
+//!   per message.
+//! - On every (re)connection one task subscribes again, republishes the retained key set
+//!   and revocation snapshot, and publishes any revocation recorded but not yet broadcast.
+//!   One heartbeat task prunes the store, republishes what the broker has not echoed back
+//!   (every unconfirmed delta, at most `MAX_CONTROLS_PER_HEARTBEAT` (256) control
+//!   messages, oldest first), the snapshots that changed, and a signed heartbeat per
+//!   stream, issued when it is built, after the rest; then logs what was dropped or
+//!   refused since the last one. Echoes of the hub's own deltas and control messages are
+//!   verified by one confirmer task, which drops what it cannot keep up with.
+//! - Every task is in one `JoinSet`: one that panics or ends while the hub serves stops
+//!   the hub with an error. A shutdown stops taking requests, lets the workers answer what
+//!   is queued and running within `serve.drain_s`, then sends DISCONNECT and waits for the
+//!   event loop to have sent it.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
+use tessera_shared::message::ErrorCode;
 use tessera_shared::topic;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
+use crate::clock::Clock;
 use crate::keys::{self, Kek, KeyRing};
-use crate::mqtt::{self, MqttConfig, MqttError, Notice, QoS};
-use crate::pipeline::{Echo, Hub, Publication};
+use crate::limiter::{Admission, Limit, Limiter};
+use crate::mqtt::{self, Counter, Incoming, MqttConfig, MqttError, Notice, QoS, Queues};
+use crate::pipeline::{Echo, Hub, Publication, Refusal};
 use crate::revocation::PendingControl;
 use crate::store::{AuditEvent, Store};
 
@@ -33,8 +66,14 @@ pub struct ServeConfig {
     pub mqtt: MqttConfig,
     /// Subscribe through an MQTT 5 shared subscription (several hub replicas).
     pub shared_subscription: bool,
-    /// Requests handled at once.
+    /// Request workers: requests handled at once.
     pub concurrency: usize,
+    /// Requests waiting for a worker at most; beyond, they are answered `overloaded`.
+    pub queue: usize,
+    /// The in-memory per-client admission limit, checked before anything else.
+    pub admission: Limit,
+    /// How long a shutdown waits for queued and running requests.
+    pub drain: Duration,
     /// Seconds between revocation heartbeats.
     pub heartbeat_s: u64,
     /// How long the audit log keeps a decision, seconds.
@@ -56,9 +95,37 @@ const MAX_CONTROLS_PER_HEARTBEAT: usize = 256;
 /// confirmed (one or two may be in flight, or the connection was just restored).
 const UNCONFIRMED_CONTROL_HEARTBEATS: u64 = 3;
 
-/// Echoes verified at once. An echo is one signature check; when all are busy, further
-/// echoes are dropped: an echo not recorded is published and seen again later.
-const ECHO_CONCURRENCY: usize = 64;
+/// The rumqttc request queue: replies and broadcasts wait for room in it (the event loop
+/// drains it continuously); refusals and events are dropped when it is full.
+const MQTT_REQUESTS: usize = 1024;
+/// Incoming messages waiting for the dispatcher, at most; more are dropped (and counted).
+const INCOMING_MESSAGES: usize = 4096;
+/// Payload bytes of those messages at most.
+const INCOMING_BYTES: usize = 16 << 20;
+/// Payload bytes of the requests in the work queue at most (its depth is
+/// `serve.queue`): 16 of the largest revoke requests.
+const QUEUE_BYTES: usize = 16 << 20;
+/// Requests waiting for their `overloaded` or `rate_limited` answer, at most.
+const REFUSAL_QUEUE: usize = 256;
+/// Payload bytes of those at most.
+const REFUSAL_QUEUE_BYTES: usize = 4 << 20;
+/// Echoes waiting to be verified at most; more are dropped (they come again).
+const ECHO_QUEUE: usize = 1024;
+/// Payload bytes of those at most (a delta is at most 16 KB; anything larger on those
+/// topics is not the hub's).
+const ECHO_QUEUE_BYTES: usize = 4 << 20;
+/// Audit events waiting for the writer at most; more are dropped (and counted).
+const AUDIT_QUEUE: usize = 4096;
+/// Audit events the writer takes per round at most.
+const AUDIT_BATCH: usize = 1024;
+/// Identical refusals of one client are one audit row per this many milliseconds.
+const AUDIT_WINDOW_MS: u64 = 10_000;
+/// (client, action, outcome) kept apart at most; beyond, refusals aggregate under `*`.
+const AUDIT_MAX_KEYS: usize = 1024;
+/// Clients whose dropped messages are counted apart, per second; beyond, under `*`.
+const MAX_DROP_CLIENTS: usize = 1024;
+/// How long a shutdown waits for the broker to take the DISCONNECT.
+const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
 
 /// Where the serving loop's messages go: the broker, or a list in tests.
 trait Outbox: Sync {
@@ -349,196 +416,1034 @@ async fn heartbeat<S: Store>(
     publish_heartbeats(hub, client).await;
 }
 
-/// Verifies one message seen on a delta or control topic off the loop and hands what it
-/// confirms to the confirmer, unless [`ECHO_CONCURRENCY`] verifications are running
-/// already: then it is dropped (it is published and seen again later) and this returns
-/// `false`. Anyone allowed to publish there must not be able to make the hub pile up
-/// signature checks.
-fn confirm_echo<S: Store>(
-    hub: &Arc<Hub<S>>,
-    permits: &Arc<Semaphore>,
-    echo_tx: &mpsc::Sender<Echo>,
-    topic: String,
-    payload: Vec<u8>,
-) -> bool {
-    let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
-        return false;
-    };
-    let (hub, echo_tx) = (Arc::clone(hub), echo_tx.clone());
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Some(echo) = hub.echo(&topic, &payload).await {
-            // Never wait: an echo not recorded now is published and seen again later.
-            let _ = echo_tx.try_send(echo);
-        }
-    });
-    true
+/// What the serving loop dropped or refused instead of waiting, by reason: the counts of
+/// the summary line logged at every heartbeat (and at shutdown) when any grew.
+#[derive(Debug, Clone, Default)]
+struct Shed {
+    /// `rate_limited` answers of the admission limiter (one a second per client at most).
+    rate_limited_answered: Counter,
+    /// Messages over the admission limit, dropped unanswered.
+    rate_limited_dropped: Counter,
+    /// `overloaded` answers: the work queue was full.
+    overloaded_answered: Counter,
+    /// Requests dropped unanswered: the work queue and the refusal queue were full.
+    overloaded_dropped: Counter,
+    /// `rate_limited` or `overloaded` answers not sent: the MQTT request queue was full.
+    answers_dropped: Counter,
+    /// Audit events dropped: the audit writer was behind (the log undercounts then).
+    audit_dropped: Counter,
+    /// Events not published on the event stream: the MQTT request queue was full.
+    events_dropped: Counter,
+    /// Echoes of the hub's own deltas and control messages not verified: the confirmer
+    /// was behind (they are published and seen again later).
+    echoes_dropped: Counter,
 }
 
-/// Confirms what the broker delivered back to the hub, in batches (one store commit for
-/// many deltas and control messages).
-async fn confirmer<S: Store>(hub: Arc<Hub<S>>, mut rx: mpsc::Receiver<Echo>) {
+/// [`Shed`] read at one moment, with the MQTT layer's own drops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ShedCounts {
+    mqtt_queue_full: u64,
+    rate_limited_answered: u64,
+    rate_limited_dropped: u64,
+    overloaded_answered: u64,
+    overloaded_dropped: u64,
+    answers_dropped: u64,
+    audit_dropped: u64,
+    events_dropped: u64,
+    echoes_dropped: u64,
+}
+
+impl ShedCounts {
+    fn read(shed: &Shed, mqtt_dropped: &Counter) -> Self {
+        Self {
+            mqtt_queue_full: mqtt_dropped.get(),
+            rate_limited_answered: shed.rate_limited_answered.get(),
+            rate_limited_dropped: shed.rate_limited_dropped.get(),
+            overloaded_answered: shed.overloaded_answered.get(),
+            overloaded_dropped: shed.overloaded_dropped.get(),
+            answers_dropped: shed.answers_dropped.get(),
+            audit_dropped: shed.audit_dropped.get(),
+            events_dropped: shed.events_dropped.get(),
+            echoes_dropped: shed.echoes_dropped.get(),
+        }
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            mqtt_queue_full: self.mqtt_queue_full - earlier.mqtt_queue_full,
+            rate_limited_answered: self.rate_limited_answered - earlier.rate_limited_answered,
+            rate_limited_dropped: self.rate_limited_dropped - earlier.rate_limited_dropped,
+            overloaded_answered: self.overloaded_answered - earlier.overloaded_answered,
+            overloaded_dropped: self.overloaded_dropped - earlier.overloaded_dropped,
+            answers_dropped: self.answers_dropped - earlier.answers_dropped,
+            audit_dropped: self.audit_dropped - earlier.audit_dropped,
+            events_dropped: self.events_dropped - earlier.events_dropped,
+            echoes_dropped: self.echoes_dropped - earlier.echoes_dropped,
+        }
+    }
+}
+
+/// Logs what was dropped or refused since the last summary, when anything was.
+#[derive(Debug)]
+struct Summary {
+    shed: Shed,
+    mqtt_dropped: Counter,
+    last: ShedCounts,
+}
+
+impl Summary {
+    fn log(&mut self, when: &str) {
+        let now = ShedCounts::read(&self.shed, &self.mqtt_dropped);
+        let d = now.since(&self.last);
+        self.last = now;
+        if d == ShedCounts::default() {
+            return;
+        }
+        tracing::warn!(
+            when,
+            mqtt_queue_full = d.mqtt_queue_full,
+            rate_limited_answered = d.rate_limited_answered,
+            rate_limited_dropped = d.rate_limited_dropped,
+            overloaded_answered = d.overloaded_answered,
+            overloaded_dropped = d.overloaded_dropped,
+            answers_dropped = d.answers_dropped,
+            audit_dropped = d.audit_dropped,
+            events_dropped = d.events_dropped,
+            echoes_dropped = d.echoes_dropped,
+            "overload: messages dropped or refused since the last summary"
+        );
+    }
+}
+
+/// A request off the wire, waiting for a worker (or for its refusal).
+#[derive(Debug)]
+struct Job {
+    requester: String,
+    payload: Vec<u8>,
+}
+
+/// A request to answer with `code` without handling it.
+#[derive(Debug)]
+struct Refuse {
+    job: Job,
+    code: ErrorCode,
+}
+
+/// What counts against a queue's byte budget.
+trait Weighed {
+    fn bytes(&self) -> usize;
+}
+
+impl Weighed for Job {
+    fn bytes(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+impl Weighed for Incoming {
+    fn bytes(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+impl Weighed for Refuse {
+    fn bytes(&self) -> usize {
+        self.job.payload.len()
+    }
+}
+
+/// The sending end of a queue bounded in items and in payload bytes, that never waits:
+/// a full queue hands the item back.
+#[derive(Debug)]
+struct QueueTx<T> {
+    tx: mpsc::Sender<T>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The receiving end, shared by the workers that take from it.
+#[derive(Debug)]
+struct QueueRx<T> {
+    rx: tokio::sync::Mutex<mpsc::Receiver<T>>,
+    bytes: Arc<AtomicUsize>,
+}
+
+fn queue<T: Weighed>(depth: usize, max_bytes: usize) -> (QueueTx<T>, Arc<QueueRx<T>>) {
+    let (tx, rx) = mpsc::channel(depth.max(1));
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        QueueTx {
+            tx,
+            bytes: Arc::clone(&bytes),
+            max_bytes,
+        },
+        Arc::new(QueueRx {
+            rx: tokio::sync::Mutex::new(rx),
+            bytes,
+        }),
+    )
+}
+
+impl<T: Weighed> QueueTx<T> {
+    fn try_push(&self, item: T) -> Result<(), T> {
+        let len = item.bytes();
+        let before = self.bytes.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > self.max_bytes {
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
+            return Err(item);
+        }
+        self.tx.try_send(item).map_err(|e| {
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => {
+                    item
+                }
+            }
+        })
+    }
+}
+
+impl<T: Weighed> QueueRx<T> {
+    /// The next item; `None` once every sender is gone and the queue is empty.
+    async fn pop(&self) -> Option<T> {
+        let item = self.rx.lock().await.recv().await?;
+        self.bytes.fetch_sub(item.bytes(), Ordering::Relaxed);
+        Some(item)
+    }
+
+    /// The next item if one is there and no other taker is waiting.
+    fn try_pop(&self) -> Option<T> {
+        let item = self.rx.try_lock().ok()?.try_recv().ok()?;
+        self.bytes.fetch_sub(item.bytes(), Ordering::Relaxed);
+        Some(item)
+    }
+}
+
+/// The audit channel's sending end: never waits, counts what it drops.
+#[derive(Debug, Clone)]
+struct AuditTx {
+    tx: mpsc::Sender<AuditEvent>,
+    dropped: Counter,
+}
+
+impl AuditTx {
+    fn send(&self, event: AuditEvent) {
+        if self.tx.try_send(event).is_err() {
+            self.dropped.add(1);
+        }
+    }
+}
+
+/// Messages dropped unanswered since the last flush, per client: audited as one event per
+/// client and reason a second (action `unread`: the hub did not read them), so that
+/// dropping a message costs the dispatcher a counter, not an allocation.
+#[derive(Debug, Default)]
+struct Drops {
+    counts: HashMap<String, DropCounts>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct DropCounts {
+    rate_limited: u64,
+    overloaded: u64,
+}
+
+impl Drops {
+    fn note(&mut self, client: &str, code: ErrorCode) {
+        let counts = match self.counts.get_mut(client) {
+            Some(counts) => counts,
+            None => {
+                // More clients at once than kept apart: counted together.
+                let key = if self.counts.len() < MAX_DROP_CLIENTS {
+                    client
+                } else {
+                    MANY_CLIENTS
+                };
+                self.counts.entry(key.to_owned()).or_default()
+            }
+        };
+        match code {
+            ErrorCode::RateLimited => counts.rate_limited += 1,
+            _ => counts.overloaded += 1,
+        }
+    }
+
+    /// The audit events for the drops so far, and a fresh start.
+    fn flush(&mut self, at_ms: u64, admission: Limit) -> Vec<AuditEvent> {
+        let mut events = Vec::new();
+        for (client, counts) in self.counts.drain() {
+            for (code, count, reason) in [
+                (
+                    ErrorCode::RateLimited,
+                    counts.rate_limited,
+                    format!(
+                        "over the admission limit ({} a second after a burst of {}): \
+                         dropped unanswered",
+                        admission.per_second, admission.burst
+                    ),
+                ),
+                (
+                    ErrorCode::Overloaded,
+                    counts.overloaded,
+                    "the hub is overloaded: dropped unanswered".to_owned(),
+                ),
+            ] {
+                if count > 0 {
+                    events.push(AuditEvent {
+                        at_ms,
+                        actor: client.clone(),
+                        action: UNREAD.to_owned(),
+                        target: String::new(),
+                        outcome: code.name().to_owned(),
+                        reason,
+                        count,
+                    });
+                }
+            }
+        }
+        events
+    }
+}
+
+/// The action of audit events for messages dropped before the hub read them.
+const UNREAD: &str = "unread";
+
+/// Sorts every incoming message, without waiting for anything: echoes to the confirmer,
+/// requests through the admission limiter to the work queue, refusals to the refusal
+/// queue; what does not fit is dropped and counted.
+struct Dispatcher {
+    limiter: Limiter,
+    /// The limiter's clock: monotonic, from here.
+    started: tokio::time::Instant,
+    admission: Limit,
+    work: QueueTx<Job>,
+    refusals: QueueTx<Refuse>,
+    echoes: QueueTx<Incoming>,
+    audit: AuditTx,
+    drops: Drops,
+    shed: Shed,
+    clock: Arc<dyn Clock>,
+}
+
+impl Dispatcher {
+    fn dispatch(&mut self, msg: Incoming) {
+        if topic::delta_stream(&msg.topic).is_some()
+            || topic::controlled_device(&msg.topic).is_some()
+        {
+            // An echo not verified now is published and seen again later.
+            if self.echoes.try_push(msg).is_err() {
+                self.shed.echoes_dropped.add(1);
+            }
+            return;
+        }
+        let Some(requester) = topic::requesting_client(&msg.topic) else {
+            return;
+        };
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match self.limiter.admit(requester, now_ms) {
+            Admission::Admit => {
+                let job = Job {
+                    requester: requester.to_owned(),
+                    payload: msg.payload,
+                };
+                if let Err(job) = self.work.try_push(job) {
+                    self.refuse(job, ErrorCode::Overloaded);
+                }
+            }
+            Admission::Refuse => {
+                let job = Job {
+                    requester: requester.to_owned(),
+                    payload: msg.payload,
+                };
+                self.refuse(job, ErrorCode::RateLimited);
+            }
+            Admission::Drop => {
+                self.shed.rate_limited_dropped.add(1);
+                self.drops.note(requester, ErrorCode::RateLimited);
+            }
+        }
+    }
+
+    fn refuse(&mut self, job: Job, code: ErrorCode) {
+        if let Err(refused) = self.refusals.try_push(Refuse { job, code }) {
+            match code {
+                ErrorCode::RateLimited => self.shed.rate_limited_dropped.add(1),
+                _ => self.shed.overloaded_dropped.add(1),
+            }
+            self.drops.note(&refused.job.requester, code);
+        }
+    }
+
+    /// Audits the messages dropped since the last call (see [`Drops`]).
+    fn flush_drops(&mut self) {
+        for event in self.drops.flush(self.clock.now_ms(), self.admission) {
+            self.audit.send(event);
+        }
+    }
+}
+
+/// Handles requests from the work queue until it closes.
+async fn worker<S: Store>(
+    hub: Arc<Hub<S>>,
+    client: AsyncClient,
+    work: Arc<QueueRx<Job>>,
+    audit: AuditTx,
+) {
+    while let Some(job) = work.pop().await {
+        // A request is handled in a task of its own so that a bug it triggers (a panic)
+        // costs that request, not the worker, and nothing a client sends stops the hub.
+        let requester = job.requester.clone();
+        let handling = tokio::spawn({
+            let hub = Arc::clone(&hub);
+            async move { hub.handle(&job.requester, &job.payload).await }
+        });
+        let handled = match handling.await {
+            Ok(handled) => handled,
+            Err(e) => {
+                tracing::error!(
+                    %requester,
+                    error = %e,
+                    "handling a request failed (a bug): it is not answered"
+                );
+                continue;
+            }
+        };
+        // The event loop never waits for anyone, so these complete once the broker takes
+        // what is ahead of them.
+        if let Some(reply) = &handled.reply {
+            Outbox::publish(&client, reply).await;
+        }
+        publish_all(&client, &handled.broadcast).await;
+        if let Some(event) = handled.audit {
+            audit.send(event);
+        }
+    }
+}
+
+/// Answers requests from the refusal queue with their refusal (signed, nothing else done)
+/// until it closes. One task: refusals never take more than one core.
+async fn refuser<S: Store>(
+    hub: Arc<Hub<S>>,
+    client: AsyncClient,
+    refusals: Arc<QueueRx<Refuse>>,
+    audit: AuditTx,
+    shed: Shed,
+    admission: Limit,
+) {
+    while let Some(Refuse { job, code }) = refusals.pop().await {
+        let (reason, answered) = match code {
+            ErrorCode::RateLimited => (
+                format!(
+                    "over the admission limit ({} a second after a burst of {}); requests \
+                     are dropped unanswered for a second after this answer",
+                    admission.per_second, admission.burst
+                ),
+                &shed.rate_limited_answered,
+            ),
+            _ => (
+                "the hub has more requests queued than it takes; retry after a backoff".to_owned(),
+                &shed.overloaded_answered,
+            ),
+        };
+        let handled = hub
+            .refuse(&job.requester, &job.payload, Refusal::new(code, reason))
+            .await;
+        if let Some(reply) = handled.reply {
+            // Best effort: a refusal never waits for room.
+            match client.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload) {
+                Ok(()) => answered.add(1),
+                Err(_) => shed.answers_dropped.add(1),
+            }
+        }
+        if let Some(event) = handled.audit {
+            audit.send(event);
+        }
+    }
+}
+
+/// Verifies what the broker delivered back to the hub (its own deltas and control
+/// messages) and confirms it in batches (one store commit for many).
+async fn confirmer<S: Store>(hub: Arc<Hub<S>>, echoes: Arc<QueueRx<Incoming>>) {
     let mut changes = Vec::new();
     let mut controls = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = echoes.pop().await {
         let mut next = Some(first);
-        while let Some(echo) = next {
-            match echo {
-                Echo::Changes(stream, from, to) => changes.push((stream, from, to)),
-                Echo::Control(c) => controls.push(c),
+        while let Some(msg) = next {
+            match hub.echo(&msg.topic, &msg.payload).await {
+                Some(Echo::Changes(stream, from, to)) => changes.push((stream, from, to)),
+                Some(Echo::Control(c)) => controls.push(c),
+                None => {}
             }
             next = if changes.len() + controls.len() < 4096 {
-                rx.try_recv().ok()
+                echoes.try_pop()
             } else {
                 None
             };
         }
-        if let Err(e) = hub.store.mark_published(std::mem::take(&mut changes)).await {
+        if !changes.is_empty()
+            && let Err(e) = hub.store.mark_published(std::mem::take(&mut changes)).await
+        {
             tracing::error!(error = %e, "cannot mark revocation changes published");
         }
-        if let Err(e) = hub
-            .store
-            .mark_controls_sent(std::mem::take(&mut controls))
-            .await
+        if !controls.is_empty()
+            && let Err(e) = hub
+                .store
+                .mark_controls_sent(std::mem::take(&mut controls))
+                .await
         {
             tracing::error!(error = %e, "cannot mark control messages sent");
         }
     }
 }
 
-/// Writes audit events in batches, off the request path.
+/// Identical refusals (same client, action and outcome) folded into one audit row per
+/// window: the first is written at once, the others as one row with their count when the
+/// window ends. Successes are one row each. Pure: the caller passes the time.
+#[derive(Debug)]
+struct Aggregator {
+    window_ms: u64,
+    max_keys: usize,
+    open: HashMap<(String, String, String), Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    ends_ms: u64,
+    /// The refusals after the first, as one event (the first of them, with the count).
+    pending: Option<AuditEvent>,
+}
+
+/// The actor of refusals aggregated over many clients (not a valid client id).
+const MANY_CLIENTS: &str = "*";
+
+impl Aggregator {
+    fn new(window_ms: u64, max_keys: usize) -> Self {
+        Self {
+            window_ms,
+            max_keys,
+            open: HashMap::new(),
+        }
+    }
+
+    /// Takes one decision; returns it if it is to be written now.
+    fn add(&mut self, mut event: AuditEvent, now_ms: u64) -> Option<AuditEvent> {
+        if event.outcome == "ok" {
+            return Some(event);
+        }
+        let mut key = (
+            event.actor.clone(),
+            event.action.clone(),
+            event.outcome.clone(),
+        );
+        // More clients refused at once than the hub keeps apart: one row for them all.
+        if self.open.len() >= self.max_keys && !self.open.contains_key(&key) {
+            MANY_CLIENTS.clone_into(&mut key.0);
+            MANY_CLIENTS.clone_into(&mut event.actor);
+        }
+        match self.open.get_mut(&key) {
+            Some(window) => {
+                match &mut window.pending {
+                    Some(pending) => pending.count += event.count,
+                    None => window.pending = Some(event),
+                }
+                None
+            }
+            None => {
+                self.open.insert(
+                    key,
+                    Window {
+                        ends_ms: now_ms.saturating_add(self.window_ms),
+                        pending: None,
+                    },
+                );
+                Some(event)
+            }
+        }
+    }
+
+    /// The aggregated rows of the windows that ended by `now_ms`. A window that had more
+    /// refusals starts another one (a flood goes on: one row per window); a quiet one is
+    /// forgotten (the next refusal is written at once again).
+    fn due(&mut self, now_ms: u64) -> Vec<AuditEvent> {
+        let mut rows = Vec::new();
+        let window_ms = self.window_ms;
+        self.open.retain(|_, window| {
+            if window.ends_ms > now_ms {
+                return true;
+            }
+            match window.pending.take() {
+                Some(row) => {
+                    rows.push(row);
+                    window.ends_ms = now_ms.saturating_add(window_ms);
+                    true
+                }
+                None => false,
+            }
+        });
+        rows
+    }
+
+    /// Every row still pending (at shutdown).
+    fn drain(&mut self) -> Vec<AuditEvent> {
+        self.open
+            .drain()
+            .filter_map(|(_, window)| window.pending)
+            .collect()
+    }
+}
+
+/// Writes the audit log and publishes the event stream, off the request path: events
+/// arrive without waiting ([`AuditTx`]), identical refusals are aggregated
+/// ([`Aggregator`]), and what is written goes out in batches.
 async fn audit_writer<S: Store>(
     hub: Arc<Hub<S>>,
     client: AsyncClient,
     mut rx: mpsc::Receiver<AuditEvent>,
+    shed: Shed,
 ) {
-    let mut batch = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        batch.push(ev);
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(ev) => batch.push(ev),
-                Err(_) => break,
+    let mut aggregator = Aggregator::new(AUDIT_WINDOW_MS, AUDIT_MAX_KEYS);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rows = Vec::new();
+    loop {
+        let open = tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => {
+                    let now = hub.clock.now_ms();
+                    rows.extend(aggregator.add(event, now));
+                    // Take what else is there, a bounded amount per round.
+                    for _ in 0..AUDIT_BATCH {
+                        let Ok(event) = rx.try_recv() else { break };
+                        rows.extend(aggregator.add(event, now));
+                    }
+                    true
+                }
+                None => false,
+            },
+            _ = tick.tick() => {
+                rows.extend(aggregator.due(hub.clock.now_ms()));
+                true
+            }
+        };
+        if !open {
+            rows.extend(aggregator.drain());
+        }
+        if !rows.is_empty() {
+            for row in &rows {
+                let json = crate::events::to_json(row);
+                // The event stream is best effort (QoS 0); the audit log is the record.
+                if client
+                    .try_publish(topic::EVENTS, QoS::AtMostOnce, false, json)
+                    .is_err()
+                {
+                    shed.events_dropped.add(1);
+                }
+            }
+            if let Err(e) = hub.store.audit(std::mem::take(&mut rows)).await {
+                tracing::error!(error = %e, "cannot write audit log");
             }
         }
-        for ev in &batch {
-            let json = crate::events::to_json(ev);
-            // The event stream is best effort (QoS 0); the audit log is the record.
-            let _ = client.try_publish(topic::EVENTS, QoS::AtMostOnce, false, json);
-        }
-        if let Err(e) = hub.store.audit(std::mem::take(&mut batch)).await {
-            tracing::error!(error = %e, "cannot write audit log");
+        if !open {
+            return;
         }
     }
 }
 
-/// Serves until `shutdown` completes, then disconnects cleanly.
+/// On every (re)connection reported on `connected`, subscribes and republishes
+/// ([`on_connected`]), one connection at a time, until `stop`.
+async fn connector<S: Store>(
+    hub: Arc<Hub<S>>,
+    keyset: Arc<KeySetState>,
+    client: AsyncClient,
+    shared: bool,
+    announce_s: u64,
+    mut connected: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = connected.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        if let Err(e) = on_connected(&hub, &keyset, &client, shared, announce_s).await {
+            tracing::error!(error = %e, "cannot subscribe");
+        }
+    }
+}
+
+/// The heartbeat: one task, so a heartbeat that takes longer than the interval delays the
+/// next one rather than overlapping it. Logs the overload summary after each.
+#[allow(clippy::too_many_arguments)] // the heartbeat's own settings, passed once
+async fn beating<S: Store>(
+    hub: Arc<Hub<S>>,
+    keyset: Arc<KeySetState>,
+    client: AsyncClient,
+    kek: Option<Arc<Kek>>,
+    retention_s: u64,
+    announce_s: u64,
+    interval_s: u64,
+    summary: Arc<std::sync::Mutex<Summary>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut beat = tokio::time::interval(Duration::from_secs(interval_s.max(1)));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = ControlWatch::default();
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        heartbeat(
+            &hub,
+            &keyset,
+            &client,
+            kek.as_deref(),
+            retention_s,
+            announce_s,
+            &mut watch,
+        )
+        .await;
+        summary
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .log("heartbeat");
+    }
+}
+
+/// How a background task ended.
+#[derive(Debug)]
+struct Ended {
+    name: &'static str,
+    id: tokio::task::Id,
+    how: How,
+}
+
+#[derive(Debug)]
+enum How {
+    Returned,
+    Panicked(String),
+    Cancelled,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            How::Returned => f.write_str("stopped"),
+            How::Panicked(message) => write!(f, "panicked: {message}"),
+            How::Cancelled => f.write_str("was cancelled"),
+        }
+    }
+}
+
+/// The serving loop's background tasks, with their names: none of them may end while the
+/// hub serves.
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    running: HashMap<tokio::task::Id, (&'static str, tokio::task::AbortHandle)>,
+}
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::Id {
+        let handle = self.set.spawn(task);
+        let id = handle.id();
+        self.running.insert(id, (name, handle));
+        id
+    }
+
+    /// The next task to end; never, while none is left.
+    async fn next_end(&mut self) -> Ended {
+        let Some(joined) = self.set.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, how) = match joined {
+            Ok((id, ())) => (id, How::Returned),
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                (id, How::Panicked(message))
+            }
+            Err(e) => (e.id(), How::Cancelled),
+        };
+        let name = self.running.remove(&id).map_or("unknown", |(name, _)| name);
+        Ended { name, id, how }
+    }
+
+    fn is_running(&self, id: tokio::task::Id) -> bool {
+        self.running.contains_key(&id)
+    }
+
+    /// Tasks still running other than `except`.
+    fn others(&self, except: tokio::task::Id) -> usize {
+        self.running.len() - usize::from(self.is_running(except))
+    }
+
+    /// Aborts every task but `except`; returns how many.
+    fn abort_others(&self, except: tokio::task::Id) -> usize {
+        let mut n = 0;
+        for (id, (_, handle)) in &self.running {
+            if *id != except {
+                handle.abort();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Waits for task `id` to end.
+    async fn wait(&mut self, id: tokio::task::Id) -> Vec<Ended> {
+        let mut others = Vec::new();
+        while self.is_running(id) {
+            let ended = self.next_end().await;
+            if ended.id != id {
+                others.push(ended);
+            }
+        }
+        others
+    }
+}
+
+/// Why serving stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The MQTT connection could not be set up.
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    /// A background task ended (panicked, or returned) while the hub served: the hub
+    /// stopped rather than serve without it.
+    #[error("the hub's {task} task {how}; the hub stopped")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// How it ended.
+        how: String,
+    },
+}
+
+/// Serves until `shutdown` completes, then drains (within `config.drain`), disconnects
+/// cleanly and returns `Ok`. Returns an error if the connection cannot be set up, or if a
+/// background task panics or ends while serving (after stopping the rest the same way).
 pub async fn run<S: Store>(
     hub: Arc<Hub<S>>,
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), MqttError> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (client, mut notices) = mqtt::connect(&config.mqtt, 1024, stop_rx)?;
-    let (audit_tx, audit_rx) = mpsc::channel(4096);
-    let writer = tokio::spawn(audit_writer(hub.clone(), client.clone(), audit_rx));
-    let (echo_tx, echo_rx) = mpsc::channel(16 * 1024);
-    let confirming = tokio::spawn(confirmer(hub.clone(), echo_rx));
-    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
-    let echo_permits = Arc::new(Semaphore::new(ECHO_CONCURRENCY));
-    let keyset = Arc::new(KeySetState::default());
-    // One heartbeat task: a heartbeat that takes longer than the interval delays the next
-    // one rather than overlapping it.
-    let beating = {
-        let (hub, client, kek) = (hub.clone(), client.clone(), config.kek.clone());
-        let (keyset, retention) = (keyset.clone(), config.audit_retention_s);
-        let interval_s = config.heartbeat_s.max(1);
-        let announce_s = config.rotation_announce_s;
-        tokio::spawn(async move {
-            let mut beat = tokio::time::interval(Duration::from_secs(interval_s));
-            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut watch = ControlWatch::default();
-            loop {
-                beat.tick().await;
-                heartbeat(
-                    &hub,
-                    &keyset,
-                    &client,
-                    kek.as_deref(),
-                    retention,
-                    announce_s,
-                    &mut watch,
-                )
-                .await;
-            }
-        })
+) -> Result<(), ServeError> {
+    let (mqtt_stop_tx, mqtt_stop_rx) = watch::channel(false);
+    let queues = Queues {
+        requests: MQTT_REQUESTS,
+        incoming: INCOMING_MESSAGES,
+        incoming_bytes: INCOMING_BYTES,
     };
+    let (client, mut notices, event_loop) = mqtt::connection(&config.mqtt, queues, mqtt_stop_rx)?;
+    let shed = Shed::default();
+    let summary = Arc::new(std::sync::Mutex::new(Summary {
+        shed: shed.clone(),
+        mqtt_dropped: notices.dropped(),
+        last: ShedCounts::default(),
+    }));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (connected_tx, connected_rx) = watch::channel(0u64);
+    let mut tasks = Tasks::default();
+    let event_loop = tasks.spawn("MQTT event loop", async move {
+        let stopped = event_loop.await;
+        tracing::debug!(?stopped, "MQTT event loop stopped");
+    });
+
+    let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+    let audit = AuditTx {
+        tx: audit_tx,
+        dropped: shed.audit_dropped.clone(),
+    };
+    tasks.spawn(
+        "audit writer",
+        audit_writer(hub.clone(), client.clone(), audit_rx, shed.clone()),
+    );
+    let (echo_tx, echo_rx) = queue(ECHO_QUEUE, ECHO_QUEUE_BYTES);
+    tasks.spawn("echo confirmer", confirmer(hub.clone(), echo_rx));
+    let (work, work_rx) = queue(config.queue, QUEUE_BYTES);
+    for _ in 0..config.concurrency.max(1) {
+        tasks.spawn(
+            "request worker",
+            worker(hub.clone(), client.clone(), work_rx.clone(), audit.clone()),
+        );
+    }
+    let (refusals, refusal_rx) = queue(REFUSAL_QUEUE, REFUSAL_QUEUE_BYTES);
+    tasks.spawn(
+        "refusal worker",
+        refuser(
+            hub.clone(),
+            client.clone(),
+            refusal_rx,
+            audit.clone(),
+            shed.clone(),
+            config.admission,
+        ),
+    );
+    let keyset = Arc::new(KeySetState::default());
+    tasks.spawn(
+        "connector",
+        connector(
+            hub.clone(),
+            keyset.clone(),
+            client.clone(),
+            config.shared_subscription,
+            config.rotation_announce_s,
+            connected_rx,
+            stop_rx.clone(),
+        ),
+    );
+    tasks.spawn(
+        "heartbeat",
+        beating(
+            hub.clone(),
+            keyset,
+            client.clone(),
+            config.kek.clone(),
+            config.audit_retention_s,
+            config.rotation_announce_s,
+            config.heartbeat_s,
+            summary.clone(),
+            stop_rx,
+        ),
+    );
+    let mut dispatcher = Dispatcher {
+        limiter: Limiter::new(config.admission),
+        started: tokio::time::Instant::now(),
+        admission: config.admission,
+        work,
+        refusals,
+        echoes: echo_tx,
+        audit,
+        drops: Drops::default(),
+        shed,
+        clock: hub.clock.clone(),
+    };
+    let mut flush_drops = tokio::time::interval(Duration::from_secs(1));
+    flush_drops.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     tokio::pin!(shutdown);
-    tracing::info!(broker = %config.mqtt.host, port = config.mqtt.port, "hub serving");
-    loop {
+    tracing::info!(
+        broker = %config.mqtt.host,
+        port = config.mqtt.port,
+        workers = config.concurrency,
+        queue = config.queue,
+        "hub serving"
+    );
+    let mut failure = loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            biased;
+            () = &mut shutdown => break None,
+            ended = tasks.next_end() => break Some(ended),
+            // Before the notices, which are always ready during a flood.
+            _ = flush_drops.tick() => dispatcher.flush_drops(),
             notice = notices.recv() => match notice {
-                None => break,
+                Some(Notice::Message(msg)) => dispatcher.dispatch(msg),
                 Some(Notice::Connected) => {
                     tracing::info!("connected to broker");
-                    let (hub, client, shared) =
-                        (hub.clone(), client.clone(), config.shared_subscription);
-                    let (keyset, announce_s) = (keyset.clone(), config.rotation_announce_s);
-                    tokio::spawn(async move {
-                        if let Err(e) =
-                            on_connected(&hub, &keyset, &client, shared, announce_s).await
-                        {
-                            tracing::error!(error = %e, "cannot subscribe");
-                        }
-                    });
+                    connected_tx.send_modify(|n| *n += 1);
                 }
                 Some(Notice::Disconnected(reason)) => {
                     tracing::warn!(%reason, "disconnected from broker");
                 }
-                Some(Notice::Message(msg))
-                    if topic::delta_stream(&msg.topic).is_some()
-                        || topic::controlled_device(&msg.topic).is_some() =>
-                {
-                    confirm_echo(&hub, &echo_permits, &echo_tx, msg.topic, msg.payload);
+                // The event loop is gone (its task ends or has ended).
+                None => break Some(Ended {
+                    name: "MQTT event loop",
+                    id: event_loop,
+                    how: How::Returned,
+                }),
+            },
+        }
+    };
+    if let Some(ended) = &failure {
+        tracing::error!(
+            task = ended.name,
+            how = %ended.how,
+            "a background task of the hub ended while serving: stopping the hub"
+        );
+    }
+
+    // Stop taking work: with a shared subscription the broker gives new requests to the
+    // other replicas. Closing the queues lets the workers finish what is queued and stop;
+    // the audit writer and the confirmer stop when nobody can send them anything.
+    tracing::info!(
+        drain_s = config.drain.as_secs(),
+        "shutting down: answering the requests queued and in flight"
+    );
+    let filter = if config.shared_subscription {
+        topic::ALL_REQUESTS_SHARED
+    } else {
+        topic::ALL_REQUESTS
+    };
+    let _ = client.try_unsubscribe(filter);
+    let _ = stop_tx.send(true);
+    dispatcher.flush_drops();
+    drop(dispatcher);
+    let deadline = tokio::time::Instant::now() + config.drain;
+    let mut abandoned = None;
+    while tasks.others(event_loop) > 0 {
+        tokio::select! {
+            ended = tasks.next_end() => {
+                if let How::Panicked(_) = ended.how {
+                    tracing::error!(task = ended.name, how = %ended.how, "during shutdown");
+                    failure.get_or_insert(ended);
+                } else if ended.id == event_loop {
+                    tracing::warn!("the MQTT event loop stopped before the drain ended");
                 }
-                Some(Notice::Message(msg)) => {
-                    let Some(requester) = topic::requesting_client(&msg.topic) else {
-                        continue;
-                    };
-                    let requester = requester.to_string();
-                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                    let (hub, client, audit_tx) = (hub.clone(), client.clone(), audit_tx.clone());
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let handled = hub.handle(&requester, &msg.payload).await;
-                        if let Some(reply) = &handled.reply {
-                            Outbox::publish(&client, reply).await;
-                        }
-                        publish_all(&client, &handled.broadcast).await;
-                        if let Some(ev) = handled.audit {
-                            let _ = audit_tx.send(ev).await;
-                        }
-                    });
-                }
+            }
+            () = tokio::time::sleep_until(deadline), if abandoned.is_none() => {
+                let n = tasks.abort_others(event_loop);
+                tracing::warn!(
+                    tasks = n,
+                    "drain time over: abandoning the requests still queued or running"
+                );
+                abandoned = Some(n);
             }
         }
     }
-    tracing::info!("shutting down: finishing requests in flight");
-    // Every permit back means every request task has published its reply.
-    let _ = permits
-        .acquire_many(u32::try_from(config.concurrency.max(1)).unwrap_or(u32::MAX))
+    summary
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .log("shutdown");
+
+    // DISCONNECT, and wait until the event loop has sent it (it stops then): everything
+    // published before it has gone out too.
+    if tasks.is_running(event_loop) {
+        let flushed = tokio::time::timeout(DISCONNECT_FLUSH, async {
+            if client.disconnect().await.is_ok() {
+                tasks.wait(event_loop).await;
+            }
+        })
         .await;
-    beating.abort();
-    drop(audit_tx);
-    drop(echo_tx);
-    let _ = writer.await;
-    let _ = confirming.await;
-    let _ = client.disconnect().await;
-    // Let the event loop flush the DISCONNECT before it stops.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = stop_tx.send(true);
-    Ok(())
+        if flushed.is_err() || tasks.is_running(event_loop) {
+            tracing::warn!("the broker did not take the DISCONNECT in time; closing anyway");
+        }
+        let _ = mqtt_stop_tx.send(true);
+        tasks.wait(event_loop).await;
+    }
+    let written = hub.store.write_stats();
+    match failure {
+        None => {
+            tracing::info!(
+                store_transactions = written.transactions,
+                store_writes = written.writes,
+                "hub stopped"
+            );
+            Ok(())
+        }
+        Some(ended) => Err(ServeError::TaskFailed {
+            task: ended.name,
+            how: ended.how.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -551,7 +1456,7 @@ mod tests {
     use tokio::sync::RwLock;
 
     use super::*;
-    use crate::clock::{Clock, FakeClock};
+    use crate::clock::FakeClock;
     use crate::pipeline::PipelineConfig;
     use crate::policy::{Policy, SharedPolicy};
     use crate::revocation::Target;
@@ -712,37 +1617,285 @@ mod tests {
         assert_eq!(watch.republished(&[c("a")], T0 + 180, 30), 0);
     }
 
+    /// Where a test dispatcher's messages go: work, refusals, echoes, audit.
+    type Outlets = (
+        Arc<QueueRx<Job>>,
+        Arc<QueueRx<Refuse>>,
+        Arc<QueueRx<Incoming>>,
+        mpsc::Receiver<AuditEvent>,
+    );
+
+    fn dispatcher(
+        clock: &FakeClock,
+        admission: Limit,
+        work_depth: usize,
+        refusal_depth: usize,
+        echo_depth: usize,
+    ) -> (Dispatcher, Outlets) {
+        let (work, work_rx) = queue(work_depth, 1 << 20);
+        let (refusals, refusal_rx) = queue(refusal_depth, 1 << 20);
+        let (echoes, echo_rx) = queue(echo_depth, 1 << 20);
+        let (audit_tx, audit_rx) = mpsc::channel(64);
+        let shed = Shed::default();
+        let dispatcher = Dispatcher {
+            limiter: Limiter::new(admission),
+            started: tokio::time::Instant::now(),
+            admission,
+            work,
+            refusals,
+            echoes,
+            audit: AuditTx {
+                tx: audit_tx,
+                dropped: shed.audit_dropped.clone(),
+            },
+            drops: Drops::default(),
+            shed,
+            clock: Arc::new(clock.clone()),
+        };
+        (dispatcher, (work_rx, refusal_rx, echo_rx, audit_rx))
+    }
+
+    const GENEROUS: Limit = Limit {
+        burst: 1000,
+        per_second: 1000.0,
+    };
+
+    fn request(client: &str, payload: &[u8]) -> Incoming {
+        Incoming {
+            topic: topic::request(client).expect("id").to_string(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn drain<T>(rx: &QueueRx<T>) -> Vec<T> {
+        let mut rx = rx.rx.try_lock().expect("unlocked");
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
     #[tokio::test]
-    async fn echoes_beyond_the_verification_limit_are_dropped_not_queued() {
+    async fn echoes_beyond_the_queue_are_dropped_and_counted_not_waited_for() {
         let clock = FakeClock::at_ms(T0 * 1000);
-        let hub = hub(&clock).await;
-        let permits = Arc::new(Semaphore::new(1));
-        let (tx, mut rx) = mpsc::channel(8);
-        let control = hub
-            .control("dev-0000", Command::Revoked, clock.now())
-            .await
-            .expect("control");
-        let busy = Arc::clone(&permits).try_acquire_owned().expect("permit");
-        assert!(!confirm_echo(
-            &hub,
-            &permits,
-            &tx,
-            control.topic.clone(),
-            control.payload.clone()
-        ));
-        drop(busy);
-        assert!(confirm_echo(
-            &hub,
-            &permits,
-            &tx,
-            control.topic,
-            control.payload
-        ));
-        let echo = rx.recv().await.expect("confirmed");
-        assert!(matches!(echo, Echo::Control(c) if c.device == "dev-0000"));
+        let (mut d, _outlets) = dispatcher(&clock, GENEROUS, 8, 8, 1);
+        let echo = |device: &str| Incoming {
+            topic: topic::control(device).expect("id").to_string(),
+            payload: vec![1, 2, 3],
+        };
+        d.dispatch(echo("dev-1"));
+        d.dispatch(echo("dev-2"));
+        assert_eq!(d.shed.echoes_dropped.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_work_queue_gets_requests_refused_as_overloaded_and_a_full_refusal_queue_drops_them()
+     {
+        let clock = FakeClock::at_ms(T0 * 1000);
+        let (mut d, (work, refusals, _echoes, mut audit)) = dispatcher(&clock, GENEROUS, 2, 1, 8);
+        for i in 0..5 {
+            d.dispatch(request(&format!("app-{i}"), b"anything"));
+        }
+        let queued: Vec<String> = drain(&work).into_iter().map(|j| j.requester).collect();
+        assert_eq!(queued, ["app-0", "app-1"]);
+        let refused: Vec<(String, ErrorCode)> = drain(&refusals)
+            .into_iter()
+            .map(|r| (r.job.requester, r.code))
+            .collect();
+        assert_eq!(refused, [("app-2".to_owned(), ErrorCode::Overloaded)]);
+        assert_eq!(d.shed.overloaded_dropped.get(), 2);
+        // The dropped ones are audited, once a second, a row per client.
+        assert!(audit.try_recv().is_err());
+        d.flush_drops();
+        let mut audited: Vec<(String, String, u64)> = std::iter::from_fn(|| audit.try_recv().ok())
+            .map(|e| (e.actor, e.outcome, e.count))
+            .collect();
+        audited.sort();
+        assert_eq!(
+            audited,
+            [
+                ("app-3".to_owned(), "overloaded".to_owned(), 1),
+                ("app-4".to_owned(), "overloaded".to_owned(), 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_over_its_admission_limit_is_refused_once_and_its_other_messages_dropped() {
+        let clock = FakeClock::at_ms(T0 * 1000);
+        let limit = Limit {
+            burst: 2,
+            per_second: 1.0,
+        };
+        let (mut d, (work, refusals, _echoes, mut audit)) = dispatcher(&clock, limit, 64, 64, 8);
+        for _ in 0..50 {
+            d.dispatch(request("attacker", b"garbage"));
+        }
+        d.dispatch(request("device", b"request"));
+        let queued: Vec<String> = drain(&work).into_iter().map(|j| j.requester).collect();
+        assert_eq!(queued, ["attacker", "attacker", "device"]);
+        let refused: Vec<ErrorCode> = drain(&refusals).into_iter().map(|r| r.code).collect();
+        assert_eq!(refused, [ErrorCode::RateLimited]);
+        assert_eq!(d.shed.rate_limited_dropped.get(), 47);
+        d.flush_drops();
+        let audited: Vec<AuditEvent> = std::iter::from_fn(|| audit.try_recv().ok()).collect();
+        assert_eq!(audited.len(), 1, "{audited:?}");
+        assert_eq!(
+            (audited[0].actor.as_str(), audited[0].action.as_str()),
+            ("attacker", UNREAD)
+        );
+        assert_eq!(
+            (audited[0].outcome.as_str(), audited[0].count),
+            ("rate_limited", 47)
+        );
+    }
+
+    #[tokio::test]
+    async fn messages_on_no_request_topic_are_ignored() {
+        let clock = FakeClock::at_ms(T0 * 1000);
+        let (mut d, (work, refusals, _echoes, _audit)) = dispatcher(&clock, GENEROUS, 8, 8, 8);
+        d.dispatch(Incoming {
+            topic: "tessera/v1/client/a/b/req".into(),
+            payload: vec![],
+        });
+        assert!(drain(&work).is_empty() && drain(&refusals).is_empty());
+    }
+
+    #[test]
+    fn drops_from_more_clients_than_kept_apart_are_counted_together() {
+        let mut drops = Drops::default();
+        for i in 0..MAX_DROP_CLIENTS + 10 {
+            drops.note(&format!("id-{i}"), ErrorCode::RateLimited);
+        }
+        let events = drops.flush(0, GENEROUS);
+        assert_eq!(events.len(), MAX_DROP_CLIENTS + 1);
+        let many = events.iter().find(|e| e.actor == MANY_CLIENTS).expect("*");
+        assert_eq!(many.count, 10);
+        assert!(drops.flush(0, GENEROUS).is_empty(), "a fresh start");
+    }
+
+    #[test]
+    fn a_queue_full_by_bytes_hands_the_job_back_and_taking_one_makes_room() {
+        let (tx, rx) = queue::<Job>(8, 10);
+        let job = |n: usize| Job {
+            requester: "app".into(),
+            payload: vec![0; n],
+        };
+        assert!(tx.try_push(job(6)).is_ok());
+        let back = tx.try_push(job(6)).expect_err("over 10 bytes");
+        assert_eq!(back.payload.len(), 6);
+        let taken = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(rx.pop())
+            .expect("queued");
+        assert_eq!(taken.payload.len(), 6);
+        assert!(tx.try_push(job(10)).is_ok());
+    }
+
+    fn refusal(actor: &str, outcome: &str, at_ms: u64) -> AuditEvent {
+        AuditEvent {
+            at_ms,
+            actor: actor.into(),
+            action: "access_token".into(),
+            target: String::new(),
+            outcome: outcome.into(),
+            reason: "why".into(),
+            count: 1,
+        }
+    }
+
+    #[test]
+    fn identical_refusals_are_one_row_at_once_then_one_row_per_window_with_their_count() {
+        let mut agg = Aggregator::new(10_000, 16);
+        let first = agg
+            .add(refusal("app", "replay", 0), 0)
+            .expect("written at once");
+        assert_eq!(first.count, 1);
+        for t in 1..=1000 {
+            assert!(agg.add(refusal("app", "replay", t), t).is_none());
+        }
+        assert!(agg.due(9_999).is_empty(), "the window is still open");
+        let rows = agg.due(10_000);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].count, rows[0].at_ms),
+            (1000, 1),
+            "the first of them"
+        );
+        // The flood goes on: one row per window.
+        for t in 10_001..=10_500 {
+            assert!(agg.add(refusal("app", "replay", t), t).is_none());
+        }
+        let rows = agg.due(20_000);
+        assert_eq!(rows.iter().map(|r| r.count).collect::<Vec<_>>(), [500]);
+        // A quiet window closes it: the next refusal is written at once again.
+        assert!(agg.due(30_000).is_empty());
+        assert!(agg.add(refusal("app", "replay", 30_001), 30_001).is_some());
+    }
+
+    #[test]
+    fn successes_are_one_row_each_and_other_clients_or_outcomes_are_kept_apart() {
+        let mut agg = Aggregator::new(10_000, 16);
+        let mut ok = refusal("app", "ok", 0);
+        ok.outcome = "ok".into();
+        assert!(agg.add(ok.clone(), 0).is_some());
+        assert!(agg.add(ok, 0).is_some());
+        assert!(agg.add(refusal("app", "replay", 0), 0).is_some());
+        assert!(agg.add(refusal("app", "stale", 0), 0).is_some());
+        assert!(agg.add(refusal("other", "replay", 0), 0).is_some());
+        assert!(agg.add(refusal("app", "replay", 1), 1).is_none());
+    }
+
+    #[test]
+    fn refusals_from_more_clients_than_kept_apart_aggregate_under_a_star_and_drain_at_shutdown() {
+        let mut agg = Aggregator::new(10_000, 2);
+        let mut written = 0;
+        for i in 0..1000 {
+            written += usize::from(
+                agg.add(refusal(&format!("id-{i}"), "malformed", 5), 5)
+                    .is_some(),
+            );
+        }
+        // Two ids kept apart, and the first refusal of the rest under `*`.
+        assert_eq!(written, 3);
+        let rest = agg.drain();
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].actor.as_str(), rest[0].count), (MANY_CLIENTS, 997));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_is_reported_with_its_name_and_message() {
+        let mut tasks = Tasks::default();
+        let quiet = tasks.spawn("quiet", std::future::pending());
+        tasks.spawn("loud", async { panic!("boom") });
+        let ended = tasks.next_end().await;
+        assert_eq!(ended.name, "loud");
         assert!(
-            rx.try_recv().is_err(),
-            "the dropped echo was never verified"
+            matches!(&ended.how, How::Panicked(m) if m == "boom"),
+            "{:?}",
+            ended.how
+        );
+        assert!(tasks.is_running(quiet));
+        assert_eq!(tasks.others(quiet), 0);
+        assert_eq!(tasks.abort_others(ended.id), 1);
+        let ended = tasks.next_end().await;
+        assert_eq!((ended.name, ended.id), ("quiet", quiet));
+        assert!(matches!(ended.how, How::Cancelled));
+    }
+
+    #[test]
+    fn the_summary_counts_what_was_shed_since_the_last_one() {
+        let shed = Shed::default();
+        let mqtt = Counter::default();
+        shed.rate_limited_dropped.add(5);
+        mqtt.add(2);
+        let first = ShedCounts::read(&shed, &mqtt);
+        shed.rate_limited_dropped.add(3);
+        let d = ShedCounts::read(&shed, &mqtt).since(&first);
+        assert_eq!(
+            d,
+            ShedCounts {
+                rate_limited_dropped: 3,
+                ..ShedCounts::default()
+            }
         );
     }
 }

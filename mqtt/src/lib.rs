@@ -3,15 +3,19 @@
 //! The connection: options (plain or TLS through rustls, optional client
 //! certificate), an event loop that is polled continuously in its own task, reconnects
 //! with capped exponential backoff, and hands incoming messages and (re)connections to
-//! the rest of the program over channels.
+//! the rest of the program ([`Notices`]).
 //!
-//! Publishing happens from other tasks through the [`AsyncClient`]; the polling task never
-//! publishes, so a full request queue can never stall the loop that drains it
-//! (rumqtt#1025). rumqttc reconnects when polled again after an error but does not wait,
-//! so the backoff is ours (rumqtt#918).
+//! Publishing happens from other tasks through the [`AsyncClient`]. The polling task never
+//! publishes and never waits for the program: incoming messages go to a bounded queue and
+//! are dropped (and counted) when it is full, and connection changes go through a channel
+//! that only keeps the latest state. So neither a full request queue nor a slow reader can
+//! stall the loop that drains both (rumqtt#1025). rumqttc reconnects when polled again
+//! after an error but does not wait, so the backoff is ours (rumqtt#918).
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -28,6 +32,12 @@ pub use rumqttc::v5::mqttbytes::QoS;
 /// Largest MQTT packet a client accepts by default: every hub message (at most 16 KiB,
 /// PROTOCOL.md §2.4) with room to spare.
 pub const MAX_PACKET_BYTES: u32 = 64 * 1024;
+
+/// Most QoS 1 publishes a connection keeps unacknowledged (the broker's Receive Maximum
+/// lowers it further: Mosquitto announces 20). rumqttc's v5 client pre-allocates one slot per
+/// possible packet id up to this limit, about 216 bytes each: its default, 65,535, cost every
+/// connection 14 MB of resident memory before it sent anything.
+pub const MAX_INFLIGHT: u16 = 100;
 
 /// Where and how to connect.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -141,6 +151,7 @@ impl MqttConfig {
             }
         }
         o.set_max_packet_size(Some(self.max_incoming_packet_bytes));
+        o.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             o.set_credentials(u, p);
         }
@@ -219,7 +230,9 @@ fn crypto_provider() -> rustls::crypto::CryptoProvider {
 }
 
 #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
-compile_error!("tessera-mqtt needs a TLS crypto provider: enable its `aws-lc-rs` or `ring` feature");
+compile_error!(
+    "tessera-mqtt needs a TLS crypto provider: enable its `aws-lc-rs` or `ring` feature"
+);
 
 /// One received application message.
 #[derive(Debug, Clone)]
@@ -241,24 +254,250 @@ pub enum Notice {
     Disconnected(String),
 }
 
-/// Connects and spawns the event loop task. Notices arrive on the returned channel until
-/// `shutdown` turns true.
+/// Sizes of the queues between the event loop task and the rest of the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queues {
+    /// Requests (publish, subscribe, disconnect) waiting for the event loop: rumqttc's
+    /// request channel. `AsyncClient::publish` waits for room, `try_publish` fails.
+    pub requests: usize,
+    /// Incoming messages waiting for the owner; further ones are dropped and counted.
+    pub incoming: usize,
+    /// Payload bytes of those messages at most; further ones are dropped and counted.
+    pub incoming_bytes: usize,
+}
+
+impl Queues {
+    /// `capacity` requests and incoming messages, and room for that many messages of
+    /// [`MAX_PACKET_BYTES`].
+    pub fn uniform(capacity: usize) -> Self {
+        Self {
+            requests: capacity,
+            incoming: capacity,
+            incoming_bytes: capacity.saturating_mul(MAX_PACKET_BYTES as usize),
+        }
+    }
+}
+
+/// A count shared between tasks (messages dropped, say); it only grows.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The connection's state as the event loop task last saw it. Counters rather than
+/// events, so the owner never misses that a (re)connection happened however late it looks,
+/// and the event loop never waits for the owner to look.
+#[derive(Debug, Clone, Default)]
+struct Link {
+    connected: bool,
+    /// CONNACKs received so far.
+    connects: u64,
+    /// Connection errors so far (each followed by a backoff), and the last one.
+    failures: u64,
+    last_error: String,
+}
+
+/// Where the event loop task's reports arrive (see [`connect`]).
+///
+/// Incoming messages wait in a bounded queue; when it is full (or holds
+/// [`Queues::incoming_bytes`]), the event loop drops further messages and counts them
+/// ([`Notices::dropped`]) rather than wait: it must keep polling, or nothing (publishes,
+/// acknowledgements, keep-alives) moves. (Re)connections and disconnections never wait
+/// behind messages and are never lost: each [`Notice::Connected`] the owner must act on
+/// is reported, after the [`Notice::Disconnected`] before it. Only the detail of several
+/// failed attempts in a row is folded into one `Disconnected` (the latest error).
+#[derive(Debug)]
+pub struct Notices {
+    link: watch::Receiver<Link>,
+    link_open: bool,
+    seen_connects: u64,
+    seen_failures: u64,
+    messages: mpsc::Receiver<Incoming>,
+    queued_bytes: Arc<AtomicUsize>,
+    dropped: Counter,
+}
+
+impl Notices {
+    /// The next notice; `None` once the event loop task has stopped and everything it
+    /// reported was read. Cancel safe: a notice is never lost when the future is dropped.
+    pub async fn recv(&mut self) -> Option<Notice> {
+        loop {
+            if let Some(notice) = self.link_notice() {
+                return Some(notice);
+            }
+            tokio::select! {
+                biased;
+                changed = self.link.changed(), if self.link_open => {
+                    if changed.is_err() {
+                        self.link_open = false;
+                    }
+                }
+                message = self.messages.recv() => match message {
+                    Some(m) => {
+                        self.queued_bytes.fetch_sub(m.payload.len(), Ordering::Relaxed);
+                        return Some(Notice::Message(m));
+                    }
+                    None => {
+                        // The event loop task is gone; report its last state change.
+                        return self.link_notice();
+                    }
+                },
+            }
+        }
+    }
+
+    /// How many incoming messages the event loop dropped because the owner had not taken
+    /// the earlier ones yet (since the connection was made).
+    pub fn dropped(&self) -> Counter {
+        self.dropped.clone()
+    }
+
+    fn link_notice(&mut self) -> Option<Notice> {
+        let link = self.link.borrow_and_update();
+        if link.failures > self.seen_failures {
+            self.seen_failures = link.failures;
+            return Some(Notice::Disconnected(link.last_error.clone()));
+        }
+        if link.connects > self.seen_connects {
+            self.seen_connects = link.connects;
+            // A connection that dropped again before the owner looked needs no action:
+            // the next one is reported.
+            if link.connected {
+                return Some(Notice::Connected);
+            }
+        }
+        None
+    }
+}
+
+/// Why the event loop task stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The owner's DISCONNECT went out.
+    Disconnected,
+    /// `shutdown` turned true, or its sender was dropped.
+    Shutdown,
+    /// The owner dropped its [`Notices`].
+    OwnerGone,
+}
+
+/// Connects and spawns the event loop task; `capacity` sizes every queue
+/// ([`Queues::uniform`]). Notices arrive until the event loop stops: after a DISCONNECT
+/// (`AsyncClient::disconnect`) went out, or when `shutdown` turns true (or its sender is
+/// dropped).
 pub fn connect(
     config: &MqttConfig,
     capacity: usize,
     shutdown: watch::Receiver<bool>,
-) -> Result<(AsyncClient, mpsc::Receiver<Notice>), MqttError> {
-    let (client, eventloop) = AsyncClient::new(config.options()?, capacity);
-    let (tx, rx) = mpsc::channel(capacity);
-    tokio::spawn(poll_forever(eventloop, tx, shutdown));
-    Ok((client, rx))
+) -> Result<(AsyncClient, Notices), MqttError> {
+    let (client, notices, event_loop) = connection(config, Queues::uniform(capacity), shutdown)?;
+    tokio::spawn(event_loop);
+    Ok((client, notices))
 }
 
+/// Like [`connect`], with queue sizes of the caller's choice, and without spawning: the
+/// caller runs the returned event loop future in a task of its own (in a `JoinSet`, say,
+/// to notice if it ever ends) and must keep it running for anything to move.
+pub fn connection(
+    config: &MqttConfig,
+    queues: Queues,
+    shutdown: watch::Receiver<bool>,
+) -> Result<
+    (
+        AsyncClient,
+        Notices,
+        impl Future<Output = Stopped> + Send + 'static,
+    ),
+    MqttError,
+> {
+    let (client, eventloop) = AsyncClient::new(config.options()?, queues.requests.max(1));
+    let (link_tx, inbox, notices) = notice_channel(queues);
+    Ok((
+        client,
+        notices,
+        poll_forever(eventloop, link_tx, inbox, shutdown),
+    ))
+}
+
+/// The event loop's ends of the notices (connection state, incoming queue) and the
+/// owner's.
+fn notice_channel(queues: Queues) -> (watch::Sender<Link>, Inbox, Notices) {
+    let (link_tx, link) = watch::channel(Link::default());
+    let (tx, messages) = mpsc::channel(queues.incoming.max(1));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let dropped = Counter::default();
+    let inbox = Inbox {
+        tx,
+        queued_bytes: Arc::clone(&queued_bytes),
+        max_bytes: queues.incoming_bytes,
+        dropped: dropped.clone(),
+    };
+    let notices = Notices {
+        link,
+        link_open: true,
+        seen_connects: 0,
+        seen_failures: 0,
+        messages,
+        queued_bytes,
+        dropped,
+    };
+    (link_tx, inbox, notices)
+}
+
+/// The event loop's end of the incoming queue.
+struct Inbox {
+    tx: mpsc::Sender<Incoming>,
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    dropped: Counter,
+}
+
+impl Inbox {
+    /// Queues a message without waiting; drops and counts it when the queue is full.
+    /// `false` when the owner is gone.
+    fn offer(&self, message: Incoming) -> bool {
+        let len = message.payload.len();
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.dropped.add(1);
+            return !self.tx.is_closed();
+        }
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(e) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        self.dropped.add(1);
+                        true
+                    }
+                    mpsc::error::TrySendError::Closed(_) => false,
+                }
+            }
+        }
+    }
+}
+
+/// Polls the event loop until it is told to stop: never waits on anything but the
+/// network, the backoff and `shutdown`, so a slow owner can never stall the loop that
+/// drains the requests its own tasks are waiting on.
 async fn poll_forever(
     mut eventloop: EventLoop,
-    tx: mpsc::Sender<Notice>,
+    link: watch::Sender<Link>,
+    inbox: Inbox,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Stopped {
     let backoff = Backoff {
         base_ms: 200,
         cap_ms: 10_000,
@@ -266,40 +505,50 @@ async fn poll_forever(
     let mut attempt = 0u32;
     loop {
         let event = tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { return; }
-                continue;
-            }
+            // Also when the sender is gone: nobody could stop the loop otherwise.
+            _ = shutdown.wait_for(|stop| *stop) => return Stopped::Shutdown,
             event = eventloop.poll() => event,
         };
-        let notice = match event {
+        match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 attempt = 0;
-                Notice::Connected
+                link.send_modify(|l| {
+                    l.connected = true;
+                    l.connects += 1;
+                });
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => Notice::Message(Incoming {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload.to_vec(),
-            }),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let message = Incoming {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload.to_vec(),
+                };
+                if !inbox.offer(message) {
+                    return Stopped::OwnerGone;
+                }
+            }
             // Our own DISCONNECT went out: the owner is closing, so do not reconnect.
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => continue,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                link.send_modify(|l| l.connected = false);
+                return Stopped::Disconnected;
+            }
+            Ok(_) => {}
             Err(e) => {
                 let delay = backoff.delay_ms(attempt, getrandom::u32().unwrap_or(0));
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in_ms = delay, "MQTT connection lost");
-                if tx.send(Notice::Disconnected(e.to_string())).await.is_err() {
-                    return;
+                link.send_modify(|l| {
+                    l.connected = false;
+                    l.failures += 1;
+                    l.last_error = e.to_string();
+                });
+                if inbox.tx.is_closed() {
+                    return Stopped::OwnerGone;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(delay.max(100))) => {}
-                    _ = shutdown.changed() => { if *shutdown.borrow() { return; } }
+                    _ = shutdown.wait_for(|stop| *stop) => return Stopped::Shutdown,
                 }
-                continue;
             }
-        };
-        if tx.send(notice).await.is_err() {
-            return;
         }
     }
 }
@@ -307,6 +556,109 @@ async fn poll_forever(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(topic: &str, len: usize) -> Incoming {
+        Incoming {
+            topic: topic.into(),
+            payload: vec![7; len],
+        }
+    }
+
+    fn connected(l: &mut Link) {
+        l.connected = true;
+        l.connects += 1;
+    }
+
+    fn failed(l: &mut Link, why: &str) {
+        l.connected = false;
+        l.failures += 1;
+        l.last_error = why.into();
+    }
+
+    #[tokio::test]
+    async fn a_full_incoming_queue_drops_and_counts_instead_of_waiting() {
+        let queues = Queues {
+            requests: 4,
+            incoming: 2,
+            incoming_bytes: 1000,
+        };
+        let (_link, inbox, mut notices) = notice_channel(queues);
+        for i in 0..5 {
+            assert!(
+                inbox.offer(message(&format!("t/{i}"), 10)),
+                "owner still there"
+            );
+        }
+        assert_eq!(notices.dropped().get(), 3);
+        let Some(Notice::Message(m)) = notices.recv().await else {
+            panic!("a message")
+        };
+        assert_eq!(m.topic, "t/0");
+        // Taking one makes room for one.
+        assert!(inbox.offer(message("t/5", 10)));
+        assert_eq!(notices.dropped().get(), 3);
+    }
+
+    #[tokio::test]
+    async fn messages_over_the_byte_budget_are_dropped_and_counted() {
+        let queues = Queues {
+            requests: 4,
+            incoming: 100,
+            incoming_bytes: 100,
+        };
+        let (_link, inbox, mut notices) = notice_channel(queues);
+        assert!(inbox.offer(message("a", 60)));
+        assert!(inbox.offer(message("b", 60)));
+        assert_eq!(notices.dropped().get(), 1);
+        assert!(matches!(notices.recv().await, Some(Notice::Message(_))));
+        assert!(inbox.offer(message("c", 60)), "room again");
+        assert_eq!(notices.dropped().get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reconnection_is_reported_after_its_disconnection_and_before_queued_messages() {
+        let (link, inbox, mut notices) = notice_channel(Queues::uniform(8));
+        link.send_modify(connected);
+        assert!(inbox.offer(message("old", 1)));
+        // The owner looks late: the connection dropped and came back meanwhile.
+        link.send_modify(|l| failed(l, "reset"));
+        link.send_modify(|l| failed(l, "refused"));
+        link.send_modify(connected);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(match notices.recv().await {
+                Some(Notice::Connected) => "connected".to_owned(),
+                Some(Notice::Disconnected(why)) => format!("disconnected: {why}"),
+                Some(Notice::Message(m)) => m.topic,
+                None => "end".to_owned(),
+            });
+        }
+        assert_eq!(seen, ["disconnected: refused", "connected", "old"]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_dropped_before_the_owner_looked_is_only_a_disconnection() {
+        let (link, _inbox, mut notices) = notice_channel(Queues::uniform(8));
+        link.send_modify(connected);
+        link.send_modify(|l| failed(l, "reset"));
+        assert!(matches!(
+            notices.recv().await,
+            Some(Notice::Disconnected(_))
+        ));
+        link.send_modify(connected);
+        assert!(matches!(notices.recv().await, Some(Notice::Connected)));
+    }
+
+    #[tokio::test]
+    async fn notices_end_once_the_event_loop_is_gone_and_everything_was_read() {
+        let (link, inbox, mut notices) = notice_channel(Queues::uniform(8));
+        assert!(inbox.offer(message("last", 1)));
+        link.send_modify(connected);
+        drop((link, inbox));
+        assert!(matches!(notices.recv().await, Some(Notice::Connected)));
+        assert!(matches!(notices.recv().await, Some(Notice::Message(_))));
+        assert!(notices.recv().await.is_none());
+    }
 
     #[test]
     fn a_session_expiry_keeps_the_session_and_none_starts_clean() {

@@ -308,6 +308,22 @@ impl HubDir {
             .with_context(|| format!("`device add --enrollment-code` printed no code:\n{output}"))
     }
 
+    /// `app add <id> --role <role> --key keys/<id>.pem.pub`, the public key file written
+    /// from `public` (for a key made in the test process, such as a fast flood signer).
+    pub fn add_app_with_key(&self, id: &str, role: &str, public: &PublicKey) -> Result<()> {
+        let path = self.root.join("keys").join(format!("{id}.pem.pub"));
+        std::fs::write(&path, keyfile::public_to_pem(public))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let path = path.to_string_lossy().into_owned();
+        self.run(&["app", "add", id, "--role", role, "--key", &path])?;
+        Ok(())
+    }
+
+    /// The hub's SQLite database (`tessera-hub.db`, as init configures it).
+    pub fn database_path(&self) -> PathBuf {
+        self.root.join("tessera-hub.db")
+    }
+
     /// `app add <id> --role <role> --key <new key>`.
     pub fn add_app(&self, id: &str, role: &str) -> Result<TestKey> {
         self.add_keyed("app", id, role)
@@ -581,6 +597,25 @@ impl TestHub {
     /// The broker.
     pub fn broker(&self) -> &Broker {
         &self.broker
+    }
+
+    /// The broker, to stop or restart it under the running hub.
+    pub fn broker_mut(&mut self) -> &mut Broker {
+        &mut self.broker
+    }
+
+    /// The process id of the serving hub, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock_process().as_ref().map(ChildGuard::id)
+    }
+
+    /// Asks the hub to shut down (SIGTERM) and waits up to `timeout` for it to exit;
+    /// returns its exit status, or an error (after killing it, with its log) when it did
+    /// not exit in time.
+    pub fn terminate(&self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut process = self.lock_process();
+        let child = process.as_mut().context("the hub is not running")?;
+        child.terminate(timeout)
     }
 
     /// The trust anchor init printed.

@@ -11,6 +11,8 @@
 //! - [`free_port`], [`wait_for_port`]: loopback ports.
 //! - [`hub`]: a real `tessera-hub` (init, register, serve, kill, restart) and clients that
 //!   talk to it, for the hub's end-to-end tests.
+//! - [`flood`]: publishers, fast signing and measurements (RSS, database rows) for the
+//!   hub's flood and burst tests.
 //! - [`wait_until`], [`wait_until_every`], [`wait_until_blocking`]: bounded waits on an observable condition,
 //!   instead of fixed sleeps.
 //!
@@ -39,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod flood;
 pub mod hub;
 pub mod pki;
 pub mod port;
