@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod policy_change;
 pub mod revocation;
+pub mod rng;
 pub mod server;
 pub mod store;
 

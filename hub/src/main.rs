@@ -968,6 +968,7 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
         keys: tokio::sync::RwLock::new(keys),
         clock,
         config: config.pipeline(),
+        rng: Arc::new(tessera_hub::rng::OsRng),
     });
     let serve_config = ServeConfig {
         mqtt: config.mqtt.clone(),

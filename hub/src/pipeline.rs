@@ -25,6 +25,7 @@ use crate::crypto::AwsLcVerifier;
 use crate::keys::KeyRing;
 use crate::policy::SharedPolicy;
 use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
+use crate::rng::Rng;
 use crate::store::{
     AuditEvent, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse, Horizons,
     IssuedToken, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError, StoreResult,
@@ -127,6 +128,8 @@ pub struct Hub<S: Store> {
     pub clock: Arc<dyn Clock>,
     /// Tunables.
     pub config: PipelineConfig,
+    /// Where token ids and grants come from ([`OsRng`](crate::rng::OsRng) but in tests).
+    pub rng: Arc<dyn Rng>,
 }
 
 impl<S: Store> std::fmt::Debug for Hub<S> {
@@ -145,16 +148,17 @@ struct Success {
     reason: String,
 }
 
-fn random<const N: usize>() -> Result<[u8; N], Refusal> {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b).map_err(|e| {
-        tracing::error!(error = %e, "OS random number generator failed");
-        Refusal::new(ErrorCode::Internal, "hub randomness failure")
-    })?;
-    Ok(b)
-}
-
 impl<S: Store> Hub<S> {
+    /// `N` random bytes from the hub's generator.
+    fn random<const N: usize>(&self) -> Result<[u8; N], Refusal> {
+        let mut b = [0u8; N];
+        self.rng.fill(&mut b).map_err(|e| {
+            tracing::error!(error = %e, "random number generator failed");
+            Refusal::new(ErrorCode::Internal, "hub randomness failure")
+        })?;
+        Ok(b)
+    }
+
     /// Handles one message from `tessera/v1/client/{topic_client}/req`.
     pub async fn handle(&self, topic_client: &str, payload: &[u8]) -> Handled {
         let now_ms = self.clock.now_ms();
@@ -525,7 +529,7 @@ impl<S: Store> Hub<S> {
             audience: grant.audience,
             scope: grant.scope,
             lifetime_s: grant.lifetime_s,
-            grant: Some((grant.grant_lifetime_s, random::<16>()?)),
+            grant: Some((grant.grant_lifetime_s, self.random::<16>()?)),
         };
         self.issue(ticket, device, token, None).await
     }
@@ -547,7 +551,7 @@ impl<S: Store> Hub<S> {
             audience: device.id,
             scope: grant.scope,
             lifetime_s: grant.lifetime_s,
-            grant: Some((grant.grant_lifetime_s, random::<16>()?)),
+            grant: Some((grant.grant_lifetime_s, self.random::<16>()?)),
         };
         self.issue(ticket, app, token, None).await
     }
@@ -669,7 +673,7 @@ impl<S: Store> Hub<S> {
             .map_err(|e| Refusal::new(ErrorCode::Internal, format!("policy scope: {e}")))?;
         let (grant_value, grant_record) = match grant {
             Some((grant_lifetime, family)) if grant_lifetime > 0 => {
-                let value = random::<GRANT_LEN>()?;
+                let value = self.random::<GRANT_LEN>()?;
                 let record = GrantRecord {
                     hash: sha256(&[&value]),
                     family,
@@ -686,7 +690,7 @@ impl<S: Store> Hub<S> {
         };
         let (mut iat, mut retried) = (now, false);
         let (token, cti) = loop {
-            let cti = random::<CTI_LEN>()?;
+            let cti = self.random::<CTI_LEN>()?;
             let claims = Claims {
                 iss: &self.config.hub_id,
                 sub: &holder.id,

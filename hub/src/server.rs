@@ -1506,6 +1506,7 @@ mod tests {
             keys: RwLock::new(ring),
             clock: Arc::new(clock.clone()),
             config: PipelineConfig::default(),
+            rng: Arc::new(crate::rng::SeededRng::new([7; 32])),
         })
     }
 

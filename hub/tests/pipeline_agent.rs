@@ -196,6 +196,7 @@ impl Rig {
                 heartbeat_s: HEARTBEAT_S,
                 ..PipelineConfig::default()
             },
+            rng: std::sync::Arc::new(tessera_hub::rng::SeededRng::new([5; 32])),
         };
         for (id, kind, role, key) in [
             (OPERATOR, ClientKind::Operator, "ops", OPERATOR_KEY),

@@ -119,6 +119,7 @@ impl Rig {
                 hub_id: "hub-1".into(),
                 ..PipelineConfig::default()
             },
+            rng: Arc::new(tessera_hub::rng::SeededRng::new([3; 32])),
         };
         hub.store
             .add_client(client(
