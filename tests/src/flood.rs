@@ -7,7 +7,9 @@
 //! assert what the hub does under it, not how fast.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tessera_hub::crypto::AwsLcSigner;
@@ -214,6 +216,57 @@ fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
         }
         out.push(byte | 0x80);
     }
+}
+
+/// Malformed messages a second in the sustained flood of issue 8 (`tests/hub_flood.rs`,
+/// `a_sustained_flood_…`): from [`SUSTAINED_NOISY_CLIENTS`] clients, evenly.
+pub const SUSTAINED_MALFORMED_PER_SECOND: u64 = 10_000;
+/// Clients sending the malformed messages of the sustained flood.
+pub const SUSTAINED_NOISY_CLIENTS: u64 = 2;
+/// Validly signed requests a second in the sustained flood, from
+/// [`SUSTAINED_SIGNING_CLIENTS`] registered apps, evenly.
+pub const SUSTAINED_SIGNED_PER_SECOND: u64 = 1_000;
+/// Registered apps sending the signed requests of the sustained flood.
+pub const SUSTAINED_SIGNING_CLIENTS: u64 = 4;
+
+/// Publishes `per_second` messages a second from `flooder`, in ticks of 10 ms, each from
+/// `make` (called with a running number), until `stop` is set or `limit` has passed,
+/// whichever comes first; connects again when the broker goes away (that tick's batch is
+/// lost). Returns how many messages were handed to the broker.
+///
+/// The sustained flood of `tests/hub_flood.rs` and of `scripts/bench-issuance`'s flood
+/// comparison; `limit` bounds it even when its caller fails before setting `stop`.
+pub async fn sustain(
+    mut flooder: RawPublisher,
+    per_second: u64,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+    mut make: impl FnMut(u64) -> Result<Vec<u8>> + Send,
+) -> Result<u64> {
+    let until = Instant::now() + limit;
+    let per_tick = per_second / 100;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut sent, mut made) = (0, 0);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        tick.tick().await;
+        let batch = (0..per_tick)
+            .map(|i| make(made + i))
+            .collect::<Result<Vec<_>>>()?;
+        made += per_tick;
+        match flooder.burst(batch).await {
+            Ok(n) => sent += n,
+            Err(_) => {
+                while !stop.load(Ordering::Relaxed)
+                    && Instant::now() < until
+                    && flooder.reconnect().await.is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    Ok(sent)
 }
 
 /// A P-256 key signing with aws-lc-rs: about 15× faster than the core's `p256` in a debug

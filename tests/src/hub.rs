@@ -478,7 +478,9 @@ impl TestHubBuilder {
             Transport::Plain => None,
             Transport::Tls | Transport::MutualTls => Some(TestPki::new()?),
         };
-        let mut broker = Broker::builder();
+        // As OPERATING.md configures Mosquitto: room for 10,000 messages queued for a client
+        // (the hub falls behind a flood; the default 1,000 drops others' requests).
+        let mut broker = Broker::builder().max_queued_messages(10_000);
         if self.acl {
             let acl = dir.run(&[
                 "broker-acl",

@@ -36,8 +36,9 @@ use tessera_shared::message::{EnrollmentCode, ErrorCode, NONCE_LEN, RequestBody}
 use tessera_shared::scope::Scopes;
 use tessera_shared::topic;
 use tessera_tests::flood::{
-    DbCounts, Flooder, RawPublisher, audited, db_counts, fast_signer, garbage, signed_request,
-    signed_request_at, vm_rss_kib,
+    DbCounts, Flooder, RawPublisher, SUSTAINED_MALFORMED_PER_SECOND, SUSTAINED_NOISY_CLIENTS,
+    SUSTAINED_SIGNED_PER_SECOND, SUSTAINED_SIGNING_CLIENTS, audited, db_counts, fast_signer,
+    garbage, signed_request, signed_request_at, sustain, vm_rss_kib,
 };
 use tessera_tests::hub::{HubResponse, TestHub, random_bytes, unix_now};
 use tessera_tests::{QoS, wait_until};
@@ -479,38 +480,6 @@ fn sustained_secs() -> u64 {
         .unwrap_or(10)
 }
 
-/// Publishes `per_second` messages a second from `flooder` until `stop`, in ticks of
-/// 10 ms, each from `make` (called with a running number); connects again when the
-/// broker goes away. Returns how many were handed to the broker.
-async fn sustain(
-    mut flooder: RawPublisher,
-    per_second: u64,
-    stop: Arc<AtomicBool>,
-    mut make: impl FnMut(u64) -> Result<Vec<u8>> + Send,
-) -> Result<u64> {
-    let per_tick = per_second / 100;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let (mut n, mut made) = (0, 0);
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let batch = (0..per_tick)
-            .map(|i| make(made + i))
-            .collect::<Result<Vec<_>>>()?;
-        made += per_tick;
-        match flooder.burst(batch).await {
-            Ok(sent) => n += sent,
-            // The broker restarts: lose this batch, connect again.
-            Err(_) => {
-                while !stop.load(Ordering::Relaxed) && flooder.reconnect().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-    Ok(n)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sustained_flood_of_garbage_and_signed_requests_with_a_broker_restart_never_stops_the_hub()
 -> Result<()> {
@@ -520,9 +489,15 @@ async fn a_sustained_flood_of_garbage_and_signed_requests_with_a_broker_restart_
     let mut bystander = Bystander::new(&hub, "d-good").await?;
     hub.dir().add_device("d-door", "sensor", &["building-a"])?;
     // 10,000 malformed messages a second from two clients, 1,000 signed requests a
-    // second from four.
+    // second from four (the same flood as `scripts/bench-issuance`'s flood comparison).
     let noisy = ["d-noise-1", "d-noise-2"];
     let signing = ["d-app-1", "d-app-2", "d-app-3", "d-app-4"];
+    assert_eq!(noisy.len() as u64, SUSTAINED_NOISY_CLIENTS);
+    assert_eq!(signing.len() as u64, SUSTAINED_SIGNING_CLIENTS);
+    let per_noisy = SUSTAINED_MALFORMED_PER_SECOND / SUSTAINED_NOISY_CLIENTS;
+    let per_signing = SUSTAINED_SIGNED_PER_SECOND / SUSTAINED_SIGNING_CLIENTS;
+    // A bound of its own, in case the test fails before it sets `stop`.
+    let limit = Duration::from_secs(4 * secs + 60);
     let mut flooders = Vec::new();
     for id in noisy {
         flooders.push((RawPublisher::connect(hub.broker(), id).await?, None));
@@ -541,13 +516,13 @@ async fn a_sustained_flood_of_garbage_and_signed_requests_with_a_broker_restart_
         match signer {
             None => {
                 let noise = garbage(1000);
-                floods.spawn(sustain(flooder, 5_000, stop, move |n| {
+                floods.spawn(sustain(flooder, per_noisy, stop, limit, move |n| {
                     Ok(noise[usize::try_from(n % 1000).unwrap()].clone())
                 }));
             }
             Some(signer) => {
                 let id = flooder.id().to_owned();
-                floods.spawn(sustain(flooder, 250, stop, move |n| {
+                floods.spawn(sustain(flooder, per_signing, stop, limit, move |n| {
                     signed_request(&signer, &id, n + 1, access("d-door", "door:open"))
                 }));
             }

@@ -246,3 +246,77 @@ async fn a_restarted_hub_serves_with_the_same_trust_anchor_and_still_refuses_rep
     );
     Ok(())
 }
+
+/// Many apps asking at once (so their requests share the store's group commits), and the
+/// hub killed with SIGKILL in the middle of it: every token the hub answered with is on
+/// disk, with its hash, and the hub serves again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_acknowledged_in_a_burst_of_issuance_survives_a_kill_9() -> Result<()> {
+    const APPS: usize = 8;
+    const ACKNOWLEDGED: usize = 150;
+    let hub = TestHub::builder()
+        .config("heartbeat_s = 30", "heartbeat_s = 3600")
+        .config("rate_burst = 20", "rate_burst = 100000")
+        .config("rate_per_second = 5.0", "rate_per_second = 100000.0")
+        .config("admission_burst = 40", "admission_burst = 100000")
+        .config(
+            "admission_per_second = 10.0",
+            "admission_per_second = 100000.0",
+        )
+        .start()
+        .await?;
+    hub.dir()
+        .add_device("burst-door", "sensor", &["building-a"])?;
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..APPS {
+        let id = format!("burst-app-{i}");
+        let key = hub.dir().add_app(&id, "controller")?;
+        let mut app = hub.client(&id, &key).await?;
+        let acknowledged = std::sync::Arc::clone(&acknowledged);
+        tasks.spawn(async move {
+            // Bounded: ends at the first failure (the kill) or after 1,000 tokens.
+            for _ in 0..1_000 {
+                match access_token(&mut app, "burst-door", "door:open").await {
+                    Ok(token) => acknowledged.lock().unwrap().push(token),
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+    tessera_tests::wait::wait_until(
+        "enough tokens acknowledged",
+        Duration::from_secs(60),
+        async || Ok((acknowledged.lock().unwrap().len() >= ACKNOWLEDGED).then_some(())),
+    )
+    .await?;
+    hub.kill_9()?;
+    while tasks.join_next().await.is_some() {}
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    assert!(acknowledged.len() >= ACKNOWLEDGED, "{}", acknowledged.len());
+
+    // Read what is on disk as the next hub will (SQLite recovers its WAL on open).
+    let store = tessera_hub::store::Sqlite::open(&hub.dir().database_path())?;
+    let anchor = hub.trust_anchor();
+    let mut missing = Vec::new();
+    for token in &acknowledged {
+        let claims = token::dangerous_verify_signature_only(token, &anchor)?;
+        match tessera_hub::store::Store::issued(&store, claims.cti).await? {
+            Some(issued) if issued.hash == token_hash(token) => {}
+            other => missing.push((hex::encode(claims.cti), other)),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged tokens not on disk: {missing:?}",
+        missing.len(),
+        acknowledged.len()
+    );
+    drop(store);
+
+    hub.restart().await?;
+    let key = hub.dir().add_app("burst-after", "controller")?;
+    let mut app = hub.client("burst-after", &key).await?;
+    access_token(&mut app, "burst-door", "door:open").await?;
+    Ok(())
+}

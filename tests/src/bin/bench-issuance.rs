@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use rumqttc::v5::AsyncClient;
+use rustix::process::{Pid, Signal, kill_process};
 use rustix::time::{ClockId, clock_gettime};
 use tempfile::TempDir;
 use tessera_hub::crypto::{AwsLcSigner, request_verifier};
@@ -59,6 +60,10 @@ use tessera_shared::message::{
 };
 use tessera_shared::scope::Scopes;
 use tessera_shared::{token, topic};
+use tessera_tests::flood::{
+    RawPublisher, SUSTAINED_MALFORMED_PER_SECOND, SUSTAINED_NOISY_CLIENTS,
+    SUSTAINED_SIGNED_PER_SECOND, SUSTAINED_SIGNING_CLIENTS, garbage, signed_request, sustain,
+};
 use tessera_tests::hub::{generate_signer, random_bytes, replace_once, run_checked, unix_now};
 use tessera_tests::{Broker, ChildGuard};
 use tokio::sync::watch;
@@ -84,6 +89,7 @@ usage: bench-issuance [options]
   --max-echo N         count bound of each echo window (default 200000)
   --crypto-ops N       iterations of each bare crypto loop (default 2000)
   --durable-ops N      durable writes timed, of each kind (default 200, at most 3 s)
+  --flood-seconds S    each half of the flood comparison (default 30; 0 skips it)
   --hub-bin PATH       tessera-hub binary (default: next to this binary)
 Environment: MOSQUITTO (default /usr/sbin/mosquitto).";
 
@@ -96,6 +102,7 @@ struct Options {
     max_echo: usize,
     crypto_ops: u32,
     durable_ops: u32,
+    flood_seconds: f64,
     hub_bin: PathBuf,
 }
 
@@ -110,6 +117,7 @@ impl Options {
             max_echo: 200_000,
             crypto_ops: 2000,
             durable_ops: 200,
+            flood_seconds: 30.0,
             hub_bin: exe
                 .parent()
                 .context("this binary has no directory")?
@@ -139,6 +147,7 @@ impl Options {
                 "--max-echo" => o.max_echo = value.parse().with_context(bad)?,
                 "--crypto-ops" => o.crypto_ops = value.parse().with_context(bad)?,
                 "--durable-ops" => o.durable_ops = value.parse().with_context(bad)?,
+                "--flood-seconds" => o.flood_seconds = value.parse().with_context(bad)?,
                 "--hub-bin" => o.hub_bin = PathBuf::from(value),
                 _ => bail!("unknown option {arg}\n{USAGE}"),
             }
@@ -153,6 +162,10 @@ impl Options {
                 && o.echo_seconds > 0.0
                 && o.echo_seconds <= 120.0,
             "window lengths must be in (0, 120] seconds"
+        );
+        ensure!(
+            (0.0..=120.0).contains(&o.flood_seconds),
+            "--flood-seconds must be in [0, 120]"
         );
         ensure!(
             o.max_tokens >= 1 && o.max_echo >= 1 && o.crypto_ops >= 1 && o.durable_ops >= 1,
@@ -448,6 +461,80 @@ fn durable_limit(dir: &Path, ops: u32) -> Result<Durable> {
 }
 
 // ---------------------------------------------------------------------------------------
+// fsyncs
+
+/// The system calls that make a write durable, as `perf` names their tracepoints. SQLite
+/// uses `fdatasync` where the system has it, `fsync` for directories.
+const FSYNC_EVENTS: &str = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync";
+/// `perf stat -I` interval, ms: how finely a window's `fsync` count is cut at each end.
+const FSYNC_INTERVAL_MS: u32 = 100;
+
+/// Whether `perf stat` can count system calls of a process it starts here; why not, if not.
+fn perf_works() -> Result<(), String> {
+    let output = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            FSYNC_EVENTS,
+            "-o",
+            "/dev/null",
+            "--",
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .output();
+    match output {
+        Err(e) => Err(format!("perf: {e}")),
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .next()
+            .unwrap_or("perf stat failed")
+            .to_owned()),
+    }
+}
+
+/// The `perf stat -I` record of a hub run: its `fsync` + `fdatasync` calls (all threads)
+/// per interval, stamped with the time since perf started.
+struct FsyncTrace {
+    path: PathBuf,
+    /// When perf was started (its time 0, to within its start-up).
+    started: Instant,
+}
+
+impl FsyncTrace {
+    /// The calls in the intervals whose middle falls within `[from, from + wall)`; read
+    /// after perf has exited (it writes its record as it goes, buffered).
+    fn count(&self, from: Instant, wall: f64) -> Result<u64> {
+        let text = std::fs::read_to_string(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        let start = from.saturating_duration_since(self.started).as_secs_f64();
+        let half = f64::from(FSYNC_INTERVAL_MS) / 2000.0;
+        let mut calls = 0;
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            // "time,count,unit,event,..."
+            let mut fields = line.split(',');
+            let (Some(time), Some(count)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let Ok(time) = time.trim().parse::<f64>() else {
+                continue;
+            };
+            let middle = time - half;
+            if middle >= start && middle < start + wall {
+                // "<not counted>" in an interval without the event: none.
+                calls += count.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        Ok(calls)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The hub
 
 fn app_id(i: usize) -> String {
@@ -463,6 +550,33 @@ fn sign_request(request: &Request<'_>, signer: &P256Signer) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Whether the per-client limits of the hub's config stay as `init` writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limits {
+    /// As the default config says (the flood comparison: the hub as operators run it).
+    Default,
+    /// Out of the way (the issuance windows: one client asks as fast as the hub answers,
+    /// far beyond any real rate limit).
+    Raised,
+}
+
+/// Raises the per-client rate limit (store) and admission limit (in memory, in front of
+/// it) of the config at `config` to 10⁹, so that neither caps a closed-loop client.
+fn raise_limits(config: &Path) -> Result<()> {
+    for (from, to) in [
+        ("rate_burst = 20", "rate_burst = 1000000000"),
+        ("rate_per_second = 5.0", "rate_per_second = 1000000000.0"),
+        ("admission_burst = 40", "admission_burst = 1000000000"),
+        (
+            "admission_per_second = 10.0",
+            "admission_per_second = 1000000000.0",
+        ),
+    ] {
+        replace_once(config, from, to)?;
+    }
+    Ok(())
+}
+
 /// A hub directory made with the CLI, its registered clients, and the serving hub.
 struct Hub {
     bin: PathBuf,
@@ -473,6 +587,10 @@ struct Hub {
     apps: Vec<Arc<P256Signer>>,
     device: P256Signer,
     process: Option<ChildGuard>,
+    /// The hub's own pid (under `perf stat`, `process` is perf's).
+    pid: Option<u32>,
+    /// The `fsync` trace, when the hub runs under `perf stat`.
+    fsyncs: Option<FsyncTrace>,
 }
 
 impl Hub {
@@ -482,9 +600,9 @@ impl Hub {
         c
     }
 
-    /// `init`, config for `port` with the rate limit out of the way, `app add` ×`apps`,
-    /// `device add` with a key.
-    fn create(bin: &Path, port: u16, apps: usize) -> Result<Self> {
+    /// `init`, config for `port`, `app add` ×`apps`, `device add` with a key. With `limits
+    /// == Limits::Raised`, the per-client rate and admission limits are out of the way.
+    fn create(bin: &Path, port: u16, apps: usize, limits: Limits) -> Result<Self> {
         let temp = tempfile::Builder::new()
             .prefix("tessera-bench-issuance-")
             .tempdir()
@@ -501,24 +619,9 @@ impl Hub {
             .context("reading the trust anchor")?;
         let config = dir.join("tessera-hub.toml");
         replace_once(&config, "port = 1883", &format!("port = {port}"))?;
-        // One client asks as fast as the hub answers: far beyond any real rate limit.
-        replace_once(&config, "rate_burst = 20", "rate_burst = 1000000000")?;
-        replace_once(
-            &config,
-            "rate_per_second = 5.0",
-            "rate_per_second = 1000000000.0",
-        )?;
-        // The same for the in-memory admission limit in front of it.
-        replace_once(
-            &config,
-            "admission_burst = 40",
-            "admission_burst = 1000000000",
-        )?;
-        replace_once(
-            &config,
-            "admission_per_second = 10.0",
-            "admission_per_second = 1000000000.0",
-        )?;
+        if limits == Limits::Raised {
+            raise_limits(&config)?;
+        }
         std::fs::create_dir_all(dir.join("keys"))?;
         let mut hub = Hub {
             bin: bin.to_owned(),
@@ -528,6 +631,8 @@ impl Hub {
             apps: Vec::new(),
             device: generate_signer(),
             process: None,
+            pid: None,
+            fsyncs: None,
         };
         for i in 0..apps {
             let signer = generate_signer();
@@ -563,19 +668,78 @@ impl Hub {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    fn spawn(&mut self) -> Result<u32> {
-        let mut command = self.command();
+    /// Starts `tessera-hub serve`, under `perf stat` counting its `fsync`s when
+    /// `trace_fsyncs`; returns the hub's pid.
+    fn spawn(&mut self, trace_fsyncs: bool) -> Result<u32> {
+        let config = self.dir.join("tessera-hub.toml");
+        let mut command = if trace_fsyncs {
+            let path = self.dir.join("fsyncs.csv");
+            let mut c = Command::new("perf");
+            c.args(["stat", "-x,", "-I", &FSYNC_INTERVAL_MS.to_string()])
+                .args(["-e", FSYNC_EVENTS, "-o"])
+                .arg(&path)
+                .arg("--")
+                .arg(&self.bin);
+            self.fsyncs = Some(FsyncTrace {
+                path,
+                started: Instant::now(),
+            });
+            c
+        } else {
+            self.fsyncs = None;
+            Command::new(&self.bin)
+        };
         // The operator's default log level (info: nothing per request).
-        command.arg("serve").env_remove("RUST_LOG");
+        command
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env_remove("RUST_LOG");
         let child = ChildGuard::spawn_logged(&mut command, &self.dir.join("hub.log"))?;
-        let pid = child.id();
+        let outer = child.id();
         self.process = Some(child);
+        let pid = if trace_fsyncs {
+            self.child_of_perf(outer)?
+        } else {
+            outer
+        };
+        self.pid = Some(pid);
         Ok(pid)
     }
 
+    /// The pid of the process `perf stat` (pid `perf`) runs.
+    fn child_of_perf(&mut self, perf: u32) -> Result<u32> {
+        let path = format!("/proc/{perf}/task/{perf}/children");
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.check_alive()?;
+            let children = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return pid.parse().with_context(|| format!("{path}: {children:?}"));
+            }
+            ensure!(Instant::now() < until, "perf started no hub within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the hub with SIGTERM (sent to the hub itself, also under perf, which then
+    /// exits with the hub's status) and checks that it exited cleanly.
     fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.process.take() {
-            let status = child.terminate(Duration::from_secs(10))?;
+            let timeout = Duration::from_secs(10);
+            let status = match self.pid {
+                Some(pid) if pid != child.id() => {
+                    let pid = i32::try_from(pid)
+                        .ok()
+                        .and_then(Pid::from_raw)
+                        .context("hub pid")?;
+                    kill_process(pid, Signal::TERM).context("signalling the hub")?;
+                    child
+                        .wait_timeout(timeout)?
+                        .with_context(|| format!("the hub did not stop within {timeout:?}"))?
+                }
+                _ => child.terminate(timeout)?,
+            };
             ensure!(status.success(), "the hub exited with {status} on SIGTERM");
         }
         Ok(())
@@ -815,6 +979,8 @@ struct ClientRun {
 /// Resource use of the processes over a window.
 #[derive(Debug, Clone, Copy)]
 struct Usage {
+    /// When the window started.
+    started: Instant,
     wall: f64,
     hub_user: f64,
     hub_sys: f64,
@@ -857,6 +1023,7 @@ impl Meter {
         let hub = proc_cpu(self.hub)?;
         let broker = proc_cpu(self.broker)?;
         Ok(Usage {
+            started: self.t0,
             wall,
             hub_user: hub.0 - self.hub0.0,
             hub_sys: hub.1 - self.hub0.1,
@@ -880,6 +1047,8 @@ struct HubWindow {
     p50_ms: f64,
     p99_ms: f64,
     usage: Usage,
+    /// `fsync` + `fdatasync` calls of the hub in the window (filled in once perf is done).
+    fsyncs: Option<u64>,
 }
 
 impl HubWindow {
@@ -1280,6 +1449,389 @@ async fn hub_window(ctx: &Ctx, clients: usize) -> Result<HubWindow> {
         p50_ms,
         p99_ms,
         usage,
+        fsyncs: None,
+    })
+}
+
+/// What one open-loop client did: when each request was due, and each answer's arrival.
+#[derive(Default)]
+struct OpenRun {
+    /// Request id → (the request, when it was due to be sent).
+    due: BTreeMap<u64, (Presigned, Instant)>,
+    arrivals: Vec<(Instant, Vec<u8>)>,
+}
+
+/// One open-loop client: sends its `requests` at `start + offset + k × period` whatever
+/// happened to the earlier ones (a slow answer does not delay the next request, so the
+/// latency measured from when a request was due includes any queueing), and collects the
+/// answers until all have come or [`ANSWER_TIMEOUT`] after the window.
+async fn open_client(
+    mut conn: Conn,
+    requests: Vec<Presigned>,
+    offset: Duration,
+    period: Duration,
+    length: Duration,
+    mut window: Window,
+) -> Result<(Conn, OpenRun)> {
+    let deadline = window.deadline().await?;
+    let start = deadline - length;
+    let mut run = OpenRun::default();
+    let mut pending = requests.into_iter();
+    let mut next = pending.next();
+    let mut k = 0u32;
+    let give_up = deadline + ANSWER_TIMEOUT;
+    loop {
+        let due = start + offset + period * k;
+        let sending = next.is_some() && due < deadline;
+        if !sending && run.arrivals.len() >= run.due.len() {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(due), if sending => {
+                let request = next.take().context("no request")?;
+                conn.client
+                    .publish(conn.request_topic.as_str(), QoS::AtLeastOnce, false, request.bytes.clone())
+                    .await
+                    .with_context(|| format!("{} publishing", conn.id))?;
+                run.due.insert(request.request_id, (request, due.into_std()));
+                next = pending.next();
+                k += 1;
+            }
+            notice = tokio::time::timeout_at(give_up, conn.notices.recv()) => match notice {
+                Err(_) => break,
+                Ok(None) => bail!("{}: the MQTT task ended", conn.id),
+                Ok(Some(Notice::Message(m))) if m.topic == conn.response_topic => {
+                    run.arrivals.push((Instant::now(), m.payload));
+                }
+                Ok(Some(Notice::Disconnected(reason))) => {
+                    bail!("{} lost its broker connection: {reason}", conn.id)
+                }
+                Ok(Some(_)) => {}
+            },
+        }
+    }
+    Ok((conn, run))
+}
+
+/// An open-loop window: `clients` apps together asking for `rate` tokens a second, evenly
+/// spread, for the length of an issuance window.
+#[derive(Debug)]
+struct OpenWindow {
+    clients: usize,
+    rate: f64,
+    sent: usize,
+    tokens: usize,
+    refused: BTreeMap<String, usize>,
+    lost: usize,
+    invalid: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    usage: Usage,
+    fsyncs: Option<u64>,
+}
+
+async fn open_window(ctx: &Ctx, clients: usize, rate: f64) -> Result<OpenWindow> {
+    let length = Duration::from_secs_f64(ctx.options.seconds);
+    // Each client sends every `period`; client i starts i/clients of a period in.
+    let period = Duration::from_secs_f64(clients as f64 / rate);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a positive count of requests, far below usize::MAX"
+    )]
+    let per_client = (length.as_secs_f64() / period.as_secs_f64()).ceil() as usize + 1;
+    let first_id = ctx.next_request_id.fetch_add(per_client, Ordering::Relaxed) as u64;
+    let signing: Vec<_> = (0..clients)
+        .map(|i| {
+            let signer = Arc::clone(&ctx.apps[i]);
+            tokio::task::spawn_blocking(move || presign(i, &signer, per_client, first_id))
+        })
+        .collect();
+    let mut pools = Vec::new();
+    for s in signing {
+        pools.push(s.await.context("signing task panicked")??);
+    }
+    let conns = connect_all(ctx.port, (0..clients).map(app_id).collect(), false).await?;
+    let (go, window) = new_window();
+    let meter = Meter::start(ctx.hub_pid, ctx.broker_pid)?;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .zip(pools)
+        .enumerate()
+        .map(|(i, (conn, pool))| {
+            let offset = period.mul_f64(i as f64 / clients as f64);
+            tokio::spawn(open_client(
+                conn,
+                pool,
+                offset,
+                period,
+                length,
+                window.clone(),
+            ))
+        })
+        .collect();
+    go.send(Some(tokio::time::Instant::now() + length))
+        .ok()
+        .context("the clients are gone")?;
+    let mut runs = Vec::new();
+    let mut conns = Vec::new();
+    for t in tasks {
+        let (conn, run) = t.await.context("client task panicked")??;
+        conns.push(conn);
+        runs.push(run);
+    }
+    // The window is the sending time: the last answers may come after it.
+    let mut usage = meter.stop()?;
+    usage.wall = usage.wall.min(length.as_secs_f64()).max(1e-3);
+    for c in conns {
+        c.close().await;
+    }
+    let anchor = ctx.anchor;
+    let sent = runs.iter().map(|r| r.due.len()).sum();
+    let (latencies, answers, lost) = tokio::task::spawn_blocking(move || {
+        let mut latencies = Vec::new();
+        let mut answers = Vec::new();
+        let mut lost = 0;
+        for mut run in runs {
+            for (arrived, answer) in run.arrivals {
+                // Which request it answers; a response that does not verify is counted
+                // invalid below, against any request of this client.
+                let id = SignedResponse::decode(&answer)
+                    .and_then(|s| s.verify(&anchor))
+                    .map(|r| r.request_id)
+                    .ok();
+                let entry = match id.and_then(|id| run.due.remove(&id)) {
+                    Some(entry) => entry,
+                    None => match run.due.pop_first() {
+                        Some((_, entry)) => entry,
+                        None => continue,
+                    },
+                };
+                let (request, due) = entry;
+                latencies.push(micros(arrived.saturating_duration_since(due)));
+                answers.push((request, answer));
+            }
+            lost += run.due.len();
+        }
+        (latencies, answers, lost)
+    })
+    .await?;
+    let (p50_ms, p99_ms) = latency_ms(latencies);
+    let tally = tokio::task::spawn_blocking(move || check_answers(anchor, answers)).await??;
+    Ok(OpenWindow {
+        clients,
+        rate,
+        sent,
+        tokens: tally.tokens,
+        refused: tally.refused,
+        lost,
+        invalid: tally.invalid,
+        p50_ms,
+        p99_ms,
+        usage,
+        fsyncs: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Flood comparison
+
+/// Well-behaved apps of the flood comparison, as `tests/hub_flood.rs`'s bystander: each
+/// asks for an access token, waits [`BYSTANDER_PACE`] after a token and
+/// [`BYSTANDER_BACKOFF`] after a retryable refusal, and asks again.
+const BYSTANDERS: usize = 4;
+/// Within the default per-client rate limit (5 a second).
+const BYSTANDER_PACE: Duration = Duration::from_millis(250);
+const BYSTANDER_BACKOFF: Duration = Duration::from_millis(500);
+/// The bystander's deadline in `tests/hub_flood.rs`: an answer later than this is lost.
+const BYSTANDER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the bystanders saw in one phase.
+#[derive(Debug, Default)]
+struct Bystanding {
+    latencies_us: Vec<u32>,
+    retried: usize,
+    refused: BTreeMap<String, usize>,
+    lost: usize,
+}
+
+impl Bystanding {
+    fn add(&mut self, other: Bystanding) {
+        self.latencies_us.extend(other.latencies_us);
+        self.retried += other.retried;
+        for (code, n) in other.refused {
+            *self.refused.entry(code).or_insert(0) += n;
+        }
+        self.lost += other.lost;
+    }
+}
+
+/// App `index` as a bystander until `until`: latency of each token it gets.
+async fn bystander(
+    port: u16,
+    anchor: PublicKey,
+    index: usize,
+    signer: Arc<P256Signer>,
+    first_id: u64,
+    until: Instant,
+) -> Result<Bystanding> {
+    let mut conn = Conn::open_app(port, &app_id(index)).await?;
+    let mut seen = Bystanding::default();
+    let mut id = first_id;
+    while Instant::now() < until {
+        // Signed as it asks (p256 in release: about 0.1 ms), so it is fresh.
+        let request = presign(index, &signer, 1, id)?.remove(0);
+        id += 1;
+        let asked = Instant::now();
+        let Some(answer) = conn
+            .round_trip(request.bytes.clone(), BYSTANDER_DEADLINE)
+            .await?
+        else {
+            seen.lost += 1;
+            continue;
+        };
+        let took = asked.elapsed();
+        match check_answer(&anchor, &request, &answer) {
+            Verdict::Token(_) => {
+                seen.latencies_us.push(micros(took));
+                tokio::time::sleep(BYSTANDER_PACE).await;
+            }
+            Verdict::Refused(code) if code == "rate_limited" || code == "overloaded" => {
+                seen.retried += 1;
+                tokio::time::sleep(BYSTANDER_BACKOFF).await;
+            }
+            Verdict::Refused(code) => {
+                *seen.refused.entry(code).or_insert(0) += 1;
+                tokio::time::sleep(BYSTANDER_PACE).await;
+            }
+            Verdict::Invalid(why) => bail!("bystander {}: {why}", app_id(index)),
+        }
+    }
+    conn.close().await;
+    Ok(seen)
+}
+
+/// All bystanders for `length`, with the hub's and broker's resource use.
+async fn bystanders(
+    hub: &Hub,
+    port: u16,
+    pids: (u32, u32),
+    first_id: u64,
+    length: Duration,
+) -> Result<(Bystanding, Usage)> {
+    let meter = Meter::start(pids.0, pids.1)?;
+    let until = Instant::now() + length;
+    let tasks: Vec<_> = (0..BYSTANDERS)
+        .map(|i| {
+            tokio::spawn(bystander(
+                port,
+                hub.anchor,
+                i,
+                Arc::clone(&hub.apps[i]),
+                first_id + (i as u64) * 1_000_000,
+                until,
+            ))
+        })
+        .collect();
+    let mut seen = Bystanding::default();
+    for t in tasks {
+        seen.add(t.await.context("bystander panicked")??);
+    }
+    Ok((seen, meter.stop()?))
+}
+
+/// The flood comparison's outcome.
+struct FloodComparison {
+    length: Duration,
+    quiet: (Bystanding, Usage),
+    flooded: (Bystanding, Usage),
+    /// Messages handed to the broker by the flooders.
+    sent: u64,
+}
+
+/// A second hub, with the default config (limits included), serving [`BYSTANDERS`] apps
+/// for `length` without a flood, then for `length` under `tests/hub_flood.rs`'s sustained
+/// flood: 10,000 malformed messages a second from 2 clients and 1,000 validly signed
+/// requests a second from 4 registered apps.
+async fn flood_comparison(
+    options: &Options,
+    broker: &Broker,
+    broker_pid: u32,
+    length: Duration,
+) -> Result<FloodComparison> {
+    let port = broker.port();
+    let signing = usize::try_from(SUSTAINED_SIGNING_CLIENTS)?;
+    let mut hub = Hub::create(
+        &options.hub_bin,
+        port,
+        BYSTANDERS + signing,
+        Limits::Default,
+    )?;
+    let hub_pid = hub.spawn(false)?;
+    wait_until_serving(&mut hub, port).await?;
+    enroll_device(&hub, port).await?;
+    say(&format!(
+        "flood comparison: {BYSTANDERS} bystanders for {length:?} without a flood"
+    ));
+    let quiet = bystanders(&hub, port, (hub_pid, broker_pid), 1, length).await?;
+    hub.check_alive()?;
+
+    say(&format!(
+        "flood comparison: {BYSTANDERS} bystanders for {length:?} under the flood"
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let limit = length + Duration::from_secs(30);
+    let mut floods = tokio::task::JoinSet::new();
+    let noise = Arc::new(garbage(1000));
+    for i in 0..SUSTAINED_NOISY_CLIENTS {
+        let flooder = RawPublisher::connect(broker, &format!("bench-noise-{i}")).await?;
+        let noise = Arc::clone(&noise);
+        floods.spawn(sustain(
+            flooder,
+            SUSTAINED_MALFORMED_PER_SECOND / SUSTAINED_NOISY_CLIENTS,
+            Arc::clone(&stop),
+            limit,
+            move |n| Ok(noise[(n % 1000) as usize].clone()),
+        ));
+    }
+    for k in 0..signing {
+        let index = BYSTANDERS + k;
+        let id = app_id(index);
+        let flooder = RawPublisher::connect(broker, &id).await?;
+        let signer = Arc::clone(&hub.apps[index]);
+        let scope = Scopes::parse(SCOPE).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
+        floods.spawn(sustain(
+            flooder,
+            SUSTAINED_SIGNED_PER_SECOND / SUSTAINED_SIGNING_CLIENTS,
+            Arc::clone(&stop),
+            limit,
+            move |n| {
+                signed_request(
+                    &*signer,
+                    &id,
+                    n + 1,
+                    RequestBody::AccessToken {
+                        device: DEVICE,
+                        scope,
+                    },
+                )
+            },
+        ));
+    }
+    let flooded = bystanders(&hub, port, (hub_pid, broker_pid), 100_000_000, length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    while let Some(flood) = floods.join_next().await {
+        sent += flood.context("flooder panicked")??;
+    }
+    let flooded = flooded?;
+    hub.check_alive()?;
+    hub.stop()?;
+    Ok(FloodComparison {
+        length,
+        quiet,
+        flooded,
+        sent,
     })
 }
 
@@ -1333,6 +1885,39 @@ struct Setup {
     response_bytes: usize,
     durable_start: Durable,
     durable_end: Durable,
+    /// Why `fsync`s were not counted, if they were not.
+    fsyncs: Option<String>,
+    /// The store's own count over the whole run, from the hub's log at its stop:
+    /// (transactions, writes) and the `fsync`s perf counted over the same run.
+    store_log: Option<(u64, u64)>,
+}
+
+/// `store_transactions` and `store_writes` of the "hub stopped" line of a hub log.
+fn store_counts(log: &str) -> Option<(u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains("hub stopped"))?;
+    // Drop terminal colour codes (ESC [ … m) before reading the fields.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let field = |name: &str| -> Option<u64> {
+        let at = plain.find(&format!("{name}="))? + name.len() + 1;
+        let digits: String = plain[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((field("store_transactions")?, field("store_writes")?))
 }
 
 fn report(
@@ -1341,6 +1926,8 @@ fn report(
     crypto: (Crypto, Crypto),
     load: (&str, &str),
     rows: &[(HubWindow, EchoWindow)],
+    open: &OpenWindow,
+    flood: Option<&FloodComparison>,
 ) {
     let c = Crypto::mean(crypto.0, crypto.1);
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
@@ -1417,22 +2004,30 @@ fn report(
         );
     }
     println!();
+    let fsyncs_how = match &setup.fsyncs {
+        None => format!(
+            "`fsync` + `fdatasync` calls of the hub (all threads) in the window ÷ tokens, \
+             counted by `perf stat -I {FSYNC_INTERVAL_MS}` on the syscall tracepoints (the \
+             window cut to {FSYNC_INTERVAL_MS} ms at each end)"
+        ),
+        Some(why) => format!("not counted ({why})"),
+    };
     println!(
         "Where the time goes, same windows. \"÷ all crypto\": hub CPU per token ÷ (verify + \
-         token sign + response sign = {} µs). \"hub cores\": hub CPU ÷ wall time. \"3 commits\": \
-         tokens/s × 3 × the median SQLite commit above ({} µs), the share of the wall time the \
-         hub's one store connection would spend in the request path's three durable commits \
-         per token (nonce, rate bucket, issued token + grant) if they ran one after another.",
+         token sign + response sign = {} µs). \"hub cores\": hub CPU ÷ wall time. \
+         \"fsyncs/token\": {fsyncs_how}. \"commit share\": tokens/s × fsyncs/token × the \
+         median SQLite commit above ({} µs), the share of the wall time the store's writer \
+         spends committing.",
         fmt_us(c.all_us()),
         fmt_us(commit_us)
     );
     println!();
     println!(
         "| C | tokens | hub user µs/token | hub sys µs/token | ÷ all crypto | hub cores | \
-         3 commits | hub disk KiB/token | broker CPU µs/token | bench CPU µs/token | \
+         fsyncs/token | commit share | hub disk KiB/token | broker CPU µs/token | bench CPU µs/token | \
          echo p50 | echo p99 | refused, lost |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     let mut checked = 0;
     for (h, e) in rows {
         checked += h.tokens_checked;
@@ -1451,15 +2046,20 @@ fn report(
             || "?".to_owned(),
             |b| format!("{:.1}", b as f64 / 1024.0 / h.tokens.max(1) as f64),
         );
+        let per_token = h.fsyncs.map(|f| f as f64 / h.tokens.max(1) as f64);
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
             h.clients,
             fmt_count(h.tokens as f64),
             fmt_us(h.per_token_us(h.usage.hub_user)),
             fmt_us(h.per_token_us(h.usage.hub_sys)),
             h.per_token_us(h.usage.hub_cpu()) / c.all_us(),
             h.usage.hub_cpu() / h.usage.wall,
-            h.tokens_per_s() * 3.0 * commit_us / 1e6,
+            per_token.map_or_else(|| "?".to_owned(), |f| format!("{f:.3}")),
+            per_token.map_or_else(
+                || "?".to_owned(),
+                |f| format!("{:.2}", h.tokens_per_s() * f * commit_us / 1e6)
+            ),
             disk,
             fmt_us(h.per_token_us(h.usage.broker_cpu)),
             fmt_us(h.per_token_us(h.usage.bench_cpu)),
@@ -1476,6 +2076,126 @@ fn report(
     println!(
         "Every answer's signature was verified and matched to its request; {checked} of the \
          tokens were also verified on their own (signature, issuer, audience, scope, subject)."
+    );
+    if let Some((transactions, writes)) = setup.store_log {
+        println!();
+        println!(
+            "The store's own count over the whole run (every window, warm-up and probe), from \
+             the hub's log at its stop: {} transactions carrying {} writes ({:.1} writes per \
+             transaction).",
+            fmt_count(transactions as f64),
+            fmt_count(writes as f64),
+            writes as f64 / transactions.max(1) as f64
+        );
+    }
+    report_open(open);
+    if let Some(flood) = flood {
+        report_flood(flood);
+    }
+}
+
+fn problems(refused: &BTreeMap<String, usize>, invalid: usize, lost: usize) -> String {
+    let mut problems: Vec<String> = refused
+        .iter()
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect();
+    if invalid > 0 {
+        problems.push(format!("invalid {invalid}"));
+    }
+    if lost > 0 {
+        problems.push(format!("lost {lost}"));
+    }
+    if problems.is_empty() {
+        "0".to_owned()
+    } else {
+        problems.join(", ")
+    }
+}
+
+fn report_open(o: &OpenWindow) {
+    println!();
+    println!(
+        "Open loop at half the highest rate above: {} clients together asking for {} tokens/s, \
+         each request sent when due whatever happened to the earlier ones, latency from when it \
+         was due to its answer (so queueing counts).",
+        o.clients,
+        fmt_count(o.rate)
+    );
+    println!();
+    println!(
+        "| clients | asked tokens/s | sent | tokens | tokens/s | p50 | p99 | hub cores | \
+         fsyncs/token | refused, lost |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} |",
+        o.clients,
+        fmt_count(o.rate),
+        fmt_count(o.sent as f64),
+        fmt_count(o.tokens as f64),
+        fmt_count(o.tokens as f64 / o.usage.wall),
+        fmt_ms(o.p50_ms),
+        fmt_ms(o.p99_ms),
+        o.usage.hub_cpu() / o.usage.wall,
+        o.fsyncs.map_or_else(
+            || "?".to_owned(),
+            |f| format!("{:.3}", f as f64 / o.tokens.max(1) as f64)
+        ),
+        problems(&o.refused, o.invalid, o.lost),
+    );
+}
+
+fn report_flood(f: &FloodComparison) {
+    println!();
+    println!(
+        "Flood comparison: a second hub with the default config (its rate and admission limits \
+         included), {BYSTANDERS} well-behaved apps each asking for an access token and waiting \
+         {} ms after a token ({} ms after a retryable refusal), for {} s without a flood, then \
+         {} s under tests/hub_flood.rs's sustained flood: {} malformed messages/s from {} \
+         clients and {} validly signed token requests/s from {} registered apps ({} messages \
+         handed to the broker).",
+        BYSTANDER_PACE.as_millis(),
+        BYSTANDER_BACKOFF.as_millis(),
+        f.length.as_secs_f64(),
+        f.length.as_secs_f64(),
+        fmt_count(SUSTAINED_MALFORMED_PER_SECOND as f64),
+        SUSTAINED_NOISY_CLIENTS,
+        fmt_count(SUSTAINED_SIGNED_PER_SECOND as f64),
+        SUSTAINED_SIGNING_CLIENTS,
+        fmt_count(f.sent as f64),
+    );
+    println!();
+    println!(
+        "| well-behaved apps | tokens | p50 | p99 | slowest | retries | other refusals, lost | hub cores | broker cores |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|---:|---:|");
+    let mut p99 = [0.0; 2];
+    for (k, (name, (seen, usage))) in [
+        ("without the flood", &f.quiet),
+        ("under the flood", &f.flooded),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let slowest = seen.latencies_us.iter().copied().max().unwrap_or(0);
+        let (p50_ms, p99_ms) = latency_ms(seen.latencies_us.clone());
+        p99[k] = p99_ms;
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+            fmt_count(seen.latencies_us.len() as f64),
+            fmt_ms(p50_ms),
+            fmt_ms(p99_ms),
+            fmt_ms(f64::from(slowest) / 1000.0),
+            seen.retried,
+            problems(&seen.refused, 0, seen.lost),
+            usage.hub_cpu() / usage.wall,
+            usage.broker_cpu / usage.wall,
+        );
+    }
+    println!();
+    println!(
+        "Well-behaved p99 under the flood ÷ without it: {:.2}.",
+        p99[1] / p99[0]
     );
 }
 
@@ -1580,17 +2300,25 @@ async fn main() -> Result<()> {
     say("bare crypto (start)");
     let crypto_start = bare_crypto(options.crypto_ops)?;
 
-    let broker = Broker::builder().start().context("starting mosquitto")?;
+    // As OPERATING.md configures Mosquitto: room for 10,000 messages queued for a client.
+    let broker = Broker::builder()
+        .max_queued_messages(10_000)
+        .start()
+        .context("starting mosquitto")?;
     let port = broker.port();
     let broker_pid = broker.pid().context("mosquitto is not running")?;
     let max_clients = options.clients.iter().copied().max().unwrap_or(1);
     say(&format!(
         "hub directory with {max_clients} apps and one device"
     ));
-    let mut hub = Hub::create(&options.hub_bin, port, max_clients)?;
+    let mut hub = Hub::create(&options.hub_bin, port, max_clients, Limits::Raised)?;
     let filesystem = filesystem_of(&hub.dir);
     let durable_start = durable_limit(&hub.dir, options.durable_ops)?;
-    let hub_pid = hub.spawn()?;
+    let perf = perf_works();
+    if let Err(why) = &perf {
+        say(&format!("fsyncs will not be counted: {why}"));
+    }
+    let hub_pid = hub.spawn(perf.is_ok())?;
     wait_until_serving(&mut hub, port).await?;
     enroll_device(&hub, port).await?;
     let (request_bytes, probe_answer) = probe_token(&hub, port).await?;
@@ -1640,9 +2368,46 @@ async fn main() -> Result<()> {
     }
     let _ = echo_stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), responder).await;
+
+    let best = rows
+        .iter()
+        .map(|(h, _)| h.tokens_per_s())
+        .fold(0.0, f64::max);
+    say(&format!(
+        "open loop: {max_clients} clients asking for {:.0} tokens/s (half the best rate)",
+        best / 2.0
+    ));
+    let mut open = open_window(&ctx, max_clients, best / 2.0).await?;
+    hub.check_alive()?;
+    say(&format!(
+        "open loop: {} tokens, p50 {:.1} ms, p99 {:.1} ms",
+        open.tokens, open.p50_ms, open.p99_ms
+    ));
+
     // A clean stop (SIGTERM, exit status checked), so a hub that broke during the run shows.
     hub.stop()?;
+    if let Some(trace) = &hub.fsyncs {
+        for (h, _) in &mut rows {
+            h.fsyncs = Some(trace.count(h.usage.started, h.usage.wall)?);
+        }
+        open.fsyncs = Some(trace.count(open.usage.started, open.usage.wall)?);
+    }
+    let store_log =
+        store_counts(&std::fs::read_to_string(hub.dir.join("hub.log")).unwrap_or_default());
     let durable_end = durable_limit(&hub.dir, options.durable_ops)?;
+    let flood = if options.flood_seconds > 0.0 {
+        Some(
+            flood_comparison(
+                &options,
+                &broker,
+                broker_pid,
+                Duration::from_secs_f64(options.flood_seconds),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     say("bare crypto (end)");
     let crypto_end = bare_crypto(options.crypto_ops)?;
     let load_end = loadavg();
@@ -1655,6 +2420,8 @@ async fn main() -> Result<()> {
         response_bytes: probe_answer.len(),
         durable_start,
         durable_end,
+        fsyncs: perf.err(),
+        store_log,
     };
     report(
         &options,
@@ -1662,6 +2429,8 @@ async fn main() -> Result<()> {
         (crypto_start, crypto_end),
         (&load_start, &load_end),
         &rows,
+        &open,
+        flood.as_ref(),
     );
     Ok(())
 }
