@@ -40,6 +40,29 @@ pub enum Error {
     /// The encrypted store cannot be trusted or read.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The store cannot be written: nothing the hub issues could be kept.
+    #[error(
+        "the token store cannot be written: {0}. Every token and refresh grant the hub issues \
+         would be lost at the next restart: make the store writable (disk space, mount, \
+         permissions) and start again"
+    )]
+    StoreNotWritable(#[source] crate::store::StoreError),
+    /// Another process holds the state directory's lock ([`crate::lock`]).
+    #[error(
+        "state directory {} is in use: another tessera-agent{} holds its lock {}; only one \
+         agent may use a state directory at a time: stop the other one first",
+        dir.display(),
+        holder.map_or(String::new(), |pid| format!(" (pid {pid})")),
+        lock.display()
+    )]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid, as it wrote it in the lock file.
+        holder: Option<u32>,
+    },
     /// No store: the device has not enrolled yet (or its store was removed on purpose).
     #[error("not enrolled: no token store at {0} (run `tessera-agent enroll`)")]
     NotEnrolled(PathBuf),

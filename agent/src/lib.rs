@@ -10,6 +10,7 @@
 //! - [`config`]: the TOML configuration, environment and flag overrides.
 //! - [`identity`]: the device key, the hub's trust anchor and the device secret.
 //! - [`store`]: the encrypted record on disk and its rollback counter.
+//! - [`lock`]: the single-instance lock on the state directory.
 //! - [`shell`]: the event loop that drives the state machine over MQTT.
 //! - [`local`]: the socket and its line protocol.
 //! - [`status`]: what `status` reports.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod local;
+pub mod lock;
 pub mod shell;
 pub mod status;
 pub mod store;

@@ -12,16 +12,24 @@
 //! Lines end with `\n` (a `\r` before it is ignored) and are at most [`MAX_LINE`] bytes.
 //! Anyone who can connect gets the device token: the socket's mode (0660) and its group
 //! decide who that is.
+//!
+//! Among those, no client can lock the others out ([`Limits`]): a connection that has not
+//! sent a complete request is closed after [`REQUEST_TIMEOUT`], an answered one after
+//! [`IDLE_TIMEOUT`] idle, one that does not read its reply after [`WRITE_TIMEOUT`], and at
+//! [`MAX_CONNECTIONS`] a new connection closes the one that has waited longest for a
+//! request.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::error::Error;
 
@@ -29,11 +37,19 @@ use crate::error::Error;
 /// message may have (16 KiB, so 32 KiB of hex) and a scope.
 pub const MAX_LINE: usize = 40 * 1024;
 
-/// Connections served at the same time; more wait.
+/// Connections open at the same time. At the limit, a new connection closes the one that
+/// has waited longest for a request (see [`Limits`]).
 pub const MAX_CONNECTIONS: usize = 32;
 
-/// A connection that sends nothing for this long is closed.
+/// A new connection must send a complete request line within this, and any request line
+/// must be complete this long after its first byte.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection that has been answered and sends nothing more for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply the client does not read within this closes the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,66 +195,297 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
-/// Accepts connections forever, passing each request line to `requests`. Stops when the
-/// receiver of `requests` is gone.
+/// How the socket shares itself among clients; [`Limits::default`] is what `run` serves.
+///
+/// No client can keep others out: a connection must send a complete request line soon after
+/// it opens (or after it starts one), one that has been served may then idle longer, a reply
+/// it does not read is given up on, and when [`max_connections`](Self::max_connections) are
+/// open a new connection closes the one that has waited longest for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its first complete request line, and how
+    /// long any request line may take once its first byte arrived.
+    pub request_timeout: Duration,
+    /// How long a connection that has been answered may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long writing one reply may take.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            request_timeout: REQUEST_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+        }
+    }
+}
+
+/// Accepts connections forever with the default [`Limits`], passing each request line to
+/// `requests`. Stops when the receiver of `requests` is gone.
 pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Request>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    serve_with(listener, requests, Limits::default()).await;
+}
+
+/// [`serve`] with other limits. Connections are tasks of this future: dropping it (or
+/// aborting its task) closes them all.
+pub async fn serve_with(listener: UnixListener, requests: mpsc::Sender<Request>, limits: Limits) {
+    let open = Open::default();
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "local socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "local socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         if requests.is_closed() {
             return;
         }
+        // At the limit, make room: close the connection that has waited longest for a
+        // request (an idle or slow one), or, if every one is being answered, wait for one
+        // to finish or start waiting. Either takes no longer than answering one request.
+        loop {
+            let changed = open.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if open.len() < limits.max_connections.max(1) {
+                break;
+            }
+            open.evict_oldest_waiting();
+            tokio::select! {
+                () = &mut changed => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        let slot = open.add();
         let requests = requests.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = connection(stream, requests).await {
+        tasks.spawn(async move {
+            if let Err(e) = connection(stream, requests, limits, slot).await {
                 tracing::debug!(error = %e, "local socket: connection ended");
             }
         });
     }
 }
 
-async fn connection(stream: UnixStream, requests: mpsc::Sender<Request>) -> std::io::Result<()> {
+/// The open connections, and which of them wait for a request.
+#[derive(Debug, Default, Clone)]
+struct Open {
+    table: Arc<Mutex<Table>>,
+    /// Signalled when a connection closes or starts waiting for a request.
+    changed: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// When it started waiting for its next request line; `None` while one is answered.
+    waiting_since: Option<Instant>,
+    /// Told to close.
+    evict: Arc<Notify>,
+    evicted: bool,
+}
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // The table holds no invariant a panicking holder could break half-way.
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn add(&self) -> Slot {
+        let evict = Arc::new(Notify::new());
+        let mut table = self.lock();
+        let id = table.next_id;
+        table.next_id += 1;
+        table.entries.insert(
+            id,
+            Entry {
+                waiting_since: None,
+                evict: evict.clone(),
+                evicted: false,
+            },
+        );
+        Slot {
+            id,
+            open: self.clone(),
+            evict,
+        }
+    }
+
+    /// Tells the connection that has waited longest for a request to close, unless one was
+    /// told already and has not closed yet.
+    fn evict_oldest_waiting(&self) {
+        let mut table = self.lock();
+        if table.entries.values().any(|e| e.evicted) {
+            return;
+        }
+        let oldest = table
+            .entries
+            .values_mut()
+            .filter(|e| e.waiting_since.is_some())
+            .min_by_key(|e| e.waiting_since);
+        if let Some(entry) = oldest {
+            entry.evicted = true;
+            entry.evict.notify_one();
+        }
+    }
+}
+
+/// One connection's place in [`Open`]; leaving it frees the place.
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    open: Open,
+    evict: Arc<Notify>,
+}
+
+impl Slot {
+    fn waiting(&self) {
+        if let Some(e) = self.open.lock().entries.get_mut(&self.id) {
+            e.waiting_since = Some(Instant::now());
+        }
+        self.open.changed.notify_waiters();
+    }
+
+    fn busy(&self) {
+        if let Some(e) = self.open.lock().entries.get_mut(&self.id) {
+            e.waiting_since = None;
+        }
+    }
+
+    async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.lock().entries.remove(&self.id);
+        self.open.changed.notify_waiters();
+    }
+}
+
+/// How reading one request line ended.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line (without its newline) is in the buffer.
+    Line,
+    /// The client closed the connection between requests.
+    Closed,
+    /// The client closed the connection in the middle of a line.
+    Unterminated,
+    /// More than [`MAX_LINE`] bytes without a newline.
+    TooLong,
+    /// Nothing complete by the deadline.
+    TimedOut,
+}
+
+/// Reads one line into `line` by `deadline`, or by `request_timeout` after its first byte
+/// if that is sooner.
+async fn read_line(
+    reader: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    line: &mut Vec<u8>,
+    mut deadline: Instant,
+    request_timeout: Duration,
+) -> std::io::Result<LineRead> {
+    line.clear();
+    loop {
+        let Ok(filled) = tokio::time::timeout_at(deadline, reader.fill_buf()).await else {
+            return Ok(LineRead::TimedOut);
+        };
+        let buf = filled?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() {
+                LineRead::Closed
+            } else {
+                LineRead::Unterminated
+            });
+        }
+        if line.is_empty() {
+            deadline = deadline.min(Instant::now() + request_timeout);
+        }
+        let newline = buf.iter().position(|&b| b == b'\n');
+        let wanted = newline.map_or(buf.len(), |i| i + 1);
+        let room = (MAX_LINE + 1).saturating_sub(line.len());
+        let take = wanted.min(room);
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if newline.is_some() && take == wanted {
+            line.pop();
+            return Ok(LineRead::Line);
+        }
+        if line.len() > MAX_LINE {
+            return Ok(LineRead::TooLong);
+        }
+    }
+}
+
+async fn write_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let bytes = format!("{}\n", reply.to_line());
+    tokio::time::timeout(timeout, write.write_all(bytes.as_bytes()))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "reply not read in time"))?
+}
+
+async fn connection(
+    stream: UnixStream,
+    requests: mpsc::Sender<Request>,
+    limits: Limits,
+    slot: Slot,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
     let mut line = Vec::with_capacity(256);
+    let mut answered = false;
     loop {
-        line.clear();
-        let limit = u64::try_from(MAX_LINE + 1).unwrap_or(u64::MAX);
-        let read = tokio::time::timeout(
-            IDLE_TIMEOUT,
-            (&mut reader).take(limit).read_until(b'\n', &mut line),
-        )
-        .await;
-        let n = match read {
-            Ok(result) => result?,
-            Err(_) => return Ok(()),
+        slot.waiting();
+        let wait = if answered {
+            limits.idle_timeout
+        } else {
+            limits.request_timeout
         };
-        if n == 0 {
-            return Ok(());
+        let deadline = Instant::now() + wait;
+        let read = tokio::select! {
+            read = read_line(&mut reader, &mut line, deadline, limits.request_timeout) => read?,
+            () = slot.evicted() => {
+                tracing::debug!("local socket: closed a waiting connection to serve a new one");
+                return Ok(());
+            }
+        };
+        slot.busy();
+        let reason = match read {
+            LineRead::Line => None,
+            LineRead::Closed | LineRead::TimedOut => return Ok(()),
+            LineRead::Unterminated => Some("request line not terminated"),
+            LineRead::TooLong => Some("request line too long"),
+        };
+        if let Some(reason) = reason {
+            return write_line(&mut write, &Reply::Err(reason.into()), limits.write_timeout).await;
         }
-        if line.last() != Some(&b'\n') {
-            let reason = if line.len() > MAX_LINE {
-                "request line too long"
-            } else {
-                "request line not terminated"
-            };
-            write
-                .write_all(format!("{}\n", Reply::Err(reason.into()).to_line()).as_bytes())
-                .await?;
-            return Ok(());
-        }
-        line.pop();
         let reply = match std::str::from_utf8(&line)
             .map_err(|_| "request is not UTF-8".to_string())
             .and_then(Command::parse)
@@ -254,9 +501,8 @@ async fn connection(stream: UnixStream, requests: mpsc::Sender<Request>) -> std:
                 }
             }
         };
-        write
-            .write_all(format!("{}\n", reply.to_line()).as_bytes())
-            .await?;
+        write_line(&mut write, &reply, limits.write_timeout).await?;
+        answered = true;
     }
 }
 
@@ -349,6 +595,123 @@ mod tests {
         assert_eq!(Reply::parse("OK abc\n"), Ok(Reply::Ok("abc".into())));
         assert_eq!(Reply::parse("ERR"), Ok(Reply::Err(String::new())));
         assert!(Reply::parse("MAYBE").is_err());
+    }
+
+    /// Serves `listener` with `limits` and answers every request `OK <n>`, counting.
+    fn serve_counting(listener: UnixListener, limits: Limits) {
+        let (tx, mut rx) = mpsc::channel::<Request>(4);
+        tokio::spawn(serve_with(listener, tx, limits));
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while let Some(r) = rx.recv().await {
+                n += 1;
+                let _ = r.reply.send(Reply::Ok(n.to_string()));
+            }
+        });
+    }
+
+    /// Opens `n` connections that send nothing, once the server holds each of them.
+    fn idle_connections(path: &Path, n: usize) -> Vec<std::os::unix::net::UnixStream> {
+        (0..n)
+            .map(|_| std::os::unix::net::UnixStream::connect(path).expect("connect"))
+            .collect()
+    }
+
+    /// Whether the server closed `stream` (EOF); waits up to `bound` for it.
+    fn closed_by_server(stream: &std::os::unix::net::UnixStream, bound: Duration) -> bool {
+        stream.set_read_timeout(Some(bound)).expect("timeout");
+        let mut byte = [0u8; 1];
+        matches!(std::io::Read::read(&mut &*stream, &mut byte), Ok(0))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_house_of_idle_connections_does_not_keep_a_new_client_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        // Idle and request timeouts far beyond the test: only eviction can serve the client.
+        let hour = Duration::from_secs(3600);
+        let limits = Limits {
+            max_connections: MAX_CONNECTIONS,
+            request_timeout: hour,
+            idle_timeout: hour,
+            write_timeout: hour,
+        };
+        serve_counting(bind(&path).expect("bind"), limits);
+        let p = path.clone();
+        let (idle, answer, first_closed, others_open) = tokio::task::spawn_blocking(move || {
+            // A local group member holds every connection. The first is answered before
+            // the others open, so it is the one that has waited longest for a request; a
+            // half-sent line is among the rest.
+            let first = std::os::unix::net::UnixStream::connect(&p).expect("connect");
+            (&first).write_all(b"TOKEN\n").expect("write");
+            let mut reply = String::new();
+            BufReader::new(&first).read_line(&mut reply).expect("read");
+            assert_eq!(reply, "OK 1\n");
+            let mut idle = vec![first];
+            idle.extend(idle_connections(&p, MAX_CONNECTIONS - 1));
+            idle[1].write_all(b"STAT").expect("partial line");
+            // The client's own bound is a guard against hanging, not a measurement: the
+            // idle connections would hold their places for an hour.
+            let answer = ask(&p, &Command::Status, Duration::from_secs(60));
+            // The connection that had waited longest (the first) made room; the rest
+            // stay open.
+            let first_closed = closed_by_server(&idle[0], Duration::from_secs(60));
+            let others_open = !closed_by_server(&idle[2], Duration::from_millis(50));
+            (idle, answer, first_closed, others_open)
+        })
+        .await
+        .expect("join");
+        assert_eq!(
+            answer.expect("asked"),
+            Asked::Answer(Reply::Ok("2".into())),
+            "the new client is answered while {} connections idle",
+            idle.len()
+        );
+        assert!(first_closed, "the longest-waiting connection was closed");
+        assert!(others_open, "only one connection was closed to make room");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_without_a_complete_request_is_closed_after_the_request_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let limits = Limits {
+            max_connections: 4,
+            request_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(3600),
+        };
+        serve_counting(bind(&path).expect("bind"), limits);
+        let p = path.clone();
+        let (silent, partial, answered_still_open) = tokio::task::spawn_blocking(move || {
+            let bound = Duration::from_secs(60);
+            let silent = std::os::unix::net::UnixStream::connect(&p).expect("connect");
+            let mut partial = std::os::unix::net::UnixStream::connect(&p).expect("connect");
+            partial.write_all(b"TOK").expect("partial");
+            let answered = std::os::unix::net::UnixStream::connect(&p).expect("connect");
+            (&answered).write_all(b"TOKEN\n").expect("write");
+            let mut reply = String::new();
+            BufReader::new(&answered)
+                .read_line(&mut reply)
+                .expect("read");
+            (
+                closed_by_server(&silent, bound),
+                closed_by_server(&partial, bound),
+                // Answered once, it may idle for the (hour-long) idle timeout.
+                !closed_by_server(&answered, Duration::from_millis(600)),
+            )
+        })
+        .await
+        .expect("join");
+        assert!(silent, "a connection that never sends is closed");
+        assert!(
+            partial,
+            "a connection that never finishes its line is closed"
+        );
+        assert!(
+            answered_still_open,
+            "an answered connection may idle longer"
+        );
     }
 
     #[tokio::test]

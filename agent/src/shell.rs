@@ -18,6 +18,7 @@ use tessera_mqtt::{Incoming, Notice, Notices, QoS};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Ignored, Report, State};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
 use tessera_shared::message::{ErrorCode, Operation, SignedResponse};
+use tessera_shared::schedule::Backoff;
 use tessera_shared::topic;
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
@@ -26,6 +27,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::identity;
 use crate::local::{self, Command, Reply};
+use crate::lock::StateLock;
 use crate::status::{ShellFacts, Status, state_name, token_times};
 use crate::store::{Loaded, Store, StoreError};
 use crate::system::{now_ms, random32};
@@ -52,10 +54,140 @@ struct Refusal {
     reason: Option<String>,
 }
 
+/// A state the machine asked to keep that is not on disk, because writing it failed.
+struct Unsaved {
+    plaintext: Zeroizing<Vec<u8>>,
+    /// Local ms of the first failed write since the store was last written.
+    since_ms: u64,
+    /// Failed writes since then: the backoff attempt number.
+    failures: u32,
+    /// Local ms of the next try.
+    retry_at_ms: u64,
+}
+
+/// Writes the machine's state to the store, and keeps the latest state it could not write
+/// to try again with backoff.
+///
+/// A refresh spends the grant it presents the moment the hub answers, so the state in
+/// memory (the new token and grant) is the only one that can still refresh: it stays in
+/// force even when it cannot be saved, and the record on disk stays the previous one (every
+/// write is atomic). A restart before the write succeeds reads that previous record, whose
+/// grant is spent: the hub refuses it (revoking its family) and the agent asks again with
+/// its key alone (`device_token`). See docs/DEVICE.md, "When the store cannot be written".
+pub struct StoreWriter {
+    store: Store,
+    backoff: Backoff,
+    unsaved: Option<Unsaved>,
+}
+
+impl std::fmt::Debug for StoreWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The plaintext holds the token and grant: never print it.
+        f.debug_struct("StoreWriter")
+            .field("store", &self.store)
+            .field("unsaved_since_ms", &self.unsaved_since_ms())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreWriter {
+    /// A writer for `store` that retries failed writes with `backoff`.
+    pub fn new(store: Store, backoff: Backoff) -> Self {
+        Self {
+            store,
+            backoff,
+            unsaved: None,
+        }
+    }
+
+    /// Writes `plaintext` at local time `now_ms`. On failure it is kept (replacing any older
+    /// unsaved state) and tried again from [`retry_at_ms`](Self::retry_at_ms) on.
+    pub fn write(&mut self, plaintext: &[u8], now_ms: u64, jitter: u32) -> Result<(), StoreError> {
+        match self.store.write(plaintext) {
+            Ok(()) => {
+                self.saved(now_ms);
+                Ok(())
+            }
+            Err(e) => {
+                let (since_ms, failures) = self
+                    .unsaved
+                    .as_ref()
+                    .map_or((now_ms, 0), |u| (u.since_ms, u.failures));
+                self.unsaved = Some(Unsaved {
+                    plaintext: Zeroizing::new(plaintext.to_vec()),
+                    since_ms,
+                    failures: failures.saturating_add(1),
+                    retry_at_ms: self.backoff.retry_at(now_ms, failures, jitter, None),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Tries the unsaved state again if its time has come; `None` if there was nothing to
+    /// try.
+    pub fn retry_due(&mut self, now_ms: u64, jitter: u32) -> Option<Result<(), StoreError>> {
+        let due = self.unsaved.as_ref()?;
+        if due.retry_at_ms > now_ms {
+            return None;
+        }
+        self.retry_now(now_ms, jitter)
+    }
+
+    /// Tries the unsaved state again now; `None` if there is none.
+    pub fn retry_now(&mut self, now_ms: u64, jitter: u32) -> Option<Result<(), StoreError>> {
+        let plaintext = self.unsaved.as_ref()?.plaintext.clone();
+        Some(self.write(&plaintext, now_ms, jitter))
+    }
+
+    fn saved(&mut self, now_ms: u64) {
+        if let Some(u) = self.unsaved.take() {
+            tracing::info!(
+                failed_attempts = u.failures,
+                unsaved_for_ms = now_ms.saturating_sub(u.since_ms),
+                "token store written again: the device token and refresh grant held are saved"
+            );
+        }
+    }
+
+    /// Forgets the unsaved state (the device was revoked: nothing is to be kept).
+    pub fn forget(&mut self) {
+        self.unsaved = None;
+    }
+
+    /// Since when (local ms) the state in force has not been saved, if it has not.
+    pub fn unsaved_since_ms(&self) -> Option<u64> {
+        self.unsaved.as_ref().map(|u| u.since_ms)
+    }
+
+    /// When (local ms) the unsaved state is tried again, if there is one.
+    pub fn retry_at_ms(&self) -> Option<u64> {
+        self.unsaved.as_ref().map(|u| u.retry_at_ms)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The store, to wipe it.
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+}
+
+/// 32 random bits for backoff jitter; a fixed middle value if the OS generator fails (the
+/// jitter only spreads retries).
+fn jitter() -> u32 {
+    random32().map_or(u32::MAX / 2, |r| {
+        u32::from_be_bytes([r[0], r[1], r[2], r[3]])
+    })
+}
+
 /// The machine, its store, and what the shell remembers besides.
 pub struct Shell {
     agent: Box<Agent<P256Signer>>,
-    store: Store,
+    writer: StoreWriter,
     outbound: mpsc::UnboundedSender<Outbound>,
     response_topic: String,
     facts: ShellFacts,
@@ -75,7 +207,7 @@ impl std::fmt::Debug for Shell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shell")
             .field("agent", &self.agent)
-            .field("store", &self.store)
+            .field("writer", &self.writer)
             .field("revoked", &self.revoked)
             .finish_non_exhaustive()
     }
@@ -93,19 +225,20 @@ impl Shell {
             .as_str()
             .to_string();
         let window_ms = config.presentation_window_s.saturating_mul(1000);
+        let writer = StoreWriter::new(store, config.backoff);
         let agent = Box::new(Agent::new(config, signer, anchor).map_err(Error::Core)?);
         let (outbound, rx) = mpsc::unbounded_channel();
         let presentations_from_ms = now_ms().saturating_add(window_ms);
         let facts = ShellFacts {
             running: true,
-            store_counter: store.counter(),
+            store_counter: writer.store().counter(),
             presentations_from_ms: Some(presentations_from_ms),
             ..ShellFacts::default()
         };
         Ok((
             Self {
                 agent,
-                store,
+                writer,
                 outbound,
                 response_topic,
                 facts,
@@ -123,7 +256,7 @@ impl Shell {
     fn boot(&mut self, stored: Option<&[u8]>) -> Result<(), Error> {
         self.feed(Event::Boot { stored }).map_err(|e| match e {
             Error::Core(core) => Error::Store(StoreError::StateUndecodable {
-                path: self.store.paths().record.clone(),
+                path: self.writer.store().paths().record.clone(),
                 reason: core.to_string(),
             }),
             other => other,
@@ -178,17 +311,50 @@ impl Shell {
 
     /// How long to sleep before the next timer check.
     fn sleep_for(&self) -> Duration {
-        match self.agent.next_wake() {
+        let wake = match (self.agent.next_wake(), self.writer.retry_at_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match wake {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())).min(MAX_SLEEP),
             None => MAX_SLEEP,
         }
     }
 
     fn on_sleep_over(&mut self) -> Result<(), Error> {
+        let now = now_ms();
+        if let Some(result) = self.writer.retry_due(now, jitter()) {
+            self.after_write(result, now);
+        }
         if self.agent.next_wake().is_some_and(|at| at <= now_ms()) {
             self.feed(Event::Timer)?;
         }
         Ok(())
+    }
+
+    /// Notes the outcome of a store write for `status` and the log.
+    fn after_write(&mut self, result: Result<(), StoreError>, now: u64) {
+        self.facts.store_counter = self.writer.store().counter();
+        self.facts.unsaved_since_ms = self.writer.unsaved_since_ms();
+        match result {
+            Ok(()) => self.facts.shell_error = None,
+            Err(e) => {
+                let retry_in_ms = self
+                    .writer
+                    .retry_at_ms()
+                    .map_or(0, |at| at.saturating_sub(now));
+                tracing::error!(
+                    error = %e,
+                    retry_in_ms,
+                    "cannot write the token store: the device token and refresh grant in force \
+                     are held in memory only (the previous record stays on disk); retrying"
+                );
+                self.facts.shell_error = Some(format!(
+                    "store write failed: {e} (the token and grant in force are not saved; \
+                     retrying)"
+                ));
+            }
+        }
     }
 
     /// Feeds one event and performs the actions, in order.
@@ -196,6 +362,7 @@ impl Shell {
         let now = now_ms();
         let random = random32()?;
         let mut reports = Vec::new();
+        let mut written = Vec::new();
         let actions = self
             .agent
             .handle(event, now, &random)
@@ -211,33 +378,31 @@ impl Shell {
                         payload: payload.to_vec(),
                     });
                 }
-                Action::Store { plaintext } => match self.store.write(plaintext) {
-                    Ok(()) => {
-                        self.facts.store_counter = self.store.counter();
-                        self.facts.shell_error = None;
-                    }
-                    Err(e) => {
-                        // The token stays valid in memory; a restart would read the previous
-                        // record, which is still consistent with its counter.
-                        tracing::error!(error = %e, "cannot write the token store");
-                        self.facts.shell_error = Some(format!("store write failed: {e}"));
-                    }
-                },
+                Action::Store { plaintext } => {
+                    let result = self.writer.write(plaintext, now, jitter());
+                    written.push(result);
+                }
                 Action::Wipe => {
                     let note = format!(
                         "revoked by the hub; tokens and grants wiped at {} (Unix seconds, local clock)",
                         now / 1000
                     );
-                    if let Err(e) = self.store.wipe(&note) {
+                    // Nothing is to be kept any more: an unsaved state must not come back.
+                    self.writer.forget();
+                    self.facts.unsaved_since_ms = None;
+                    if let Err(e) = self.writer.store_mut().wipe(&note) {
                         tracing::error!(error = %e, "cannot wipe the token store");
                         self.facts.shell_error = Some(format!("store wipe failed: {e}"));
                     }
-                    self.facts.store_counter = self.store.counter();
+                    self.facts.store_counter = self.writer.store().counter();
                 }
                 // The machine keeps the latest wake time; `sleep_for` reads it.
                 Action::WakeAt(_) => {}
                 Action::Report(report) => reports.push(report),
             }
+        }
+        for result in written {
+            self.after_write(result, now);
         }
         for report in reports {
             self.on_report(report, now);
@@ -264,6 +429,17 @@ impl Shell {
                     .token()
                     .and_then(|t| token_times(t, self.agent.key_set()));
                 let lifetime_s = self.held.map(|(iat, exp)| exp.saturating_sub(iat));
+                if self.writer.unsaved_since_ms().is_some() {
+                    // Not a renewal done: a restart now would lose this token and grant.
+                    tracing::error!(
+                        expires_at,
+                        lifetime_s,
+                        "device token renewed in memory only: it and the rotated refresh grant \
+                         are NOT saved (the token store cannot be written); the store write is \
+                         retried with backoff"
+                    );
+                    return;
+                }
                 match fraction {
                     Some(f) => tracing::info!(
                         expires_at,
@@ -466,15 +642,22 @@ pub enum Ended {
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<Ended, Error> {
     let signer = identity::read_device_key(&config.key_file)?;
     let anchor = identity::read_trust_anchor(&config.trust_anchor_file)?;
-    // Bind first: it also refuses to start while another agent serves this socket, before
-    // the store is touched.
+    // Held until `run` returns (the kernel releases it if the process dies): a second agent
+    // on this state directory, whatever its socket, stops here.
+    let _lock = StateLock::acquire(&config.store.dir)?;
+    // Then the socket: it refuses to start while another agent (with another state
+    // directory) serves it, before the store is touched.
     let listener = local::bind(&config.socket)?;
     let _socket_file = SocketFile(config.socket.clone());
-    let (store, stored) = match Store::load(&config.store, &config.device_id)? {
+    let (mut store, stored) = match Store::load(&config.store, &config.device_id)? {
         Loaded::Enrolled(store, plaintext) => (store, plaintext),
         Loaded::NotEnrolled => return Err(Error::NotEnrolled(config.store.record.clone())),
         Loaded::Revoked(note) => return Err(revoked_error(&note)),
     };
+    // Fail fast on a store that cannot be written: every refresh spends the grant on disk,
+    // so an agent that cannot save the new one must not start spending. Writing the state
+    // just read back (with the next counter) exercises exactly what every later write does.
+    store.write(&stored).map_err(Error::StoreNotWritable)?;
     let (mut shell, outbound) = Shell::new(config.agent_config(None)?, signer, anchor, store)?;
     shell.boot(Some(&stored))?;
     drop(stored);
@@ -555,6 +738,8 @@ pub async fn enroll(
     timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Enrolled, Error> {
+    // Held until `enroll` returns: no agent can run on this store meanwhile.
+    let _lock = StateLock::acquire(&config.store.dir)?;
     if matches!(
         local::ask(&config.socket, &Command::Status, Duration::from_secs(2)),
         Ok(local::Asked::Answer(_))
@@ -623,6 +808,11 @@ pub async fn enroll(
             ));
         }
         if shell.agent.state() == State::Holding {
+            // The token is not enrolled until it is stored: a last try, then a clear stop.
+            let now = now_ms();
+            if let Some(Err(e)) = shell.writer.retry_now(now, jitter()) {
+                break Err(Error::StoreNotWritable(e));
+            }
             break Ok(Enrolled {
                 key_file: config.key_file.clone(),
                 key_created,
@@ -708,4 +898,70 @@ pub fn inspect(config: &Config) -> Result<Inspected, Error> {
         _ => Err("no device token stored".into()),
     };
     Ok(Inspected::Enrolled { status, token })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorePaths;
+
+    fn paths(dir: &std::path::Path) -> StorePaths {
+        StorePaths {
+            dir: dir.to_path_buf(),
+            record: dir.join("store.tsr"),
+            counter: dir.join("store.counter"),
+            device_secret: dir.join("device-secret"),
+            revoked_marker: dir.join("revoked"),
+        }
+    }
+
+    fn stored(p: &StorePaths) -> Vec<u8> {
+        match Store::load(p, "dev-1").expect("loads") {
+            Loaded::Enrolled(_, plaintext) => plaintext.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_written_is_kept_and_written_by_a_retry_with_backoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = paths(dir.path());
+        let backoff = Backoff {
+            base_ms: 500,
+            cap_ms: 60_000,
+        };
+        let mut writer = StoreWriter::new(Store::create(&p, "dev-1").expect("create"), backoff);
+        writer.write(b"first", 1_000, 0).expect("write");
+        assert_eq!(writer.retry_due(1_000_000, 0).map(|r| r.is_ok()), None);
+
+        // The disk stops taking writes: the newest state is kept, the old record stays.
+        let obstacle = dir.path().join(".store.tsr.tmp");
+        std::fs::create_dir(&obstacle).expect("block writes");
+        assert!(writer.write(b"second", 2_000, u32::MAX).is_err());
+        assert_eq!(writer.unsaved_since_ms(), Some(2_000));
+        assert_eq!(stored(&p), b"first");
+        // First retry within the base delay (full jitter, here its top).
+        assert_eq!(writer.retry_at_ms(), Some(2_500));
+        assert!(writer.retry_due(2_499, u32::MAX).is_none(), "not yet due");
+        // Still failing: the delay doubles, the first failure time stays.
+        assert!(writer.retry_due(2_500, u32::MAX).expect("due").is_err());
+        assert_eq!(writer.retry_at_ms(), Some(3_500));
+        assert_eq!(writer.unsaved_since_ms(), Some(2_000));
+        // A newer state replaces the unsaved one.
+        assert!(writer.write(b"third", 3_000, u32::MAX).is_err());
+        assert_eq!(writer.retry_at_ms(), Some(5_000));
+
+        // The disk is back: the retry writes the newest state, and nothing is pending.
+        std::fs::remove_dir(&obstacle).expect("unblock");
+        writer.retry_due(5_000, 0).expect("due").expect("written");
+        assert_eq!(writer.unsaved_since_ms(), None);
+        assert_eq!(writer.retry_at_ms(), None);
+        assert_eq!(stored(&p), b"third");
+
+        // After a revocation nothing unsaved may come back.
+        std::fs::create_dir(&obstacle).expect("block writes");
+        assert!(writer.write(b"fourth", 6_000, 0).is_err());
+        writer.forget();
+        assert!(writer.retry_now(7_000, 0).is_none());
+    }
 }

@@ -65,6 +65,10 @@ pub struct Status {
     pub renewals: u64,
     /// The store's record counter.
     pub store_counter: u64,
+    /// Since when (local ms) the token and grant in force are not saved because the store
+    /// cannot be written; `None` when everything held is saved (running agent only).
+    #[serde(default)]
+    pub store_unsaved_since_ms: Option<u64>,
     /// Presentations are refused before this local time, ms: one presentation window after
     /// the agent started (running agent only).
     pub presentations_accepted_from_ms: Option<u64>,
@@ -116,6 +120,9 @@ pub struct ShellFacts {
     pub hub_reason: Option<String>,
     /// A failure of the shell itself (a store write), newer than the agent's last error.
     pub shell_error: Option<String>,
+    /// Since when (local ms) the token and grant in force are not saved: the store could
+    /// not be written (the write is retried).
+    pub unsaved_since_ms: Option<u64>,
     /// When presentations start being accepted, local ms.
     pub presentations_from_ms: Option<u64>,
 }
@@ -174,6 +181,7 @@ impl Status {
             }),
             renewals: facts.renewals,
             store_counter: facts.store_counter,
+            store_unsaved_since_ms: facts.unsaved_since_ms.filter(|_| facts.running),
             presentations_accepted_from_ms: facts.presentations_from_ms.filter(|_| facts.running),
         }
     }
@@ -214,6 +222,7 @@ impl Status {
             last_error: note,
             renewals: 0,
             store_counter: 0,
+            store_unsaved_since_ms: None,
             presentations_accepted_from_ms: None,
         }
     }
@@ -312,6 +321,16 @@ impl Status {
         );
         if self.running {
             line("renewals", format!("{} since start", self.renewals));
+        }
+        if let Some(t) = self.store_unsaved_since_ms {
+            line(
+                "store",
+                format!(
+                    "NOT SAVED for {}: the token and grant in force are held in memory only \
+                     (retrying the write)",
+                    duration(self.now_ms.saturating_sub(t))
+                ),
+            );
         }
         if let Some(t) = self
             .presentations_accepted_from_ms
