@@ -11,6 +11,15 @@ use serde::Deserialize;
 use crate::mqtt::MqttConfig;
 use crate::pipeline::PipelineConfig;
 
+/// The configuration file `tessera-hub init` writes in a hub directory.
+pub const DEFAULT_FILE: &str = "tessera-hub.toml";
+
+/// The database file of the default configuration.
+pub const DEFAULT_DATABASE: &str = "tessera-hub.db";
+
+/// The single-instance lock file of the default configuration ([`HubConfig::lock_file`]).
+pub const DEFAULT_LOCK_FILE: &str = "tessera-hub.db.tessera-hub.lock";
+
 /// The fully commented default configuration, as `tessera-hub init` writes it.
 pub const DEFAULT_TOML: &str = r#"# tessera-hub configuration. Every option is shown with its default.
 # Relative paths are relative to the directory of this file.
@@ -18,7 +27,9 @@ pub const DEFAULT_TOML: &str = r#"# tessera-hub configuration. Every option is s
 # The hub's id: the `iss` of every token it issues, and the identity in audit logs.
 hub_id = "tessera-hub"
 
-# SQLite database (created by `tessera-hub init`).
+# SQLite database (created by `tessera-hub init`; no other command creates one). A serving
+# hub holds an exclusive lock on `<database>.<mqtt.client_id>.lock` beside it, so a second
+# `serve` with the same client id on this database refuses to start.
 database = "tessera-hub.db"
 
 # Policy file: roles, device groups, access rules, lifetimes (see docs/OPERATING.md).
@@ -102,6 +113,14 @@ admission_per_second = 10.0
 # `keys rotate` publishes the next signing key this many seconds before using it, so
 # every verifier has it first.
 rotation_announce_s = 300
+
+[policy_reload]
+# A policy reload (SIGHUP) that would revoke more than this share of the live tokens, in
+# percent, is refused and the old policy stays, unless forced with a marker file
+# (`tessera-hub policy force`, docs/OPERATING.md "Policy"). A reload that leaves registered
+# clients without a role is refused the same way. 0 makes every reload that revokes
+# anything need forcing; 100 turns the share check off. 0 to 100.
+max_revoked_percent = 50
 "#;
 
 /// Why the configuration could not be used.
@@ -157,6 +176,25 @@ pub struct HubConfig {
     /// Signing keys.
     #[serde(default)]
     pub keys: KeysSection,
+    /// Policy reloads.
+    #[serde(default)]
+    pub policy_reload: PolicyReloadSection,
+}
+
+/// `[policy_reload]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyReloadSection {
+    /// The largest share of the live tokens a reload may revoke unforced, percent.
+    pub max_revoked_percent: u8,
+}
+
+impl Default for PolicyReloadSection {
+    fn default() -> Self {
+        Self {
+            max_revoked_percent: crate::policy_change::DEFAULT_MAX_REVOKED_PERCENT,
+        }
+    }
 }
 
 /// `[serve]`.
@@ -306,6 +344,11 @@ impl HubConfig {
         if !(1..=600).contains(&self.serve.drain_s) {
             return Err(invalid("serve.drain_s must be 1..=600".into()));
         }
+        if self.policy_reload.max_revoked_percent > 100 {
+            return Err(invalid(
+                "policy_reload.max_revoked_percent must be 0..=100".into(),
+            ));
+        }
         if !(1..=4096).contains(&self.serve.concurrency) {
             return Err(invalid("serve.concurrency must be 1..=4096".into()));
         }
@@ -339,6 +382,36 @@ impl HubConfig {
             if let Some(k) = &mut tls.client_key_file {
                 join(k);
             }
+        }
+    }
+
+    /// The single-instance lock file: `<database>.<mqtt.client_id>.lock`. `serve` holds an
+    /// exclusive lock on it for its whole life, so only one hub process serves a database
+    /// under one MQTT client id: two would take the broker session from each other in
+    /// turn. Replicas sharing the database each have their own client id, so their own lock.
+    pub fn lock_file(&self) -> PathBuf {
+        // A client id is any string to MQTT; only a file name's characters go in the path.
+        let client: String = self
+            .mqtt
+            .client_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let mut name = self.database.as_os_str().to_owned();
+        name.push(format!(".{client}.lock"));
+        PathBuf::from(name)
+    }
+
+    /// How far a policy reload may go unforced (see [`crate::policy_change::reload`]).
+    pub fn reload_limits(&self) -> crate::policy_change::ReloadLimits {
+        crate::policy_change::ReloadLimits {
+            max_revoked_percent: self.policy_reload.max_revoked_percent,
         }
     }
 
@@ -421,7 +494,8 @@ mod tests {
         let path = dir.path().join("hub.toml");
         std::fs::write(&path, DEFAULT_TOML).expect("write");
         let c = HubConfig::load(&path).expect("load");
-        assert_eq!(c.database, dir.path().join("tessera-hub.db"));
+        assert_eq!(c.database, dir.path().join(DEFAULT_DATABASE));
+        assert_eq!(c.lock_file(), dir.path().join(DEFAULT_LOCK_FILE));
         assert_eq!(c.kek_file, Some(dir.path().join("hub.kek")));
     }
 }

@@ -15,6 +15,13 @@
 //! aggregated over many clients (a flood from more client ids than the hub keeps apart).
 //! Events are published at QoS 0 and may be lost, or dropped when the hub is overloaded;
 //! the audit log in the store is the durable record, with the same rows.
+//!
+//! The audit log also holds the hub's own decisions, which are not requests and are not on
+//! the stream: a policy reload is one row with `actor` `hub`, `action` `policy_reload`,
+//! `target` the policy file, and `outcome` `ok` (the reason says what it revoked, and what
+//! a force marker overrode), `denied` (refused: it would leave registered clients without a
+//! role, or revoke too large a share of the live tokens), `malformed` (an invalid file) or
+//! `internal` (the store failed); see [`crate::policy_change::reload`].
 
 use crate::store::AuditEvent;
 

@@ -35,6 +35,19 @@ pub enum KeyError {
         /// The record error.
         reason: tessera_shared::Error,
     },
+    /// The key-encryption secret given does not open the hub's newest published signing
+    /// key, so it is not the secret the hub's keys are sealed under: a key sealed under it
+    /// would never open with the right one. Checked before any key is written.
+    #[error(
+        "the key-encryption secret does not open signing key {kid}, the newest key the hub \
+         published: wrong `kek_file` or {KEK_ENV}? Nothing was written ({reason})"
+    )]
+    KekMismatch {
+        /// The key's id, hex.
+        kid: String,
+        /// The record error.
+        reason: tessera_shared::Error,
+    },
     /// The database holds no signing key (run `tessera-hub init`).
     #[error("no signing key in the database: run `tessera-hub init` first")]
     NoKeys,
@@ -176,6 +189,25 @@ fn unseal_key(kek: &Kek, hub_id: &str, rec: &KeyRecord) -> Result<AwsLcSigner, K
     Ok(signer)
 }
 
+/// Checks that `kek` is the secret the hub's keys are sealed under, by opening the newest
+/// published key (the one that signs, or signed last): [`KeyError::KekMismatch`] if it
+/// cannot, [`KeyError::NoKeys`] if there is none. Every command that writes a key calls
+/// this first, so a wrong secret is refused before it seals anything.
+pub async fn check_kek<S: Store>(store: &S, kek: &Kek, hub_id: &str) -> Result<(), KeyError> {
+    let newest = store
+        .keys()
+        .await?
+        .into_iter()
+        .filter(|r| r.published_at.is_some())
+        .max_by_key(|r| (r.active_from, r.created_at))
+        .ok_or(KeyError::NoKeys)?;
+    match unseal_key(kek, hub_id, &newest) {
+        Ok(_) => Ok(()),
+        Err(KeyError::Unseal { kid, reason }) => Err(KeyError::KekMismatch { kid, reason }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Creates a signing key that becomes active at `active_from`, stores it sealed, and
 /// returns its public half. `published_at` is `Some(now)` only for the first key, which
 /// devices receive out of band as their trust anchor; any other key counts as published
@@ -207,6 +239,37 @@ pub async fn create_key<S: Store>(
 /// The hub's keys as loaded: the signer in use, and the published key set.
 pub struct KeyRing {
     signers: Vec<(KeyRecord, AwsLcSigner)>,
+    version: u64,
+}
+
+/// Key set versions count events in this many steps per second (see
+/// [`KeyRing::keyset_version`]): more keys than this created or retired in one second
+/// share a version.
+const VERSIONS_PER_SECOND: u64 = 1024;
+
+/// The key set version of the keys `loaded` when `retired` were retired (PROTOCOL.md §10:
+/// it increases with every change). A function of the stored keys alone, so a restarted
+/// hub, or another replica, numbers the same set the same way and devices keep the set
+/// they hold; and it grows whenever a key joins or leaves the set: the set only changes
+/// by an event (a key created, a key retired), every event has a time, and an event
+/// happens at its time or later. The version is the time of the latest event, in
+/// [`VERSIONS_PER_SECOND`] steps, plus the number of events at that time, so two keys
+/// created in one second still give two versions.
+fn keyset_version<'a>(
+    loaded: impl Iterator<Item = &'a KeyRecord>,
+    retired: impl Iterator<Item = &'a KeyRecord>,
+) -> u64 {
+    let events = loaded
+        .map(|r| r.created_at)
+        .chain(retired.filter_map(|r| r.retire_after));
+    let (latest, count) = events.fold((0u64, 0u64), |(latest, count), t| match t.cmp(&latest) {
+        std::cmp::Ordering::Greater => (t, 1),
+        std::cmp::Ordering::Equal => (latest, count + 1),
+        std::cmp::Ordering::Less => (latest, count),
+    });
+    latest
+        .saturating_mul(VERSIONS_PER_SECOND)
+        .saturating_add(count.min(VERSIONS_PER_SECOND - 1))
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -222,6 +285,17 @@ impl std::fmt::Debug for KeyRing {
 
 impl KeyRing {
     /// Loads and unseals every stored key that is not retired at `now`.
+    ///
+    /// A key never published that cannot be opened is left out, with a warning: it was
+    /// sealed under another secret (a `keys rotate` run with a wrong one, before rotation
+    /// checked the secret), no verifier knows it, and it must not stop the hub; the next
+    /// `keys rotate` makes a good one. A published key that cannot be opened is an error
+    /// ([`KeyError::Unseal`]): the secret is wrong, or the database was altered.
+    ///
+    /// When no published key is left (the key that signed was retired on the schedule of
+    /// a next key that was never published, for instance because it was left out), the
+    /// newest published key is kept although its retirement time has passed, so the hub
+    /// goes on signing with a key its verifiers know.
     pub async fn load<S: Store>(
         store: &S,
         kek: &Kek,
@@ -229,17 +303,60 @@ impl KeyRing {
         now: u64,
     ) -> Result<Self, KeyError> {
         let mut signers = Vec::new();
+        let mut retired = Vec::new();
         for rec in store.keys().await? {
             if rec.retire_after.is_some_and(|t| t <= now) {
+                retired.push(rec);
                 continue;
             }
-            let signer = unseal_key(kek, hub_id, &rec)?;
-            signers.push((rec, signer));
+            match unseal_key(kek, hub_id, &rec) {
+                Ok(signer) => signers.push((rec, signer)),
+                Err(KeyError::Unseal { kid, reason }) if rec.published_at.is_none() => {
+                    tracing::warn!(
+                        kid = %kid,
+                        reason = %reason,
+                        "signing key {kid} was never published and cannot be opened with this \
+                         key-encryption secret (sealed under another one?): it is left out \
+                         and never used; run `tessera-hub keys rotate` for a next key"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !signers.iter().any(|(r, _)| r.published_at.is_some()) {
+            let newest = retired
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.published_at.is_some())
+                .max_by_key(|(_, r)| (r.active_from, r.created_at))
+                .map(|(i, _)| i);
+            if let Some(i) = newest {
+                let rec = retired.remove(i);
+                let signer = unseal_key(kek, hub_id, &rec)?;
+                tracing::warn!(
+                    kid = %hex::encode(rec.kid),
+                    "no signing key published after key {} took over from it: it goes on \
+                     signing past its retirement time",
+                    hex::encode(rec.kid)
+                );
+                signers.push((rec, signer));
+                // Oldest first, as the store lists them.
+                signers.sort_by_key(|(r, _)| r.created_at);
+            }
         }
         if signers.is_empty() {
             return Err(KeyError::NoKeys);
         }
-        Ok(Self { signers })
+        let version = keyset_version(signers.iter().map(|(r, _)| r), retired.iter());
+        Ok(Self { signers, version })
+    }
+
+    /// The version of the key set these keys make (see [`KeyRing::keyset`]): the same for
+    /// the same stored keys, whichever hub loads them and however often, and higher after
+    /// any key was created or retired. Publishing with it rather than with a counter bumped
+    /// at each start means a hub restart does not make every device rewrite its store.
+    pub fn keyset_version(&self) -> u64 {
+        self.version
     }
 
     /// The key to sign with at `now`: the newest one already published and active. Keys
@@ -393,6 +510,9 @@ impl KeyLookup for KeyRing {
 /// that publication, [`announce_published`]), and schedules every current key to retire
 /// once the tokens it signed have expired (`announce_s + max_token_lifetime_s + leeway_s`
 /// from now, pushed back in step when the publication is later).
+///
+/// Refuses with [`KeyError::KekMismatch`], writing nothing, when `kek` does not open the
+/// hub's newest published key ([`check_kek`]).
 pub async fn rotate<S: Store>(
     store: &S,
     kek: &Kek,
@@ -402,6 +522,7 @@ pub async fn rotate<S: Store>(
     max_token_lifetime_s: u64,
     leeway_s: u64,
 ) -> Result<PublicKey, KeyError> {
+    check_kek(store, kek, hub_id).await?;
     let current = store.keys().await?;
     let next = create_key(store, kek, hub_id, now, now + announce_s, None).await?;
     let retire = now + announce_s + max_token_lifetime_s + leeway_s;
@@ -442,8 +563,14 @@ pub async fn announce_published<S: Store>(
             .active_from
             .saturating_add(max_token_lifetime_s)
             .saturating_add(leeway_s);
+        // Only the keys loaded: a key already retired signed nothing still live and must
+        // not come back into the key set.
+        let loaded = ring.kids();
         for other in store.keys().await? {
-            if other.kid != *kid && other.retire_after.is_some_and(|t| t < retire) {
+            if other.kid != *kid
+                && loaded.contains(&other.kid)
+                && other.retire_after.is_some_and(|t| t < retire)
+            {
                 store.retire_key(&other.kid, retire).await?;
             }
         }
@@ -579,6 +706,149 @@ mod tests {
             unseal_key(&wrong, "hub", &rec),
             Err(KeyError::Unseal { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn rotating_with_a_wrong_secret_is_refused_before_any_key_is_written() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("first key");
+        let wrong = Kek::from_bytes(vec![8; 32]).expect("kek");
+        let err = rotate(&store, &wrong, "hub", NOW, 300, 900, 30)
+            .await
+            .expect_err("a wrong secret");
+        assert!(matches!(err, KeyError::KekMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("Nothing was written"), "{err}");
+        let stored = store.keys().await.expect("keys");
+        assert_eq!(stored.len(), 1, "no key written");
+        assert_eq!(
+            stored[0].retire_after, None,
+            "the current key is not retired"
+        );
+        // The right secret rotates.
+        rotate(&store, &kek, "hub", NOW, 300, 900, 30)
+            .await
+            .expect("rotate");
+    }
+
+    #[tokio::test]
+    async fn a_next_key_that_cannot_be_opened_is_left_out_and_the_published_key_signs_on() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        let first = create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("first key");
+        // What `keys rotate` did with a wrong secret before it checked it: a next key
+        // sealed under that secret, and the current key scheduled to retire.
+        let wrong = Kek::from_bytes(vec![8; 32]).expect("kek");
+        create_key(&store, &wrong, "hub", NOW, NOW + 300, None)
+            .await
+            .expect("bad next key");
+        store
+            .retire_key(&first.kid(), NOW + 1230)
+            .await
+            .expect("retire");
+        let healthy = Sqlite::open_in_memory().expect("store");
+        create_key(&healthy, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("key");
+
+        for at in [NOW + 10, NOW + 5000] {
+            let ring = KeyRing::load(&store, &kek, "hub", at).await.expect("load");
+            assert_eq!(ring.kids(), [first.kid()], "at {at}");
+            assert_eq!(ring.active(at).kid(), first.kid());
+        }
+        // The right secret still rotates, and the good next key takes over as usual.
+        let next = rotate(&store, &kek, "hub", NOW + 5000, 300, 900, 30)
+            .await
+            .expect("rotate");
+        let mut ring = KeyRing::load(&store, &kek, "hub", NOW + 5000)
+            .await
+            .expect("load");
+        assert_eq!(ring.kids(), [first.kid(), next.kid()]);
+        announce_published(&store, &mut ring, NOW + 5000, 300, 900, 30)
+            .await
+            .expect("announce");
+        assert_eq!(ring.active(NOW + 5300).kid(), next.kid());
+        // A published key that cannot be opened is an error, not skipped.
+        assert!(matches!(
+            KeyRing::load(&store, &wrong, "hub", NOW + 5000).await,
+            Err(KeyError::Unseal { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_key_set_version_changes_only_when_a_key_is_created_or_retired() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("first key");
+        let load = |at| {
+            let (store, kek) = (&store, &kek);
+            async move {
+                KeyRing::load(store, kek, "hub", at)
+                    .await
+                    .expect("load")
+                    .keyset_version()
+            }
+        };
+        // Loading again (a hub restart, another replica) numbers the same set the same.
+        let v0 = load(NOW).await;
+        assert_eq!(load(NOW).await, v0);
+        assert_eq!(load(NOW + 100).await, v0);
+        // Two rotations in one second: two versions, each higher.
+        rotate(&store, &kek, "hub", NOW + 100, 300, 900, 30)
+            .await
+            .expect("rotate");
+        let v1 = load(NOW + 100).await;
+        rotate(&store, &kek, "hub", NOW + 100, 300, 900, 30)
+            .await
+            .expect("rotate");
+        let v2 = load(NOW + 100).await;
+        assert!(v0 < v1 && v1 < v2, "{v0} {v1} {v2}");
+        assert_eq!(load(NOW + 200).await, v2);
+        // The first key retires (100 + 300 + 900 + 30 s after the rotation).
+        let v3 = load(NOW + 1330).await;
+        assert!(v3 > v2, "{v2} {v3}");
+        assert_eq!(load(NOW + 2000).await, v3);
+    }
+
+    #[tokio::test]
+    async fn a_key_already_retired_stays_retired_when_a_later_key_is_published() {
+        let store = Sqlite::open_in_memory().expect("store");
+        let kek = Kek::from_bytes(vec![7; 32]).expect("kek");
+        let first = create_key(&store, &kek, "hub", NOW, NOW, Some(NOW))
+            .await
+            .expect("first key");
+        rotate(&store, &kek, "hub", NOW, 300, 900, 30)
+            .await
+            .expect("rotate");
+        let mut ring = KeyRing::load(&store, &kek, "hub", NOW).await.expect("load");
+        announce_published(&store, &mut ring, NOW, 300, 900, 30)
+            .await
+            .expect("announce");
+        // Long after the first key retired, a second rotation is published.
+        let later = NOW + 10_000;
+        rotate(&store, &kek, "hub", later, 300, 900, 30)
+            .await
+            .expect("rotate");
+        let mut ring = KeyRing::load(&store, &kek, "hub", later)
+            .await
+            .expect("load");
+        assert!(!ring.kids().contains(&first.kid()));
+        announce_published(&store, &mut ring, later, 300, 900, 30)
+            .await
+            .expect("announce");
+        let ring = KeyRing::load(&store, &kek, "hub", later)
+            .await
+            .expect("load");
+        assert!(
+            !ring.kids().contains(&first.kid()),
+            "a retired key came back into the key set"
+        );
     }
 
     fn kids_of(set: &KeySet) -> Vec<[u8; 8]> {

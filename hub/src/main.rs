@@ -255,8 +255,16 @@ enum ClientCmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
-    /// Validate a policy file (default: the configured one).
+    /// Validate a policy file (default: the configured one), and check it against the
+    /// registered clients and live tokens as a running hub would on SIGHUP.
     Check {
+        /// Policy file.
+        file: Option<PathBuf>,
+    },
+    /// Force the next reload of a policy file (default: the configured one) past the
+    /// reload checks: writes `<file>.force` naming its SHA-256. It forces exactly these
+    /// contents, once.
+    Force {
         /// Policy file.
         file: Option<PathBuf>,
     },
@@ -365,6 +373,7 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
         }) => {
             let store = open_store(&config)?;
             let policy = Policy::load(&config.policy)?;
+            check_id_is_free(&config, &policy, &id)?;
             check_role(&policy, &role, ClientKind::Device)?;
             for g in &groups {
                 if policy.group(g).is_none() {
@@ -403,12 +412,49 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
         Command::Policy(PolicyCmd::Check { file }) => {
             let file = file.unwrap_or_else(|| config.policy.clone());
             let policy = Policy::load(&file)?;
+            // Against the registry too, when there is one to check against: what would
+            // make the running hub refuse this file on SIGHUP.
+            if config.database.exists() {
+                let store = open_store(&config)?;
+                check_audience_is_free(&store, &policy, &file).await?;
+                let objections = policy_change::check(
+                    &store,
+                    &policy,
+                    &config.reload_limits(),
+                    SystemClock.now(),
+                )
+                .await?;
+                if !objections.is_empty() {
+                    for o in &objections {
+                        eprintln!("{}: {o}", file.display());
+                    }
+                    bail!(
+                        "{}: a running hub would refuse this policy; to apply it anyway, \
+                         `tessera-hub policy force {}` (or `sha256sum {} > {}`), then SIGHUP",
+                        file.display(),
+                        file.display(),
+                        file.display(),
+                        tessera_hub::policy::force_marker(&file).display()
+                    );
+                }
+            }
             println!(
                 "{}: ok ({} roles, {} groups, {} access rules)",
                 file.display(),
                 policy.roles().count(),
                 policy.groups().count(),
                 policy.rules().len()
+            );
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Force { file }) => {
+            let file = file.unwrap_or_else(|| config.policy.clone());
+            let candidate = tessera_hub::policy::write_force_marker(&file)?;
+            println!(
+                "{}: the next reload applies this file (sha256 {}) whatever it revokes; \
+                 send the hub SIGHUP",
+                tessera_hub::policy::force_marker(&file).display(),
+                hex::encode(candidate.digest)
             );
             Ok(())
         }
@@ -685,6 +731,7 @@ async fn import_devices(config: &HubConfig, file: &Path) -> Result<()> {
             );
         };
         validate_id(id).map_err(|_| anyhow::anyhow!("{}: `{id}` is not a valid id", at()))?;
+        check_id_is_free(config, &policy, id).with_context(at)?;
         check_role(&policy, role, ClientKind::Device).with_context(at)?;
         let groups: Vec<String> = groups
             .split(';')
@@ -735,9 +782,52 @@ async fn import_devices(config: &HubConfig, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Opens the hub's existing database; never creates one (only `init` does).
 fn open_store(config: &HubConfig) -> Result<Sqlite> {
-    Sqlite::open(&config.database)
-        .with_context(|| format!("cannot open the database {}", config.database.display()))
+    Ok(Sqlite::open_existing(&config.database)?)
+}
+
+/// Refuses a client id the hub's tokens or connection already use: the policy's
+/// `device_audience` (a client with that id would find itself the audience of every
+/// device token of the fleet, and accept them all as its own), the hub's id (the issuer of
+/// every token) and the hub's MQTT client id (a client connecting with it would knock the
+/// hub off the broker).
+fn check_id_is_free(config: &HubConfig, policy: &Policy, id: &str) -> Result<()> {
+    if id == policy.device_audience() {
+        bail!(
+            "`{id}` is the policy's device_audience ({}): every device token is issued for \
+             it, so a client with this id would accept every device token of the fleet as \
+             its own; register it under another id",
+            config.policy.display()
+        );
+    }
+    if id == config.hub_id {
+        bail!("`{id}` is the hub's own id (hub_id in the configuration); use another id");
+    }
+    if id == config.mqtt.client_id {
+        bail!(
+            "`{id}` is the hub's MQTT client id (mqtt.client_id in the configuration): a client \
+             connecting with it would knock the hub off the broker; use another id"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a policy whose `device_audience` is the id of a registered client: that client
+/// would accept every device token of the fleet as its own.
+async fn check_audience_is_free(store: &Sqlite, policy: &Policy, file: &Path) -> Result<()> {
+    let audience = policy.device_audience();
+    if let Some(client) = store.client(audience).await? {
+        bail!(
+            "{}: device_audience `{audience}` is the id of the registered {} `{audience}`, \
+             which would accept every device token of the fleet as its own: choose another \
+             device_audience, or remove that client (`tessera-hub client remove {audience}`) \
+             and register it under another id",
+            file.display(),
+            client.kind.as_str()
+        );
+    }
+    Ok(())
 }
 
 fn check_role(policy: &Policy, role: &str, kind: ClientKind) -> Result<()> {
@@ -810,6 +900,7 @@ async fn add_keyed(
 ) -> Result<()> {
     let store = open_store(config)?;
     let policy = Policy::load(&config.policy)?;
+    check_id_is_free(config, &policy, id)?;
     check_role(&policy, role, kind)?;
     let key = keyfile::read_public(key)?;
     register(
@@ -913,16 +1004,29 @@ fn print_trust_anchor(key: &PublicKey) {
     print!("{}", keyfile::public_to_pem(key));
 }
 
+/// The files `init` creates in a hub directory, besides the database.
+const HUB_FILES: [&str; 4] = [
+    config::DEFAULT_FILE,
+    "policy.toml",
+    "hub.kek",
+    "trust-anchor.pem",
+];
+
 async fn init(dir: &Path, hub_id: &str) -> Result<()> {
     validate_id(hub_id).map_err(|_| anyhow::anyhow!("`{hub_id}` is not a valid hub id"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let config_path = dir.join("tessera-hub.toml");
+    // A hub serving this directory holds the lock: init would fail on its files anyway,
+    // but this says why.
+    let _lock = HubLock::acquire(&dir.join(config::DEFAULT_LOCK_FILE), "init")?;
+    refuse_existing_hub(dir)?;
+    let config_path = dir.join(config::DEFAULT_FILE);
     let config_text = config::DEFAULT_TOML.replacen(
         "hub_id = \"tessera-hub\"",
         &format!("hub_id = \"{hub_id}\""),
         1,
     );
-    keyfile::write_new(&config_path, config_text.as_bytes(), 0o644)?;
+    // 0600: an operator adds the hub's broker password to it.
+    keyfile::write_new(&config_path, config_text.as_bytes(), 0o600)?;
     keyfile::write_new(
         &dir.join("policy.toml"),
         Policy::DEFAULT_TOML.as_bytes(),
@@ -931,7 +1035,7 @@ async fn init(dir: &Path, hub_id: &str) -> Result<()> {
     let kek = Kek::generate()?;
     keyfile::write_new(&dir.join("hub.kek"), kek.as_bytes(), 0o600)?;
     let config = HubConfig::load(&config_path)?;
-    let store = open_store(&config)?;
+    let store = Sqlite::create(&config.database)?;
     let now = SystemClock.now();
     let anchor = keys::create_key(&store, &kek, &config.hub_id, now, now, Some(now)).await?;
     keyfile::write_new(
@@ -947,6 +1051,99 @@ async fn init(dir: &Path, hub_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to `init` a directory that holds a hub, or part of one, saying what to do:
+/// `init` never overwrites a hub's files, and a hub whose database was lost needs that
+/// database back (its registry, revocations and the signing keys devices trust), not a new
+/// one.
+fn refuse_existing_hub(dir: &Path) -> Result<()> {
+    let config_path = dir.join(config::DEFAULT_FILE);
+    let database = match HubConfig::load(&config_path) {
+        Ok(c) => c.database,
+        Err(_) => dir.join(config::DEFAULT_DATABASE),
+    };
+    let existing: Vec<String> = HUB_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .chain(std::iter::once(database.clone()))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    if config_path.exists() && database.symlink_metadata().is_err() {
+        bail!(
+            "{} holds a hub whose database {} is missing: restore the database from a backup \
+             and start the hub again (its signing keys are sealed under the key-encryption \
+             secret that is still configured). `init` does not make a new database for an \
+             existing hub: it would hold new signing keys no device trusts and no registered \
+             client. To start a new hub instead, run `tessera-hub init --dir` with a new \
+             directory",
+            dir.display(),
+            database.display()
+        );
+    }
+    bail!(
+        "{} already holds a hub ({}): `init` never overwrites one; to start a new hub, give \
+         `--dir` a new directory",
+        dir.display(),
+        existing.join(", ")
+    );
+}
+
+/// The single-instance lock of a hub: an exclusive advisory lock (`flock`) on a file
+/// beside the database ([`HubConfig::lock_file`]), held by `serve` for its whole life and
+/// by `init` while it creates the hub (the lock of the configuration it writes). The kernel releases it when the process exits, however it exits, so a crashed
+/// hub never leaves a stale lock. Commands that change the database while a hub serves
+/// (`keys rotate`, `client add`…) do not take it: every change is its own SQLite
+/// transaction, which the serving hub sees.
+struct HubLock {
+    _file: std::fs::File,
+}
+
+impl HubLock {
+    fn acquire(path: &Path, what: &str) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let locked = file.try_lock();
+        match locked {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                // Best effort: the pid is only for the message.
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                };
+                bail!(
+                    "cannot {what}: another tessera-hub{holder} holds the lock {} of this hub \
+                     (one `serve` per hub directory): stop it first",
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        // Who holds it, for the message above; the lock itself is what counts.
+        let pid = std::process::id().to_string();
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
 async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -> Result<()> {
     if let Some(h) = host {
         config.mqtt.host = h;
@@ -957,8 +1154,11 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
     // A revoke request naming a list of devices is the largest message the hub takes.
     config.mqtt.max_incoming_packet_bytes =
         u32::try_from(config.requests.max_revoke_request_bytes + 4096).unwrap_or(u32::MAX);
+    // Held until the process exits (a kill -9 too: the kernel drops the lock with it).
+    let _lock = HubLock::acquire(&config.lock_file(), "serve")?;
     let store = open_store(&config)?;
     let policy = SharedPolicy::load(&config.policy)?;
+    check_audience_is_free(&store, &policy.current(), &config.policy).await?;
     let kek = Arc::new(Kek::load(config.kek_file.as_deref())?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let keys = KeyRing::load(&store, &kek, &config.hub_id, clock.now()).await?;
@@ -982,42 +1182,12 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
         kek: Some(kek),
         rotation_announce_s: config.keys.rotation_announce_s,
     };
-    let reload_hub = hub.clone();
-    let policy_path = config.policy.clone();
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match reload_hub.policy.reload_from(&policy_path) {
-                Ok(()) => {
-                    tracing::info!(path = %policy_path.display(), "policy reloaded");
-                    let policy = reload_hub.policy.current();
-                    let now = reload_hub.clock.now();
-                    match policy_change::revoke_disallowed_everywhere(
-                        &reload_hub.store,
-                        &policy,
-                        now,
-                    )
-                    .await
-                    {
-                        Ok(Some(out)) => tracing::info!(
-                            tokens = out.revoked,
-                            entries = out.entry_count(),
-                            devices_told = out.controls.len(),
-                            "revoked tokens the new policy no longer allows"
-                        ),
-                        Ok(None) => {}
-                        Err(e) => tracing::error!(error = %e, "cannot sweep tokens after reload"),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload refused; keeping the old policy")
-                }
-            }
-        }
-    });
+    // SIGHUP reloads the policy, reviewed against the store first (policy_change::reload);
+    // installed before serving, so an early SIGHUP reloads rather than kills.
+    tokio::spawn(
+        server::reload_policy_on_hangup(hub.clone(), config.policy.clone(), config.reload_limits())
+            .context("cannot handle SIGHUP")?,
+    );
     // Installed before serving, so a SIGTERM from the first moment drains rather than kills.
     let shutdown = shutdown_signal()?;
     if let Err(e) = server::run(hub, serve_config, shutdown).await {

@@ -584,9 +584,26 @@ impl<S: Store> Hub<S> {
         let now = ticket.now();
         let hash = sha256(&[grant]);
         let state = self.store.grant(&hash).await?;
+        // Only the client a grant was issued to may present it, whatever state it is in.
+        // Anyone else (a client that read it off the broker, or the broker itself) is
+        // refused before the grant is looked at further: it is neither spent nor counted as
+        // a reuse, so presenting it cannot revoke the owner's family and log the owner out.
+        // The request's signature, by the presenter's registered key, says who is asking.
+        if let Some(owner) = state.as_ref().map(|s| &s.record.client)
+            && *owner != client.id
+        {
+            tracing::warn!(
+                client = %client.id,
+                owner = %owner,
+                "a client presented another client's refresh grant (it has leaked); refused, \
+                 the owner's grants are untouched"
+            );
+            return Err(foreign_grant());
+        }
         let record = match state.map_or(GrantUse::Unknown, |s| s.classify(now)) {
             GrantUse::Fresh(r) => r,
-            // Used already: record the reuse, which revokes the whole family.
+            // Used already, and presented by its owner's key (a copy of the owner's store
+            // replayed it, say): record the reuse, which revokes the whole family.
             GrantUse::Reused(_) => {
                 return match self.commit(ticket, Effect::SpendGrant(hash)).await? {
                     Committed::Spent(used) => Err(self.refusal(Refused::Grant(used))),
@@ -598,15 +615,6 @@ impl<S: Store> Hub<S> {
             }
             other => return Err(self.refusal(Refused::Grant(other))),
         };
-        if record.client != client.id {
-            // Someone else's grant: it has leaked, so its family must not live on.
-            self.commit(ticket, Effect::RevokeGrantsOf(record.client.clone()))
-                .await?;
-            return Err(Refusal::new(
-                ErrorCode::Denied,
-                "refresh grant belongs to another client",
-            ));
-        }
         // Policy may have changed since the grant was issued: decide again.
         let policy = self.policy.current();
         let (audience, scope, lifetime_s, grant_lifetime) = match record.kind {
@@ -1195,6 +1203,17 @@ fn bad_signature(e: tessera_shared::Error) -> Refusal {
         ErrorCode::BadSignature,
         format!("signature check failed: {e}"),
     )
+}
+
+/// The reason of the refusal of a refresh grant presented by a client other than its owner
+/// (code [`ErrorCode::Denied`]): the one refusal a client gets for another's grant,
+/// whether that grant is fresh, used, revoked or expired.
+pub const FOREIGN_GRANT: &str = "refresh grant was issued to another client; only its holder \
+                                 may present it (nothing was spent or revoked)";
+
+/// A refresh grant presented by another client than its owner.
+fn foreign_grant() -> Refusal {
+    Refusal::new(ErrorCode::Denied, FOREIGN_GRANT)
 }
 
 /// A request that names another client than the one whose topic it came on.

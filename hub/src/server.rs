@@ -56,6 +56,7 @@ use crate::keys::{self, Kek, KeyRing};
 use crate::limiter::{Admission, Limit, Limiter};
 use crate::mqtt::{self, Counter, Incoming, MqttConfig, MqttError, Notice, QoS, Queues};
 use crate::pipeline::{Echo, Hub, Publication, Refusal};
+use crate::policy_change;
 use crate::revocation::PendingControl;
 use crate::store::{AuditEvent, Store};
 
@@ -172,13 +173,9 @@ impl KeySetState {
     async fn publication<S: Store>(&self, hub: &Hub<S>, renumber: bool) -> Option<Publication> {
         let mut current = self.0.lock().await;
         if renumber || current.is_none() {
-            let version = match hub.store.next_keyset_version().await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot number key set");
-                    return current.clone();
-                }
-            };
+            // Worked out from the keys themselves: the same across restarts and replicas,
+            // higher after every key created or retired.
+            let version = hub.keys.read().await.keyset_version();
             match hub.keyset_publication(version).await {
                 Ok(p) => *current = Some(p),
                 Err(r) => tracing::error!(reason = %r.reason, "cannot build key set"),
@@ -330,6 +327,32 @@ async fn reload_keys<S: Store>(
         publish_all(client, &[p]).await;
         announce_keys(hub, announce_s).await;
     }
+}
+
+/// Reloads the policy from `path` at every `SIGHUP`, one reload at a time, as long as the
+/// returned future runs ([`policy_change::reload`]: a reload that would strand registered
+/// clients or revoke more than `limits` allows is refused unless forced, every reload is
+/// logged and audited, and one that revokes nothing records nothing to publish; what one
+/// revokes goes out with the next heartbeat).
+///
+/// The handler is installed here, before the future is first polled, so a `SIGHUP` sent
+/// once this returns reloads rather than kills the process. Fails if it cannot be
+/// installed (outside a tokio runtime with signals enabled, for one).
+pub fn reload_policy_on_hangup<S: Store>(
+    hub: Arc<Hub<S>>,
+    path: std::path::PathBuf,
+    limits: policy_change::ReloadLimits,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        while hup.recv().await.is_some() {
+            // The reload logs and audits its result itself.
+            let _ =
+                policy_change::reload(&hub.store, &hub.policy, &path, &limits, hub.clock.now_ms())
+                    .await;
+        }
+    })
 }
 
 /// Drops records that can no longer matter (see [`Hub::prune`]).

@@ -115,8 +115,9 @@ fn names(ops: &[Operation]) -> String {
 
 impl Policy {
     /// The client's role, checked against the client: not revoked, the role defined and
-    /// for the client's kind.
-    pub(super) fn role_of(&self, client: &ClientRecord) -> Result<&Role, Denial> {
+    /// for the client's kind. A reload refuses a policy under which a registered client
+    /// has none ([`crate::policy_change::review`]).
+    pub fn role_of(&self, client: &ClientRecord) -> Result<&Role, Denial> {
         if client.revoked_at.is_some() {
             return Err(Denial::new(
                 DenialCode::Revoked,

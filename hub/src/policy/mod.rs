@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 pub use decision::{AccessGrant, Denial, DenialCode, DeviceGrant};
 pub use explain::Explanation;
 pub use file::{PolicyError, Problem};
-pub use reload::SharedPolicy;
+pub use reload::{
+    Candidate, Force, SharedPolicy, force_marker, read_force, remove_force, write_force_marker,
+};
 
 use crate::store::ClientKind;
 use tessera_shared::scope::covers;

@@ -362,8 +362,9 @@ pub enum Effect {
     /// ([`GrantUse`]); a fresh one is now used, one already used has its family revoked.
     /// Atomic, so two replicas presented the same grant at once cannot both see `Fresh`.
     SpendGrant([u8; 32]),
-    /// Revokes every grant of a client (one that presented another client's grant, for
-    /// instance): [`Committed::GrantsRevoked`] with how many were live.
+    /// Revokes every grant of a client: [`Committed::GrantsRevoked`] with how many were
+    /// live. (The pipeline no longer uses it: a grant presented by another client is
+    /// refused without touching anyone's grants, docs/DECISIONS.md.)
     RevokeGrantsOf(String),
     /// A revocation, as [`Store::revoke`]: [`Committed::Revoked`], or
     /// [`Refused::NotFound`] for a target that names nothing (with [`Unmatched::Refuse`]).
@@ -470,6 +471,25 @@ pub enum StoreError {
     /// The record does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The database file does not exist. Only `tessera-hub init` creates one
+    /// ([`Sqlite::create`]): a hub whose database is gone must have it restored, since a new
+    /// one would hold no signing key, no client and no revocation of the hub devices know.
+    #[error(
+        "the database {} does not exist: restore it from a backup, or, to start a new hub \
+         (every device and app registered again, with a new trust anchor), run \
+         `tessera-hub init` in a new directory",
+        path.display()
+    )]
+    NoDatabase {
+        /// The missing file.
+        path: std::path::PathBuf,
+    },
+    /// [`Sqlite::create`] found a file where it was to create a database.
+    #[error("the database {} already exists: it is not overwritten", path.display())]
+    DatabaseExists {
+        /// The existing file.
+        path: std::path::PathBuf,
+    },
 }
 
 /// Result of a store operation.

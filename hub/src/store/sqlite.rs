@@ -511,9 +511,49 @@ impl Sqlite {
     /// number of migration steps.
     pub const SCHEMA_VERSION: u32 = 3;
 
+    /// Opens the existing database at `path` as [`Sqlite::open`] does, but never creates
+    /// one: [`StoreError::NoDatabase`] if there is no such file. Every hub command but
+    /// `init` opens its database this way, so a lost database is reported rather than
+    /// silently replaced by an empty one.
+    ///
+    /// This blocks; call it at startup, or on a blocking thread.
+    pub fn open_existing(path: &Path) -> StoreResult<Self> {
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => Self::open(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NoDatabase {
+                path: path.to_path_buf(),
+            }),
+            Err(e) => Err(StoreError::Backend(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// Creates a new database at `path` (mode 0600: it holds the sealed signing keys and
+    /// the registry) and opens it as [`Sqlite::open`] does. [`StoreError::DatabaseExists`]
+    /// if a file is there already: nothing is overwritten.
+    ///
+    /// This blocks; call it at startup, or on a blocking thread.
+    pub fn create(path: &Path) -> StoreResult<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // An empty file is an empty SQLite database; creating it exclusively first is what
+        // makes "never overwrite" hold even against another `init` at the same moment.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StoreError::DatabaseExists {
+                    path: path.to_path_buf(),
+                },
+                _ => StoreError::Backend(format!("creating {}: {e}", path.display())),
+            })?;
+        Self::open(path)
+    }
+
     /// Opens (creating it if needed) the database at `path`, switches it to WAL with durable
     /// commits, applies pending migrations and starts the writer thread. Refuses, with
-    /// [`StoreError::Corrupt`], a database written by a newer hub.
+    /// [`StoreError::Corrupt`], a database written by a newer hub. The hub's commands use
+    /// [`Sqlite::open_existing`] or [`Sqlite::create`], which say which they mean.
     ///
     /// This blocks; call it at startup, or on a blocking thread.
     pub fn open(path: &Path) -> StoreResult<Self> {
@@ -805,6 +845,8 @@ fn prefix(e: StoreError, what: &str) -> StoreError {
         StoreError::Corrupt(m) => StoreError::Corrupt(format!("{what}: {m}")),
         StoreError::Conflict(m) => StoreError::Conflict(format!("{what}: {m}")),
         StoreError::NotFound(m) => StoreError::NotFound(format!("{what}: {m}")),
+        // They name their file already.
+        e @ (StoreError::NoDatabase { .. } | StoreError::DatabaseExists { .. }) => e,
     }
 }
 
@@ -2445,5 +2487,36 @@ mod tests {
         assert_eq!(version, Sqlite::SCHEMA_VERSION);
         // Applying again is a no-op.
         migrate(&mut conn).expect("migrations are idempotent");
+    }
+
+    #[test]
+    fn opening_a_missing_database_creates_nothing_and_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let Err(err) = Sqlite::open_existing(&path) else {
+            panic!("opened a database that does not exist");
+        };
+        assert!(matches!(&err, StoreError::NoDatabase { path: p } if *p == path));
+        let message = err.to_string();
+        assert!(
+            message.contains(&path.display().to_string()) && message.contains("backup"),
+            "{message}"
+        );
+        assert!(!path.exists(), "open_existing created {}", path.display());
+    }
+
+    #[test]
+    fn a_database_is_created_once_with_mode_0600_and_then_opened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        drop(Sqlite::create(&path).expect("create"));
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            Sqlite::create(&path),
+            Err(StoreError::DatabaseExists { .. })
+        ));
+        drop(Sqlite::open_existing(&path).expect("open the created database"));
     }
 }
