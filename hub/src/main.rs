@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tessera_hub::client::{Answer, Client};
 use tessera_hub::clock::{Clock, SystemClock};
-use tessera_hub::config::{self, HubConfig};
+use tessera_hub::config::{self, ConfigError, HubConfig};
 use tessera_hub::keys::{self, Kek, KeyRing};
 use tessera_hub::mqtt::MqttConfig;
 use tessera_hub::pipeline::Hub;
@@ -295,11 +295,31 @@ fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the whole chain of causes on one line, for people.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The chain of causes on one line, for people, each said once. Many errors already show
+/// their source in their own message (`{path}: {source}`), and `{:#}` would then print
+/// that source a second time: a cause the message before it ends with is left out.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if !previous.is_empty() && previous.ends_with(text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(text);
+        previous = text.to_owned();
+    }
+    message
 }
 
 fn real_main() -> Result<()> {
@@ -308,6 +328,8 @@ fn real_main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: escape codes garble a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
@@ -349,8 +371,22 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn with_config(path: &Path, command: Command) -> Result<()> {
-    let config = HubConfig::load(path)
-        .context("cannot load the hub configuration (use --config or run `tessera-hub init`)")?;
+    let config = HubConfig::load(path).map_err(|e| {
+        // `init` is the advice for a missing file only: a file that exists but does not
+        // parse needs fixing where the error points, and `init` would refuse to overwrite
+        // it anyway.
+        let missing = matches!(&e, ConfigError::Read { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(e);
+        if missing {
+            e.context(
+                "cannot load the hub configuration (use --config, or create a hub with \
+                 `tessera-hub init`)",
+            )
+        } else {
+            e.context("cannot load the hub configuration")
+        }
+    })?;
     let clock = SystemClock;
     match command {
         Command::Serve {
@@ -439,11 +475,11 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
                 }
             }
             println!(
-                "{}: ok ({} roles, {} groups, {} access rules)",
+                "{}: ok ({}, {}, {})",
                 file.display(),
-                policy.roles().count(),
-                policy.groups().count(),
-                policy.rules().len()
+                counted(policy.roles().count(), "role", "roles"),
+                counted(policy.groups().count(), "group", "groups"),
+                counted(policy.rules().len(), "access rule", "access rules")
             );
             Ok(())
         }
@@ -470,7 +506,17 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
                 .await?
                 .with_context(|| format!("no client `{device}`"))?;
             let scopes = Scopes::parse(&scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
-            print!("{}", policy.explain_access(&app, &device, &scopes));
+            let explanation = policy.explain_access(&app, &device, &scopes);
+            println!("{explanation}");
+            // Like `grep`, the exit status answers the question, for scripts.
+            if let Err(denial) = &explanation.verdict {
+                bail!(
+                    "denied ({}): {} would not get \"{scope}\" on {}",
+                    denial.code,
+                    app.id,
+                    device.id
+                );
+            }
             Ok(())
         }
         Command::Keys(KeysCmd::List) => {
@@ -775,7 +821,11 @@ async fn import_devices(config: &HubConfig, file: &Path) -> Result<()> {
     }
     let count = records.len();
     open_store(config)?.add_clients(records).await?;
-    eprintln!("registered {count} devices from {}", file.display());
+    eprintln!(
+        "registered {} from {}",
+        counted(count, "device", "devices"),
+        file.display()
+    );
     for (id, code) in codes {
         println!("{id},{code}");
     }
@@ -835,12 +885,30 @@ fn check_role(policy: &Policy, role: &str, kind: ClientKind) -> Result<()> {
         None => bail!("role `{role}` is not defined in the policy"),
         Some(r) if r.kind() != kind => {
             bail!(
-                "role `{role}` is a {} role, not a {} role",
-                r.kind().as_str(),
-                kind.as_str()
+                "role `{role}` is {} role, not {} role",
+                a_kind(r.kind()),
+                a_kind(kind)
             )
         }
         Some(_) => Ok(()),
+    }
+}
+
+/// `n` and the noun, singular for one: "1 group", "3 groups".
+fn counted(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// A client kind with its article: "a device", "an app", "an operator".
+fn a_kind(kind: ClientKind) -> &'static str {
+    match kind {
+        ClientKind::Device => "a device",
+        ClientKind::App => "an app",
+        ClientKind::Operator => "an operator",
     }
 }
 
@@ -1190,10 +1258,8 @@ async fn serve(mut config: HubConfig, host: Option<String>, port: Option<u16>) -
     );
     // Installed before serving, so a SIGTERM from the first moment drains rather than kills.
     let shutdown = shutdown_signal()?;
-    if let Err(e) = server::run(hub, serve_config, shutdown).await {
-        tracing::error!(error = %e, "the hub stopped on an error");
-        return Err(e.into());
-    }
+    // Not logged here as well: `main` prints the error, to the same stderr as the log.
+    server::run(hub, serve_config, shutdown).await?;
     Ok(())
 }
 

@@ -664,7 +664,24 @@ async fn policy_explain_names_the_rule_that_allows_and_the_scope_no_rule_covers(
     );
     assert!(allowed.contains("verdict: allowed"), "{allowed}");
 
-    let denied = explain("door:open door:unlock")?;
+    // A denial exits 1 (tests/hub_messages.rs); the explanation is on stdout all the same.
+    let denied = hub
+        .dir()
+        .command()?
+        .args([
+            "policy",
+            "explain",
+            "--app",
+            app_id,
+            "--device",
+            device,
+            "--scope",
+            "door:open door:unlock",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert_eq!(denied.status.code(), Some(1), "{denied:?}");
+    let denied = String::from_utf8_lossy(&denied.stdout);
     assert!(denied.contains("does not cover door:unlock"), "{denied}");
     assert!(denied.contains("verdict: denied"), "{denied}");
     Ok(())
