@@ -132,6 +132,8 @@ pub struct Message {
     pub qos: QoS,
     /// Whether the broker delivered it from its retained store.
     pub retain: bool,
+    /// When the probe's event loop read it off the connection.
+    pub received_at: std::time::Instant,
 }
 
 /// Connection state, as the event-loop task sees it.
@@ -531,6 +533,7 @@ async fn drive(
                     payload: p.payload.to_vec(),
                     qos: p.qos,
                     retain: p.retain,
+                    received_at: std::time::Instant::now(),
                 });
                 None
             }

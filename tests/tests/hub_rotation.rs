@@ -83,9 +83,11 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         for message in keys.take_messages() {
             held.update(&message.payload)
                 .map_err(|e| anyhow::anyhow!("a key set that does not verify: {e}"))?;
-        }
-        if next_published.is_none() && held.keys().iter().any(|k| hex::encode(k.kid()) == next) {
-            next_published = Some(Instant::now());
+            // When the key set naming the next key arrived, not when this loop saw it.
+            if next_published.is_none() && held.keys().iter().any(|k| hex::encode(k.kid()) == next)
+            {
+                next_published = Some(message.received_at);
+            }
         }
         let held_kids: Vec<String> = held.keys().iter().map(|k| hex::encode(k.kid())).collect();
         let Answer::Token {
@@ -103,9 +105,11 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         for message in keys.take_messages() {
             held.update(&message.payload)
                 .map_err(|e| anyhow::anyhow!("a key set that does not verify: {e}"))?;
-        }
-        if next_published.is_none() && held.keys().iter().any(|k| hex::encode(k.kid()) == next) {
-            next_published = Some(Instant::now());
+            // When the key set naming the next key arrived, not when this loop saw it.
+            if next_published.is_none() && held.keys().iter().any(|k| hex::encode(k.kid()) == next)
+            {
+                next_published = Some(message.received_at);
+            }
         }
         let verified = token::verify(&token, &held, &Validation::new(unix_now(), "tessera"))
             .map_err(|e| {
