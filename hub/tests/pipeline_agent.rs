@@ -15,7 +15,7 @@ use std::time::Duration;
 use tessera_hub::client::Answer;
 use tessera_hub::clock::{Clock, FakeClock};
 use tessera_hub::keys::{self, Kek, KeyRing};
-use tessera_hub::pipeline::{Echo, Hub, PipelineConfig, Publication};
+use tessera_hub::pipeline::{Echo, FOREIGN_GRANT, Hub, PipelineConfig, Publication};
 use tessera_hub::policy::{Policy, SharedPolicy};
 use tessera_hub::policy_change;
 use tessera_hub::store::{ClientKind, ClientRecord, Sqlite, Store};
@@ -795,6 +795,18 @@ fn record(
     }
 }
 
+/// A grant as stored: (used, family revoked).
+async fn grant_state(rig: &Rig, grant: &[u8]) -> (bool, bool) {
+    let s = rig
+        .hub
+        .store
+        .grant(&sha256(&[grant]))
+        .await
+        .expect("store")
+        .expect("recorded");
+    (s.used, s.family_revoked)
+}
+
 /// What a device agent needs to verify a token the hub issued, with the hub's first key.
 fn anchor_set(rig: &Rig) -> KeySet {
     KeySet::from_anchor(rig.anchor)
@@ -1424,4 +1436,112 @@ async fn an_enrollment_guess_learns_nothing_from_stale_or_replayed_requests() {
             Err(ErrorCode::Replay)
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_clients_presentation_of_a_grant_is_refused_and_the_owner_keeps_refreshing() {
+    let mut rig = Rig::new().await;
+    rig.without_heartbeats();
+    let door = rig.enrolled_lock("door-1", 10).await;
+    // Another lock, registered with its own key: it signs its own requests.
+    rig.register("door-2", Registration::Key(11)).await;
+    let first = rig.latest_grant("door-1").await.expect("a grant");
+    let refused = Err((ErrorCode::Denied, FOREIGN_GRANT.to_owned()));
+
+    // Another device and an app, each signing with its own registered key on its own
+    // topic (a grant read off the broker, say), present the owner's fresh grant: refused,
+    // typed, and nothing happens to it.
+    for (client, key) in [("door-2", 11), (APP, APP_KEY)] {
+        let reply = rig
+            .ask(client, &signer(key), RequestBody::Refresh { grant: &first })
+            .await;
+        assert_eq!(reply, refused, "{client}");
+    }
+    assert_eq!(grant_state(&rig, &first).await, (false, false));
+
+    // At its refresh point the owner's agent refreshes with that very grant, and nothing
+    // else: no fallback to its device key.
+    let refresh_at = rig.agent(door).next_wake().expect("a refresh point");
+    let mark = rig.mark(door);
+    rig.run_until(refresh_at).await;
+    assert_eq!(
+        rig.asked(door, mark),
+        [Asked {
+            op: Operation::Refresh,
+            grant: Some(first.clone()),
+        }]
+    );
+    let reports = rig.reports(door, mark);
+    assert!(
+        reports
+            .iter()
+            .any(|r| matches!(r, Report::TokenRenewed { .. })),
+        "{reports:?}"
+    );
+    assert_eq!(rig.agent(door).state(), State::Holding);
+    let second = rig.latest_grant("door-1").await.expect("a rotated grant");
+    assert_ne!(second, first);
+    assert_eq!(grant_state(&rig, &first).await, (true, false));
+
+    // The spent grant presented by another client is not a reuse: the same refusal, and
+    // the owner's family lives on.
+    let reply = rig
+        .ask(
+            "door-2",
+            &signer(11),
+            RequestBody::Refresh { grant: &first },
+        )
+        .await;
+    assert_eq!(reply, refused);
+    assert_eq!(grant_state(&rig, &second).await, (false, false));
+    let next = rig.agent(door).next_wake().expect("a refresh point");
+    let mark = rig.mark(door);
+    rig.run_until(next).await;
+    assert_eq!(
+        rig.asked(door, mark),
+        [Asked {
+            op: Operation::Refresh,
+            grant: Some(second.clone()),
+        }]
+    );
+    assert_eq!(rig.agent(door).state(), State::Holding);
+
+    // Presented by the owner's own key, the spent grant is a reuse: the whole family is
+    // revoked, as before.
+    let third = rig.latest_grant("door-1").await.expect("a grant");
+    let (code, reason) = rig
+        .ask(
+            "door-1",
+            &signer(10),
+            RequestBody::Refresh { grant: &first },
+        )
+        .await
+        .expect_err("a reuse");
+    assert_eq!(code, ErrorCode::Revoked, "{reason}");
+    assert_eq!(grant_state(&rig, &third).await, (false, true));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_apps_grant_presented_by_a_device_is_refused_and_the_app_still_refreshes_with_it() {
+    let mut rig = Rig::new().await;
+    rig.without_heartbeats();
+    rig.enrolled_lock("door-1", 10).await;
+    let (_, grant) = rig.access_token("door-1", "door:open").await;
+
+    let reply = rig
+        .ask(
+            "door-1",
+            &signer(10),
+            RequestBody::Refresh { grant: &grant },
+        )
+        .await;
+    assert_eq!(reply, Err((ErrorCode::Denied, FOREIGN_GRANT.to_owned())));
+    assert_eq!(grant_state(&rig, &grant).await, (false, false));
+    rig.ask(
+        APP,
+        &signer(APP_KEY),
+        RequestBody::Refresh { grant: &grant },
+    )
+    .await
+    .expect("the app refreshes with its grant");
 }
