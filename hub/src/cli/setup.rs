@@ -1,0 +1,229 @@
+//! Creating and running a hub: `init`, `serve`, and the single-instance lock they take.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tessera_hub::clock::{Clock, SystemClock};
+use tessera_hub::config::{self, HubConfig};
+use tessera_hub::keyfile;
+use tessera_hub::keys::{self, Kek, KeyRing};
+use tessera_hub::pipeline::Hub;
+use tessera_hub::policy::{Policy, SharedPolicy};
+use tessera_hub::server::{self, ServeConfig};
+use tessera_hub::store::Sqlite;
+use tessera_shared::message::validate_id;
+
+use super::keys::print_trust_anchor;
+use super::open_store;
+use super::registry::check_audience_is_free;
+
+/// The files `init` creates in a hub directory, besides the database.
+const HUB_FILES: [&str; 4] = [
+    config::DEFAULT_FILE,
+    "policy.toml",
+    "hub.kek",
+    "trust-anchor.pem",
+];
+
+pub(super) async fn init(dir: &Path, hub_id: &str) -> Result<()> {
+    validate_id(hub_id).map_err(|_| anyhow::anyhow!("`{hub_id}` is not a valid hub id"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // A hub serving this directory holds the lock: init would fail on its files anyway,
+    // but this says why.
+    let _lock = HubLock::acquire(&dir.join(config::DEFAULT_LOCK_FILE), "init")?;
+    refuse_existing_hub(dir)?;
+    let config_path = dir.join(config::DEFAULT_FILE);
+    let config_text = config::DEFAULT_TOML.replacen(
+        "hub_id = \"tessera-hub\"",
+        &format!("hub_id = \"{hub_id}\""),
+        1,
+    );
+    // 0600: an operator adds the hub's broker password to it.
+    keyfile::write_new(&config_path, config_text.as_bytes(), 0o600)?;
+    keyfile::write_new(
+        &dir.join("policy.toml"),
+        Policy::DEFAULT_TOML.as_bytes(),
+        0o644,
+    )?;
+    let kek = Kek::generate()?;
+    keyfile::write_new(&dir.join("hub.kek"), kek.as_bytes(), 0o600)?;
+    let config = HubConfig::load(&config_path)?;
+    let store = Sqlite::create(&config.database)?;
+    let now = SystemClock.now();
+    let anchor = keys::create_key(&store, &kek, &config.hub_id, now, now, Some(now)).await?;
+    keyfile::write_new(
+        &dir.join("trust-anchor.pem"),
+        keyfile::public_to_pem(&anchor).as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "created {} (config, policy.toml, hub.kek, database, trust-anchor.pem)",
+        dir.display()
+    );
+    print_trust_anchor(&anchor);
+    Ok(())
+}
+
+/// Refuses to `init` a directory that holds a hub, or part of one, saying what to do:
+/// `init` never overwrites a hub's files, and a hub whose database was lost needs that
+/// database back (its registry, revocations and the signing keys devices trust), not a new
+/// one.
+fn refuse_existing_hub(dir: &Path) -> Result<()> {
+    let config_path = dir.join(config::DEFAULT_FILE);
+    let database = match HubConfig::load(&config_path) {
+        Ok(c) => c.database,
+        Err(_) => dir.join(config::DEFAULT_DATABASE),
+    };
+    let existing: Vec<String> = HUB_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .chain(std::iter::once(database.clone()))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    if config_path.exists() && database.symlink_metadata().is_err() {
+        bail!(
+            "{} holds a hub whose database {} is missing: restore the database from a backup \
+             and start the hub again (its signing keys are sealed under the key-encryption \
+             secret that is still configured). `init` does not make a new database for an \
+             existing hub: it would hold new signing keys no device trusts and no registered \
+             client. To start a new hub instead, run `tessera-hub init --dir` with a new \
+             directory",
+            dir.display(),
+            database.display()
+        );
+    }
+    bail!(
+        "{} already holds a hub ({}): `init` never overwrites one; to start a new hub, give \
+         `--dir` a new directory",
+        dir.display(),
+        existing.join(", ")
+    );
+}
+
+/// The single-instance lock of a hub: an exclusive advisory lock (`flock`) on a file
+/// beside the database ([`HubConfig::lock_file`]), held by `serve` for its whole life and
+/// by `init` while it creates the hub (the lock of the configuration it writes). The kernel releases it when the process exits, however it exits, so a crashed
+/// hub never leaves a stale lock. Commands that change the database while a hub serves
+/// (`keys rotate`, `client add`…) do not take it: every change is its own SQLite
+/// transaction, which the serving hub sees.
+struct HubLock {
+    _file: std::fs::File,
+}
+
+impl HubLock {
+    fn acquire(path: &Path, what: &str) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let locked = file.try_lock();
+        match locked {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                // Best effort: the pid is only for the message.
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                };
+                bail!(
+                    "cannot {what}: another tessera-hub{holder} holds the lock {} of this hub \
+                     (one `serve` per hub directory): stop it first",
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        // Who holds it, for the message above; the lock itself is what counts.
+        let pid = std::process::id().to_string();
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+pub(super) async fn serve(
+    mut config: HubConfig,
+    host: Option<String>,
+    port: Option<u16>,
+) -> Result<()> {
+    if let Some(h) = host {
+        config.mqtt.host = h;
+    }
+    if let Some(p) = port {
+        config.mqtt.port = p;
+    }
+    // A revoke request naming a list of devices is the largest message the hub takes.
+    config.mqtt.max_incoming_packet_bytes =
+        u32::try_from(config.requests.max_revoke_request_bytes + 4096).unwrap_or(u32::MAX);
+    // Held until the process exits (a kill -9 too: the kernel drops the lock with it).
+    let _lock = HubLock::acquire(&config.lock_file(), "serve")?;
+    let store = open_store(&config)?;
+    let policy = SharedPolicy::load(&config.policy)?;
+    check_audience_is_free(&store, &policy.current(), &config.policy).await?;
+    let kek = Arc::new(Kek::load(config.kek_file.as_deref())?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let keys = KeyRing::load(&store, &kek, &config.hub_id, clock.now()).await?;
+    let hub = Arc::new(Hub {
+        store,
+        policy: policy.clone(),
+        keys: tokio::sync::RwLock::new(keys),
+        clock,
+        config: config.pipeline(),
+        rng: Arc::new(tessera_hub::rng::OsRng),
+    });
+    let serve_config = ServeConfig {
+        mqtt: config.mqtt.clone(),
+        shared_subscription: config.serve.shared_subscription,
+        concurrency: config.serve.concurrency,
+        queue: config.serve.queue,
+        admission: config.admission(),
+        drain: Duration::from_secs(config.serve.drain_s),
+        heartbeat_s: config.serve.heartbeat_s,
+        audit_retention_s: config.serve.audit_retention_days * 86_400,
+        kek: Some(kek),
+        rotation_announce_s: config.keys.rotation_announce_s,
+    };
+    // SIGHUP reloads the policy, reviewed against the store first (policy_change::reload);
+    // installed before serving, so an early SIGHUP reloads rather than kills.
+    tokio::spawn(
+        server::reload_policy_on_hangup(hub.clone(), config.policy.clone(), config.reload_limits())
+            .context("cannot handle SIGHUP")?,
+    );
+    // Installed before serving, so a SIGTERM from the first moment drains rather than kills.
+    let shutdown = shutdown_signal()?;
+    // Not logged here as well: `main` prints the error, to the same stderr as the log.
+    server::run(hub, serve_config, shutdown).await?;
+    Ok(())
+}
+
+/// Completes at the first SIGTERM or SIGINT.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
+}
