@@ -86,6 +86,37 @@ pub fn device_key_or_create(path: &Path) -> Result<(P256Signer, bool), Error> {
     Ok((signer, true))
 }
 
+/// Retires the key of a device the hub revoked: moves it to `<path>.revoked` (replacing an
+/// older one there), so that enrolling again makes a new key, as the hub requires (it never
+/// accepts a revoked device's key again). Returns where the key went, or `None` if there
+/// was none.
+pub fn retire_device_key(path: &Path) -> Result<Option<std::path::PathBuf>, Error> {
+    let mut retired = path.as_os_str().to_owned();
+    retired.push(".revoked");
+    let retired = std::path::PathBuf::from(retired);
+    match std::fs::rename(path, &retired) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(key_error(
+                path,
+                format!("cannot retire the revoked key: {e}"),
+            ));
+        }
+    }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+    {
+        // Best effort: the rename is what matters, and it is already visible.
+        let _ = d.sync_all();
+    }
+    Ok(Some(retired))
+}
+
 /// Reads the hub's trust anchor (SPKI PEM, P-256).
 pub fn read_trust_anchor(path: &Path) -> Result<PublicKey, Error> {
     let pem = std::fs::read_to_string(path).map_err(|e| key_error(path, e.to_string()))?;

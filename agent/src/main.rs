@@ -46,8 +46,21 @@ struct Cli {
     /// Whether the local clock is trusted (overrides `trust_local_clock`).
     #[arg(long, global = true, env = "TESSERA_AGENT_TRUST_LOCAL_CLOCK")]
     trust_local_clock: Option<bool>,
+    /// Log format on stderr: `text` (one line per event) or `json` (one JSON object per
+    /// line, for log collectors).
+    #[arg(long, global = true, env = "TESSERA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log events are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -90,23 +103,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script: `tessera-agent completions bash > …`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
-        Command::Token | Command::Verify { .. } | Command::Status { .. } | Command::DefaultConfig
+        Command::Token
+            | Command::Verify { .. }
+            | Command::Status { .. }
+            | Command::DefaultConfig
+            | Command::Completions { .. }
     );
-    tracing_subscriber::fmt()
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| if quiet { "warn" } else { "info" }.into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
         // Colours only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logger
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logger.json().with_ansi(false).init(),
+    }
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -123,6 +149,14 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     if let Command::DefaultConfig = cli.command {
         print!("{DEFAULT_TOML}");
+        return Ok(exit::OK);
+    }
+    if let Command::Completions { shell } = cli.command {
+        // Into a buffer first: `generate` panics on a failed write (a closed pipe).
+        let mut script = Vec::new();
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "tessera-agent", &mut script);
+        std::io::Write::write_all(&mut std::io::stdout(), &script)?;
         return Ok(exit::OK);
     }
     let overrides = Overrides {
@@ -166,6 +200,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let config = loaded?;
     match cli.command {
         Command::DefaultConfig
+        | Command::Completions { .. }
         | Command::Token
         | Command::Verify { .. }
         | Command::Status { .. } => Ok(exit::OK),

@@ -640,7 +640,6 @@ pub enum Ended {
 /// `tessera-agent run`: keeps a valid device token until `shutdown` completes or the device
 /// is revoked, and serves the local socket meanwhile.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<Ended, Error> {
-    let signer = identity::read_device_key(&config.key_file)?;
     let anchor = identity::read_trust_anchor(&config.trust_anchor_file)?;
     // Held until `run` returns (the kernel releases it if the process dies): a second agent
     // on this state directory, whatever its socket, stops here.
@@ -654,6 +653,8 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
         Loaded::NotEnrolled => return Err(Error::NotEnrolled(config.store.record.clone())),
         Loaded::Revoked(note) => return Err(revoked_error(&note)),
     };
+    // After the store: a revoked device's key is retired, and it says revoked, not missing.
+    let signer = identity::read_device_key(&config.key_file)?;
     // Fail fast on a store that cannot be written: every refresh spends the grant on disk,
     // so an agent that cannot save the new one must not start spending. Writing the state
     // just read back (with the next counter) exercises exactly what every later write does.
@@ -699,6 +700,18 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
             break Ok(Ended::Revoked);
         }
     };
+    if matches!(result, Ok(Ended::Revoked)) {
+        // The hub never accepts this key again: enrolling again makes a new one.
+        match identity::retire_device_key(&config.key_file) {
+            Ok(Some(to)) => tracing::warn!(
+                key = %to.display(),
+                "device key retired: the device must be provisioned again and enrolled with a \
+                 new key"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot retire the revoked device key"),
+        }
+    }
     server.abort();
     connection.close().await;
     tracing::info!(outcome = ?result.as_ref().ok(), "agent stopped");
@@ -709,7 +722,8 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
 pub fn revoked_error(note: &str) -> Error {
     Error::Revoked(format!(
         "this device is revoked ({note}); it holds no token and does not refresh. To put it \
-         back in service, register it at the hub again and run `tessera-agent enroll`"
+         back in service, provision it at the hub again (`tessera-hub device reprovision`) and \
+         run `tessera-agent enroll`, which makes a new device key"
     ))
 }
 

@@ -227,7 +227,7 @@ async fn survives_broker_hub_and_agent_restarts_without_lapse_or_missed_revocati
     let set_role = |hub: &Hub, app: &str| -> Result<()> {
         let out = hub.dir.run(&["client", "set-role", app, NO_ACCESS_ROLE])?;
         ensure!(
-            out.contains("; 1 tokens it no longer allows are revoked (1 entries"),
+            out.contains("; 1 token it no longer allows is revoked (1 entry"),
             "set-role did not revoke the app's one token: {out}"
         );
         Ok(())
@@ -465,6 +465,41 @@ async fn a_device_revoked_by_an_operator_wipes_its_store_and_exits_with_code_5()
     }
     let out = blocking(|| device.output(&["token"]))?;
     ensure!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+
+    // Back in service: the revoked key is retired on the device and refused by the hub.
+    let key_file = state.join("device-key.pem");
+    ensure!(
+        !key_file.exists() && state.join("device-key.pem.revoked").exists(),
+        "the revoked device key was not retired"
+    );
+    let refused = blocking(|| {
+        hub.dir
+            .run_failing(&["device", "reprovision", "rv-1", "--key", &pub_path])
+    })?;
+    ensure!(
+        refused.contains("never accepted again"),
+        "the revoked key was accepted again: {refused}"
+    );
+    // A new one-time code, typed as a person would: lower case, spaces for dashes.
+    let out = blocking(|| {
+        hub.dir
+            .run(&["device", "reprovision", "rv-1", "--enrollment-code"])
+    })?;
+    let code = out
+        .lines()
+        .find_map(|l| l.strip_prefix("one-time enrollment code:"))
+        .with_context(|| format!("no code: {out}"))?
+        .trim()
+        .to_lowercase()
+        .replace('-', " ");
+    let enrolled = blocking(|| device.enroll(Some(&code)))?;
+    ensure!(
+        enrolled.contains("(created)"),
+        "enroll did not make a new key: {enrolled}"
+    );
+    let _agent = blocking(|| device.spawn())?;
+    let token = blocking(|| device.token())?;
+    ensure!(!token.is_empty(), "no token after provisioning again");
     Ok(())
 }
 

@@ -26,14 +26,25 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// one-time code nobody uses).
 fn import(hub: &Hub, ids: &[String], group: &str) -> Result<()> {
     let csv = hub.dir.path().join(format!("import-{group}.csv"));
-    let text: String = ids
-        .iter()
-        .map(|id| format!("{id},{DEVICE_ROLE},{group},\n"))
+    let text: String = std::iter::once("id,role,group,key\n".to_owned())
+        .chain(
+            ids.iter()
+                .map(|id| format!("{id},{DEVICE_ROLE},{group},\n")),
+        )
         .collect();
     std::fs::write(&csv, text)?;
-    let out = hub.dir.run(&["device", "import", &csv.to_string_lossy()])?;
+    let codes = hub.dir.path().join(format!("import-{group}.codes"));
+    hub.dir.run(&[
+        "device",
+        "import",
+        &csv.to_string_lossy(),
+        "--codes",
+        &codes.to_string_lossy(),
+    ])?;
+    // The codes file: the header, then one `id,code` line per device.
+    let out = std::fs::read_to_string(&codes)?;
     ensure!(
-        out.lines().count() == ids.len(),
+        out.lines().count() == ids.len() + 1,
         "import printed {} codes for {} devices",
         out.lines().count(),
         ids.len()

@@ -467,22 +467,57 @@ pub async fn reload<S: Store>(
     now_ms: u64,
 ) -> Result<Reloaded, ReloadError> {
     let file = path.display().to_string();
-    let result = attempt(store, shared, path, limits, now_ms / 1000).await;
-    log_reload(&file, &result);
-    let event = audit_event(&file, &result, now_ms);
-    if let Err(e) = store.audit(vec![event]).await {
-        tracing::error!(error = %e, "cannot audit the policy reload");
-    }
+    let result = attempt(store, Some(shared), path, limits, now_ms / 1000)
+        .await
+        .map(|(reloaded, _)| reloaded);
+    log_reload(&file, "policy reloaded", result.as_ref());
+    audit_reload(store, &file, "", result.as_ref(), now_ms).await;
     result
 }
 
+/// Loads the policy from `path` when the hub starts, reviewed as [`reload`] reviews a new
+/// one: the file may have changed while the hub was stopped. The hub keeps no record of the
+/// policy it served with last, so the review is against none (as `policy check`): every
+/// registered client without a role counts. Refused as a reload is, unless forced; the
+/// live tokens it no longer allows are revoked. Audited as a reload (`policy_reload`, its
+/// reason starting `at start:`). Returns the policy to serve with.
+pub async fn load_at_start<S: Store>(
+    store: &S,
+    path: &Path,
+    limits: &ReloadLimits,
+    now_ms: u64,
+) -> Result<(SharedPolicy, Reloaded), ReloadError> {
+    let file = path.display().to_string();
+    let result = attempt(store, None, path, limits, now_ms / 1000).await;
+    let outcome = result.as_ref().map(|(r, _)| r);
+    log_reload(&file, "policy loaded at start", outcome);
+    audit_reload(store, &file, "at start: ", outcome, now_ms).await;
+    result.map(|(reloaded, shared)| (shared, reloaded))
+}
+
+async fn audit_reload<S: Store>(
+    store: &S,
+    file: &str,
+    when: &str,
+    result: Result<&Reloaded, &ReloadError>,
+    now_ms: u64,
+) {
+    let mut event = audit_event(file, result, now_ms);
+    event.reason.insert_str(0, when);
+    if let Err(e) = store.audit(vec![event]).await {
+        tracing::error!(error = %e, "cannot audit the policy reload");
+    }
+}
+
+/// Reviews the file against the policy in `shared` (none at start), and puts it in force:
+/// into `shared`, or into a new [`SharedPolicy`] at start. Returns the policy in force.
 async fn attempt<S: Store>(
     store: &S,
-    shared: &SharedPolicy,
+    shared: Option<&SharedPolicy>,
     path: &Path,
     limits: &ReloadLimits,
     now: u64,
-) -> Result<Reloaded, ReloadError> {
+) -> Result<(Reloaded, SharedPolicy), ReloadError> {
     let file = path.display().to_string();
     let store_error = |source| ReloadError::Store {
         file: file.clone(),
@@ -497,8 +532,8 @@ async fn attempt<S: Store>(
         });
     }
     let force = crate::policy::read_force(path, &candidate.digest);
-    let current = shared.current();
-    let review = review(store, Some(&current), &candidate.policy, now)
+    let current = shared.map(SharedPolicy::current);
+    let review = review(store, current.as_deref(), &candidate.policy, now)
         .await
         .map_err(store_error)?;
     let objections = review.objections(limits);
@@ -516,24 +551,35 @@ async fn attempt<S: Store>(
     if !objections.is_empty() && force != Force::Forced {
         return Err(ReloadError::Refused { file, objections });
     }
-    let previous = shared.replace(candidate.policy);
+    let (shared, previous) = match shared {
+        Some(shared) => {
+            let previous = shared.replace(candidate.policy);
+            (shared.clone(), Some(previous))
+        }
+        None => (SharedPolicy::new(candidate.policy), None),
+    };
     // Decided again under the policy now in force, so a token issued under the old one
     // between the review and the swap is caught too.
     match revoke_disallowed_everywhere(store, &shared.current(), now).await {
-        Ok(revoked) => Ok(Reloaded {
-            digest: candidate.digest,
-            forced_over: objections,
-            live_tokens: review.live_tokens,
-            revoked,
-        }),
+        Ok(revoked) => Ok((
+            Reloaded {
+                digest: candidate.digest,
+                forced_over: objections,
+                live_tokens: review.live_tokens,
+                revoked,
+            },
+            shared,
+        )),
         Err(e) => {
-            shared.restore(previous);
+            if let Some(previous) = previous {
+                shared.restore(previous);
+            }
             Err(store_error(e))
         }
     }
 }
 
-fn log_reload(file: &str, result: &Result<Reloaded, ReloadError>) {
+fn log_reload(file: &str, what: &str, result: Result<&Reloaded, &ReloadError>) {
     match result {
         Ok(r) => {
             let digest = hex::encode(r.digest);
@@ -542,7 +588,7 @@ fn log_reload(file: &str, result: &Result<Reloaded, ReloadError>) {
                     file,
                     sha256 = %digest,
                     overrode = %join(&r.forced_over),
-                    "policy reload forced by its force marker"
+                    "{what}: forced by its force marker"
                 );
             }
             match &r.revoked {
@@ -553,20 +599,20 @@ fn log_reload(file: &str, result: &Result<Reloaded, ReloadError>) {
                     live_tokens = r.live_tokens,
                     entries = out.entry_count(),
                     devices_told = out.controls.len(),
-                    "policy reloaded; revoked the live tokens it no longer allows"
+                    "{what}; revoked the live tokens it no longer allows"
                 ),
                 None => tracing::info!(
                     file,
                     sha256 = %digest,
-                    "policy reloaded; every live token is still allowed, nothing revoked"
+                    "{what}; every live token is still allowed, nothing revoked"
                 ),
             }
         }
-        Err(e) => tracing::error!(error = %e, "policy reload refused; keeping the old policy"),
+        Err(e) => tracing::error!(error = %e, "{what}: refused"),
     }
 }
 
-fn audit_event(file: &str, result: &Result<Reloaded, ReloadError>, now_ms: u64) -> AuditEvent {
+fn audit_event(file: &str, result: Result<&Reloaded, &ReloadError>, now_ms: u64) -> AuditEvent {
     let (outcome, reason) = match result {
         Ok(r) => {
             let mut reason = format!("applied, sha256 {}: ", hex::encode(r.digest));

@@ -35,9 +35,12 @@
 //!   refused since the last one. Echoes of the hub's own deltas and control messages are
 //!   verified by one confirmer task, which drops what it cannot keep up with.
 //! - Every task is in one `JoinSet`: one that panics or ends while the hub serves stops
-//!   the hub with an error. A shutdown stops taking requests, lets the workers answer what
-//!   is queued and running within `serve.drain_s`, then sends DISCONNECT and waits for the
-//!   event loop to have sent it.
+//!   the hub with an error. So does a store that refuses writes for good (read-only, I/O
+//!   error, full disk: [`StoreError::is_persistent_write_failure`]), seen by the audit
+//!   writer, which writes after every request: the request that met it was answered
+//!   `internal`, and the hub stops rather than answer every later one so. A shutdown
+//!   stops taking requests, lets the workers answer what is queued and running within
+//!   `serve.drain_s`, then sends DISCONNECT and waits for the event loop to have sent it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -58,7 +61,7 @@ use crate::mqtt::{self, Counter, Incoming, MqttConfig, MqttError, Notice, QoS, Q
 use crate::pipeline::{Echo, Hub, Publication, Refusal};
 use crate::policy_change;
 use crate::revocation::PendingControl;
-use crate::store::{AuditEvent, Store};
+use crate::store::{AuditEvent, Store, StoreError};
 
 /// Tunables of the serving loop.
 #[derive(Debug, Clone)]
@@ -1023,6 +1026,7 @@ async fn audit_writer<S: Store>(
     client: AsyncClient,
     mut rx: mpsc::Receiver<AuditEvent>,
     shed: Shed,
+    storage: StorageAlarm,
 ) {
     let mut aggregator = Aggregator::new(AUDIT_WINDOW_MS, AUDIT_MAX_KEYS);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1064,6 +1068,7 @@ async fn audit_writer<S: Store>(
             }
             if let Err(e) = hub.store.audit(std::mem::take(&mut rows)).await {
                 tracing::error!(error = %e, "cannot write audit log");
+                storage.check("writing the audit log", &e);
             }
         }
         if !open {
@@ -1130,6 +1135,30 @@ async fn beating<S: Store>(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .log("heartbeat");
+    }
+}
+
+/// Raised once the store refuses writes for good; the serving loop then stops the hub.
+#[derive(Debug, Clone)]
+struct StorageAlarm(watch::Sender<Option<String>>);
+
+impl StorageAlarm {
+    fn new() -> (Self, watch::Receiver<Option<String>>) {
+        let (tx, rx) = watch::channel(None);
+        (Self(tx), rx)
+    }
+
+    /// Raises the alarm if `e` is a persistent write failure (the first one is kept).
+    fn check(&self, what: &str, e: &StoreError) {
+        if e.is_persistent_write_failure() {
+            self.0.send_if_modified(|first| {
+                let raise = first.is_none();
+                if raise {
+                    *first = Some(format!("{what}: {e}"));
+                }
+                raise
+            });
+        }
     }
 }
 
@@ -1250,6 +1279,17 @@ pub enum ServeError {
         /// How it ended.
         how: String,
     },
+    /// The store refused a write for good (read-only, I/O error, full disk): the hub
+    /// stopped rather than answer every request `internal`.
+    #[error(
+        "the hub's database cannot be written ({error}); the hub stopped rather than answer \
+         every request `internal`: make the database writable again (read-only file or file \
+         system, permissions, full disk) and start the hub"
+    )]
+    StorageFailed {
+        /// The store's error, with what was being written.
+        error: String,
+    },
 }
 
 /// Serves until `shutdown` completes, then drains (within `config.drain`), disconnects
@@ -1275,6 +1315,7 @@ pub async fn run<S: Store>(
     }));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (connected_tx, connected_rx) = watch::channel(0u64);
+    let (storage, mut storage_failed) = StorageAlarm::new();
     let mut tasks = Tasks::default();
     let event_loop = tasks.spawn("MQTT event loop", async move {
         let stopped = event_loop.await;
@@ -1288,7 +1329,13 @@ pub async fn run<S: Store>(
     };
     tasks.spawn(
         "audit writer",
-        audit_writer(hub.clone(), client.clone(), audit_rx, shed.clone()),
+        audit_writer(
+            hub.clone(),
+            client.clone(),
+            audit_rx,
+            shed.clone(),
+            storage.clone(),
+        ),
     );
     let (echo_tx, echo_rx) = queue(ECHO_QUEUE, ECHO_QUEUE_BYTES);
     tasks.spawn("echo confirmer", confirmer(hub.clone(), echo_rx));
@@ -1366,6 +1413,7 @@ pub async fn run<S: Store>(
             biased;
             () = &mut shutdown => break None,
             ended = tasks.next_end() => break Some(ended),
+            Ok(()) = storage_failed.changed() => break None,
             // Before the notices, which are always ready during a flood.
             _ = flush_drops.tick() => dispatcher.flush_drops(),
             notice = notices.recv() => match notice {
@@ -1391,6 +1439,13 @@ pub async fn run<S: Store>(
             task = ended.name,
             how = %ended.how,
             "a background task of the hub ended while serving: stopping the hub"
+        );
+    }
+    let storage_error = storage_failed.borrow_and_update().clone();
+    if let Some(error) = &storage_error {
+        tracing::error!(
+            %error,
+            "the hub's database cannot be written: stopping the hub"
         );
     }
 
@@ -1453,6 +1508,11 @@ pub async fn run<S: Store>(
         tasks.wait(event_loop).await;
     }
     let written = hub.store.write_stats();
+    // Also when the store failed only while the queued requests were answered.
+    let storage_error = storage_error.or_else(|| storage_failed.borrow().clone());
+    if let Some(error) = storage_error {
+        return Err(ServeError::StorageFailed { error });
+    }
     match failure {
         None => {
             tracing::info!(
@@ -1540,7 +1600,13 @@ mod tests {
             .map(|i| ClientRecord {
                 id: format!("{prefix}-{i:04}"),
                 kind: ClientKind::Device,
-                public_key: Some(vec![4; 65]),
+                // Each its own (fake) key: a revoked device's key is never registered again.
+                public_key: Some({
+                    let mut key = vec![4; 65];
+                    key[1..3].copy_from_slice(&u16::try_from(i).unwrap_or(0).to_be_bytes());
+                    key[3..3 + prefix.len()].copy_from_slice(prefix.as_bytes());
+                    key
+                }),
                 role: "sensor".into(),
                 groups: Vec::new(),
                 enrollment_code_key: None,

@@ -18,7 +18,7 @@ use tessera_hub::keys::{self, Kek, KeyRing};
 use tessera_hub::pipeline::{Echo, FOREIGN_GRANT, Hub, PipelineConfig, Publication};
 use tessera_hub::policy::{Policy, SharedPolicy};
 use tessera_hub::policy_change;
-use tessera_hub::store::{ClientKind, ClientRecord, Sqlite, Store};
+use tessera_hub::store::{ClientKind, ClientRecord, Sqlite, Store, StoreError};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Report, State};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer, sha256};
 use tessera_shared::error::{ClaimsError, Error};
@@ -322,7 +322,12 @@ impl Rig {
         let now = self.clock.now_ms();
         let device = &mut self.devices[i];
         device.draws += 1;
-        let random = sha256(&[device.id.as_bytes(), &device.draws.to_be_bytes()]);
+        // Each agent its own draws, even two agents of one device (one provisioned again).
+        let random = sha256(&[
+            device.id.as_bytes(),
+            &i.to_be_bytes(),
+            &device.draws.to_be_bytes(),
+        ]);
         let done: Vec<Done> = device
             .agent
             .handle(event, now, &random)
@@ -1238,6 +1243,73 @@ async fn an_operators_revocations_reach_the_agent_through_the_bus_and_a_revoked_
     rig.run_for(4 * HEARTBEAT_S).await;
     assert_eq!(rig.asked(door, mark), []);
     assert_eq!(rig.agent(door).next_wake(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_device_provisioned_again_enrolls_with_a_new_key_only_and_a_code_typed_loosely() {
+    const CODE: &str = "K7QFM-2XD9W-PLR4T-HN6JA";
+    let mut rig = Rig::new().await;
+    let old = rig.enrolled_lock("door-1", 10).await;
+    // Provisioning again needs a revocation first: an enrolled device keeps its key.
+    let code_key = EnrollmentCode::derive_key(CODE);
+    assert!(matches!(
+        rig.hub
+            .store
+            .reprovision_device("door-1", None, Some(code_key))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(rig.revoke(RevokeTarget::Device("door-1")).await.2, 1);
+    assert_eq!(rig.agent(old).state(), State::Revoked);
+    rig.hub
+        .store
+        .reprovision_device("door-1", None, Some(code_key))
+        .await
+        .expect("provisioned again");
+
+    // The revoked key is refused, even with the right code...
+    let mut config = AgentConfig::new("door-1", "tessera").expect("config");
+    config.enrollment_code_key = Some(EnrollmentCode::derive_key(CODE));
+    let reused = rig.connect(10, config).await;
+    assert_ne!(rig.agent(reused).state(), State::Holding);
+    assert!(
+        rig.reports(reused, 0).contains(&Report::RequestFailed {
+            op: Operation::Enroll,
+            code: ErrorCode::Denied
+        }),
+        "{:?}",
+        rig.reports(reused, 0)
+    );
+    // ...and under another id: a revoked device's key is never registered again.
+    let again = rig
+        .hub
+        .store
+        .add_client(record(
+            "door-2",
+            ClientKind::Device,
+            "lock",
+            Some(&signer(10)),
+            None,
+        ))
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+
+    // A new key with the code as a person types it: lower case, spaces for dashes.
+    let mut config = AgentConfig::new("door-1", "tessera").expect("config");
+    config.enrollment_code_key = Some(EnrollmentCode::derive_key("k7qfm 2xd9w plr4t hn6ja"));
+    let fresh = rig.connect(11, config).await;
+    assert_eq!(
+        rig.agent(fresh).state(),
+        State::Holding,
+        "{:?}",
+        rig.agent(fresh)
+    );
+    let (token, _) = rig.access_token("door-1", "door:open").await;
+    rig.run_for(HEARTBEAT_S).await;
+    assert_eq!(
+        rig.check(fresh, &rig.present(&token, "door-1", 1), "door:open"),
+        Ok(APP.to_owned())
+    );
 }
 
 #[tokio::test(start_paused = true)]

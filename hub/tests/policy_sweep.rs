@@ -66,6 +66,16 @@ impl Store for PrunesFirst {
     async fn add_clients(&self, clients: Vec<ClientRecord>) -> StoreResult<()> {
         self.inner.add_clients(clients).await
     }
+    async fn reprovision_device(
+        &self,
+        id: &str,
+        public_key: Option<Vec<u8>>,
+        code_key: Option<[u8; 32]>,
+    ) -> StoreResult<()> {
+        self.inner
+            .reprovision_device(id, public_key, code_key)
+            .await
+    }
     async fn nonce_seen(&self, client: &str, nonce: &[u8; 16], now: u64) -> StoreResult<bool> {
         self.inner.nonce_seen(client, nonce, now).await
     }

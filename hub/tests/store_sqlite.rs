@@ -631,3 +631,176 @@ async fn a_version_1_database_keeps_its_revocations_on_the_new_streams() {
     );
     assert!(changes.iter().all(|c| c.seq == 1));
 }
+
+/// A database of the first released schema, with a registry, a signing key, a grant, a
+/// nonce and an audit row in it, is migrated to the current schema when opened, and its data
+/// is read and changed through the store as if it had always been current.
+#[tokio::test]
+async fn a_version_1_database_with_data_migrates_and_stays_usable() {
+    let dir = TempDir::new().expect("temp dir");
+    let path = db_path(&dir);
+    let key_k = format!("04{}", "0a".repeat(64));
+    let key_a = format!("04{}", "0b".repeat(64));
+    let key_o = format!("04{}", "0c".repeat(64));
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(include_str!("schema_v1.sql"))
+            .expect("version 1 schema");
+        conn.execute_batch(&format!(
+            "INSERT INTO clients (id, kind, public_key, role, enrollment_code_key, enrolled_at,
+                                  revoked_at, created_at) VALUES
+                ('dev-k', 'device', x'{key_k}', 'sensor', NULL, {enrolled}, NULL, {NOW}),
+                ('dev-c', 'device', NULL, 'sensor', x'{code}', NULL, NULL, {NOW}),
+                ('app-a', 'app', x'{key_a}', 'controller', NULL, NULL, NULL, {NOW}),
+                ('ops-a', 'operator', x'{key_o}', 'ops', NULL, NULL, NULL, {NOW});
+             INSERT INTO client_groups VALUES
+                ('dev-k', 0, 'kitchen'), ('dev-k', 1, 'hall'), ('dev-c', 0, 'hall');
+             INSERT INTO signing_keys VALUES
+                (x'{kid}', x'{key_a}', x'{sealed}', {NOW}, {NOW}, NULL);
+             INSERT INTO counters VALUES ('keyset_version', 7);
+             INSERT INTO grants VALUES
+                (x'{grant}', x'{family}', 'app-a', 'access', 'dev-k', 'door:open',
+                 {grant_exp}, {NOW}, 0, 0);
+             INSERT INTO nonces VALUES ('app-a', x'{nonce}', {nonce_exp});
+             INSERT INTO audit_log (at_ms, actor, action, target, outcome, reason) VALUES
+                ({at_ms}, 'cli', 'register', 'dev-k', 'ok', 'registered');
+             PRAGMA user_version = 1;",
+            enrolled = NOW + 10,
+            code = "07".repeat(32),
+            kid = "0d".repeat(8),
+            sealed = "0e".repeat(48),
+            grant = "44".repeat(32),
+            family = "55".repeat(16),
+            grant_exp = NOW + 86_400,
+            nonce = "66".repeat(16),
+            nonce_exp = NOW + 60,
+            at_ms = NOW * 1000,
+        ))
+        .expect("version 1 data");
+    }
+
+    let store = Sqlite::open(&path).expect("open migrates");
+    assert_eq!(
+        pragma(&path, "user_version"),
+        Sqlite::SCHEMA_VERSION.to_string()
+    );
+    // The registry reads back whole.
+    let dev_k = store.client("dev-k").await.expect("client").expect("dev-k");
+    assert_eq!(dev_k.groups, ["kitchen", "hall"]);
+    assert_eq!(
+        dev_k.public_key.as_deref(),
+        Some(&hex::decode(&key_k).expect("hex")[..])
+    );
+    assert_eq!(dev_k.enrolled_at, Some(NOW + 10));
+    let dev_c = store.client("dev-c").await.expect("client").expect("dev-c");
+    assert_eq!(dev_c.enrollment_code_key, Some([7; 32]));
+    let ids: Vec<String> = store
+        .clients(None)
+        .await
+        .expect("clients")
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(ids, ["app-a", "dev-c", "dev-k", "ops-a"]);
+    // The signing key counts as published (version 1 keys were all published), and the key
+    // set version goes on from where it was.
+    let keys = store.keys().await.expect("keys");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].published_at, Some(NOW));
+    assert_eq!(store.next_keyset_version().await.expect("version"), 8);
+    // Grants, nonces and the audit log are still there.
+    let grant = store
+        .grant(&[0x44; 32])
+        .await
+        .expect("grant")
+        .expect("stored");
+    assert_eq!(grant.record.client, "app-a");
+    assert!(!grant.used && !grant.family_revoked);
+    assert!(
+        store
+            .nonce_seen("app-a", &[0x66; 16], NOW)
+            .await
+            .expect("nonce_seen")
+    );
+    let audit = store.audit_tail(10).await.expect("audit_tail");
+    assert_eq!((audit.len(), audit[0].count), (1, 1));
+
+    // And it is usable: revoking a migrated device whole retires its key (a table of a later
+    // version), which is then refused for a new device; new clients register.
+    store
+        .revoke(
+            vec![Target::Device("dev-k".to_owned())],
+            NOW + 20,
+            30,
+            Unmatched::Refuse,
+        )
+        .await
+        .expect("revoke a migrated device");
+    let dev_k = store.client("dev-k").await.expect("client").expect("dev-k");
+    assert_eq!((dev_k.revoked_at, dev_k.public_key), (Some(NOW + 20), None));
+    let mut reuse = device("dev-new");
+    reuse.public_key = Some(hex::decode(&key_k).expect("hex"));
+    reuse.enrollment_code_key = None;
+    assert!(matches!(
+        store.add_client(reuse).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.add_client(device("dev-new")).await.expect("add");
+    drop(store);
+    // Reopening migrates nothing more.
+    drop(Sqlite::open(&path).expect("reopen"));
+    assert_eq!(
+        pragma(&path, "user_version"),
+        Sqlite::SCHEMA_VERSION.to_string()
+    );
+}
+
+/// `device import` looks a whole file's ids and keys up in one query each.
+#[tokio::test]
+async fn ids_and_retired_keys_are_looked_up_all_at_once() {
+    let (_dir, store) = fresh();
+    let mut keyed = device("dev-keyed");
+    keyed.public_key = Some(vec![4; 65]);
+    keyed.enrollment_code_key = None;
+    store
+        .add_clients(vec![device("dev-a"), keyed, app("app-a")])
+        .await
+        .expect("add_clients");
+    let ids: Vec<String> = (0..10_000).map(|i| format!("new-{i}")).collect();
+    let taken = store
+        .registered_among(
+            ids.into_iter()
+                .chain(["dev-a".to_owned(), "app-a".to_owned()])
+                .collect(),
+        )
+        .await
+        .expect("registered_among");
+    assert_eq!(taken.len(), 2);
+    assert!(taken.contains("dev-a") && taken.contains("app-a"));
+
+    assert!(
+        store
+            .retired_among(vec![vec![4; 65]])
+            .await
+            .expect("retired_among")
+            .is_empty(),
+        "a registered key is not retired"
+    );
+    store
+        .revoke(
+            vec![Target::Device("dev-keyed".to_owned())],
+            NOW,
+            30,
+            Unmatched::Refuse,
+        )
+        .await
+        .expect("revoke");
+    let retired = store
+        .retired_among(vec![vec![4; 65], vec![5; 65]])
+        .await
+        .expect("retired_among");
+    assert_eq!(
+        retired.into_iter().collect::<Vec<_>>(),
+        [(vec![4; 65], "dev-keyed".to_owned())]
+    );
+}

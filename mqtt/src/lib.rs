@@ -535,7 +535,9 @@ async fn poll_forever(
             Err(e) => {
                 let delay = backoff.delay_ms(attempt, getrandom::u32().unwrap_or(0));
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %e, retry_in_ms = delay, "MQTT connection lost");
+                // The owner logs the `Notice::Disconnected` as it sees fit: a warning here
+                // too would log every disconnection twice.
+                tracing::debug!(error = %e, retry_in_ms = delay, "MQTT connection lost");
                 link.send_modify(|l| {
                     l.connected = false;
                     l.failures += 1;

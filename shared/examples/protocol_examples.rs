@@ -69,7 +69,7 @@ const ROLE: &str = "controller";
 const OTHER_DEVICE: &str = "device-43";
 
 /// The one-time enrollment code printed for the device.
-const ENROLLMENT_CODE: &str = "K7QF-M2XD-9WPL";
+const ENROLLMENT_CODE: &str = "K7QFM-2XD9W-PLR4T-HN6JA";
 
 /// Largest buffer any example needs.
 const BUF: usize = 4096;
@@ -625,7 +625,9 @@ fn examples() -> String {
     let _ = writeln!(
         o,
         "The device `{DEVICE}` generated its key on first boot; its enrollment code is \
-         `{ENROLLMENT_CODE}`. It sends at T0, request id 1 ([§8.5.1](#851-enroll-op-1)):\n"
+         `{ENROLLMENT_CODE}` (typed as `{}`, it is the same code). It sends at T0, request \
+         id 1 ([§8.5.1](#851-enroll-op-1)):\n",
+        ENROLLMENT_CODE.to_lowercase().replace('-', " ")
     );
     let mut code_input = b"tessera-enroll-v1".to_vec();
     code_input.extend_from_slice(ENROLLMENT_CODE.as_bytes());

@@ -56,6 +56,7 @@ pub struct BrokerBuilder {
     tls: Option<TlsFiles>,
     require_certificate: bool,
     use_identity_as_username: bool,
+    client_ids_as_user_names: bool,
     users: Vec<(String, String)>,
     allow_anonymous: bool,
     max_connections: Option<u32>,
@@ -82,6 +83,7 @@ impl Default for BrokerBuilder {
             tls: None,
             require_certificate: false,
             use_identity_as_username: false,
+            client_ids_as_user_names: false,
             users: Vec::new(),
             allow_anonymous: true,
             max_connections: None,
@@ -133,6 +135,16 @@ impl BrokerBuilder {
         if enabled {
             self.require_certificate = true;
         }
+        self
+    }
+
+    /// Binds client ids to user names as docs/OPERATING.md configures Mosquitto
+    /// (`use_username_as_clientid true`: the broker replaces each client id by the user
+    /// name and refuses clients without one), and has [`Broker::probe_options`] log in
+    /// with the client id as user name. Without [`BrokerBuilder::user`] entries nobody's
+    /// password is checked, so any client may claim any user name.
+    pub fn client_ids_as_user_names(mut self, enabled: bool) -> Self {
+        self.client_ids_as_user_names = enabled;
         self
     }
 
@@ -270,6 +282,12 @@ impl Broker {
         format!("{scheme}://{}:{}", self.host(), self.port)
     }
 
+    /// Whether clients log in with their client id as user name
+    /// ([`BrokerBuilder::client_ids_as_user_names`]).
+    pub fn client_ids_are_user_names(&self) -> bool {
+        self.settings.client_ids_as_user_names
+    }
+
     /// Whether the listener speaks TLS.
     pub fn is_tls(&self) -> bool {
         self.settings.tls.is_some()
@@ -366,10 +384,14 @@ impl Broker {
         }
     }
 
-    /// Probe options for this broker: its host and port and, for a TLS broker, a client
-    /// config that trusts its CA and presents the PKI's default client certificate.
+    /// Probe options for this broker: its host and port, the client id as user name with
+    /// [`BrokerBuilder::client_ids_as_user_names`], and, for a TLS broker, a client config
+    /// that trusts its CA and presents the PKI's default client certificate.
     pub fn probe_options(&self, client_id: &str) -> ProbeOptions {
-        let options = ProbeOptions::new(client_id, self.host(), self.port);
+        let mut options = ProbeOptions::new(client_id, self.host(), self.port);
+        if self.settings.client_ids_as_user_names {
+            options = options.credentials(client_id, "unchecked");
+        }
         match &self.client_tls {
             Some(tls) => options.tls(Arc::clone(tls)),
             None => options,
@@ -480,6 +502,9 @@ impl Broker {
             if s.use_identity_as_username {
                 line("use_identity_as_username true");
             }
+        }
+        if s.client_ids_as_user_names {
+            line("use_username_as_clientid true");
         }
         for option in &s.listener_options {
             line(option);

@@ -88,6 +88,8 @@ impl Flooder {
 pub struct RawPublisher {
     addr: std::net::SocketAddr,
     id: String,
+    /// Logs in with `id` as user name (a broker that binds client ids to user names).
+    login: bool,
     topic: String,
     writer: tokio::net::tcp::OwnedWriteHalf,
     reader: tokio::task::JoinHandle<()>,
@@ -95,14 +97,17 @@ pub struct RawPublisher {
 }
 
 impl RawPublisher {
-    /// Connects to `broker` as `id` (anonymous, clean session, no keep-alive) and waits
-    /// for the broker to accept.
+    /// Connects to `broker` as `id` (anonymous, or with `id` as user name when the broker
+    /// binds client ids to user names; clean session, no keep-alive) and waits for the
+    /// broker to accept.
     pub async fn connect(broker: &Broker, id: &str) -> Result<Self> {
         ensure_plain(broker)?;
-        let (writer, reader) = raw_connect(broker.addr(), id).await?;
+        let login = broker.client_ids_are_user_names();
+        let (writer, reader) = raw_connect(broker.addr(), id, login).await?;
         Ok(Self {
             addr: broker.addr(),
             id: id.to_owned(),
+            login,
             topic: topic::request(id)
                 .map_err(|e| anyhow::anyhow!("topic for {id:?}: {e}"))?
                 .to_string(),
@@ -114,7 +119,7 @@ impl RawPublisher {
 
     /// Connects again (after a broker restart).
     pub async fn reconnect(&mut self) -> Result<()> {
-        let (writer, reader) = raw_connect(self.addr, &self.id).await?;
+        let (writer, reader) = raw_connect(self.addr, &self.id, self.login).await?;
         self.reader.abort();
         self.writer = writer;
         self.reader = reader;
@@ -157,10 +162,12 @@ impl Drop for RawPublisher {
     }
 }
 
-/// CONNECT, CONNACK, and a task that reads and discards whatever the broker sends.
+/// CONNECT (with `id` as user name if `login`), CONNACK, and a task that reads and
+/// discards whatever the broker sends.
 async fn raw_connect(
     addr: std::net::SocketAddr,
     id: &str,
+    login: bool,
 ) -> Result<(tokio::net::tcp::OwnedWriteHalf, tokio::task::JoinHandle<()>)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let stream = tokio::net::TcpStream::connect(addr)
@@ -170,9 +177,15 @@ async fn raw_connect(
     let (mut reader, mut writer) = stream.into_split();
     let mut variable = Vec::new();
     put_str(&mut variable, "MQTT");
-    // Level 4 (3.1.1), clean session, keep-alive 0 (off).
-    variable.extend_from_slice(&[4, 0x02, 0, 0]);
+    // Level 4 (3.1.1), clean session (with user name and password flags), keep-alive 0
+    // (off).
+    let flags = if login { 0x02 | 0x80 | 0x40 } else { 0x02 };
+    variable.extend_from_slice(&[4, flags, 0, 0]);
     put_str(&mut variable, id);
+    if login {
+        put_str(&mut variable, id);
+        put_str(&mut variable, "unchecked");
+    }
     let mut connect = vec![0x10];
     put_remaining_length(&mut connect, variable.len());
     connect.extend_from_slice(&variable);

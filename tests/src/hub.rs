@@ -430,9 +430,12 @@ impl TestHubBuilder {
         self
     }
 
-    /// The broker enforces the ACL `tessera-hub broker-acl --watcher e2e-watcher` prints
-    /// and authenticates the hub ([`HUB_USER`]) and the watcher ([`WATCHER_USER`]) by
-    /// password; clients connect anonymously with their Tessera id as MQTT client id.
+    /// The broker enforces the ACL `tessera-hub broker-acl --watcher e2e-watcher` prints,
+    /// with client ids bound to user names as docs/OPERATING.md configures Mosquitto
+    /// (`use_username_as_clientid`); the hub logs in as [`HUB_USER`], the watcher as
+    /// [`WATCHER_USER`], clients with their Tessera id as user name. Passwords are not
+    /// checked (every client would need a password file entry before it is registered);
+    /// tests/tests/broker_takeover.rs runs the password-checked setup.
     pub fn with_acl(mut self) -> Self {
         self.acl = true;
         self
@@ -489,10 +492,7 @@ impl TestHubBuilder {
                 "--watcher",
                 WATCHER_USER,
             ])?;
-            broker = broker
-                .acl(acl)
-                .user(HUB_USER, HUB_PASSWORD)
-                .user(WATCHER_USER, WATCHER_PASSWORD);
+            broker = broker.acl(acl).client_ids_as_user_names(true);
         }
         if let Some(pki) = &pki {
             broker = broker
@@ -620,6 +620,14 @@ impl TestHub {
         child.terminate(timeout)
     }
 
+    /// Waits up to `timeout` for the hub to exit on its own; its exit status, or `None`
+    /// while it still runs.
+    pub fn wait_for_exit(&self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let mut process = self.lock_process();
+        let child = process.as_mut().context("the hub is not running")?;
+        child.wait_timeout(timeout)
+    }
+
     /// The trust anchor init printed.
     pub fn trust_anchor(&self) -> PublicKey {
         self.dir.trust_anchor()
@@ -635,11 +643,31 @@ impl TestHub {
         crate::process::read_lossy(&self.dir.log_path())
     }
 
-    /// The MQTT settings of a client `id` (plain, TLS or mutual TLS like the hub).
+    /// The MQTT settings of a client `id` (plain, TLS or mutual TLS like the hub; with the
+    /// ACL, `id` is also its user name).
     pub fn mqtt(&self, id: &str) -> MqttConfig {
         let mut config = MqttConfig::plain(self.broker.host(), self.broker.port(), id);
+        if self.acl {
+            config.username = Some(id.to_owned());
+            config.password = Some("unchecked".to_owned());
+        }
         config.tls = self.tls.clone();
         config
+    }
+
+    /// [`HubDir::identity_args`], plus the broker login of `id` when the broker enforces
+    /// the ACL ([`TestHubBuilder::with_acl`]: its user name is its id).
+    pub fn identity_args(&self, id: &str, key: &TestKey) -> Vec<String> {
+        let mut args = self.dir.identity_args(id, key);
+        if self.acl {
+            args.extend([
+                "--mqtt-username".into(),
+                id.into(),
+                "--mqtt-password".into(),
+                "unchecked".into(),
+            ]);
+        }
+        args
     }
 
     /// Connects a [`Client`] as `id` with `key`, trusting the anchor.
@@ -933,6 +961,26 @@ impl RawClient {
         anchor: PublicKey,
     ) -> Result<Self> {
         let probe = broker.probe(id).await?;
+        probe
+            .subscribe_granted(&response_topic(id)?, QoS::AtLeastOnce)
+            .await?;
+        Ok(Self {
+            id: id.to_owned(),
+            signer,
+            anchor,
+            probe,
+            next_request: 1,
+        })
+    }
+
+    /// Like [`RawClient::connect`], over a probe the caller connected (with credentials of
+    /// its choice, say); subscribes it to `id`'s response topic.
+    pub async fn over_probe(
+        probe: MqttProbe,
+        id: &str,
+        signer: P256Signer,
+        anchor: PublicKey,
+    ) -> Result<Self> {
         probe
             .subscribe_granted(&response_topic(id)?, QoS::AtLeastOnce)
             .await?;
@@ -1369,13 +1417,17 @@ impl RevokeCounts {
     }
 
     /// From what `tessera-hub revoke` printed: `revoked N (durable): E revocation entries
-    /// published, D devices told on their control topic`.
+    /// published, D devices told on their control topic` (`1 revocation entry`, `1 device`).
     pub fn from_cli(printed: &str) -> Result<Self> {
         let parse = || -> Option<Self> {
             let rest = printed.trim().strip_prefix("revoked ")?;
             let (revoked, rest) = rest.split_once(" (durable): ")?;
-            let (entries, rest) = rest.split_once(" revocation entries published, ")?;
-            let notified = rest.strip_suffix(" devices told on their control topic")?;
+            let (entries, rest) = rest
+                .split_once(" revocation entries published, ")
+                .or_else(|| rest.split_once(" revocation entry published, "))?;
+            let notified = rest
+                .strip_suffix(" devices told on their control topic")
+                .or_else(|| rest.strip_suffix(" device told on their control topic"))?;
             Some(Self {
                 revoked: revoked.parse().ok()?,
                 entries: entries.parse().ok()?,

@@ -1,7 +1,7 @@
 //! Every operation of the hub on its happy path, through the real `tessera-hub` binary and
 //! `tessera_hub::client::Client`, against a Mosquitto that enforces the ACL
-//! `tessera-hub broker-acl` prints (the hub authenticates as `tessera-hub`; clients connect
-//! with their Tessera id as MQTT client id).
+//! `tessera-hub broker-acl` prints (the hub logs in as `tessera-hub`; clients log in with
+//! their Tessera id as MQTT user name, which the broker makes their client id).
 //!
 //! The tests share one hub and broker (see `SharedHub`); each uses its own client ids.
 
@@ -305,7 +305,7 @@ async fn an_app_gets_an_access_token_for_one_device_within_its_rule() -> Result<
 
     // The CLI does the same and prints the token in hex.
     let mut args = vec!["access-token".to_owned()];
-    args.extend(hub.dir().identity_args(app_id, &app_key));
+    args.extend(hub.identity_args(app_id, &app_key));
     args.extend(["--device", device, "--scope", "door:close"].map(String::from));
     let printed = hub
         .dir()
@@ -456,7 +456,7 @@ async fn an_operator_revokes_every_token_of_a_subject_and_its_grants_with_the_cl
     let exp = verify(&hub, &token, device)?.claims().exp;
 
     let mut args = vec!["revoke".to_owned()];
-    args.extend(hub.dir().identity_args(ops_id, &ops_key));
+    args.extend(hub.identity_args(ops_id, &ops_key));
     args.extend(["--subject".to_owned(), app_id.to_owned()]);
     // The revocation's second is no earlier than this.
     let before = unix_now();
@@ -701,7 +701,7 @@ async fn changing_an_apps_role_revokes_the_tokens_its_new_role_no_longer_allows(
 
     let printed = hub.dir().run(&["client", "set-role", app_id, "viewer"])?;
     assert!(
-        printed.contains("; 1 tokens it no longer allows are revoked (1 entries, 0 devices"),
+        printed.contains("; 1 token it no longer allows is revoked (1 entry, 0 devices"),
         "exactly the door token, by hash: {printed}"
     );
 
@@ -790,7 +790,8 @@ async fn operators_revoke_a_group_a_role_and_a_list_and_only_enrolled_devices_ar
     let csv = hub.dir().path().join("keys").join("ops-import.csv");
     std::fs::write(
         &csv,
-        "# id,role,groups,key (relative to this file)\n\
+        "id,role,group,key\n\
+         # key: relative to this file\n\
          ops-imp-1,sensor,building-b,ops-imp-1.pem.pub\n\
          ops-imp-2,sensor,building-b;building-a,\n\
          \n\
@@ -798,9 +799,15 @@ async fn operators_revoke_a_group_a_role_and_a_list_and_only_enrolled_devices_ar
          ops-imp-4,meter,,\n\
          ops-imp-5,sensor,building-a,\n",
     )?;
-    let printed = hub
-        .dir()
-        .run(&["device", "import", &csv.to_string_lossy()])?;
+    let codes = hub.dir().path().join("keys").join("ops-import.codes");
+    hub.dir().run(&[
+        "device",
+        "import",
+        &csv.to_string_lossy(),
+        "--codes",
+        &codes.to_string_lossy(),
+    ])?;
+    let printed = std::fs::read_to_string(&codes)?;
     let coded: Vec<&str> = printed
         .lines()
         .filter_map(|l| {
@@ -827,7 +834,7 @@ async fn operators_revoke_a_group_a_role_and_a_list_and_only_enrolled_devices_ar
     let mut dev_4 = never_enrolled(&hub, "ops-imp-4").await?;
     let revoke = |target: &[&str]| {
         let mut args = vec!["revoke".to_owned()];
-        args.extend(hub.dir().identity_args(ops_id, &ops_key));
+        args.extend(hub.identity_args(ops_id, &ops_key));
         args.extend(target.iter().map(|a| (*a).to_owned()));
         hub.dir()
             .run(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -896,7 +903,7 @@ async fn operators_revoke_a_group_a_role_and_a_list_and_only_enrolled_devices_ar
     // A list naming a device the hub does not know revokes nothing at all.
     std::fs::write(&list, "ops-imp-ghost\nops-imp-5\n")?;
     let mut args = vec!["revoke".to_owned()];
-    args.extend(hub.dir().identity_args(ops_id, &ops_key));
+    args.extend(hub.identity_args(ops_id, &ops_key));
     args.extend([
         "--devices-from".to_owned(),
         list.to_string_lossy().into_owned(),

@@ -157,7 +157,7 @@ async fn a_revocation_recorded_while_the_hub_is_down_is_broadcast_when_it_comes_
         .dir()
         .run(&["client", "set-role", "rs-app-2", "viewer"])?;
     assert!(
-        printed.contains("; 1 tokens it no longer allows are revoked (1 entries"),
+        printed.contains("; 1 token it no longer allows is revoked (1 entry"),
         "set-role revoked the door token: {printed}"
     );
     let hash = token_hash(&token);

@@ -248,11 +248,18 @@ fn no_client_is_registered_under_the_device_audience_or_the_hub_id() -> Result<(
     let csv = dir.path().join("fleet.csv");
     std::fs::write(
         &csv,
-        "safety-ok,sensor,building-a,\ntessera,sensor,building-a,\n",
+        "id,role,group,key\nsafety-ok,sensor,building-a,\ntessera,sensor,building-a,\n",
     )?;
-    let stderr = dir.run_failing(&["device", "import", &csv.to_string_lossy()])?;
+    let codes = dir.path().join("codes.csv");
+    let stderr = dir.run_failing(&[
+        "device",
+        "import",
+        &csv.to_string_lossy(),
+        "--codes",
+        &codes.to_string_lossy(),
+    ])?;
     assert!(
-        stderr.contains("fleet.csv:2") && stderr.contains("device_audience"),
+        stderr.contains("line 3 (tessera)") && stderr.contains("device_audience"),
         "{stderr}"
     );
     let listed = dir.run(&["client", "list"])?;

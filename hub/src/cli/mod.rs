@@ -1,13 +1,18 @@
 //! The `tessera-hub` command line: its commands, and where each is carried out.
 
 mod audit;
+mod backup;
 mod import;
+mod inspect;
 mod keys;
 mod policy;
+mod present;
 mod registry;
 mod remote;
+mod revocations;
 mod setup;
 pub(crate) mod text;
+mod when;
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +40,16 @@ pub(crate) struct Cli {
         default_value = "tessera-hub.toml"
     )]
     config: PathBuf,
+    /// Log format on stderr: `text` (one line per event) or `json` (one JSON object per
+    /// line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_LOG_FORMAT",
+        value_enum,
+        default_value_t = crate::LogFormat::Text
+    )]
+    pub(crate) log_format: crate::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +88,19 @@ enum Command {
         /// Private key file to create.
         out: PathBuf,
     },
+    /// Back the database up into a new file (mode 0600), safely while `serve` runs, and
+    /// check the copy; keep the key-encryption secret (hub.kek) too, stored apart.
+    Backup {
+        /// The backup file to create (never overwritten).
+        file: PathBuf,
+    },
+    /// Put a backup in place of the database, while no hub serves it: checks the backup
+    /// (integrity, schema, signing keys open with this hub's secret) first, and sets the
+    /// replaced database aside.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+    },
     /// Register and manage devices.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -88,23 +116,36 @@ enum Command {
     /// Check the policy file or explain a decision.
     #[command(subcommand)]
     Policy(PolicyCmd),
-    /// Print a Mosquitto ACL file matching the topic layout.
+    /// Print a Mosquitto ACL file matching the topic layout. It is safe only with the
+    /// mosquitto.conf lines its header names (`--mosquitto-conf` prints them): client ids
+    /// bound to authenticated user names.
     BrokerAcl {
-        /// MQTT user name the hub connects with.
-        #[arg(long, default_value = "tessera-hub")]
-        hub_user: String,
+        /// MQTT user name the hub connects with; repeat it for replicas, one user each.
+        #[arg(long = "hub-user", default_value = "tessera-hub")]
+        hub_users: Vec<String>,
         /// Operator user names allowed to read the event stream.
         #[arg(long = "watcher")]
         watchers: Vec<String>,
+        /// Print the mosquitto.conf lines the ACL relies on instead of the ACL.
+        #[arg(long, conflicts_with_all = ["hub_users", "watchers"])]
+        mosquitto_conf: bool,
     },
     /// Signing keys.
     #[command(subcommand)]
     Keys(KeysCmd),
-    /// Print the most recent audit log entries.
-    Audit {
-        /// How many.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+    /// Print the most recent audit log entries, filtered by client, device, action and
+    /// time (in the database, however long the log).
+    Audit(audit::AuditArgs),
+    /// Tokens: `token inspect` decodes one and checks it (claims, signature against the
+    /// hub's keys or --trust-anchor, expiry, revocation); exits non-zero for a token a
+    /// verifier would refuse.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Print the live revocation list: every stream and the entries in force on it.
+    Revocations {
+        /// One JSON array on stdout, one object per stream.
+        #[arg(long)]
+        json: bool,
     },
     /// As an operator, over MQTT: revoke a token, a subject, a device, a group, a role or a
     /// list of devices, in one signed request; prints once it is durable.
@@ -119,6 +160,9 @@ enum Command {
         /// Space-separated scopes.
         #[arg(long)]
         scope: String,
+        /// One JSON object on stdout: the token in hex and its claims.
+        #[arg(long)]
+        json: bool,
     },
     /// As an operator, over MQTT: print the hub's live event stream.
     Watch {
@@ -127,6 +171,14 @@ enum Command {
         /// Stop after this many events (default: run until interrupted).
         #[arg(long)]
         count: Option<usize>,
+    },
+    /// As a control app: sign a proof-of-possession presentation of an access token for a
+    /// device (PROTOCOL.md §13); prints it in hex for the device's `tessera-agent verify`.
+    Present(present::PresentArgs),
+    /// Print a shell completion script: `tessera-hub completions bash > …`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -161,13 +213,31 @@ struct Identity {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
-    /// Register many devices at once, all or none, from a CSV file: `id,role,groups,key`
-    /// per line, groups separated by `;`, key the path of an SPKI PEM public key or empty
-    /// for a one-time enrollment code (printed as `id,code` lines). Blank lines and lines
-    /// starting with `#` are skipped.
+    /// Register many devices at once, all or none, in one transaction, from a CSV file
+    /// whose first line is the header `id,role,group,key`: group holds groups separated by
+    /// `;` (or is empty), key the path of the device's SPKI PEM public key relative to the
+    /// file, or is empty for a one-time enrollment code. Blank lines and lines starting
+    /// with `#` are skipped. Every bad row is reported, and then nothing is registered.
     Import {
         /// The CSV file.
         file: PathBuf,
+        /// New file (mode 0600, never overwritten) for the one-time enrollment codes, as
+        /// `id,code` lines; required when a row has no key. Codes are never printed.
+        #[arg(long)]
+        codes: Option<PathBuf>,
+    },
+    /// Provision a revoked device again (or one that never enrolled), with a new public
+    /// key or a new one-time enrollment code; it keeps its id, role and groups, and must
+    /// enroll again. The key it had is never accepted again.
+    Reprovision {
+        /// Device id.
+        id: String,
+        /// The device's new public key (SPKI PEM).
+        #[arg(long, conflicts_with = "enrollment_code")]
+        key: Option<PathBuf>,
+        /// Print a new one-time enrollment code (the agent makes a new key when it enrolls).
+        #[arg(long)]
+        enrollment_code: bool,
     },
     /// Register a device, with its public key or a one-time enrollment code.
     Add {
@@ -210,6 +280,9 @@ enum ClientCmd {
         /// Only this kind (device, app, operator).
         #[arg(long)]
         kind: Option<String>,
+        /// One JSON array on stdout, one object per client.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a client from the registry (revoke it first to cut its live tokens).
     Remove {
@@ -251,13 +324,26 @@ enum PolicyCmd {
         /// Space-separated scopes.
         #[arg(long)]
         scope: String,
+        /// One JSON object on stdout: the verdict, the grant or denial, and each step.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Decode and check a token (hex, or a file holding hex or raw CBOR).
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Subcommand)]
 enum KeysCmd {
     /// List signing keys.
-    List,
+    List {
+        /// One JSON array on stdout, one object per key.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the next signing key: published now, used after the announce period; the
     /// current key is kept until its tokens have expired.
     Rotate,
@@ -289,8 +375,27 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         // Needs nothing of the hub's files: an operator may write the broker's ACL first.
-        Command::BrokerAcl { hub_user, watchers } => {
-            print!("{}", acl::mosquitto_acl(&hub_user, &watchers));
+        Command::BrokerAcl {
+            hub_users,
+            watchers,
+            mosquitto_conf,
+        } => {
+            if mosquitto_conf {
+                print!("{}", acl::mosquitto_conf());
+            } else {
+                print!("{}", acl::mosquitto_acl(&hub_users, &watchers));
+            }
+            Ok(())
+        }
+        Command::Present(args) => present::present(&args),
+        // Loads the hub's configuration itself, unless told to check with a trust anchor.
+        Command::Token(TokenCmd::Inspect(args)) => inspect::token(&cli.config, args).await,
+        Command::Completions { shell } => {
+            // Into a buffer first: `generate` panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "tessera-hub", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(())
         }
         command => with_config(&cli.config, command).await,
@@ -327,7 +432,16 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             key,
             enrollment_code,
         }) => registry::add_device(&config, &id, &role, groups, key, enrollment_code).await,
-        Command::Device(DeviceCmd::Import { file }) => import::import_devices(&config, &file).await,
+        Command::Device(DeviceCmd::Reprovision {
+            id,
+            key,
+            enrollment_code,
+        }) => registry::reprovision_device(&config, &id, key, enrollment_code).await,
+        Command::Device(DeviceCmd::Import { file, codes }) => {
+            import::import_devices(&config, &file, codes.as_deref()).await
+        }
+        Command::Backup { file } => backup::backup(&config, &file),
+        Command::Restore { file } => backup::restore(&config, &file).await,
         Command::App(RegisterCmd::Add { id, role, key }) => {
             registry::add_keyed(&config, &id, ClientKind::App, &role, &key).await
         }
@@ -337,21 +451,31 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
         Command::Client(cmd) => registry::client_cmd(&config, cmd).await,
         Command::Policy(PolicyCmd::Check { file }) => policy::check(&config, file).await,
         Command::Policy(PolicyCmd::Force { file }) => policy::force(&config, file),
-        Command::Policy(PolicyCmd::Explain { app, device, scope }) => {
-            policy::explain(&config, &app, &device, &scope).await
-        }
-        Command::Keys(KeysCmd::List) => keys::list(&config).await,
+        Command::Policy(PolicyCmd::Explain {
+            app,
+            device,
+            scope,
+            json,
+        }) => policy::explain(&config, &app, &device, &scope, json).await,
+        Command::Keys(KeysCmd::List { json }) => keys::list(&config, json).await,
         Command::Keys(KeysCmd::Rotate) => keys::rotate(&config).await,
-        Command::Audit { limit } => audit::print(&config, limit).await,
+        Command::Audit(args) => audit::print(&config, args).await,
+        Command::Revocations { json } => revocations::list(&config, json).await,
         Command::Revoke(args) => remote::revoke(&config, args).await,
-        Command::AccessToken { who, device, scope } => {
-            remote::access_token(&config, &who, &device, &scope).await
-        }
+        Command::AccessToken {
+            who,
+            device,
+            scope,
+            json,
+        } => remote::access_token(&config, &who, &device, &scope, json).await,
         Command::Watch { who, count } => remote::watch(&config, &who, count).await,
         Command::Init { .. }
         | Command::Default { .. }
         | Command::Keygen { .. }
-        | Command::BrokerAcl { .. } => {
+        | Command::BrokerAcl { .. }
+        | Command::Present(_)
+        | Command::Token(_)
+        | Command::Completions { .. } => {
             unreachable!("handled before the config is loaded")
         }
     }

@@ -64,12 +64,14 @@ pub(super) fn force(config: &HubConfig, file: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Explains whether an app would get scopes on a device; fails on a denial, like `grep`.
+/// Explains whether an app would get scopes on a device; fails on a denial, like `grep`
+/// (after printing the explanation, as JSON too).
 pub(super) async fn explain(
     config: &HubConfig,
     app: &str,
     device: &str,
     scope: &str,
+    json: bool,
 ) -> Result<()> {
     let store = open_store(config)?;
     let policy = Policy::load(&config.policy)?;
@@ -83,7 +85,34 @@ pub(super) async fn explain(
         .with_context(|| format!("no client `{device}`"))?;
     let scopes = Scopes::parse(scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
     let explanation = policy.explain_access(&app, &device, &scopes);
-    println!("{explanation}");
+    if json {
+        let (grant, denial) = match &explanation.verdict {
+            Ok(g) => (
+                serde_json::json!({
+                    "scope": g.scope,
+                    "lifetime_s": g.lifetime_s,
+                    "grant_lifetime_s": g.grant_lifetime_s,
+                }),
+                serde_json::Value::Null,
+            ),
+            Err(d) => (
+                serde_json::Value::Null,
+                serde_json::json!({ "code": d.code.as_str(), "reason": d.reason }),
+            ),
+        };
+        let document = serde_json::json!({
+            "app": app.id,
+            "device": device.id,
+            "requested": scopes.as_str(),
+            "allowed": explanation.verdict.is_ok(),
+            "grant": grant,
+            "denial": denial,
+            "lines": explanation.lines,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        println!("{explanation}");
+    }
     // Like `grep`, the exit status answers the question, for scripts.
     if let Err(denial) = &explanation.verdict {
         bail!(

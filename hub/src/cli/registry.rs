@@ -56,6 +56,43 @@ pub(super) async fn add_device(
     Ok(())
 }
 
+/// `device reprovision`: a device revoked whole (or one that never enrolled) gets a new
+/// key or one-time enrollment code and enrolls again; its old key is never accepted again.
+pub(super) async fn reprovision_device(
+    config: &HubConfig,
+    id: &str,
+    key: Option<PathBuf>,
+    enrollment_code: bool,
+) -> Result<()> {
+    let store = open_store(config)?;
+    let (public_key, code) = match (key, enrollment_code) {
+        (Some(k), false) => (Some(keyfile::read_public(&k)?.to_sec1().to_vec()), None),
+        (None, true) => (None, Some(new_enrollment_code()?)),
+        _ => bail!("give the device's new public key (--key) or ask for --enrollment-code"),
+    };
+    store
+        .reprovision_device(
+            id,
+            public_key,
+            code.as_deref().map(EnrollmentCode::derive_key),
+        )
+        .await
+        .with_context(|| format!("cannot provision device {id} again"))?;
+    println!(
+        "device {id} is provisioned again: it enrolls with {}; tokens revoked before stay \
+         revoked",
+        if code.is_some() {
+            "the code below (the agent makes a new key)"
+        } else {
+            "the new key"
+        }
+    );
+    if let Some(code) = code {
+        println!("one-time enrollment code: {code}");
+    }
+    Ok(())
+}
+
 /// Refuses a client id the hub's tokens or connection already use: the policy's
 /// `device_audience` (a client with that id would find itself the audience of every
 /// device token of the fleet, and accept them all as its own), the hub's id (the issuer of
@@ -194,20 +231,55 @@ pub(super) async fn add_keyed(
     Ok(())
 }
 
+/// Where a client is in its life, as `client list` shows it.
+fn client_state(c: &ClientRecord) -> &'static str {
+    match (c.revoked_at, c.enrolled_at, &c.public_key) {
+        (Some(_), _, _) => "revoked",
+        (None, Some(_), _) => "enrolled",
+        (None, None, Some(_)) => "key registered",
+        (None, None, None) => "awaiting enrollment",
+    }
+}
+
+/// One client as `client list --json` prints it: times as Unix seconds, and as RFC 3339 in
+/// the same name with `_rfc3339`; the key by its id (never an enrollment code's hash).
+fn client_json(c: &ClientRecord) -> serde_json::Value {
+    let kid = c
+        .public_key
+        .as_deref()
+        .and_then(|k| tessera_shared::crypto::PublicKey::from_sec1(k).ok())
+        .map(|k| hex::encode(k.kid()));
+    serde_json::json!({
+        "id": c.id,
+        "kind": c.kind.as_str(),
+        "role": c.role,
+        "groups": c.groups,
+        "state": client_state(c),
+        "kid": kid,
+        "created_at": c.created_at,
+        "created_at_rfc3339": super::when::rfc3339_s(c.created_at),
+        "enrolled_at": c.enrolled_at,
+        "enrolled_at_rfc3339": c.enrolled_at.map(super::when::rfc3339_s),
+        "revoked_at": c.revoked_at,
+        "revoked_at_rfc3339": c.revoked_at.map(super::when::rfc3339_s),
+    })
+}
+
 pub(super) async fn client_cmd(config: &HubConfig, cmd: ClientCmd) -> Result<()> {
     let store = open_store(config)?;
     match cmd {
-        ClientCmd::List { kind } => {
+        ClientCmd::List { kind, json } => {
             let kind = kind
                 .map(|k| ClientKind::parse(&k).with_context(|| format!("unknown kind `{k}`")))
                 .transpose()?;
-            for c in store.clients(kind).await? {
-                let state = match (c.revoked_at, c.enrolled_at, &c.public_key) {
-                    (Some(_), _, _) => "revoked",
-                    (None, Some(_), _) => "enrolled",
-                    (None, None, Some(_)) => "key registered",
-                    (None, None, None) => "awaiting enrollment",
-                };
+            let clients = store.clients(kind).await?;
+            if json {
+                let rows: Vec<serde_json::Value> = clients.iter().map(client_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            for c in clients {
+                let state = client_state(&c);
                 println!(
                     "{:<24} {:<8} role={:<14} groups={:<20} {state}",
                     c.id,
@@ -234,11 +306,20 @@ pub(super) async fn client_cmd(config: &HubConfig, cmd: ClientCmd) -> Result<()>
                 .await?
             {
                 Some(out) => println!(
-                    "role of {id} is now {role}; {} tokens it no longer allows are revoked \
-                     ({} entries, {} devices told to refresh; published by the running hub)",
-                    out.revoked,
-                    out.entry_count(),
-                    out.controls.len()
+                    "role of {id} is now {role}; {} it no longer allows {} revoked \
+                     ({}, {} told to refresh; published by the running hub)",
+                    super::text::counted(
+                        usize::try_from(out.revoked).unwrap_or(usize::MAX),
+                        "token",
+                        "tokens"
+                    ),
+                    if out.revoked == 1 { "is" } else { "are" },
+                    super::text::counted(
+                        usize::try_from(out.entry_count()).unwrap_or(usize::MAX),
+                        "entry",
+                        "entries"
+                    ),
+                    super::text::counted(out.controls.len(), "device", "devices")
                 ),
                 None => println!("role of {id} is now {role}; no live token had to be revoked"),
             }

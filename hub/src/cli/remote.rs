@@ -122,8 +122,17 @@ pub(super) async fn revoke(config: &HubConfig, args: RevokeArgs) -> Result<()> {
         return Err(e);
     }
     println!(
-        "revoked {revoked} (durable): {entries} revocation entries published, \
-         {notified} devices told on their control topic"
+        "revoked {revoked} (durable): {} published, {} told on their control topic",
+        super::text::counted(
+            usize::try_from(entries).unwrap_or(usize::MAX),
+            "revocation entry",
+            "revocation entries"
+        ),
+        super::text::counted(
+            usize::try_from(notified).unwrap_or(usize::MAX),
+            "device",
+            "devices"
+        )
     );
     Ok(())
 }
@@ -133,6 +142,7 @@ pub(super) async fn access_token(
     who: &Identity,
     device: &str,
     scope: &str,
+    json: bool,
 ) -> Result<()> {
     validate_id(device).map_err(|_| anyhow::anyhow!("invalid device id `{device}`"))?;
     let scopes = Scopes::parse(scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
@@ -148,6 +158,16 @@ pub(super) async fn access_token(
         .await;
     client.close().await;
     match answer? {
+        // The refresh grant stays out of the output: a token needs its holder's key, a
+        // grant is closer to a secret.
+        Answer::Token { token, .. } if json => {
+            let document = serde_json::json!({
+                "token": hex::encode(&token),
+                "token_hash": hex::encode(tessera_shared::revocation::token_hash(&token)),
+                "claims": super::inspect::dangerous_claims_of_issued(&token)?,
+            });
+            println!("{}", serde_json::to_string_pretty(&document)?);
+        }
         Answer::Token { token, .. } => println!("{}", hex::encode(token)),
         other => bail!("unexpected answer: {other:?}"),
     }

@@ -10,14 +10,14 @@ use tessera_hub::config::{self, HubConfig};
 use tessera_hub::keyfile;
 use tessera_hub::keys::{self, Kek, KeyRing};
 use tessera_hub::pipeline::Hub;
-use tessera_hub::policy::{Policy, SharedPolicy};
+use tessera_hub::policy::Policy;
+use tessera_hub::policy_change;
 use tessera_hub::server::{self, ServeConfig};
 use tessera_hub::store::Sqlite;
 use tessera_shared::message::validate_id;
 
 use super::keys::print_trust_anchor;
 use super::open_store;
-use super::registry::check_audience_is_free;
 
 /// The files `init` creates in a hub directory, besides the database.
 const HUB_FILES: [&str; 4] = [
@@ -112,12 +112,12 @@ fn refuse_existing_hub(dir: &Path) -> Result<()> {
 /// hub never leaves a stale lock. Commands that change the database while a hub serves
 /// (`keys rotate`, `client add`…) do not take it: every change is its own SQLite
 /// transaction, which the serving hub sees.
-struct HubLock {
+pub(super) struct HubLock {
     _file: std::fs::File,
 }
 
 impl HubLock {
-    fn acquire(path: &Path, what: &str) -> Result<Self> {
+    pub(super) fn acquire(path: &Path, what: &str) -> Result<Self> {
         use std::io::{Read, Seek, Write};
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -176,8 +176,24 @@ pub(super) async fn serve(
     // Held until the process exits (a kill -9 too: the kernel drops the lock with it).
     let _lock = HubLock::acquire(&config.lock_file(), "serve")?;
     let store = open_store(&config)?;
-    let policy = SharedPolicy::load(&config.policy)?;
-    check_audience_is_free(&store, &policy.current(), &config.policy).await?;
+    check_writable(&config.database)?;
+    // Reviewed as a SIGHUP reload would review it: it may have changed while the hub was
+    // stopped.
+    let (policy, _) = policy_change::load_at_start(
+        &store,
+        &config.policy,
+        &config.reload_limits(),
+        SystemClock.now_ms(),
+    )
+    .await
+    .map_err(|e| match e {
+        e @ policy_change::ReloadError::Refused { .. } => anyhow::Error::new(e).context(format!(
+            "not serving with this policy: fix it, or apply it anyway with `tessera-hub policy \
+             force {}` and start again",
+            config.policy.display()
+        )),
+        e => e.into(),
+    })?;
     let kek = Arc::new(Kek::load(config.kek_file.as_deref())?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let keys = KeyRing::load(&store, &kek, &config.hub_id, clock.now()).await?;
@@ -210,7 +226,48 @@ pub(super) async fn serve(
     // Installed before serving, so a SIGTERM from the first moment drains rather than kills.
     let shutdown = shutdown_signal()?;
     // Not logged here as well: `main` prints the error, to the same stderr as the log.
-    server::run(hub, serve_config, shutdown).await?;
+    let database = config.database.display().to_string();
+    server::run(hub, serve_config, shutdown)
+        .await
+        .map_err(|e| match e {
+            e @ server::ServeError::StorageFailed { .. } => {
+                anyhow::Error::new(e).context(format!("database {database}"))
+            }
+            e => e.into(),
+        })?;
+    Ok(())
+}
+
+/// Fails unless the database takes a durable write: a hub that cannot write it would
+/// answer every request `internal`. Writes the schema version back unchanged, in a
+/// transaction of its own, through a connection of its own.
+fn check_writable(database: &Path) -> Result<()> {
+    use rusqlite::{Connection, OpenFlags};
+    let unwritable = |e: rusqlite::Error| {
+        anyhow::anyhow!(
+            "the database {} cannot be written ({e}): `serve` must write it (a read-only \
+             file or file system, its permissions, or a full disk?)",
+            database.display()
+        )
+    };
+    // READ_WRITE without CREATE: SQLite falls back to read-only when the file is, and the
+    // write below then fails.
+    let conn = Connection::open_with_flags(
+        database,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unwritable)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(unwritable)?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(unwritable)?;
+    let written = conn
+        .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+        .and_then(|version| conn.pragma_update(None, "user_version", version))
+        .and_then(|()| conn.execute_batch("COMMIT"));
+    if let Err(e) = written {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(unwritable(e));
+    }
     Ok(())
 }
 

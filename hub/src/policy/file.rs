@@ -155,6 +155,15 @@ impl RoleKindFile {
             Self::Operator => "operator",
         }
     }
+
+    /// The name after its indefinite article: "a device", "an operator".
+    fn with_article(self) -> &'static str {
+        match self {
+            Self::Device => "a device",
+            Self::App => "an app",
+            Self::Operator => "an operator",
+        }
+    }
 }
 
 /// Every role has the same keys in the file; which ones a kind may use is checked in
@@ -477,9 +486,9 @@ impl AccessFile {
                 Some(r) if r.kind != RoleKindFile::App => p.push(
                     at,
                     format!(
-                        "role {role:?} is a {} role, not an app role (only apps obtain \
+                        "role {role:?} is {} role, not an app role (only apps obtain \
                          access tokens)",
-                        r.kind.name()
+                        r.kind.with_article()
                     ),
                 ),
                 Some(_) => {}
@@ -677,6 +686,26 @@ scopes = [\"door:open\"]
         assert_error(
             &text,
             "policy.toml: [[access]] #1: role \"sensor\" is a device role, not an app role",
+        );
+    }
+
+    #[test]
+    fn an_access_rule_naming_an_operator_role_says_an_operator_role() {
+        let text = format!(
+            "{ROLES}
+[roles.ops]
+kind = \"operator\"
+operations = [\"revoke\"]
+
+[[access]]
+app_roles = [\"ops\"]
+device_groups = [\"building-a\"]
+scopes = [\"door:open\"]
+"
+        );
+        assert_error(
+            &text,
+            "policy.toml: [[access]] #1: role \"ops\" is an operator role, not an app role",
         );
     }
 

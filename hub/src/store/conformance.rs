@@ -19,8 +19,8 @@ use tessera_shared::message::Command;
 use tessera_shared::revocation::{Addressed, Entry, Stream};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse, Horizons,
-    IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError,
+    AuditEvent, AuditFilter, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse,
+    Horizons, IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError,
     StoreResult, StreamRead, TokenKind, Unmatched,
 };
 use crate::revocation::{Outcome, PendingControl, Target};
@@ -68,6 +68,7 @@ where
     signing_keys(make().await).await;
     keyset_version(make().await).await;
     audit_log(make().await).await;
+    audit_query_filters(make().await).await;
     prune(make().await).await;
 }
 
@@ -2104,6 +2105,103 @@ pub async fn audit_log<S: Store>(store: S) {
         [event(1), event(2), event(3), event(4)]
     );
     assert_eq!(store.audit_tail(0).await.expect("audit_tail"), []);
+}
+
+/// `audit_query` returns the most recent events meeting every condition, by time, newest
+/// last: actor, target and action exactly, time from `since_ms` (inclusive) to `until_ms`
+/// (exclusive), at most `limit`.
+pub async fn audit_query_filters<S: Store>(store: S) {
+    let at = |ms: u64, actor: &str, action: &str, target: &str| AuditEvent {
+        at_ms: NOW * 1000 + ms,
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        outcome: "ok".to_owned(),
+        reason: format!("at {ms}"),
+        count: 1,
+    };
+    let events = vec![
+        at(0, "app-a", "access_token", "dev-a"),
+        at(10, "app-b", "access_token", "dev-a"),
+        at(20, "app-a", "access_token", "dev-b"),
+        at(30, "op-1", "revoke", "dev-a"),
+        at(40, "app-a", "access_token", "dev-a"),
+        // Appended after later ones (another replica's batch): its time decides.
+        at(5, "app-a", "access_token", "dev-a"),
+        // The same millisecond as an earlier row: the order appended decides.
+        at(40, "app-b", "access_token", "dev-a"),
+    ];
+    store.audit(events.clone()).await.expect("audit");
+    let query = |filter: AuditFilter| {
+        let store = &store;
+        async move { store.audit_query(&filter).await.expect("audit_query") }
+    };
+    let picked = |indices: &[usize]| -> Vec<AuditEvent> {
+        indices.iter().map(|&i| events[i].clone()).collect()
+    };
+    let all = AuditFilter::tail(100);
+
+    assert_eq!(query(all.clone()).await, picked(&[0, 5, 1, 2, 3, 4, 6]));
+    assert_eq!(query(AuditFilter::tail(2)).await, picked(&[4, 6]));
+    assert_eq!(query(AuditFilter::tail(0)).await, []);
+    assert_eq!(
+        query(AuditFilter {
+            actor: Some("app-a".into()),
+            ..all.clone()
+        })
+        .await,
+        picked(&[0, 5, 2, 4])
+    );
+    assert_eq!(
+        query(AuditFilter {
+            actor: Some("app-a".into()),
+            target: Some("dev-a".into()),
+            limit: 2,
+            ..all.clone()
+        })
+        .await,
+        picked(&[5, 4]),
+        "the most recent matches"
+    );
+    assert_eq!(
+        query(AuditFilter {
+            action: Some("revoke".into()),
+            ..all.clone()
+        })
+        .await,
+        picked(&[3])
+    );
+    assert_eq!(
+        query(AuditFilter {
+            since_ms: Some(NOW * 1000 + 10),
+            until_ms: Some(NOW * 1000 + 30),
+            ..all.clone()
+        })
+        .await,
+        picked(&[1, 2]),
+        "from inclusive, until exclusive"
+    );
+    assert_eq!(
+        query(AuditFilter {
+            target: Some("dev-c".into()),
+            ..all.clone()
+        })
+        .await,
+        []
+    );
+    assert_eq!(
+        query(AuditFilter {
+            actor: Some("app-b".into()),
+            target: Some("dev-a".into()),
+            since_ms: Some(NOW * 1000 + 5),
+            until_ms: Some(NOW * 1000 + 41),
+            limit: 1,
+            ..all.clone()
+        })
+        .await,
+        picked(&[6]),
+        "every condition at once"
+    );
 }
 
 /// `prune` forgets exactly what is before its horizon: issued tokens, grants and nonces

@@ -11,7 +11,7 @@ mod sqlite;
 
 use std::future::Future;
 
-pub use sqlite::Sqlite;
+pub use sqlite::{BackupSummary, Sqlite, StagedRestore};
 use tessera_shared::revocation::Addressed;
 
 use crate::revocation::{Change, Outcome, PendingControl, Target};
@@ -225,6 +225,46 @@ pub struct AuditEvent {
     /// aggregated a flood of refusals from one client into one row per window; `at_ms` is
     /// then the first of them).
     pub count: u64,
+}
+
+/// Which audit events [`Store::audit_query`] returns: those meeting every condition set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only this actor's decisions (a client id, or `hub` for its own).
+    pub actor: Option<String>,
+    /// Only decisions about this target (a device id, a token id…).
+    pub target: Option<String>,
+    /// Only this action (`access_token`, `revoke`…).
+    pub action: Option<String>,
+    /// Only events at or after this time (Unix milliseconds).
+    pub since_ms: Option<u64>,
+    /// Only events before this time (Unix milliseconds).
+    pub until_ms: Option<u64>,
+    /// At most this many: the most recent of those that match.
+    pub limit: usize,
+}
+
+impl AuditFilter {
+    /// The most recent `limit` events, whatever they are.
+    pub fn tail(limit: usize) -> Self {
+        Self {
+            actor: None,
+            target: None,
+            action: None,
+            since_ms: None,
+            until_ms: None,
+            limit,
+        }
+    }
+
+    /// Whether `event` meets every condition (the limit aside).
+    pub fn matches(&self, event: &AuditEvent) -> bool {
+        self.actor.as_ref().is_none_or(|a| *a == event.actor)
+            && self.target.as_ref().is_none_or(|t| *t == event.target)
+            && self.action.as_ref().is_none_or(|a| *a == event.action)
+            && self.since_ms.is_none_or(|t| event.at_ms >= t)
+            && self.until_ms.is_none_or(|t| event.at_ms < t)
+    }
 }
 
 /// What [`Store::prune`] forgets: everything whose time is before its horizon.
@@ -492,6 +532,43 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the storage refuses writes for good: a read-only database or file system,
+    /// an I/O error, a full disk, a database that can no longer be opened, corruption, or
+    /// a store writer that has stopped. Retrying will not help; the hub stops rather than
+    /// answer every request `internal`. Not so for a database locked by another process
+    /// past the busy timeout (transient), nor for a refusal of one write
+    /// ([`StoreError::Conflict`], [`StoreError::NotFound`]).
+    ///
+    /// The backend keeps only the message, so this reads SQLite's fixed text for each of
+    /// those result codes (`sqlite3_errstr`); the store's tests pin them against SQLite.
+    pub fn is_persistent_write_failure(&self) -> bool {
+        /// SQLite's messages for SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL,
+        /// SQLITE_CANTOPEN, SQLITE_CORRUPT and SQLITE_NOTADB, and the store's own when
+        /// its writer thread is gone.
+        const PERSISTENT: [&str; 7] = [
+            "attempt to write a readonly database",
+            "disk i/o error",
+            "database or disk is full",
+            "unable to open database file",
+            "database disk image is malformed",
+            "file is not a database",
+            "the store's writer has stopped",
+        ];
+        match self {
+            StoreError::Backend(message) => {
+                let message = message.to_ascii_lowercase();
+                PERSISTENT.iter().any(|text| message.contains(text))
+            }
+            StoreError::Corrupt(_) => true,
+            StoreError::Conflict(_)
+            | StoreError::NotFound(_)
+            | StoreError::NoDatabase { .. }
+            | StoreError::DatabaseExists { .. } => false,
+        }
+    }
+}
+
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -532,6 +609,18 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
         leeway: u64,
     ) -> impl Future<Output = StoreResult<Outcome>> + Send;
+    /// Provisions a device again, with a new key (`public_key`, SEC1) or one-time
+    /// enrollment code (`code_key`): a device revoked whole (PROTOCOL.md §8.5.1), or one
+    /// that never enrolled. It must enroll again; the tokens revoked with it stay revoked.
+    /// [`StoreError::Conflict`] for an enrolled device that is not revoked, a client that
+    /// is not a device, or a key a revoked device held; [`StoreError::NotFound`] if there
+    /// is no such client.
+    fn reprovision_device(
+        &self,
+        id: &str,
+        public_key: Option<Vec<u8>>,
+        code_key: Option<[u8; 32]>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Adds many clients in one transaction: all or none
     /// ([`StoreError::Conflict`] names the first id that exists).
     fn add_clients(
@@ -707,4 +796,32 @@ pub trait Store: Send + Sync + 'static {
     /// The most recent audit events, newest last.
     fn audit_tail(&self, limit: usize)
     -> impl Future<Output = StoreResult<Vec<AuditEvent>>> + Send;
+
+    /// The most recent audit events that match `filter`, at most `filter.limit` of them,
+    /// by time, newest last (events of the same millisecond in the order appended).
+    /// Unlike [`Store::audit_tail`], time decides, not the order of appending: replicas
+    /// append their batches a little out of time order.
+    ///
+    /// The audit log can be large: a backend filters where the data lives (SQLite in SQL,
+    /// with an index on time). This provided version reads the whole log and filters it in
+    /// memory, for fakes and wrappers only.
+    fn audit_query(
+        &self,
+        filter: &AuditFilter,
+    ) -> impl Future<Output = StoreResult<Vec<AuditEvent>>> + Send {
+        let filter = filter.clone();
+        async move {
+            let mut events: Vec<AuditEvent> = self
+                .audit_tail(usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect();
+            // Stable: the same millisecond stays in the order appended.
+            events.sort_by_key(|e| e.at_ms);
+            let skip = events.len().saturating_sub(filter.limit);
+            events.drain(..skip);
+            Ok(events)
+        }
+    }
 }

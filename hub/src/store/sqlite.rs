@@ -33,11 +33,14 @@ use tessera_shared::message::Command;
 use tessera_shared::revocation::{Addressed, Entry, MAX_LEEWAY, Stream, TOKEN_HASH_LEN};
 
 use super::{
-    AuditEvent, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantState, GrantUse,
-    Horizons, IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError,
-    StoreResult, StreamRead, StreamState, TokenKind, Unmatched, WriteStats,
+    AuditEvent, AuditFilter, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantState,
+    GrantUse, Horizons, IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store,
+    StoreError, StoreResult, StreamRead, StreamState, TokenKind, Unmatched, WriteStats,
 };
 use crate::revocation::{self, Change, Outcome, PendingControl, Resolved, ResolvedSubject, Target};
+
+mod backup;
+pub use backup::{BackupSummary, StagedRestore};
 
 const _: () = assert!(MIGRATIONS.len() == Sqlite::SCHEMA_VERSION as usize);
 
@@ -185,6 +188,18 @@ const MIGRATIONS: &[Step] = &[
     Step::Sql(
         "ALTER TABLE audit_log ADD COLUMN count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1);",
     ),
+    // 4: the keys of devices revoked whole, never accepted again (PROTOCOL.md §8.5.1).
+    Step::Sql(
+        "CREATE TABLE retired_keys (
+            public_key BLOB PRIMARY KEY NOT NULL,
+            client TEXT NOT NULL,
+            retired_at INTEGER NOT NULL
+        ) STRICT;",
+    ),
+    // 5: the audit log read by time (`tessera-hub audit --since/--until`) and pruned by
+    // time, without scanning it whole. Rows arrive in time order, so the index only grows
+    // at its end.
+    Step::Sql("CREATE INDEX audit_log_by_time ON audit_log (at_ms);"),
 ];
 
 /// The tables of schema version 2.
@@ -509,7 +524,7 @@ impl Readers {
 impl Sqlite {
     /// The schema version this code writes (`PRAGMA user_version` after migrating): the
     /// number of migration steps.
-    pub const SCHEMA_VERSION: u32 = 3;
+    pub const SCHEMA_VERSION: u32 = 5;
 
     /// Opens the existing database at `path` as [`Sqlite::open`] does, but never creates
     /// one: [`StoreError::NoDatabase`] if there is no such file. Every hub command but
@@ -588,6 +603,53 @@ impl Sqlite {
     pub fn open_in_memory() -> StoreResult<Self> {
         let conn = Connection::open_in_memory().ctx("opening an in-memory database")?;
         Self::start(Self::configure(conn, false)?, None)
+    }
+
+    /// Which of `ids` are registered clients, in one query however many there are (`device
+    /// import` reports every id of a file that is taken before writing anything).
+    pub async fn registered_among(
+        &self,
+        ids: Vec<String>,
+    ) -> StoreResult<std::collections::HashSet<String>> {
+        self.read("registered_among", move |conn| {
+            let ids = serde_json::to_string(&ids)
+                .map_err(|e| StoreError::Backend(format!("encoding the ids: {e}")))?;
+            let mut stmt = conn
+                .prepare("SELECT c.id FROM json_each(?1) j JOIN clients c ON c.id = j.value")
+                .ctx("preparing the id lookup")?;
+            let mut rows = stmt.query(params![ids]).ctx("looking the ids up")?;
+            let mut found = std::collections::HashSet::new();
+            while let Some(row) = rows.next().ctx("reading a row")? {
+                found.insert(text(row, 0, "client id")?);
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// Which of `keys` (SEC1) belonged to devices revoked whole, each with that device: such
+    /// a key is never accepted again. One query however many keys there are.
+    pub async fn retired_among(&self, keys: Vec<Vec<u8>>) -> StoreResult<HashMap<Vec<u8>, String>> {
+        self.read("retired_among", move |conn| {
+            let keys = serde_json::to_string(&keys.iter().map(hex::encode).collect::<Vec<_>>())
+                .map_err(|e| StoreError::Backend(format!("encoding the keys: {e}")))?;
+            let mut stmt = conn
+                .prepare(
+                    "SELECT r.public_key, r.client FROM json_each(?1) j
+                     JOIN retired_keys r ON r.public_key = unhex(j.value)",
+                )
+                .ctx("preparing the key lookup")?;
+            let mut rows = stmt.query(params![keys]).ctx("looking the keys up")?;
+            let mut found = HashMap::new();
+            while let Some(row) = rows.next().ctx("reading a row")? {
+                found.insert(
+                    blob(row, 0, "retired key")?,
+                    text(row, 1, "retired key holder")?,
+                );
+            }
+            Ok(found)
+        })
+        .await
     }
 
     fn configure(mut conn: Connection, wal: bool) -> StoreResult<Connection> {
@@ -1119,6 +1181,12 @@ fn load_clients(conn: &Connection, kind: Option<ClientKind>) -> StoreResult<Vec<
 
 /// Inserts one client with its groups.
 fn insert_client(tx: &Connection, client: &ClientRecord) -> StoreResult<()> {
+    if let Some(key) = &client.public_key {
+        refuse_retired_key(tx, key).map_err(|e| match e {
+            Abort::Refused(r) => StoreError::Conflict(format!("client {:?}: {r}", client.id)),
+            Abort::Store(e) => e,
+        })?;
+    }
     tx.prepare_cached(&format!(
         "INSERT INTO clients ({CLIENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     ))
@@ -1167,9 +1235,35 @@ fn client_without_groups(conn: &Connection, id: &str) -> StoreResult<Option<Clie
     .pop())
 }
 
+/// Refuses a key a device revoked whole held ([`Refused::Conflict`] naming that device).
+fn refuse_retired_key(tx: &Connection, key: &[u8]) -> Result<(), Abort> {
+    let holder: Option<String> = tx
+        .prepare_cached("SELECT client FROM retired_keys WHERE public_key = ?1")
+        .ctx("preparing the retired key read")?
+        .query_row(params![key], |row| row.get(0))
+        .optional()
+        .ctx("reading the retired keys")?;
+    match holder {
+        Some(device) => Err(Abort::from(Refused::Conflict(format!(
+            "this key belonged to device {device:?}, which was revoked: a revoked device's \
+             key is never accepted again; make a new key"
+        )))),
+        None => Ok(()),
+    }
+}
+
 /// Marks a client revoked at `at`. A second revocation keeps the first time. A device
-/// loses its key and enrollment; other clients keep their registered key for the record.
+/// loses its key and enrollment, and its key is retired for good ([`refuse_retired_key`]);
+/// other clients keep their registered key for the record.
 fn revoke_client(tx: &Connection, id: &str, at: u64) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO retired_keys (public_key, client, retired_at)
+         SELECT public_key, id, ?2 FROM clients
+         WHERE id = ?1 AND kind = 'device' AND public_key IS NOT NULL",
+    )
+    .ctx("preparing the key retirement")?
+    .execute(params![id, stored(at, "revoked_at")?])
+    .ctx("retiring the device's key")?;
     let n = tx
         .prepare_cached(
             "UPDATE clients SET
@@ -1653,6 +1747,7 @@ fn enroll_in(tx: &Connection, id: &str, key: &[u8], at: u64) -> Result<(), Abort
     let Some((current, enrolled_at, revoked_at)) = row else {
         return Err(Abort::from(Refused::NotFound(format!("client {id:?}"))));
     };
+    refuse_retired_key(tx, key)?;
     if revoked_at.is_some() {
         return Err(Abort::from(Refused::Conflict(format!(
             "client {id:?} is revoked"
@@ -1816,6 +1911,48 @@ impl Store for Sqlite {
     async fn add_client(&self, client: ClientRecord) -> StoreResult<()> {
         self.write("add_client", move |tx| {
             insert_client(tx, &client)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reprovision_device(
+        &self,
+        id: &str,
+        public_key: Option<Vec<u8>>,
+        code_key: Option<[u8; 32]>,
+    ) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.write("reprovision_device", move |tx| {
+            let Some(client) = client_without_groups(tx, &id)? else {
+                return Err(StoreError::NotFound(format!("client {id:?}")));
+            };
+            if client.kind != ClientKind::Device {
+                return Err(StoreError::Conflict(format!(
+                    "{id:?} is an {}, not a device",
+                    client.kind.as_str()
+                )));
+            }
+            if client.revoked_at.is_none() && client.enrolled_at.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "device {id:?} is enrolled and not revoked: revoke it first (that cuts its \
+                     key and tokens), then provision it again"
+                )));
+            }
+            if let Some(key) = &public_key {
+                refuse_retired_key(tx, key).map_err(|e| match e {
+                    Abort::Refused(r) => StoreError::Conflict(r.to_string()),
+                    Abort::Store(e) => e,
+                })?;
+            }
+            tx.prepare_cached(
+                "UPDATE clients SET public_key = ?2, enrollment_code_key = ?3,
+                    enrolled_at = NULL, revoked_at = NULL
+                 WHERE id = ?1",
+            )
+            .ctx("preparing the reprovisioning")?
+            .execute(params![id, public_key, code_key.as_ref().map(|k| &k[..])])
+            .ctx("reprovisioning the device")?;
             Ok(())
         })
         .await
@@ -2449,6 +2586,39 @@ impl Store for Sqlite {
                   ORDER BY id DESC LIMIT ?1)
                  ORDER BY id",
                 params![limit],
+                audit_row,
+            )
+        })
+        .await
+    }
+
+    async fn audit_query(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditEvent>> {
+        let AuditFilter {
+            actor,
+            target,
+            action,
+            since_ms,
+            until_ms,
+            limit,
+        } = filter.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let since = since_ms.map_or(0, bound);
+        let until = until_ms.map_or(i64::MAX, bound);
+        self.read("audit_query", move |conn| {
+            // The newest matches first, so LIMIT keeps the most recent; then back in order.
+            // `audit_log_by_time` holds (at_ms, id): walked backwards it gives this order
+            // without sorting, and the walk stops at the limit.
+            collect(
+                conn,
+                "SELECT at_ms, actor, action, target, outcome, reason, count FROM
+                 (SELECT id, at_ms, actor, action, target, outcome, reason, count FROM audit_log
+                  WHERE at_ms >= ?1 AND at_ms < ?2
+                    AND (?3 IS NULL OR actor = ?3)
+                    AND (?4 IS NULL OR target = ?4)
+                    AND (?5 IS NULL OR action = ?5)
+                  ORDER BY at_ms DESC, id DESC LIMIT ?6)
+                 ORDER BY at_ms, id",
+                params![since, until, actor, target, action, limit],
                 audit_row,
             )
         })

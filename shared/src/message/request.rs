@@ -6,7 +6,7 @@
 //! the key in the body), then freshness of `issued_at` and uniqueness of `nonce`.
 
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::{MessageType, read_id, read_type};
 use crate::cbor::{Reader, SeenKeys, Writer};
@@ -590,15 +590,42 @@ impl<'a> SignedRequest<'a> {
 /// A code printed for a device that generates its key on first boot must not cross the
 /// broker in the clear, or anyone reading the broker could enroll their own key with it.
 /// The device sends `HMAC-SHA256(code_key, client ‖ 0x00 ‖ kid ‖ nonce)` instead, where
-/// `code_key = SHA-256("tessera-enroll-v1" ‖ code)`: bound to its key and this request.
-/// The hub stores only `code_key`.
+/// `code_key = SHA-256("tessera-enroll-v1" ‖ canonical code)`: bound to its key and this
+/// request. The hub stores only `code_key`.
+///
+/// Codes are typed by people, so the key is derived from the code's canonical form
+/// ([`EnrollmentCode::canonical_chars`]): case, spaces and the placement of dashes do not
+/// matter. The hub prints codes in that form (`K7QFM-2XD9W-PLR4T-HN6JA`).
 #[derive(Debug, Clone, Copy)]
 pub struct EnrollmentCode;
 
 impl EnrollmentCode {
-    /// The key derived from a code; what the hub stores.
+    /// Characters of a canonical code between two dashes.
+    pub const GROUP: usize = 5;
+
+    /// The key derived from a code, as typed; what the hub stores.
     pub fn derive_key(code: &str) -> [u8; 32] {
-        crate::crypto::sha256(&[b"tessera-enroll-v1", code.as_bytes()])
+        let mut h = Sha256::new();
+        h.update(b"tessera-enroll-v1");
+        let mut utf8 = [0u8; 4];
+        for c in Self::canonical_chars(code) {
+            h.update(c.encode_utf8(&mut utf8).as_bytes());
+        }
+        h.finalize().into()
+    }
+
+    /// The canonical form of a code as typed (PROTOCOL.md §8.5.1): ASCII letters in upper
+    /// case, white space and `-` left out, then a `-` after every [`Self::GROUP`]
+    /// characters but the last. `k7qfm 2xd9w-plr4thn6ja` reads as `K7QFM-2XD9W-PLR4T-HN6JA`.
+    pub fn canonical_chars(code: &str) -> impl Iterator<Item = char> + '_ {
+        code.chars()
+            .filter(|c| !c.is_whitespace() && *c != '-')
+            .map(|c| c.to_ascii_uppercase())
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let dash = (i > 0 && i % Self::GROUP == 0).then_some('-');
+                dash.into_iter().chain(core::iter::once(c))
+            })
     }
 
     /// The proof a device puts in its enrollment request.
@@ -810,6 +837,32 @@ mod tests {
             Request::decode(&buf[..n]),
             Err(DecodeError::InvalidValue("message type").into())
         );
+    }
+
+    #[test]
+    fn enrollment_codes_are_read_as_typed_by_people() {
+        let printed = "K7QFM-2XD9W-PLR4T-HN6JA";
+        let canonical: heapless::String<32> =
+            EnrollmentCode::canonical_chars(" k7qfm 2xd9w-PLR4THN6ja\n").collect();
+        assert_eq!(canonical.as_str(), printed);
+        let key = EnrollmentCode::derive_key(printed);
+        // A printed code is its own canonical form: the key of a code issued before codes
+        // were canonicalized is unchanged.
+        assert_eq!(
+            key,
+            crate::crypto::sha256(&[b"tessera-enroll-v1", printed.as_bytes()])
+        );
+        for typed in [
+            "k7qfm-2xd9w-plr4t-hn6ja",
+            "K7QFM2XD9WPLR4THN6JA",
+            "K7QF M2XD 9WPL R4TH N6JA",
+            "  K7QFM-2XD9W--PLR4T-HN6JA\t",
+        ] {
+            assert_eq!(EnrollmentCode::derive_key(typed), key, "{typed:?}");
+        }
+        // Other characters still count.
+        assert_ne!(EnrollmentCode::derive_key("K7QFM-2XD9W-PLR4T-HN6JB"), key);
+        assert_ne!(EnrollmentCode::derive_key("K7QFM-2XD9W-PLR4T-HN6J"), key);
     }
 
     #[test]

@@ -412,7 +412,7 @@ async fn main() -> Result<()> {
 
     // Register the group in one command.
     let csv = hub.dir.join("fleet.csv");
-    let mut lines = String::new();
+    let mut lines = String::from("id,role,group,key\n");
     for i in 0..o.registered {
         lines.push_str(&format!("fleet-{i:05},sensor,{GROUP},\n"));
     }
@@ -422,10 +422,19 @@ async fn main() -> Result<()> {
         o.registered
     ));
     let started = Instant::now();
-    let codes = run_checked(hub.command().args(["device", "import"]).arg(&csv))?;
+    let codes_file = hub.dir.join("fleet.codes");
+    run_checked(
+        hub.command()
+            .args(["device", "import"])
+            .arg(&csv)
+            .arg("--codes")
+            .arg(&codes_file),
+    )?;
     let import_s = started.elapsed().as_secs_f64();
+    let codes = std::fs::read_to_string(&codes_file)?;
     let codes: Vec<(String, String)> = codes
         .lines()
+        .skip(1)
         .filter_map(|l| l.split_once(','))
         .map(|(id, code)| (id.to_owned(), code.to_owned()))
         .take(o.devices)

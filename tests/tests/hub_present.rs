@@ -1,0 +1,276 @@
+//! `tessera-hub present`, the control app's half of the app → device path with the shipped
+//! binaries: an app gets an access token from a real hub (`access-token`), `present` signs
+//! it for one device, and the protocol core's verifier, as a device runs it
+//! (`SignedPresentation::verify`, PROTOCOL.md §13), accepts it, or refuses it when it was
+//! signed with a key other than the token's. The last test takes the whole path: a real
+//! `tessera-agent` enrolled with a one-time code checks the presentation on its socket.
+//!
+//! The tests share one hub and broker (see `SharedHub`); each uses its own client ids.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tessera_shared::Error;
+use tessera_shared::error::ClaimsError;
+use tessera_shared::message::SignedPresentation;
+use tessera_shared::token::Validation;
+use tessera_tests::hub::{SharedHub, TestHub, TestKey, run_checked, unix_now};
+use tessera_tests::{ChildGuard, cargo_bin, wait_until_blocking};
+
+/// The presentation window devices use by default (`presentation_window_s`).
+const WINDOW_S: u64 = 60;
+
+static HUB: SharedHub = SharedHub::new();
+
+async fn hub() -> Result<Arc<TestHub>> {
+    HUB.get(|| {
+        TestHub::builder()
+            // An agent's revocation knowledge is fresh (and it checks presentations) only
+            // once a heartbeat has come.
+            .config("heartbeat_s = 30", "heartbeat_s = 1")
+            .start()
+    })
+    .await
+}
+
+/// `tessera-hub access-token` as `app` for `device` and `scope`: the token's hex.
+fn access_token(
+    hub: &TestHub,
+    app: &str,
+    key: &TestKey,
+    device: &str,
+    scope: &str,
+) -> Result<String> {
+    let mut args = vec!["access-token".to_owned()];
+    args.extend(hub.dir().identity_args(app, key));
+    args.extend(["--device", device, "--scope", scope].map(String::from));
+    let printed = hub
+        .dir()
+        .run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(printed.trim().to_owned())
+}
+
+/// `tessera-hub present --key <key> --token <hex> --device <device>`: the presentation.
+fn present(hub: &TestHub, key: &TestKey, token_hex: &str, device: &str) -> Result<Vec<u8>> {
+    let key = key.private_path().to_string_lossy().into_owned();
+    let printed = hub.dir().run(&[
+        "present", "--key", &key, "--token", token_hex, "--device", device,
+    ])?;
+    hex::decode(printed.trim()).context("present prints hex")
+}
+
+/// What a device with id `device` decides about `presentation` for `scope` now.
+fn device_checks<'a>(
+    hub: &TestHub,
+    presentation: &'a [u8],
+    device: &str,
+    scope: &str,
+) -> Result<SignedPresentation<'a>, Error> {
+    let validation = Validation::new(unix_now(), device)
+        .with_scope(scope)
+        .with_issuer(hub.dir().hub_id());
+    SignedPresentation::verify(presentation, &hub.trust_anchor(), &validation, WINDOW_S)
+}
+
+#[tokio::test]
+async fn a_presentation_built_by_the_cli_is_accepted_by_its_device_for_the_tokens_scope()
+-> Result<()> {
+    let hub = hub().await?;
+    let (device, app) = ("pr-door-1", "pr-app-1");
+    hub.dir().add_device(device, "sensor", &["building-a"])?;
+    let app_key = hub.dir().add_app(app, "controller")?;
+    let token = access_token(&hub, app, &app_key, device, "door:open")?;
+
+    let before = unix_now();
+    let presentation = present(&hub, &app_key, &token, device)?;
+    let accepted = device_checks(&hub, &presentation, device, "door:open")
+        .map_err(|e| anyhow::anyhow!("the device refused the CLI's presentation: {e}"))?;
+    assert_eq!(accepted.token.claims().sub, app, "presented by the app");
+    assert_eq!(accepted.token.as_bytes(), hex::decode(&token)?.as_slice());
+    assert!(
+        (before..=unix_now()).contains(&accepted.issued_at),
+        "issued_at is now: {} not in {before}..",
+        accepted.issued_at
+    );
+
+    // Each presentation has a fresh nonce, so a device's replay cache takes both.
+    let again = present(&hub, &app_key, &token, device)?;
+    let second = device_checks(&hub, &again, device, "door:open").map_err(anyhow::Error::msg)?;
+    assert_ne!(accepted.nonce, second.nonce, "a fresh nonce each time");
+
+    // Another device, or a scope the token does not grant, still refuses it.
+    assert_eq!(
+        device_checks(&hub, &presentation, "pr-door-other", "door:open").map(|_| ()),
+        Err(ClaimsError::WrongAudience.into())
+    );
+    assert_eq!(
+        device_checks(&hub, &presentation, device, "door:unlock").map(|_| ()),
+        Err(ClaimsError::MissingScope.into())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_presentation_signed_with_a_key_other_than_the_tokens_is_refused_as_no_proof_of_possession()
+-> Result<()> {
+    let hub = hub().await?;
+    let (device, app) = ("pr-door-2", "pr-app-2");
+    hub.dir().add_device(device, "sensor", &["building-a"])?;
+    let app_key = hub.dir().add_app(app, "controller")?;
+    let token = access_token(&hub, app, &app_key, device, "door:open")?;
+
+    // Someone who copied the token but holds another key (here a registered app's own).
+    let thief_key = hub.dir().add_app("pr-thief-2", "controller")?;
+    let stolen = present(&hub, &thief_key, &token, device)?;
+    assert_eq!(
+        device_checks(&hub, &stolen, device, "door:open").map(|_| ()),
+        Err(ClaimsError::ProofOfPossession.into())
+    );
+
+    // The app's own key on the same token passes: the key made the difference.
+    let genuine = present(&hub, &app_key, &token, device)?;
+    device_checks(&hub, &genuine, device, "door:open").map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn present_refuses_a_token_that_is_not_hex_and_a_device_id_that_is_not_an_id() -> Result<()> {
+    let hub = hub().await?;
+    let key = hub.dir().keygen("pr-app-3")?;
+    let key = key.private_path().to_string_lossy().into_owned();
+    let not_hex = hub.dir().run_failing(&[
+        "present",
+        "--key",
+        &key,
+        "--token",
+        "xyz",
+        "--device",
+        "pr-door-3",
+    ])?;
+    assert!(not_hex.contains("--token is not hex"), "{not_hex}");
+    let bad_id = hub.dir().run_failing(&[
+        "present", "--key", &key, "--token", "d284", "--device", "door 3",
+    ])?;
+    assert!(bad_id.contains("invalid device id"), "{bad_id}");
+    Ok(())
+}
+
+/// A `tessera-agent` for `device`, with its configuration and store in a temp dir.
+struct Agent {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Agent {
+    /// Writes the configuration and enrolls with the one-time `code`.
+    fn enroll(hub: &TestHub, device: &str, code: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("agent.toml");
+        // Presentations are refused for one window after the agent starts: 2 s, not 60.
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{device}\"\ntrust_anchor_file = {:?}\nsocket = {:?}\n\
+                 presentation_window_s = 2\nrequest_timeout_ms = 3000\n\
+                 [store]\ndir = {:?}\n[mqtt]\nport = {}\n",
+                hub.dir().trust_anchor_path(),
+                dir.path().join("agent.sock"),
+                dir.path().join("state"),
+                hub.broker().port(),
+            ),
+        )?;
+        let agent = Self { _dir: dir, config };
+        run_checked(
+            agent
+                .command(&["enroll", "--timeout-s", "20"])?
+                .env("TESSERA_AGENT_ENROLLMENT_CODE", code),
+        )?;
+        Ok(agent)
+    }
+
+    fn command(&self, args: &[&str]) -> Result<Command> {
+        let mut command = Command::new(cargo_bin("tessera-agent")?);
+        command.arg("--config").arg(&self.config).args(args);
+        Ok(command)
+    }
+
+    /// `status --json` of the running agent.
+    fn status(&self) -> Result<serde_json::Value> {
+        let printed = run_checked(&mut self.command(&["status", "--json"])?)?;
+        serde_json::from_str(&printed).with_context(|| format!("status --json: {printed}"))
+    }
+
+    /// `verify --scope <scope> <hex>`: its exit status and stdout.
+    fn verify(&self, scope: &str, presentation: &[u8]) -> Result<(bool, String)> {
+        let Output { status, stdout, .. } = self
+            .command(&["verify", "--scope", scope, &hex::encode(presentation)])?
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        Ok((
+            status.success(),
+            String::from_utf8_lossy(&stdout).into_owned(),
+        ))
+    }
+
+    fn config(&self) -> &Path {
+        &self.config
+    }
+}
+
+#[tokio::test]
+async fn a_running_agent_accepts_the_clis_presentation_and_refuses_it_signed_with_another_key()
+-> Result<()> {
+    let hub = hub().await?;
+    let (device, app) = ("pr-door-4", "pr-app-4");
+    let code = hub
+        .dir()
+        .add_device_with_code(device, "sensor", &["building-a"])?;
+    let app_key = hub.dir().add_app(app, "controller")?;
+    let thief_key = hub.dir().keygen("pr-thief-4")?;
+    let agent = Agent::enroll(&hub, device, &code)?;
+    let mut run = ChildGuard::spawn(&mut agent.command(&["run"])?)?;
+    wait_until_blocking(
+        "the agent to check presentations (window since start passed, revocations fresh)",
+        Duration::from_secs(30),
+        || {
+            if let Some(status) = run.try_wait()? {
+                anyhow::bail!("the agent exited ({status}):\n{}", run.output());
+            }
+            let status = agent.status()?;
+            let ready = status["revocation_fresh"] == true
+                && status["presentations_accepted_from_ms"]
+                    .as_u64()
+                    .zip(status["now_ms"].as_u64())
+                    .is_some_and(|(from, now)| now >= from);
+            Ok(ready.then_some(()))
+        },
+    )
+    .with_context(|| format!("agent {}", agent.config().display()))?;
+
+    let token = access_token(&hub, app, &app_key, device, "door:open")?;
+    let presentation = present(&hub, &app_key, &token, device)?;
+    let (accepted, printed) = agent.verify("door:open", &presentation)?;
+    assert!(
+        accepted,
+        "the agent refused the app's presentation: {printed}"
+    );
+    assert_eq!(printed.trim(), format!("accepted: presented by {app}"));
+
+    let stolen = present(&hub, &thief_key, &token, device)?;
+    let (accepted, printed) = agent.verify("door:open", &stolen)?;
+    assert!(
+        !accepted,
+        "the agent accepted a presentation signed with another key"
+    );
+    assert!(printed.contains("did not prove possession"), "{printed}");
+
+    let status = run.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "the agent stopped with {status}");
+    Ok(())
+}
