@@ -102,6 +102,8 @@ pub struct Client {
     keys: KeySet,
     mqtt: AsyncClient,
     notices: Notices,
+    /// Every topic subscribed, made again at each reconnection (the session starts clean).
+    subscriptions: Vec<(String, QoS)>,
     stop: watch::Sender<bool>,
     next_request: u64,
     /// The hub's time minus ours, learned from responses (seconds).
@@ -145,22 +147,50 @@ impl Client {
             let _ = stop.send(true);
             return Err(ClientError::Timeout(timeout));
         }
-        mqtt.subscribe(resp.as_str(), QoS::AtLeastOnce)
-            .await
-            .map_err(MqttError::from)?;
-        mqtt.subscribe(topic::KEYS, QoS::AtLeastOnce)
-            .await
-            .map_err(MqttError::from)?;
-        Ok(Self {
+        let mut client = Self {
             id: id.to_string(),
             signer,
             keys: KeySet::from_anchor(trust_anchor),
             mqtt,
             notices,
+            subscriptions: Vec::new(),
             stop,
             next_request: 1,
             clock_offset: 0,
-        })
+        };
+        client
+            .add_subscription(resp.as_str(), QoS::AtLeastOnce)
+            .await?;
+        client
+            .add_subscription(topic::KEYS, QoS::AtLeastOnce)
+            .await?;
+        Ok(client)
+    }
+
+    async fn add_subscription(&mut self, topic: &str, qos: QoS) -> Result<(), ClientError> {
+        self.mqtt
+            .subscribe(topic, qos)
+            .await
+            .map_err(MqttError::from)?;
+        self.subscriptions.push((topic.to_owned(), qos));
+        Ok(())
+    }
+
+    /// The next notice, with the subscriptions made again first when it says the
+    /// connection is back: the broker starts every session clean, so without them the
+    /// client would wait for answers it is no longer subscribed to. A request in flight
+    /// across the outage is not sent again (its answer may have gone out meanwhile, and a
+    /// second copy would be refused as a replay): it times out, and the caller asks again.
+    async fn next_notice(&mut self) -> Option<Notice> {
+        let notice = self.notices.recv().await?;
+        if matches!(notice, Notice::Connected) {
+            for (topic, qos) in &self.subscriptions {
+                if let Err(e) = self.mqtt.subscribe(topic.as_str(), *qos).await {
+                    tracing::warn!(topic, error = %e, "cannot subscribe again after reconnecting");
+                }
+            }
+        }
+        Some(notice)
     }
 
     /// Sends one request and waits up to `timeout` for its answer.
@@ -208,7 +238,7 @@ impl Client {
         let resp_topic = topic::response(&self.id).map_err(ClientError::Core)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notice = tokio::time::timeout_at(deadline, self.notices.recv())
+            let notice = tokio::time::timeout_at(deadline, self.next_notice())
                 .await
                 .map_err(|_| ClientError::Timeout(timeout))?
                 .ok_or(ClientError::Timeout(timeout))?;
@@ -273,7 +303,7 @@ impl Client {
 
     /// Waits for the next message on any subscribed topic (for `watch`).
     pub async fn next_message(&mut self) -> Option<mqtt::Incoming> {
-        while let Some(n) = self.notices.recv().await {
+        while let Some(n) = self.next_notice().await {
             if let Notice::Message(m) = n {
                 return Some(m);
             }
@@ -281,18 +311,20 @@ impl Client {
         None
     }
 
-    /// Subscribes to another topic (for `watch`).
-    pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
-        self.mqtt
-            .subscribe(topic, QoS::AtMostOnce)
-            .await
-            .map_err(|e| MqttError::from(e).into())
+    /// Subscribes to another topic (for `watch`), again after each reconnection too.
+    pub async fn subscribe(&mut self, topic: &str) -> Result<(), ClientError> {
+        self.add_subscription(topic, QoS::AtMostOnce).await
     }
 
-    /// Disconnects cleanly.
-    pub async fn close(self) {
-        let _ = self.mqtt.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Disconnects cleanly: returns once the DISCONNECT went out (the event loop ends
+    /// then, closing the notices), or after a second if the broker is unreachable.
+    pub async fn close(mut self) {
+        if self.mqtt.disconnect().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while self.notices.recv().await.is_some() {}
+            })
+            .await;
+        }
         let _ = self.stop.send(true);
     }
 }
