@@ -158,9 +158,6 @@ impl Store for PrunesFirst {
     async fn retire_key(&self, kid: &[u8; 8], retire_after: u64) -> StoreResult<()> {
         self.inner.retire_key(kid, retire_after).await
     }
-    async fn next_keyset_version(&self) -> StoreResult<u64> {
-        self.inner.next_keyset_version().await
-    }
     async fn prune(&self, horizons: Horizons) -> StoreResult<Pruned> {
         self.inner.prune(horizons).await
     }

@@ -78,7 +78,6 @@ conformance!(
     revocation_sequence_race,
     control_messages,
     signing_keys,
-    keyset_version,
     audit_log,
     prune,
 );
@@ -204,7 +203,6 @@ async fn everything_survives_closing_and_reopening_the_database() {
             .await
             .expect("revoke");
         store.add_key(key.clone()).await.expect("add_key");
-        assert_eq!(store.next_keyset_version().await.expect("version"), 1);
         assert!(
             store
                 .remember_nonce("app-a", &[3; 16], NOW, NOW + 60)
@@ -294,7 +292,6 @@ async fn everything_survives_closing_and_reopening_the_database() {
         .expect("revoke");
     assert_eq!(out.changes[0].seq, 3, "numbering continues");
     assert_eq!(store.keys().await.expect("keys"), [key]);
-    assert_eq!(store.next_keyset_version().await.expect("version"), 2);
     assert!(
         !store
             .remember_nonce("app-a", &[3; 16], NOW + 1, NOW + 61)
@@ -702,12 +699,10 @@ async fn a_version_1_database_with_data_migrates_and_stays_usable() {
         .map(|c| c.id)
         .collect();
     assert_eq!(ids, ["app-a", "dev-c", "dev-k", "ops-a"]);
-    // The signing key counts as published (version 1 keys were all published), and the key
-    // set version goes on from where it was.
+    // The signing key counts as published (version 1 keys were all published).
     let keys = store.keys().await.expect("keys");
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].published_at, Some(NOW));
-    assert_eq!(store.next_keyset_version().await.expect("version"), 8);
     // Grants, nonces and the audit log are still there.
     let grant = store
         .grant(&[0x44; 32])

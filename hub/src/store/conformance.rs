@@ -66,7 +66,6 @@ where
     revocation_sequence_race(make().await).await;
     control_messages(make().await).await;
     signing_keys(make().await).await;
-    keyset_version(make().await).await;
     audit_log(make().await).await;
     audit_query_filters(make().await).await;
     prune(make().await).await;
@@ -2050,38 +2049,6 @@ pub async fn signing_keys<S: Store>(store: S) {
     );
     let r = store.mark_key_published(&[9; 8], NOW, NOW).await;
     assert!(is_not_found(&r), "publishing an unknown key: {r:?}");
-}
-
-/// Key set versions only ever increase, even when replicas ask at once.
-pub async fn keyset_version<S: Store>(store: S) {
-    let v1 = store
-        .next_keyset_version()
-        .await
-        .expect("next_keyset_version");
-    let v2 = store
-        .next_keyset_version()
-        .await
-        .expect("next_keyset_version");
-    let v3 = store
-        .next_keyset_version()
-        .await
-        .expect("next_keyset_version");
-    assert!(v1 < v2 && v2 < v3, "{v1}, {v2}, {v3}");
-
-    let store = Arc::new(store);
-    let mut raced = race(&store, |s| async move {
-        s.next_keyset_version().await.expect("next_keyset_version")
-    })
-    .await;
-    raced.sort_unstable();
-    raced.dedup();
-    assert_eq!(raced.len(), RACERS, "no version handed out twice");
-    assert!(raced.iter().all(|v| *v > v3));
-    let after = store
-        .next_keyset_version()
-        .await
-        .expect("next_keyset_version");
-    assert!(raced.iter().all(|v| *v < after));
 }
 
 // --- audit ---

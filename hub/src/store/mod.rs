@@ -771,8 +771,6 @@ pub trait Store: Send + Sync + 'static {
         kid: &[u8; 8],
         retire_after: u64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
-    /// Increments and returns the key set version (so replicas never reuse one).
-    fn next_keyset_version(&self) -> impl Future<Output = StoreResult<u64>> + Send;
 
     // --- housekeeping ---
 

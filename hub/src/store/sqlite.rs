@@ -2447,22 +2447,6 @@ impl Store for Sqlite {
         .await
     }
 
-    async fn next_keyset_version(&self) -> StoreResult<u64> {
-        self.write("next_keyset_version", move |tx| {
-            let v: i64 = tx
-                .query_row(
-                    "INSERT INTO counters (name, value) VALUES ('keyset_version', 1)
-                     ON CONFLICT (name) DO UPDATE SET value = value + 1
-                     RETURNING value",
-                    [],
-                    |row| row.get(0),
-                )
-                .ctx("incrementing the version")?;
-            u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("key set version {v}")))
-        })
-        .await
-    }
-
     // --- audit ---
 
     async fn audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
