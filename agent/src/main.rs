@@ -110,7 +110,27 @@ enum Command {
     },
 }
 
+/// A reader that stops early (`| head`) closes stdout: that ends the command quietly, with
+/// the status a shell gives a process SIGPIPE stops (128 + 13), not with a panic and a
+/// backtrace. `print!` panics on a write error; the hook sees which.
+fn exit_quietly_on_a_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_a_closed_pipe();
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
@@ -139,11 +159,28 @@ fn main() -> ExitCode {
             let code = e
                 .downcast_ref::<Error>()
                 .map_or(exit::FAILURE, Error::exit_code);
-            // `{:#}` prints the chain of causes on one line.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             ExitCode::from(code)
         }
     }
+}
+
+/// The chain of causes on one line, each said once: an error that shows its source in its
+/// own message (`{what}: {source}`) is not followed by that source again, as `{:#}` would.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if message.ends_with(text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(text);
+    }
+    message
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {

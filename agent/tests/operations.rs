@@ -185,3 +185,30 @@ async fn an_agent_that_cannot_write_its_store_keeps_the_grant_in_force_retries_a
     unblock_store_writes(&state)?;
     Ok(())
 }
+
+#[test]
+fn a_state_directory_that_cannot_be_used_is_reported_with_its_cause_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A file where the state directory should be: its lock file cannot be opened.
+    std::fs::write(dir.path().join("state"), b"not a directory")?;
+    std::fs::write(dir.path().join("anchor.pem"), b"")?;
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "device_id = \"d-1\"\ntrust_anchor_file = \"anchor.pem\"\n[store]\ndir = \"state\"\n",
+    )?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera-agent"))
+        .arg("-c")
+        .arg(&config)
+        .arg("keygen")
+        .output()
+        .context("running tessera-agent")?;
+    let err = stderr(&out);
+    ensure!(!out.status.success(), "{err}");
+    ensure!(err.contains("state"), "names the path: {err}");
+    ensure!(
+        err.matches("(os error").count() == 1,
+        "each cause is said once: {err}"
+    );
+    Ok(())
+}

@@ -27,6 +27,19 @@ pub enum ClientError {
     /// No (valid) response within the timeout.
     #[error("no response from the hub within {0:?}")]
     Timeout(Duration),
+    /// No response within the timeout that verifies, but responses came that do not:
+    /// signed by a key the client does not trust.
+    #[error(
+        "no response from the hub within {timeout:?} that verifies with the trust anchor: \
+         {untrusted} signed by a key it does not trust came (is the trust anchor this hub's?)",
+        untrusted = if *.untrusted == 1 { "1 response".to_owned() } else { format!("{} responses", .untrusted) }
+    )]
+    Untrusted {
+        /// How long the client waited.
+        timeout: Duration,
+        /// Responses on the client's topic that did not verify.
+        untrusted: usize,
+    },
     /// The hub refused the request.
     #[error("refused: {code}: {reason}")]
     Refused {
@@ -237,11 +250,16 @@ impl Client {
             .map_err(MqttError::from)?;
         let resp_topic = topic::response(&self.id).map_err(ClientError::Core)?;
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut untrusted = 0;
+        let timed_out = |untrusted| match untrusted {
+            0 => ClientError::Timeout(timeout),
+            untrusted => ClientError::Untrusted { timeout, untrusted },
+        };
         loop {
             let notice = tokio::time::timeout_at(deadline, self.next_notice())
                 .await
-                .map_err(|_| ClientError::Timeout(timeout))?
-                .ok_or(ClientError::Timeout(timeout))?;
+                .map_err(|_| timed_out(untrusted))?
+                .ok_or_else(|| timed_out(untrusted))?;
             let Notice::Message(msg) = notice else {
                 continue;
             };
@@ -261,6 +279,7 @@ impl Client {
             };
             let Ok(response) = signed.verify(&self.keys) else {
                 tracing::warn!("ignoring response that does not verify with the hub's keys");
+                untrusted += 1;
                 continue;
             };
             if !response.answers(&self.id, request_id, &nonce) {

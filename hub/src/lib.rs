@@ -23,6 +23,7 @@ pub mod revocation;
 pub mod rng;
 pub mod server;
 pub mod store;
+pub mod text;
 
 /// The MQTT transport (re-exported: the hub's public API names its types).
 pub use tessera_mqtt as mqtt;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    exit_quietly_on_a_closed_pipe();
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -13,6 +14,25 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A reader that stops early (`| head`) closes stdout: that ends the command quietly, with
+/// the status a shell gives a process SIGPIPE stops (128 + 13), not with a panic and a
+/// backtrace. `print!` panics on a write error; the hook sees which.
+fn exit_quietly_on_a_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 fn real_main() -> Result<()> {

@@ -31,6 +31,7 @@ use crate::store::{
     IssuedToken, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError, StoreResult,
     StreamState, TokenKind, Unmatched,
 };
+use crate::text::counted;
 
 /// Length of a refresh grant value.
 pub const GRANT_LEN: usize = 32;
@@ -823,10 +824,16 @@ impl<S: Store> Hub<S> {
             broadcast,
             target: target_name,
             reason: format!(
-                "revoked by {}: {} revoked, {entries} entries in {} changes, {notified} devices told",
+                "revoked by {}: {} revoked, {} in {}, {} told",
                 operator.id,
                 outcome.revoked,
-                outcome.changes.len()
+                counted(entries, "entry", "entries"),
+                counted(
+                    u64::try_from(outcome.changes.len()).unwrap_or(u64::MAX),
+                    "change",
+                    "changes"
+                ),
+                counted(notified, "device", "devices"),
             ),
         })
     }

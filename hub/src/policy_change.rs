@@ -38,6 +38,7 @@ use crate::revocation::{Outcome, Target};
 use crate::store::{
     AuditEvent, ClientKind, ClientRecord, IssuedToken, Store, StoreError, Unmatched,
 };
+use crate::text::counted;
 
 /// The live tokens of `subjects` (and, for devices, the access tokens for them) that
 /// `policy` no longer allows and that are not revoked yet, by hash. Only reads: the
@@ -470,7 +471,7 @@ pub async fn reload<S: Store>(
     let result = attempt(store, Some(shared), path, limits, now_ms / 1000)
         .await
         .map(|(reloaded, _)| reloaded);
-    log_reload(&file, "policy reloaded", result.as_ref());
+    log_reload(&file, "policy reload", result.as_ref());
     audit_reload(store, &file, "", result.as_ref(), now_ms).await;
     result
 }
@@ -490,7 +491,7 @@ pub async fn load_at_start<S: Store>(
     let file = path.display().to_string();
     let result = attempt(store, None, path, limits, now_ms / 1000).await;
     let outcome = result.as_ref().map(|(r, _)| r);
-    log_reload(&file, "policy loaded at start", outcome);
+    log_reload(&file, "policy load at start", outcome);
     audit_reload(store, &file, "at start: ", outcome, now_ms).await;
     result.map(|(reloaded, shared)| (shared, reloaded))
 }
@@ -599,16 +600,16 @@ fn log_reload(file: &str, what: &str, result: Result<&Reloaded, &ReloadError>) {
                     live_tokens = r.live_tokens,
                     entries = out.entry_count(),
                     devices_told = out.controls.len(),
-                    "{what}; revoked the live tokens it no longer allows"
+                    "{what} applied; revoked the live tokens it no longer allows"
                 ),
                 None => tracing::info!(
                     file,
                     sha256 = %digest,
-                    "{what}; every live token is still allowed, nothing revoked"
+                    "{what} applied; every live token is still allowed, nothing revoked"
                 ),
             }
         }
-        Err(e) => tracing::error!(error = %e, "{what}: refused"),
+        Err(e) => tracing::error!(error = %e, "{what}: refused, the policy in force stays"),
     }
 }
 
@@ -618,12 +619,15 @@ fn audit_event(file: &str, result: Result<&Reloaded, &ReloadError>, now_ms: u64)
             let mut reason = format!("applied, sha256 {}: ", hex::encode(r.digest));
             match &r.revoked {
                 Some(out) => reason.push_str(&format!(
-                    "revoked {} of the {} live tokens ({} revocation entries, {} devices told \
-                     to refresh)",
+                    "revoked {} of the {} ({}, {} told to refresh)",
                     out.revoked,
-                    r.live_tokens,
-                    out.entry_count(),
-                    out.controls.len()
+                    counted(r.live_tokens, "live token", "live tokens"),
+                    counted(out.entry_count(), "revocation entry", "revocation entries"),
+                    counted(
+                        u64::try_from(out.controls.len()).unwrap_or(u64::MAX),
+                        "device",
+                        "devices"
+                    )
                 )),
                 None => reason.push_str("revoked nothing"),
             }

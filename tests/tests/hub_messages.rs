@@ -137,6 +137,34 @@ fn policy_check_counts_one_group_and_one_rule_in_the_singular() -> Result<()> {
 }
 
 #[test]
+fn policy_check_of_a_named_file_needs_no_hub() -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let hub = || -> Result<Command> {
+        let mut c = Command::new(cargo_bin("tessera-hub")?);
+        c.current_dir(temp.path());
+        Ok(c)
+    };
+    let policy = hub()?.args(["default", "policy"]).output()?;
+    std::fs::write(temp.path().join("policy.toml"), &policy.stdout)?;
+    let out = hub()?.args(["policy", "check", "policy.toml"]).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.contains("policy.toml: ok") && stdout.contains("checked the file alone"),
+        "{stdout}"
+    );
+    // A bad file is still refused, by line.
+    std::fs::write(temp.path().join("bad.toml"), "[roles.x]\nkind = 3\n")?;
+    let stderr = run_failing(hub()?.args(["policy", "check", "bad.toml"]))?;
+    ensure!(stderr.contains("bad.toml"), "{stderr}");
+    Ok(())
+}
+
+#[test]
 fn a_role_of_another_kind_is_named_with_the_right_article() -> Result<()> {
     let dir = HubDir::init("hub-msgs")?;
     let key = dir.keygen("app-1")?;

@@ -53,7 +53,7 @@ fn serve_refuses_a_policy_emptied_while_the_hub_was_stopped_unless_forced() -> R
     assert!(
         forced
             .output()
-            .contains("policy loaded at start: forced by its force marker"),
+            .contains("policy load at start: forced by its force marker"),
         "{}",
         forced.output()
     );

@@ -398,6 +398,10 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(())
         }
+        // A policy file can be checked before there is a hub to check it against.
+        Command::Policy(PolicyCmd::Check { file: Some(file) }) if !cli.config.exists() => {
+            policy::check(None, Some(file)).await
+        }
         command => with_config(&cli.config, command).await,
     }
 }
@@ -449,7 +453,7 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             registry::add_keyed(&config, &id, ClientKind::Operator, &role, &key).await
         }
         Command::Client(cmd) => registry::client_cmd(&config, cmd).await,
-        Command::Policy(PolicyCmd::Check { file }) => policy::check(&config, file).await,
+        Command::Policy(PolicyCmd::Check { file }) => policy::check(Some(&config), file).await,
         Command::Policy(PolicyCmd::Force { file }) => policy::force(&config, file),
         Command::Policy(PolicyCmd::Explain {
             app,

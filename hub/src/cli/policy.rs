@@ -16,12 +16,15 @@ use super::text::counted;
 
 /// Validates a policy file (default: the configured one), and checks it against the
 /// registry and live tokens as a running hub would on SIGHUP.
-pub(super) async fn check(config: &HubConfig, file: Option<PathBuf>) -> Result<()> {
-    let file = file.unwrap_or_else(|| config.policy.clone());
+/// Without a hub configuration (`config` is `None`), the file is checked alone.
+pub(super) async fn check(config: Option<&HubConfig>, file: Option<PathBuf>) -> Result<()> {
+    let Some(file) = file.or_else(|| config.map(|c| c.policy.clone())) else {
+        bail!("no hub configuration to take the policy file from: name the file");
+    };
     let policy = Policy::load(&file)?;
     // Against the registry too, when there is one to check against: what would
     // make the running hub refuse this file on SIGHUP.
-    if config.database.exists() {
+    if let Some(config) = config.filter(|c| c.database.exists()) {
         let store = open_store(config)?;
         check_audience_is_free(&store, &policy, &file).await?;
         let objections =
@@ -48,6 +51,9 @@ pub(super) async fn check(config: &HubConfig, file: Option<PathBuf>) -> Result<(
         counted(policy.groups().count(), "group", "groups"),
         counted(policy.rules().len(), "access rule", "access rules")
     );
+    if config.is_none() {
+        println!("(no hub configuration: checked the file alone, not against a registry)");
+    }
     Ok(())
 }
 

@@ -24,11 +24,7 @@ pub(crate) fn error_message(error: &anyhow::Error) -> String {
 
 /// `n` and the noun, singular for one: "1 group", "3 groups".
 pub(super) fn counted(n: usize, one: &str, many: &str) -> String {
-    if n == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{n} {many}")
-    }
+    tessera_hub::text::counted(u64::try_from(n).unwrap_or(u64::MAX), one, many)
 }
 
 /// A client kind with its article: "a device", "an app", "an operator".

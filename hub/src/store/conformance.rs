@@ -2091,7 +2091,7 @@ pub async fn audit_query_filters<S: Store>(store: S) {
         at(0, "app-a", "access_token", "dev-a"),
         at(10, "app-b", "access_token", "dev-a"),
         at(20, "app-a", "access_token", "dev-b"),
-        at(30, "op-1", "revoke", "dev-a"),
+        at(30, "op-1", "revoke", "device dev-a"),
         at(40, "app-a", "access_token", "dev-a"),
         // Appended after later ones (another replica's batch): its time decides.
         at(5, "app-a", "access_token", "dev-a"),
@@ -2137,6 +2137,24 @@ pub async fn audit_query_filters<S: Store>(store: S) {
         })
         .await,
         picked(&[3])
+    );
+    // A revocation of the device counts as about it.
+    assert_eq!(
+        query(AuditFilter {
+            target: Some("dev-a".into()),
+            action: Some("revoke".into()),
+            ..all.clone()
+        })
+        .await,
+        picked(&[3])
+    );
+    assert_eq!(
+        query(AuditFilter {
+            target: Some("dev-b".into()),
+            ..all.clone()
+        })
+        .await,
+        picked(&[2])
     );
     assert_eq!(
         query(AuditFilter {

@@ -232,7 +232,8 @@ pub struct AuditEvent {
 pub struct AuditFilter {
     /// Only this actor's decisions (a client id, or `hub` for its own).
     pub actor: Option<String>,
-    /// Only decisions about this target (a device id, a token id…).
+    /// Only decisions about this target: exactly this (a device id, a stream…), or a
+    /// revocation of it as a device or a subject (`device ID`, `subject ID`).
     pub target: Option<String>,
     /// Only this action (`access_token`, `revoke`…).
     pub action: Option<String>,
@@ -260,7 +261,11 @@ impl AuditFilter {
     /// Whether `event` meets every condition (the limit aside).
     pub fn matches(&self, event: &AuditEvent) -> bool {
         self.actor.as_ref().is_none_or(|a| *a == event.actor)
-            && self.target.as_ref().is_none_or(|t| *t == event.target)
+            && self.target.as_ref().is_none_or(|t| {
+                *t == event.target
+                    || event.target.strip_prefix("device ") == Some(t.as_str())
+                    || event.target.strip_prefix("subject ") == Some(t.as_str())
+            })
             && self.action.as_ref().is_none_or(|a| *a == event.action)
             && self.since_ms.is_none_or(|t| event.at_ms >= t)
             && self.until_ms.is_none_or(|t| event.at_ms < t)

@@ -2598,7 +2598,7 @@ impl Store for Sqlite {
                  (SELECT id, at_ms, actor, action, target, outcome, reason, count FROM audit_log
                   WHERE at_ms >= ?1 AND at_ms < ?2
                     AND (?3 IS NULL OR actor = ?3)
-                    AND (?4 IS NULL OR target = ?4)
+                    AND (?4 IS NULL OR target IN (?4, 'device ' || ?4, 'subject ' || ?4))
                     AND (?5 IS NULL OR action = ?5)
                   ORDER BY at_ms DESC, id DESC LIMIT ?6)
                  ORDER BY at_ms, id",
