@@ -198,6 +198,12 @@ pub struct Shell {
     hub_reason: Option<String>,
     /// The latest refusal the machine reported, for `enroll`.
     refusal: Option<Refusal>,
+    /// Messages signed by a key the trust anchor does not name, since the last request
+    /// timed out or was answered.
+    untrusted_seen: u32,
+    /// Whether an `enroll` timed out while such messages came: `enroll` stops then (the
+    /// trust anchor is most likely another hub's) rather than retry until its timeout.
+    enroll_answer_untrusted: bool,
     revoked: bool,
     /// Presentations are refused before this local time (ms): see [`Shell::answer`].
     presentations_from_ms: u64,
@@ -245,6 +251,8 @@ impl Shell {
                 held: None,
                 hub_reason: None,
                 refusal: None,
+                untrusted_seen: 0,
+                enroll_answer_untrusted: false,
                 revoked: false,
                 presentations_from_ms,
             },
@@ -471,6 +479,10 @@ impl Shell {
             }
             Report::RequestTimedOut { op } => {
                 tracing::warn!(op = op.name(), "no answer from the hub in time; retrying");
+                if op == Operation::Enroll && self.untrusted_seen > 0 {
+                    self.enroll_answer_untrusted = true;
+                }
+                self.untrusted_seen = 0;
             }
             Report::RequestNotSent { op, error } => {
                 tracing::error!(op = op.name(), %error, "cannot build a request");
@@ -509,6 +521,13 @@ impl Shell {
             }
             Report::Ignored(Ignored::Invalid(error)) => {
                 tracing::warn!(%error, "ignored a message that does not verify");
+                if error
+                    == tessera_shared::Error::Signature(
+                        tessera_shared::error::SignatureError::UnknownKey,
+                    )
+                {
+                    self.untrusted_seen = self.untrusted_seen.saturating_add(1);
+                }
             }
             Report::Ignored(why) => tracing::debug!(?why, "ignored a message"),
             other => tracing::debug!(?other, "report"),
@@ -834,6 +853,14 @@ pub async fn enroll(
                 token_expires_at: shell.agent.token_expires_at(),
                 record: config.store.record.clone(),
             });
+        }
+        if shell.enroll_answer_untrusted {
+            break Err(Error::Hub(format!(
+                "no answer from the hub that verifies, but messages signed by a key the trust \
+                 anchor {} does not name: is it this hub's trust anchor (`tessera-hub \
+                 trust-anchor` prints it)?",
+                config.trust_anchor_file.display()
+            )));
         }
         if let Some(refusal) = shell.refusal.take().filter(|r| !r.code.is_retryable()) {
             let reason = refusal.reason.unwrap_or_default();

@@ -212,3 +212,31 @@ fn a_state_directory_that_cannot_be_used_is_reported_with_its_cause_once() -> Re
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolling_with_another_hubs_trust_anchor_stops_at_the_first_answer_saying_so() -> Result<()>
+{
+    let hub = Hub::start(HubOptions::default()).await?;
+    let code = blocking(|| hub.dir.add_device_with_code("ta-1", DEVICE_ROLE, &[GROUP]))?;
+    let device = Device::new(&hub, "ta-1", "")?;
+    // A trust anchor that is not this hub's: the device's own public key will do.
+    let not_the_hub = blocking(|| device.run_ok(&["keygen"]))?;
+    let anchor = device.path().join("other-anchor.pem");
+    std::fs::write(&anchor, not_the_hub)?;
+    let config = device.path().join("agent.toml");
+    let text = std::fs::read_to_string(&config)?;
+    let hub_anchor = hub.dir.trust_anchor_path().display().to_string();
+    ensure!(text.contains(&hub_anchor), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(&hub_anchor, &anchor.display().to_string()),
+    )?;
+    let out = blocking(|| device.output(&["enroll", "--code", &code, "--timeout-s", "60"]))?;
+    let err = stderr(&out);
+    ensure!(!out.status.success(), "{err}");
+    ensure!(
+        err.contains("does not name") && err.contains("other-anchor.pem"),
+        "it says the trust anchor is not this hub's, not that the hub is silent: {err}"
+    );
+    Ok(())
+}
