@@ -121,6 +121,13 @@ rotation_announce_s = 300
 # clients without a role is refused the same way. 0 makes every reload that revokes
 # anything need forcing; 100 turns the share check off. 0 to 100.
 max_revoked_percent = 50
+
+# HTTP listener for monitoring: /metrics (Prometheus), /healthz and /readyz
+# (docs/METRICS.md). Off while this section is absent: uncomment both lines to enable.
+# The endpoints are read-only and ask for no credential: listen on loopback or on a
+# monitoring network only.
+# [http]
+# listen = "127.0.0.1:9464"
 "#;
 
 /// Why the configuration could not be used.
@@ -179,6 +186,17 @@ pub struct HubConfig {
     /// Policy reloads.
     #[serde(default)]
     pub policy_reload: PolicyReloadSection,
+    /// The monitoring HTTP listener; `None` (no `[http]` section) for none.
+    #[serde(default)]
+    pub http: Option<HttpSection>,
+}
+
+/// `[http]`: present to enable the listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address and port to listen on (`127.0.0.1:9464`).
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[policy_reload]`.
@@ -449,6 +467,22 @@ mod tests {
         assert_eq!(c.serve.heartbeat_s, 30);
         assert_eq!(c.serve, ServeSection::default());
         assert_eq!(c.requests, RequestsSection::default());
+    }
+
+    #[test]
+    fn the_http_listener_is_off_unless_its_section_is_uncommented() {
+        let c = HubConfig::parse(DEFAULT_TOML, Path::new("default.toml")).expect("valid");
+        assert_eq!(c.http, None);
+        let text = DEFAULT_TOML
+            .replace("# [http]", "[http]")
+            .replace("# listen = ", "listen = ");
+        let c = HubConfig::parse(&text, Path::new("default.toml")).expect("valid");
+        assert_eq!(
+            c.http.map(|h| h.listen.to_string()).as_deref(),
+            Some("127.0.0.1:9464")
+        );
+        let text = text.replace("127.0.0.1:9464", "localhost");
+        assert!(HubConfig::parse(&text, Path::new("default.toml")).is_err());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::client::Answer;
 use crate::clock::Clock;
 use crate::crypto::AwsLcVerifier;
 use crate::keys::KeyRing;
+use crate::metrics::Metrics;
 use crate::policy::SharedPolicy;
 use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
 use crate::rng::Rng;
@@ -131,6 +132,8 @@ pub struct Hub<S: Store> {
     pub config: PipelineConfig,
     /// Where token ids and grants come from ([`OsRng`](crate::rng::OsRng) but in tests).
     pub rng: Arc<dyn Rng>,
+    /// What the hub counts ([`crate::metrics`]), shared with the serving loop.
+    pub metrics: Arc<Metrics>,
 }
 
 impl<S: Store> std::fmt::Debug for Hub<S> {
@@ -162,12 +165,26 @@ impl<S: Store> Hub<S> {
 
     /// Handles one message from `tessera/v1/client/{topic_client}/req`.
     pub async fn handle(&self, topic_client: &str, payload: &[u8]) -> Handled {
+        // Latency is real time, not the hub's clock (which tests control).
+        let started = std::time::Instant::now();
         let now_ms = self.clock.now_ms();
         let mut correlation = (None, 0, [0u8; NONCE_LEN]);
         let result = self
             .process(topic_client, payload, now_ms, &mut correlation)
             .await;
-        self.answer(topic_client, correlation, result, now_ms).await
+        let operation = correlation.0.map_or("unknown", Operation::name);
+        let (outcome, issued) = match &result {
+            Ok(s) => ("ok", matches!(s.body, Answer::Token { .. })),
+            Err(r) => (r.code.name(), false),
+        };
+        let handled = self.answer(topic_client, correlation, result, now_ms).await;
+        self.metrics.request(operation, outcome);
+        if issued {
+            self.metrics
+                .issuance_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        handled
     }
 
     /// Answers a request with `refusal` without processing it (no signature check, no
@@ -366,7 +383,8 @@ impl<S: Store> Hub<S> {
         ticket: &Ticket,
         effect: Effect,
     ) -> Result<Result<Committed, Refused>, Refusal> {
-        Ok(self
+        let started = std::time::Instant::now();
+        let committed = self
             .store
             .commit(RequestCommit {
                 client: ticket.client.clone(),
@@ -379,7 +397,16 @@ impl<S: Store> Hub<S> {
                 },
                 effect,
             })
-            .await?)
+            .await;
+        self.metrics
+            .store_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match &committed {
+            Ok(_) => self.metrics.store_written(true),
+            Err(e) if e.is_persistent_write_failure() => self.metrics.store_written(false),
+            Err(_) => {}
+        }
+        Ok(committed?)
     }
 
     /// [`try_commit`](Self::try_commit), with every refusal answered as such.
@@ -404,6 +431,7 @@ impl<S: Store> Hub<S> {
             }
             Refused::Grant(GrantUse::Reused(r)) => {
                 tracing::warn!(client = %r.client, "refresh grant reused: family revoked");
+                self.metrics.grant_reuse.inc();
                 ErrorCode::Revoked
             }
             Refused::Grant(GrantUse::Revoked(_)) | Refused::HolderRevoked(_) => ErrorCode::Revoked,
@@ -764,6 +792,10 @@ impl<S: Store> Hub<S> {
                 Err(refused) => return Err(self.refusal(refused)),
             }
         };
+        self.metrics.token_issued(kind.as_str());
+        if grant_value.is_some() {
+            self.metrics.token_issued("refresh_grant");
+        }
         Ok(Success {
             body: Answer::Token {
                 token,
@@ -793,6 +825,7 @@ impl<S: Store> Hub<S> {
         let now = ticket.now();
         let target = Target::from_wire(target);
         let target_name = target.describe();
+        let target_kind = target.kind();
         let leeway = self.policy.current().leeway_s();
         // Durable before acknowledged: the response is only built after this returns, and
         // the nonce, the rate charge and the revocation commit together.
@@ -810,6 +843,7 @@ impl<S: Store> Hub<S> {
                 ));
             }
         };
+        self.metrics.revocation(target_kind);
         let broadcast = self.outcome_publications(&outcome, now).await?;
         let (entries, notified) = (
             outcome.entry_count(),

@@ -49,6 +49,19 @@ pub enum Target {
 }
 
 impl Target {
+    /// The kind of target, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TokenHash(_) => "token_hash",
+            Self::TokenId(_) => "token_id",
+            Self::Subject(_) => "subject",
+            Self::Device(_) => "device",
+            Self::Group(_) => "group",
+            Self::Role(_) => "role",
+            Self::Devices(_) => "devices",
+        }
+    }
+
     /// The owned form of a request's target.
     pub fn from_wire(target: &RevokeTarget<'_>) -> Self {
         match target {

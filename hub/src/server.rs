@@ -48,6 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::v5::AsyncClient;
 use tessera_shared::message::ErrorCode;
 use tessera_shared::topic;
@@ -57,6 +58,7 @@ use tokio::task::JoinSet;
 use crate::clock::Clock;
 use crate::keys::{self, Kek, KeyRing};
 use crate::limiter::{Admission, Limit, Limiter};
+use crate::metrics::Metrics;
 use crate::mqtt::{self, Counter, Incoming, MqttConfig, MqttError, Notice, QoS, Queues};
 use crate::pipeline::{Echo, Hub, Publication, Refusal};
 use crate::policy_change;
@@ -88,6 +90,9 @@ pub struct ServeConfig {
     pub kek: Option<Arc<Kek>>,
     /// Seconds a key is published before it signs (counted from its first publication).
     pub rotation_announce_s: u64,
+    /// Where the HTTP listener (`/metrics`, `/healthz`, `/readyz`: [`crate::http`])
+    /// listens; `None` for none.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// Control messages republished per heartbeat at most, oldest first: a broker that never
@@ -298,8 +303,12 @@ async fn publish_heartbeats<S: Store>(hub: &Hub<S>, client: &impl Outbox) {
             return;
         }
     };
-    match hub.heartbeats(&streams, hub.clock.now()).await {
-        Ok(pubs) => publish_all(client, &pubs).await,
+    let now = hub.clock.now();
+    match hub.heartbeats(&streams, now).await {
+        Ok(pubs) => {
+            publish_all(client, &pubs).await;
+            hub.metrics.heartbeat(now);
+        }
         Err(r) => tracing::error!(reason = %r.reason, "cannot build the heartbeats"),
     }
 }
@@ -407,6 +416,18 @@ async fn heartbeat<S: Store>(
     }
     prune(hub, audit_retention_s).await;
     let now = hub.clock.now();
+    match hub
+        .store
+        .revocation_entries(now, tessera_shared::revocation::MAX_LEEWAY)
+        .await
+    {
+        Ok(n) => {
+            hub.metrics
+                .revocation_entries
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot count the revocation entries"),
+    }
     // Revocations recorded outside a request (role changes from the CLI, a policy
     // reload) go out now, and those whose broadcast the broker has not confirmed go out
     // again; those recorded in the last two seconds are most likely still on their way
@@ -585,6 +606,8 @@ struct QueueTx<T> {
     tx: mpsc::Sender<T>,
     bytes: Arc<AtomicUsize>,
     max_bytes: usize,
+    /// Items waiting, for the metrics.
+    depth: Gauge,
 }
 
 /// The receiving end, shared by the workers that take from it.
@@ -592,9 +615,16 @@ struct QueueTx<T> {
 struct QueueRx<T> {
     rx: tokio::sync::Mutex<mpsc::Receiver<T>>,
     bytes: Arc<AtomicUsize>,
+    depth: Gauge,
 }
 
-fn queue<T: Weighed>(depth: usize, max_bytes: usize) -> (QueueTx<T>, Arc<QueueRx<T>>) {
+/// A queue of `depth` items and `max_bytes` payload bytes at most, its depth kept in
+/// `gauge`.
+fn queue<T: Weighed>(
+    depth: usize,
+    max_bytes: usize,
+    gauge: Gauge,
+) -> (QueueTx<T>, Arc<QueueRx<T>>) {
     let (tx, rx) = mpsc::channel(depth.max(1));
     let bytes = Arc::new(AtomicUsize::new(0));
     (
@@ -602,10 +632,12 @@ fn queue<T: Weighed>(depth: usize, max_bytes: usize) -> (QueueTx<T>, Arc<QueueRx
             tx,
             bytes: Arc::clone(&bytes),
             max_bytes,
+            depth: gauge.clone(),
         },
         Arc::new(QueueRx {
             rx: tokio::sync::Mutex::new(rx),
             bytes,
+            depth: gauge,
         }),
     )
 }
@@ -618,7 +650,10 @@ impl<T: Weighed> QueueTx<T> {
             self.bytes.fetch_sub(len, Ordering::Relaxed);
             return Err(item);
         }
+        // Counted before it can be taken, so the gauge never goes below zero.
+        self.depth.inc();
         self.tx.try_send(item).map_err(|e| {
+            self.depth.dec();
             self.bytes.fetch_sub(len, Ordering::Relaxed);
             match e {
                 mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => {
@@ -633,6 +668,7 @@ impl<T: Weighed> QueueRx<T> {
     /// The next item; `None` once every sender is gone and the queue is empty.
     async fn pop(&self) -> Option<T> {
         let item = self.rx.lock().await.recv().await?;
+        self.depth.dec();
         self.bytes.fetch_sub(item.bytes(), Ordering::Relaxed);
         Some(item)
     }
@@ -640,6 +676,7 @@ impl<T: Weighed> QueueRx<T> {
     /// The next item if one is there and no other taker is waiting.
     fn try_pop(&self) -> Option<T> {
         let item = self.rx.try_lock().ok()?.try_recv().ok()?;
+        self.depth.dec();
         self.bytes.fetch_sub(item.bytes(), Ordering::Relaxed);
         Some(item)
     }
@@ -748,6 +785,7 @@ struct Dispatcher {
     audit: AuditTx,
     drops: Drops,
     shed: Shed,
+    metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
 }
 
@@ -785,6 +823,8 @@ impl Dispatcher {
             }
             Admission::Drop => {
                 self.shed.rate_limited_dropped.add(1);
+                self.metrics
+                    .admission_refusal(ErrorCode::RateLimited.name(), "dropped");
                 self.drops.note(requester, ErrorCode::RateLimited);
             }
         }
@@ -792,6 +832,7 @@ impl Dispatcher {
 
     fn refuse(&mut self, job: Job, code: ErrorCode) {
         if let Err(refused) = self.refusals.try_push(Refuse { job, code }) {
+            self.metrics.admission_refusal(code.name(), "dropped");
             match code {
                 ErrorCode::RateLimited => self.shed.rate_limited_dropped.add(1),
                 _ => self.shed.overloaded_dropped.add(1),
@@ -876,10 +917,18 @@ async fn refuser<S: Store>(
             .await;
         if let Some(reply) = handled.reply {
             // Best effort: a refusal never waits for room.
-            match client.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload) {
-                Ok(()) => answered.add(1),
-                Err(_) => shed.answers_dropped.add(1),
-            }
+            let result =
+                match client.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload) {
+                    Ok(()) => {
+                        answered.add(1);
+                        "answered"
+                    }
+                    Err(_) => {
+                        shed.answers_dropped.add(1);
+                        "dropped"
+                    }
+                };
+            hub.metrics.admission_refusal(code.name(), result);
         }
         if let Some(event) = handled.audit {
             audit.send(event);
@@ -1066,9 +1115,15 @@ async fn audit_writer<S: Store>(
                     shed.events_dropped.add(1);
                 }
             }
-            if let Err(e) = hub.store.audit(std::mem::take(&mut rows)).await {
-                tracing::error!(error = %e, "cannot write audit log");
-                storage.check("writing the audit log", &e);
+            match hub.store.audit(std::mem::take(&mut rows)).await {
+                Ok(()) => hub.metrics.store_written(true),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write audit log");
+                    if e.is_persistent_write_failure() {
+                        hub.metrics.store_written(false);
+                    }
+                    storage.check("writing the audit log", &e);
+                }
             }
         }
         if !open {
@@ -1270,6 +1325,14 @@ pub enum ServeError {
     /// The MQTT connection could not be set up.
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    /// The HTTP listener (`[http] listen`) cannot listen.
+    #[error("cannot listen for HTTP on {addr} (`[http] listen`): {source}")]
+    Http {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A background task ended (panicked, or returned) while the hub served: the hub
     /// stopped rather than serve without it.
     #[error("the hub's {task} task {how}; the hub stopped")]
@@ -1306,6 +1369,16 @@ pub async fn run<S: Store>(
         incoming: INCOMING_MESSAGES,
         incoming_bytes: INCOMING_BYTES,
     };
+    // Bound first: a listener that cannot listen stops the hub before it serves.
+    let http = match config.http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Http { addr, source })?;
+            Some(listener)
+        }
+        None => None,
+    };
     let (client, mut notices, event_loop) = mqtt::connection(&config.mqtt, queues, mqtt_stop_rx)?;
     let shed = Shed::default();
     let summary = Arc::new(std::sync::Mutex::new(Summary {
@@ -1337,16 +1410,20 @@ pub async fn run<S: Store>(
             storage.clone(),
         ),
     );
-    let (echo_tx, echo_rx) = queue(ECHO_QUEUE, ECHO_QUEUE_BYTES);
+    let (echo_tx, echo_rx) = queue(ECHO_QUEUE, ECHO_QUEUE_BYTES, Gauge::default());
     tasks.spawn("echo confirmer", confirmer(hub.clone(), echo_rx));
-    let (work, work_rx) = queue(config.queue, QUEUE_BYTES);
+    let (work, work_rx) = queue(config.queue, QUEUE_BYTES, hub.metrics.queue("work"));
     for _ in 0..config.concurrency.max(1) {
         tasks.spawn(
             "request worker",
             worker(hub.clone(), client.clone(), work_rx.clone(), audit.clone()),
         );
     }
-    let (refusals, refusal_rx) = queue(REFUSAL_QUEUE, REFUSAL_QUEUE_BYTES);
+    let (refusals, refusal_rx) = queue(
+        REFUSAL_QUEUE,
+        REFUSAL_QUEUE_BYTES,
+        hub.metrics.queue("refusal"),
+    );
     tasks.spawn(
         "refusal worker",
         refuser(
@@ -1382,9 +1459,25 @@ pub async fn run<S: Store>(
             config.rotation_announce_s,
             config.heartbeat_s,
             summary.clone(),
-            stop_rx,
+            stop_rx.clone(),
         ),
     );
+    if let Some(listener) = http {
+        match listener.local_addr() {
+            Ok(addr) => tracing::info!(%addr, "HTTP listener: /metrics, /healthz, /readyz"),
+            Err(e) => tracing::warn!(error = %e, "HTTP listener address unknown"),
+        }
+        let mut stop = stop_rx;
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        let hub = hub.clone();
+        tasks.spawn("HTTP listener", async move {
+            if let Err(e) = crate::http::serve(listener, hub, stopped).await {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        });
+    }
     let mut dispatcher = Dispatcher {
         limiter: Limiter::new(config.admission),
         started: tokio::time::Instant::now(),
@@ -1395,6 +1488,7 @@ pub async fn run<S: Store>(
         audit,
         drops: Drops::default(),
         shed,
+        metrics: hub.metrics.clone(),
         clock: hub.clock.clone(),
     };
     let mut flush_drops = tokio::time::interval(Duration::from_secs(1));
@@ -1420,10 +1514,12 @@ pub async fn run<S: Store>(
                 Some(Notice::Message(msg)) => dispatcher.dispatch(msg),
                 Some(Notice::Connected) => {
                     tracing::info!("connected to broker");
+                    hub.metrics.broker_up();
                     connected_tx.send_modify(|n| *n += 1);
                 }
                 Some(Notice::Disconnected(reason)) => {
                     tracing::warn!(%reason, "disconnected from broker");
+                    hub.metrics.broker_down();
                 }
                 // The event loop is gone (its task ends or has ended).
                 None => break Some(Ended {
@@ -1590,6 +1686,7 @@ mod tests {
             clock: Arc::new(clock.clone()),
             config: PipelineConfig::default(),
             rng: Arc::new(crate::rng::SeededRng::new([7; 32])),
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
@@ -1691,6 +1788,101 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_heartbeat_records_its_time_and_the_revocation_entries_in_force() {
+        let clock = FakeClock::at_ms(T0 * 1000);
+        let hub = hub(&clock).await;
+        // Three live tokens of one device, two of them revoked: an entry each.
+        let device = ClientRecord {
+            id: "dev-1".into(),
+            kind: ClientKind::Device,
+            public_key: Some(vec![4; 65]),
+            role: "sensor".into(),
+            groups: Vec::new(),
+            enrollment_code_key: None,
+            enrolled_at: Some(T0 - 100),
+            revoked_at: None,
+            created_at: T0 - 100,
+        };
+        hub.store.add_client(device).await.expect("add");
+        for i in 0..3u8 {
+            let token = crate::store::IssuedToken {
+                cti: [i; tessera_shared::claims::CTI_LEN],
+                hash: [i; 32],
+                kind: crate::store::TokenKind::Device,
+                subject: "dev-1".into(),
+                audience: "tessera".into(),
+                scope: "telemetry:write".into(),
+                issued_at: T0 - 50,
+                expires_at: T0 + 600,
+            };
+            hub.store
+                .commit(crate::store::RequestCommit {
+                    client: "dev-1".into(),
+                    nonce: [i; 16],
+                    nonce_expires_at: T0 + 60,
+                    now_ms: (T0 - 50) * 1000,
+                    rate: crate::store::RateLimit {
+                        burst: 100,
+                        per_second: 100.0,
+                    },
+                    effect: crate::store::Effect::Issue {
+                        token,
+                        grant: None,
+                        spends: None,
+                    },
+                })
+                .await
+                .expect("store")
+                .expect("issued");
+        }
+        hub.store
+            .revoke(
+                vec![Target::TokenHash([0; 32]), Target::TokenHash([1; 32])],
+                T0 - 10,
+                30,
+                Unmatched::Refuse,
+            )
+            .await
+            .expect("revoke");
+        // What the streams carry, read entry by entry.
+        let mut in_force = 0;
+        for stream in hub.store.streams().await.expect("streams") {
+            let read = hub
+                .store
+                .stream_entries(
+                    &stream.name,
+                    0,
+                    T0,
+                    tessera_shared::revocation::MAX_LEEWAY,
+                    usize::MAX,
+                )
+                .await
+                .expect("entries");
+            in_force += read.changes.iter().map(|(_, e)| e.len()).sum::<usize>();
+        }
+        assert_eq!(in_force, 2);
+        assert_eq!(hub.metrics.last_heartbeat.get(), 0);
+        heartbeat(
+            &hub,
+            &KeySetState::default(),
+            &SlowOutbox::new(&clock),
+            None,
+            86_400,
+            300,
+            &mut ControlWatch::default(),
+        )
+        .await;
+        assert_eq!(
+            hub.metrics.revocation_entries.get(),
+            i64::try_from(in_force).expect("small")
+        );
+        // The time the round was issued: after what went out before it (a second each
+        // here), before the round itself went out.
+        let last = u64::try_from(hub.metrics.last_heartbeat.get()).expect("set");
+        assert!(T0 < last && last < clock.now(), "{last}");
+    }
+
     #[test]
     fn control_messages_count_as_unconfirmed_only_after_several_heartbeats_of_republishing() {
         let c = |device: &str| PendingControl {
@@ -1722,9 +1914,9 @@ mod tests {
         refusal_depth: usize,
         echo_depth: usize,
     ) -> (Dispatcher, Outlets) {
-        let (work, work_rx) = queue(work_depth, 1 << 20);
-        let (refusals, refusal_rx) = queue(refusal_depth, 1 << 20);
-        let (echoes, echo_rx) = queue(echo_depth, 1 << 20);
+        let (work, work_rx) = queue(work_depth, 1 << 20, Gauge::default());
+        let (refusals, refusal_rx) = queue(refusal_depth, 1 << 20, Gauge::default());
+        let (echoes, echo_rx) = queue(echo_depth, 1 << 20, Gauge::default());
         let (audit_tx, audit_rx) = mpsc::channel(64);
         let shed = Shed::default();
         let dispatcher = Dispatcher {
@@ -1740,6 +1932,7 @@ mod tests {
             },
             drops: Drops::default(),
             shed,
+            metrics: Arc::new(Metrics::new()),
             clock: Arc::new(clock.clone()),
         };
         (dispatcher, (work_rx, refusal_rx, echo_rx, audit_rx))
@@ -1863,7 +2056,7 @@ mod tests {
 
     #[test]
     fn a_queue_full_by_bytes_hands_the_job_back_and_taking_one_makes_room() {
-        let (tx, rx) = queue::<Job>(8, 10);
+        let (tx, rx) = queue::<Job>(8, 10, Gauge::default());
         let job = |n: usize| Job {
             requester: "app".into(),
             payload: vec![0; n],

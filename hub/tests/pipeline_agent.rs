@@ -197,6 +197,7 @@ impl Rig {
                 ..PipelineConfig::default()
             },
             rng: std::sync::Arc::new(tessera_hub::rng::SeededRng::new([5; 32])),
+            metrics: std::sync::Arc::new(tessera_hub::metrics::Metrics::new()),
         };
         for (id, kind, role, key) in [
             (OPERATOR, ClientKind::Operator, "ops", OPERATOR_KEY),
@@ -1620,4 +1621,112 @@ async fn an_apps_grant_presented_by_a_device_is_refused_and_the_app_still_refres
     )
     .await
     .expect("the app refreshes with its grant");
+}
+
+/// The value of one series (`name{labels}` exactly as rendered) in the metrics text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_metrics_count_each_request_by_operation_and_outcome_and_what_it_issued_or_revoked() {
+    let mut rig = Rig::new().await;
+    rig.without_heartbeats();
+    rig.enrolled_lock("door-1", 10).await;
+    // Counting starts here: the agent's own enrollment is not part of the sequence.
+    rig.hub.metrics = std::sync::Arc::new(tessera_hub::metrics::Metrics::new());
+
+    // Issued, denied, refreshed, reused, revoked, malformed: one of each.
+    let (_, grant) = rig.access_token("door-1", "door:open").await;
+    let denied = rig
+        .ask(
+            APP,
+            &signer(APP_KEY),
+            RequestBody::AccessToken {
+                device: "door-1",
+                scope: Scopes::parse("door:lock").expect("scope"),
+            },
+        )
+        .await;
+    assert_eq!(
+        denied.map(|_| ()).map_err(|(c, _)| c),
+        Err(ErrorCode::Denied)
+    );
+    for expected in [Ok(()), Err(ErrorCode::Revoked)] {
+        let reply = rig
+            .ask(
+                APP,
+                &signer(APP_KEY),
+                RequestBody::Refresh { grant: &grant },
+            )
+            .await;
+        assert_eq!(reply.map(|_| ()).map_err(|(c, _)| c), expected);
+    }
+    rig.revoke(RevokeTarget::Device("door-1")).await;
+    rig.publish([Publication {
+        topic: topic::request(APP).expect("topic").to_string(),
+        payload: b"not a request".to_vec(),
+        retain: false,
+    }]);
+    rig.pump().await;
+
+    let text = rig
+        .hub
+        .metrics
+        .render(rig.now(), rig.hub.store.write_stats());
+    let requests = |operation: &str, outcome: &str| {
+        metric(
+            &text,
+            &format!(
+                "tessera_hub_requests_total{{operation=\"{operation}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(requests("access_token", "ok"), 1.0);
+    assert_eq!(requests("access_token", "denied"), 1.0);
+    assert_eq!(requests("refresh", "ok"), 1.0);
+    assert_eq!(requests("refresh", "revoked"), 1.0);
+    assert_eq!(requests("revoke", "ok"), 1.0);
+    assert_eq!(requests("unknown", "malformed"), 1.0);
+    let requests_total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tessera_hub_requests_total{"))
+        .map(|l| {
+            l.rsplit_once(' ')
+                .expect("value")
+                .1
+                .parse::<f64>()
+                .expect("n")
+        })
+        .sum();
+    assert_eq!(requests_total, 6.0, "{text}");
+    let tokens = |kind: &str| {
+        metric(
+            &text,
+            &format!("tessera_hub_tokens_issued_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!(tokens("access"), 2.0);
+    assert_eq!(tokens("refresh_grant"), 2.0);
+    assert!(!text.contains("tessera_hub_tokens_issued_total{kind=\"device\"}"));
+    assert_eq!(
+        metric(&text, "tessera_hub_issuance_duration_seconds_count"),
+        2.0
+    );
+    assert_eq!(metric(&text, "tessera_hub_refresh_grant_reuse_total"), 1.0);
+    assert_eq!(
+        metric(&text, "tessera_hub_revocations_total{kind=\"device\"}"),
+        1.0
+    );
+    // Committed: the two issued, the reuse (which revokes the family) and the revocation.
+    assert_eq!(
+        metric(&text, "tessera_hub_store_commit_duration_seconds_count"),
+        4.0
+    );
+    assert!(rig.hub.metrics.store_writable());
 }

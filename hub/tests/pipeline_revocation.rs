@@ -120,6 +120,7 @@ impl Rig {
                 ..PipelineConfig::default()
             },
             rng: Arc::new(tessera_hub::rng::SeededRng::new([3; 32])),
+            metrics: Arc::new(tessera_hub::metrics::Metrics::new()),
         };
         hub.store
             .add_client(client(

@@ -480,6 +480,7 @@ async fn a_sighup_reloads_through_the_review_and_an_emptied_file_changes_nothing
         clock: Arc::new(FakeClock::at_ms(T0 * 1000)),
         config: PipelineConfig::default(),
         rng: Arc::new(tessera_hub::rng::SeededRng::new([3; 32])),
+        metrics: Arc::new(tessera_hub::metrics::Metrics::new()),
     });
     let reloads = tessera_hub::server::reload_policy_on_hangup(
         hub,

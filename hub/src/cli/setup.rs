@@ -204,6 +204,7 @@ pub(super) async fn serve(
         clock,
         config: config.pipeline(),
         rng: Arc::new(tessera_hub::rng::OsRng),
+        metrics: Arc::new(tessera_hub::metrics::Metrics::new()),
     });
     let serve_config = ServeConfig {
         mqtt: config.mqtt.clone(),
@@ -216,6 +217,7 @@ pub(super) async fn serve(
         audit_retention_s: config.serve.audit_retention_days * 86_400,
         kek: Some(kek),
         rotation_announce_s: config.keys.rotation_announce_s,
+        http: config.http.as_ref().map(|h| h.listen),
     };
     // SIGHUP reloads the policy, reviewed against the store first (policy_change::reload);
     // installed before serving, so an early SIGHUP reloads rather than kills.

@@ -1793,6 +1793,10 @@ pub async fn revoke_mass_in_changes_that_fit_a_page<S: Store>(store: S) {
 pub async fn revocation_streams<S: Store>(store: S) {
     store.add_client(app("app-a")).await.expect("add_client");
     assert_eq!(store.streams().await.expect("streams"), []);
+    assert_eq!(
+        store.revocation_entries(NOW, LEEWAY).await.expect("count"),
+        0
+    );
     let at = |n: u8, exp: u64| token(n, TokenKind::Access, "app-a", "dev-a", NOW - 10, exp);
     for (n, exp) in [(1, NOW + 100), (2, NOW + 1000), (3, NOW + 50)] {
         store.record_issued(at(n, exp), None).await.expect("record");
@@ -1833,6 +1837,18 @@ pub async fn revocation_streams<S: Store>(store: S) {
         [1, 2],
         "change 3 carries nothing in force any more"
     );
+    // The list's size counts the same entries as the reads.
+    let in_force = |now: u64| {
+        let store = &store;
+        async move {
+            store
+                .revocation_entries(now, LEEWAY)
+                .await
+                .expect("revocation_entries")
+        }
+    };
+    assert_eq!(in_force(NOW).await, 3);
+    assert_eq!(in_force(NOW + 50 + 2 * LEEWAY + 1).await, 2);
     let r = store
         .stream_entries(&stream, 1, NOW, LEEWAY, 2)
         .await

@@ -796,6 +796,28 @@ pub trait Store: Send + Sync + 'static {
         WriteStats::default()
     }
 
+    /// Revocation entries still in force at `now` (`expires_at + leeway ≥ now`), summed
+    /// over the streams that carry them: the size of the revocation list, for the metrics.
+    /// This provided version reads every stream; a backend counts where the data lives.
+    fn revocation_entries(
+        &self,
+        now: u64,
+        leeway: u64,
+    ) -> impl Future<Output = StoreResult<u64>> + Send {
+        async move {
+            let mut n = 0u64;
+            for stream in self.streams().await? {
+                let read = self
+                    .stream_entries(&stream.name, 0, now, leeway, usize::MAX)
+                    .await?;
+                for (_, entries) in read.changes {
+                    n = n.saturating_add(u64::try_from(entries.len()).unwrap_or(u64::MAX));
+                }
+            }
+            Ok(n)
+        }
+    }
+
     /// The most recent audit events, newest last.
     fn audit_tail(&self, limit: usize)
     -> impl Future<Output = StoreResult<Vec<AuditEvent>>> + Send;

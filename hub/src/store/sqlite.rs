@@ -2553,6 +2553,18 @@ impl Store for Sqlite {
         .await
     }
 
+    async fn revocation_entries(&self, now: u64, leeway: u64) -> StoreResult<u64> {
+        self.read("revocation_entries", move |conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM stream_entries WHERE expires_at >= ?1")
+                .ctx("preparing the entry count")?
+                .query_row(params![bound(now.saturating_sub(leeway))], |row| row.get(0))
+                .ctx("counting the revocation entries")?;
+            u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("entry count {n}")))
+        })
+        .await
+    }
+
     fn write_stats(&self) -> WriteStats {
         WriteStats {
             transactions: self.inner.stats.transactions.load(Ordering::Relaxed),
