@@ -169,15 +169,24 @@ impl<S: Store> Hub<S> {
         let started = std::time::Instant::now();
         let now_ms = self.clock.now_ms();
         let mut correlation = (None, 0, [0u8; NONCE_LEN]);
+        let mut asked_about = String::new();
         let result = self
-            .process(topic_client, payload, now_ms, &mut correlation)
+            .process(
+                topic_client,
+                payload,
+                now_ms,
+                &mut correlation,
+                &mut asked_about,
+            )
             .await;
         let operation = correlation.0.map_or("unknown", Operation::name);
         let (outcome, issued) = match &result {
             Ok(s) => ("ok", matches!(s.body, Answer::Token { .. })),
             Err(r) => (r.code.name(), false),
         };
-        let handled = self.answer(topic_client, correlation, result, now_ms).await;
+        let handled = self
+            .answer(topic_client, correlation, result, asked_about, now_ms)
+            .await;
         self.metrics.request(operation, outcome);
         if issued {
             self.metrics
@@ -199,8 +208,14 @@ impl<S: Store> Hub<S> {
             .map_or((None, 0, [0u8; NONCE_LEN]), |head| {
                 (Some(head.op), head.request_id, head.nonce)
             });
-        self.answer(topic_client, correlation, Err(refusal), now_ms)
-            .await
+        self.answer(
+            topic_client,
+            correlation,
+            Err(refusal),
+            String::new(),
+            now_ms,
+        )
+        .await
     }
 
     /// The signed response to a request and its audit event.
@@ -209,6 +224,7 @@ impl<S: Store> Hub<S> {
         topic_client: &str,
         (op, request_id, nonce): (Option<Operation>, u64, [u8; NONCE_LEN]),
         result: Result<Success, Refusal>,
+        refused_about: String,
         now_ms: u64,
     ) -> Handled {
         let now = now_ms / 1000;
@@ -225,7 +241,7 @@ impl<S: Store> Hub<S> {
                     reason: &r.reason,
                 }),
                 Vec::new(),
-                String::new(),
+                refused_about,
                 r.reason.clone(),
             ),
         };
@@ -289,6 +305,7 @@ impl<S: Store> Hub<S> {
         payload: &[u8],
         now_ms: u64,
         correlation: &mut (Option<Operation>, u64, [u8; NONCE_LEN]),
+        asked_about: &mut String,
     ) -> Result<Success, Refusal> {
         let too_large = |limit: usize| {
             Refusal::new(
@@ -317,6 +334,14 @@ impl<S: Store> Hub<S> {
             let client = self.live_client(topic_client).await?;
             let request = self.authenticate(&client, signed)?;
             (client, request)
+        };
+        // For the audit row of a refusal: what the (authenticated) request was about.
+        *asked_about = match &request.body {
+            RequestBody::AccessToken { device, .. } => (*device).to_owned(),
+            RequestBody::Revoke(target) => Target::from_wire(target).describe(),
+            RequestBody::FetchRevocations { stream, .. } => stream.name().to_string(),
+            RequestBody::Enroll { .. } | RequestBody::DeviceToken => client.id.clone(),
+            RequestBody::Refresh { .. } => String::new(),
         };
 
         let now = now_ms / 1000;

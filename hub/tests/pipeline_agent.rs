@@ -1730,3 +1730,31 @@ async fn the_metrics_count_each_request_by_operation_and_outcome_and_what_it_iss
     );
     assert!(rig.hub.metrics.store_writable());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_is_audited_with_what_it_asked_about() {
+    let mut rig = Rig::new().await;
+    rig.enrolled_lock("door-1", 10).await;
+    let now = rig.now();
+    let asked = [
+        (
+            rig.request(APP, &signer(APP_KEY), now, |_| RequestBody::AccessToken {
+                device: "door-1",
+                scope: Scopes::parse("door:never-granted").expect("scope"),
+            }),
+            "door-1",
+        ),
+        (
+            rig.request(APP, &signer(APP_KEY), now, |_| {
+                RequestBody::Revoke(RevokeTarget::Device("door-1"))
+            }),
+            "device door-1",
+        ),
+    ];
+    for (signed, about) in asked {
+        let handled = rig.hub.handle(APP, &signed).await;
+        let audit = handled.audit.expect("audited");
+        assert_ne!(audit.outcome, "ok", "{audit:?}");
+        assert_eq!(audit.target, about, "{audit:?}");
+    }
+}
