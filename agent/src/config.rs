@@ -82,6 +82,12 @@ presentation_window_s = 60
 # (docs/DEVICE.md). (TESSERA_AGENT_SOCKET, --socket)
 socket = "/run/tessera-agent/agent.sock"
 
+# Where `run` keeps the agent's facts as Prometheus metrics (token validity, seconds to
+# expiry, refresh failures, revocation freshness; docs/METRICS.md), for node_exporter's
+# textfile collector: rewritten whole every 15 s and when the agent stops. Unset: no file
+# (`tessera-agent status --prometheus` prints the same any time).
+# metrics_textfile = "/var/lib/node_exporter/textfile_collector/tessera-agent.prom"
+
 [store]
 # Where the encrypted token store lives (created with mode 0700).
 # (TESSERA_AGENT_STATE_DIR, --state-dir)
@@ -149,6 +155,8 @@ struct FileConfig {
     presentation_window_s: u64,
     #[serde(default = "default_socket")]
     socket: PathBuf,
+    #[serde(default)]
+    metrics_textfile: Option<PathBuf>,
     #[serde(default)]
     store: StoreSection,
     #[serde(default)]
@@ -288,6 +296,8 @@ pub struct Config {
     pub presentation_window_s: u64,
     /// The local socket.
     pub socket: PathBuf,
+    /// Where `run` keeps the Prometheus metrics textfile, if anywhere.
+    pub metrics_textfile: Option<PathBuf>,
     /// The store's files.
     pub store: StorePaths,
     /// The broker connection (client id = device id).
@@ -310,6 +320,7 @@ impl fmt::Debug for Config {
             .field("revocation_max_age_s", &self.revocation_max_age_s)
             .field("presentation_window_s", &self.presentation_window_s)
             .field("socket", &self.socket)
+            .field("metrics_textfile", &self.metrics_textfile)
             .field("store", &self.store)
             .field("mqtt_host", &self.mqtt.host)
             .field("mqtt_port", &self.mqtt.port)
@@ -462,6 +473,7 @@ impl Config {
             revocation_max_age_s: file.revocation_max_age_s,
             presentation_window_s: file.presentation_window_s,
             socket: resolve(&file.socket),
+            metrics_textfile: file.metrics_textfile.as_deref().map(resolve),
             store,
             mqtt,
             device_id: file.device_id,

@@ -14,6 +14,7 @@
 //! - [`shell`]: the event loop that drives the state machine over MQTT.
 //! - [`local`]: the socket and its line protocol.
 //! - [`status`]: what `status` reports.
+//! - [`metrics`]: the same facts as Prometheus metrics (`status --prometheus`, the textfile).
 //! - [`system`]: the wall clock and the OS random number generator the core takes as inputs.
 //! - [`error`]: the error type and the process exit codes.
 //!
@@ -25,6 +26,7 @@ pub mod error;
 pub mod identity;
 pub mod local;
 pub mod lock;
+pub mod metrics;
 pub mod shell;
 pub mod status;
 pub mod store;

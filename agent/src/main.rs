@@ -100,8 +100,11 @@ enum Command {
     /// Show the token expiry, next refresh, revocation freshness, last error and state.
     Status {
         /// Print JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prometheus")]
         json: bool,
+        /// Print Prometheus metrics instead of text (docs/METRICS.md, "Agent").
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Print a shell completion script: `tessera-agent completions bash > …`.
     Completions {
@@ -230,7 +233,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 presentation,
                 file,
             } => verify(&access, scope, presentation, file),
-            Command::Status { json } => status(&access, json),
+            Command::Status { json, prometheus } => status(&access, json, prometheus),
             _ => token(&access),
         };
     }
@@ -423,7 +426,7 @@ fn verify(
     }
 }
 
-fn status(access: &Access, json: bool) -> anyhow::Result<u8> {
+fn status(access: &Access, json: bool, prometheus: bool) -> anyhow::Result<u8> {
     let now = tessera_agent::system::now_ms();
     let (status, code) = match local::ask(&access.socket, &Request::Status, SOCKET_TIMEOUT)? {
         Asked::Answer(Reply::Ok(text)) => {
@@ -474,6 +477,8 @@ fn status(access: &Access, json: bool) -> anyhow::Result<u8> {
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
+    } else if prometheus {
+        print!("{}", tessera_agent::metrics::render(&status));
     } else {
         print!("{}", status.render());
     }

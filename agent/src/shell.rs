@@ -463,6 +463,9 @@ impl Shell {
                 self.held = None;
             }
             Report::RequestFailed { op, code } => {
+                if matches!(op, Operation::DeviceToken | Operation::Refresh) {
+                    self.facts.refresh_failures += 1;
+                }
                 let reason = self.hub_reason.clone();
                 if code == ErrorCode::Replay {
                     tracing::debug!(op = op.name(), "hub saw a request twice; waiting");
@@ -479,6 +482,9 @@ impl Shell {
             }
             Report::RequestTimedOut { op } => {
                 tracing::warn!(op = op.name(), "no answer from the hub in time; retrying");
+                if matches!(op, Operation::DeviceToken | Operation::Refresh) {
+                    self.facts.refresh_failures += 1;
+                }
                 if op == Operation::Enroll && self.untrusted_seen > 0 {
                     self.enroll_answer_untrusted = true;
                 }
@@ -694,9 +700,13 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
     let (requests_tx, mut requests) = mpsc::channel(32);
     let server = tokio::spawn(local::serve(listener, requests_tx));
     tokio::pin!(shutdown);
+    let mut textfile_tick = tokio::time::interval(METRICS_TEXTFILE_EVERY);
     let result = loop {
         tokio::select! {
             () = &mut shutdown => break Ok(Ended::Stopped),
+            _ = textfile_tick.tick(), if config.metrics_textfile.is_some() => {
+                write_metrics_textfile(config, &shell, false);
+            }
             notice = connection.notices.recv() => match notice {
                 Some(notice) => {
                     if let Err(e) = shell.on_notice(notice) {
@@ -733,8 +743,32 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
     }
     server.abort();
     connection.close().await;
+    // The last word: a stopped or revoked agent, not a stale "holding".
+    write_metrics_textfile(config, &shell, true);
     tracing::info!(outcome = ?result.as_ref().ok(), "agent stopped");
     result
+}
+
+/// How often `run` rewrites the metrics textfile (`metrics_textfile`).
+const METRICS_TEXTFILE_EVERY: Duration = Duration::from_secs(15);
+
+/// Rewrites the metrics textfile, if one is configured; a failure is logged, never fatal:
+/// monitoring must not take the device's token away.
+fn write_metrics_textfile(config: &Config, shell: &Shell, stopped: bool) {
+    let Some(path) = &config.metrics_textfile else {
+        return;
+    };
+    let mut status = shell.status(now_ms());
+    if stopped {
+        status.running = false;
+        status.connected = Some(false);
+        if status.state != "revoked" {
+            status.state = "stopped".into();
+        }
+    }
+    if let Err(e) = crate::metrics::write_textfile(path, &status) {
+        tracing::warn!(error = %e, "cannot write the metrics textfile");
+    }
 }
 
 /// The error for a device whose store says it was revoked.

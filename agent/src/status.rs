@@ -63,6 +63,10 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Device tokens received since the agent started.
     pub renewals: u64,
+    /// Requests for a device token (a refresh, or one with the device key) the hub refused
+    /// or did not answer in time, since the agent started.
+    #[serde(default)]
+    pub refresh_failures: u64,
     /// The store's record counter.
     pub store_counter: u64,
     /// Since when (local ms) the token and grant in force are not saved because the store
@@ -114,6 +118,8 @@ pub struct ShellFacts {
     pub running: bool,
     /// Device tokens received since start.
     pub renewals: u64,
+    /// Device-token requests refused or unanswered since start.
+    pub refresh_failures: u64,
     /// The store's counter.
     pub store_counter: u64,
     /// The hub's reason for its latest refusal.
@@ -180,6 +186,7 @@ impl Status {
                     .map(|e| describe_last_error(e, facts.hub_reason.as_deref()))
             }),
             renewals: facts.renewals,
+            refresh_failures: facts.refresh_failures,
             store_counter: facts.store_counter,
             store_unsaved_since_ms: facts.unsaved_since_ms.filter(|_| facts.running),
             presentations_accepted_from_ms: facts.presentations_from_ms.filter(|_| facts.running),
@@ -221,6 +228,7 @@ impl Status {
             clock_offset_ms: 0,
             last_error: note,
             renewals: 0,
+            refresh_failures: 0,
             store_counter: 0,
             store_unsaved_since_ms: None,
             presentations_accepted_from_ms: None,

@@ -240,3 +240,58 @@ async fn enrolling_with_another_hubs_trust_anchor_stops_at_the_first_answer_sayi
     );
     Ok(())
 }
+
+/// Polls `path` until its text satisfies `done`, for at most 30 s.
+fn wait_for_file(path: &Path, done: impl Fn(&str) -> bool) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return Ok(text);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{} never showed it:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_keeps_its_metrics_in_the_textfile_and_says_when_it_stopped() -> Result<()>
+{
+    let hub = Hub::start(HubOptions::default()).await?;
+    let code = blocking(|| hub.dir.add_device_with_code("mx-1", DEVICE_ROLE, &[GROUP]))?;
+    let device = Device::new(&hub, "mx-1", "metrics_textfile = \"metrics.prom\"")?;
+    blocking(|| device.enroll(Some(&code)))?;
+    let mut agent = blocking(|| device.spawn())?;
+    let textfile = device.path().join("metrics.prom");
+    let text = blocking(|| {
+        wait_for_file(&textfile, |t| {
+            t.contains("tessera_agent_token_valid{device=\"mx-1\"} 1")
+                && t.contains("tessera_agent_running{device=\"mx-1\"} 1")
+        })
+    })?;
+    ensure!(
+        text.contains("tessera_agent_refresh_failures_total{device=\"mx-1\"} 0"),
+        "{text}"
+    );
+    let printed = blocking(|| device.run_ok(&["status", "--prometheus"]))?;
+    ensure!(
+        printed.contains("tessera_agent_running{device=\"mx-1\"} 1")
+            && printed.contains("tessera_agent_token_expires_in_seconds{device=\"mx-1\"}"),
+        "{printed}"
+    );
+    blocking(|| agent.terminate(Duration::from_secs(15)))?;
+    let text = blocking(|| {
+        wait_for_file(&textfile, |t| {
+            t.contains("tessera_agent_info{device=\"mx-1\",state=\"stopped\"} 1")
+        })
+    })?;
+    ensure!(
+        text.contains("tessera_agent_running{device=\"mx-1\"} 0"),
+        "{text}"
+    );
+    Ok(())
+}
