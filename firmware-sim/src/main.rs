@@ -1,0 +1,80 @@
+//! `firmware-sim`: runs a simulated fleet against its own broker and hub and prints a
+//! summary (one JSON object as the last line with `--json`).
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tessera_firmware_sim::duration;
+use tessera_firmware_sim::fleet::{self, Options, Scenario};
+
+/// Tessera firmware simulator: many devices running the shared core over MQTT.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Start a Mosquitto and a hub of its own, register the fleet, run it, print a summary.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScenarioArg {
+    /// Devices enroll over a short ramp and keep their tokens fresh; nothing fails.
+    Steady,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Device token lifetime set in the hub's policy (whole seconds: `6s`, `1m`).
+    #[arg(long, value_parser = duration::parse, default_value = "60s")]
+    lifetime: Duration,
+    /// How long the fleet runs once the hub serves (`20s`, `10m`).
+    #[arg(long, value_parser = duration::parse, default_value = "60s")]
+    duration: Duration,
+    /// What the fleet goes through.
+    #[arg(long, value_enum, default_value_t = ScenarioArg::Steady)]
+    scenario: ScenarioArg,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// The tessera-hub binary (default: next to this executable, then
+    /// $CARGO_TARGET_DIR/{debug,release}, then the target dir `cargo metadata` names).
+    #[arg(long, env = "TESSERA_HUB_BIN")]
+    hub_bin: Option<PathBuf>,
+    /// The Mosquitto binary (default: /usr/sbin/mosquitto, then the PATH).
+    #[arg(long, env = "MOSQUITTO")]
+    mosquitto: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Commands::Run(args) = Cli::parse().command;
+    let summary = fleet::run(Options {
+        devices: args.devices,
+        lifetime: args.lifetime,
+        duration: args.duration,
+        scenario: match args.scenario {
+            ScenarioArg::Steady => Scenario::Steady,
+        },
+        hub_bin: args.hub_bin,
+        mosquitto: args.mosquitto,
+        progress: std::io::stdout().is_terminal(),
+    })
+    .await?;
+    if args.json {
+        eprintln!("{}", summary.text());
+        println!("{}", summary.to_json());
+    } else {
+        println!("{}", summary.text());
+    }
+    Ok(())
+}

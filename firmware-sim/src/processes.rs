@@ -1,0 +1,502 @@
+//! The broker and the hub a run starts for itself: a Mosquitto on a free loopback port and
+//! a `tessera-hub` made with `init` in a temporary directory, the fleet registered with one
+//! `device import`, then `serve`. Both are child processes stopped when their guards drop;
+//! the directory goes with the [`tempfile::TempDir`] that holds it.
+//!
+//! Setup blocks the calling thread (bounded polls on what the programs show: the broker's
+//! log, the hub's subscription); call it from a blocking task.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_shared::crypto::PublicKey;
+
+use crate::Error;
+
+/// The only address the simulator binds or connects to when it runs its own broker.
+pub const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// Where Debian's `mosquitto` package installs the broker; `$MOSQUITTO` overrides it.
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// The hub id of the hub the simulator starts.
+pub const HUB_ID: &str = "sim-hub";
+
+/// The device role and group of the default policy the fleet is registered with.
+pub const DEVICE_ROLE: &str = "sensor";
+/// See [`DEVICE_ROLE`].
+pub const DEVICE_GROUP: &str = "building-a";
+
+/// How long Mosquitto may take to listen, and the hub to subscribe.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+const POLL: Duration = Duration::from_millis(50);
+
+/// A child process stopped (SIGTERM, then SIGKILL after a grace period) and reaped on drop.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    fn spawn(command: &mut Command, name: &'static str, log: PathBuf) -> Result<Self, Error> {
+        let file = std::fs::File::create(&log).map_err(Error::file(&log))?;
+        let err = file.try_clone().map_err(Error::file(&log))?;
+        use std::os::unix::process::CommandExt as _;
+        let child = command
+            // Its own process group: a Ctrl-C on the terminal reaches the simulator only,
+            // which then stops the devices before the hub and the broker, in that order.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| Error::Process(format!("cannot start {name}: {e}")))?;
+        Ok(Self { child, name, log })
+    }
+
+    /// Fails with the log's tail if the process has exited.
+    fn check_alive(&mut self) -> Result<(), Error> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(Error::Process(format!(
+                "{} exited ({status}); its log:\n{}",
+                self.name,
+                tail(&self.log, 20)
+            ))),
+            Err(e) => Err(Error::Process(format!("{}: {e}", self.name))),
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM through `kill`), waits up to `grace`, then kills it.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let asked = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if asked {
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// The last `lines` lines of a log file.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A binary the run needs, and how it was found (reported in the summary).
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// Its path.
+    pub path: PathBuf,
+    /// How it was found: `flag`, `next to the executable`, `CARGO_TARGET_DIR`,
+    /// `cargo metadata`, `PATH`.
+    pub how: &'static str,
+}
+
+/// Finds `tessera-hub`: `given` (the `--hub-bin` flag or `$TESSERA_HUB_BIN`), else next to
+/// the running executable (or one directory up, from a test's `deps/`), else in
+/// `$CARGO_TARGET_DIR/{debug,release}`, else in the target directory `cargo metadata`
+/// names. It is not built here: `cargo build -p tessera-hub` first.
+pub fn locate_hub(given: Option<PathBuf>) -> Result<Located, Error> {
+    const NAME: &str = "tessera-hub";
+    if let Some(path) = given {
+        return if path.is_file() {
+            Ok(Located { path, how: "flag" })
+        } else {
+            Err(Error::BinaryNotFound {
+                name: NAME.into(),
+                looked: format!("{} is not a file", path.display()),
+            })
+        };
+    }
+    let mut looked = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        let mut dirs = vec![dir.to_path_buf()];
+        if dir.file_name().is_some_and(|n| n == "deps")
+            && let Some(up) = dir.parent()
+        {
+            dirs.push(up.to_path_buf());
+        }
+        for d in dirs {
+            let path = d.join(NAME);
+            if path.is_file() {
+                return Ok(Located {
+                    path,
+                    how: "next to the executable",
+                });
+            }
+            looked.push(path);
+        }
+    }
+    let in_target = |target: &Path, looked: &mut Vec<PathBuf>| {
+        ["debug", "release"].into_iter().find_map(|profile| {
+            let path = target.join(profile).join(NAME);
+            if path.is_file() {
+                Some(path)
+            } else {
+                looked.push(path);
+                None
+            }
+        })
+    };
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR")
+        && let Some(path) = in_target(Path::new(&target), &mut looked)
+    {
+        return Ok(Located {
+            path,
+            how: "CARGO_TARGET_DIR",
+        });
+    }
+    if let Some(target) = cargo_target_dir()
+        && let Some(path) = in_target(&target, &mut looked)
+    {
+        return Ok(Located {
+            path,
+            how: "cargo metadata",
+        });
+    }
+    let mut text = String::from("looked at");
+    for p in &looked {
+        let _ = write!(text, " {}", p.display());
+    }
+    text.push_str(
+        "; build it (`cargo build -p tessera-hub`) or name it with --hub-bin / TESSERA_HUB_BIN",
+    );
+    Err(Error::BinaryNotFound {
+        name: NAME.into(),
+        looked: text,
+    })
+}
+
+/// The target directory of the workspace around the current directory, as
+/// `cargo metadata` reports it.
+fn cargo_target_dir() -> Option<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    json.get("target_directory")?.as_str().map(PathBuf::from)
+}
+
+/// Finds Mosquitto: `given` (`--mosquitto` or `$MOSQUITTO`), else [`MOSQUITTO`], else
+/// `mosquitto` on the `PATH`.
+pub fn locate_mosquitto(given: Option<PathBuf>) -> Result<Located, Error> {
+    if let Some(path) = given {
+        return Ok(Located { path, how: "flag" });
+    }
+    if Path::new(MOSQUITTO).is_file() {
+        return Ok(Located {
+            path: MOSQUITTO.into(),
+            how: "default path",
+        });
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+        .map(|path| Located { path, how: "PATH" })
+        .ok_or_else(|| Error::BinaryNotFound {
+            name: "mosquitto".into(),
+            looked: format!(
+                "not at {MOSQUITTO} nor on the PATH: install the `mosquitto` package \
+                 (Debian: apt-get install mosquitto) or set MOSQUITTO"
+            ),
+        })
+}
+
+/// A Mosquitto of the run's own, on a free loopback port.
+#[derive(Debug)]
+pub struct Broker {
+    child: ChildGuard,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Broker {
+    /// Starts Mosquitto in `dir` on a port the OS just picked, retrying with a new port if
+    /// someone else took it first.
+    pub fn start(program: &Path, dir: &Path) -> Result<Self, Error> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port()?;
+            let config = dir.join("mosquitto.conf");
+            let log = dir.join("mosquitto.log");
+            let _ = std::fs::remove_file(&log);
+            std::fs::write(&config, mosquitto_conf(port, &log)).map_err(Error::file(&config))?;
+            let mut child = ChildGuard::spawn(
+                Command::new(program).arg("-c").arg(&config),
+                "mosquitto",
+                dir.join("mosquitto.stderr"),
+            )?;
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            let addr = SocketAddr::from((LOOPBACK, port));
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if let Err(e) = child.check_alive() {
+                    last = format!("{e}\n{}", tail(&log, 10));
+                    break;
+                }
+                // "running" is logged once every listener is bound.
+                if text.contains(" running")
+                    && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                {
+                    return Ok(Self { child, port, log });
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Process(format!(
+                        "mosquitto did not listen on {addr} within {STARTUP_TIMEOUT:?}:\n{}",
+                        tail(&log, 10)
+                    )));
+                }
+                std::thread::sleep(POLL);
+            }
+            if !last.contains("Address already in use") {
+                break;
+            }
+        }
+        Err(Error::Process(format!("mosquitto did not start: {last}")))
+    }
+
+    /// Its port on [`LOOPBACK`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Stops it.
+    pub fn stop(&mut self) {
+        self.child.stop(Duration::from_secs(5));
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    let listener = TcpListener::bind((LOOPBACK, 0))
+        .map_err(|e| Error::Process(format!("cannot bind a loopback port: {e}")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::Process(format!("cannot read a loopback port: {e}")))
+}
+
+fn mosquitto_conf(port: u16, log: &Path) -> String {
+    format!(
+        "# firmware-sim's own broker: loopback only, anonymous, no persistence.\n\
+         user root\n\
+         per_listener_settings false\n\
+         persistence false\n\
+         log_dest file {log}\n\
+         log_type error\n\
+         log_type warning\n\
+         log_type notice\n\
+         log_type information\n\
+         log_type subscribe\n\
+         connection_messages false\n\
+         # Without it a loopback round trip waits on Nagle + delayed ACK (DESIGN.md).\n\
+         set_tcp_nodelay true\n\
+         max_packet_size 131072\n\
+         allow_anonymous true\n\
+         listener {port} {LOOPBACK}\n",
+        log = log.display()
+    )
+}
+
+/// A hub directory made by `tessera-hub init`, and later the serving hub.
+#[derive(Debug)]
+pub struct Hub {
+    bin: PathBuf,
+    dir: PathBuf,
+    serving: Option<ChildGuard>,
+}
+
+impl Hub {
+    /// `tessera-hub init --dir <dir>/hub`, then the device role's token lifetime set to
+    /// `lifetime_s` in its policy.
+    pub fn init(bin: &Path, dir: &Path, lifetime_s: u64) -> Result<Self, Error> {
+        let hub = Self {
+            bin: bin.to_path_buf(),
+            dir: dir.join("hub"),
+            serving: None,
+        };
+        run_checked(
+            Command::new(bin)
+                .arg("init")
+                .arg("--dir")
+                .arg(&hub.dir)
+                .args(["--hub-id", HUB_ID]),
+            "tessera-hub init",
+        )?;
+        let policy = hub.dir.join("policy.toml");
+        let text = std::fs::read_to_string(&policy).map_err(Error::file(&policy))?;
+        // The default policy's sensor role sets its own lifetime (the first such line).
+        let from = "\ntoken_lifetime_s = 600\n";
+        if !text.contains(from) {
+            return Err(Error::Process(format!(
+                "{} has no `token_lifetime_s = 600` for the {DEVICE_ROLE} role: the default \
+                 policy changed, update firmware-sim",
+                policy.display()
+            )));
+        }
+        let text = text.replacen(from, &format!("\ntoken_lifetime_s = {lifetime_s}\n"), 1);
+        std::fs::write(&policy, text).map_err(Error::file(&policy))?;
+        Ok(hub)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("tessera-hub.toml")
+    }
+
+    /// The hub's trust anchor, from the `trust-anchor.pem` init wrote.
+    pub fn trust_anchor(&self) -> Result<PublicKey, Error> {
+        use p256::pkcs8::DecodePublicKey as _;
+        let path = self.dir.join("trust-anchor.pem");
+        let pem = std::fs::read_to_string(&path).map_err(Error::file(&path))?;
+        let key = p256::PublicKey::from_public_key_pem(&pem).map_err(|e| {
+            Error::Process(format!("{}: not a P-256 SPKI PEM key: {e}", path.display()))
+        })?;
+        PublicKey::from_sec1(&key.to_sec1_bytes()).map_err(Error::Core)
+    }
+
+    /// Registers `ids` (role [`DEVICE_ROLE`], group [`DEVICE_GROUP`]) with one
+    /// `device import`, each with a one-time enrollment code; returns `(id, code)` pairs.
+    pub fn import(&self, ids: &[String]) -> Result<Vec<(String, String)>, Error> {
+        let csv = self.dir.join("fleet.csv");
+        let codes = self.dir.join("codes.csv");
+        let mut text = String::from("id,role,group,key\n");
+        for id in ids {
+            let _ = writeln!(text, "{id},{DEVICE_ROLE},{DEVICE_GROUP},");
+        }
+        std::fs::write(&csv, text).map_err(Error::file(&csv))?;
+        run_checked(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(self.config())
+                .args(["device", "import"])
+                .arg(&csv)
+                .arg("--codes")
+                .arg(&codes),
+            "tessera-hub device import",
+        )?;
+        let written = std::fs::read_to_string(&codes).map_err(Error::file(&codes))?;
+        let pairs: Vec<(String, String)> = written
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(','))
+            .map(|(id, code)| (id.to_string(), code.trim().to_string()))
+            .collect();
+        if pairs.len() != ids.len() {
+            return Err(Error::Process(format!(
+                "device import wrote {} codes for {} devices ({})",
+                pairs.len(),
+                ids.len(),
+                codes.display()
+            )));
+        }
+        Ok(pairs)
+    }
+
+    /// `tessera-hub serve` against `broker`; returns once the broker logs the hub's
+    /// subscription to the request topics.
+    pub fn serve(&mut self, broker: &Broker) -> Result<(), Error> {
+        let mut child = ChildGuard::spawn(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(self.config())
+                .arg("serve")
+                .args(["--mqtt-port", &broker.port().to_string()])
+                .env("RUST_LOG", "info"),
+            "tessera-hub serve",
+            self.dir.join("hub.log"),
+        )?;
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            child.check_alive()?;
+            let log = std::fs::read_to_string(broker.log()).unwrap_or_default();
+            if log
+                .lines()
+                .any(|l| l.contains(" tessera-hub ") && l.contains("tessera/v1/"))
+            {
+                self.serving = Some(child);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Process(format!(
+                    "the hub did not subscribe within {STARTUP_TIMEOUT:?}; its log:\n{}",
+                    tail(&self.dir.join("hub.log"), 20)
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Whether the serving hub still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.serving
+            .as_mut()
+            .is_some_and(|c| c.check_alive().is_ok())
+    }
+
+    /// Stops the serving hub (SIGTERM: it drains and disconnects).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.serving.take() {
+            child.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Runs a command to completion; fails with its output unless it succeeds.
+fn run_checked(command: &mut Command, what: &str) -> Result<String, Error> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Process(format!("cannot run {what}: {e}")))?;
+    if !output.status.success() {
+        return Err(Error::Process(format!(
+            "{what} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
