@@ -359,12 +359,23 @@ pub fn reload_policy_on_hangup<S: Store>(
     let mut hup = signal(SignalKind::hangup())?;
     Ok(async move {
         while hup.recv().await.is_some() {
-            // The reload logs and audits its result itself.
-            let _ =
-                policy_change::reload(&hub.store, &hub.policy, &path, &limits, hub.clock.now_ms())
-                    .await;
+            reload_policy(&hub, &path, &limits).await;
         }
     })
+}
+
+/// One policy reload ([`policy_change::reload`], which logs and audits its result itself),
+/// counted in the metrics as a revocation of kind `policy_reload` when it revoked tokens.
+async fn reload_policy<S: Store>(
+    hub: &Hub<S>,
+    path: &std::path::Path,
+    limits: &policy_change::ReloadLimits,
+) {
+    let reloaded =
+        policy_change::reload(&hub.store, &hub.policy, path, limits, hub.clock.now_ms()).await;
+    if matches!(&reloaded, Ok(r) if r.revoked.is_some()) {
+        hub.metrics.revocation("policy_reload");
+    }
 }
 
 /// Drops records that can no longer matter (see [`Hub::prune`]).

@@ -482,6 +482,7 @@ async fn a_sighup_reloads_through_the_review_and_an_emptied_file_changes_nothing
         rng: Arc::new(tessera_hub::rng::SeededRng::new([3; 32])),
         metrics: Arc::new(tessera_hub::metrics::Metrics::new()),
     });
+    let metrics = hub.metrics.clone();
     let reloads = tessera_hub::server::reload_policy_on_hangup(
         hub,
         fixture.path.clone(),
@@ -536,6 +537,16 @@ async fn a_sighup_reloads_through_the_review_and_an_emptied_file_changes_nothing
     );
     assert_eq!(fixture.in_force(), policy(&widened()));
     assert_eq!(fixture.changes().await, []);
+    let counted = "tessera_hub_revocations_total{kind=\"policy_reload\"} 1";
+    let rendered = || metrics.render(T0, tessera_hub::store::WriteStats::default());
+    assert!(!rendered().contains("policy_reload"), "{}", rendered());
+
+    // A narrowing that revokes is counted as a revocation in the metrics.
+    fixture.write(&without_light());
+    hang_up();
+    let audited = reloaded(3).await;
+    assert_eq!(audited[2].outcome, "ok", "{audited:?}");
+    assert!(rendered().contains(counted), "{}", rendered());
     reloading.abort();
 }
 
