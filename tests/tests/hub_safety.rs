@@ -133,6 +133,55 @@ async fn a_second_serve_on_a_hub_directory_refuses_to_start() -> Result<()> {
     Ok(())
 }
 
+/// A second hub on the same database under another client id: refused unless both split
+/// the requests with a shared subscription, since otherwise both would answer each request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_would_answer_every_request_twice_refuses_to_start() -> Result<()> {
+    for shared in [false, true] {
+        let setting = format!("shared_subscription = {shared}");
+        let hub = TestHub::builder()
+            .config("heartbeat_s = 30", "heartbeat_s = 3600")
+            .config("shared_subscription = false", &setting)
+            .start()
+            .await?;
+        let dir = hub.dir();
+        let text = std::fs::read_to_string(dir.config_path())?;
+        let replica_config = dir.path().join("replica.toml");
+        std::fs::write(
+            &replica_config,
+            text.replace(
+                "client_id = \"tessera-hub\"",
+                "client_id = \"tessera-hub-2\"",
+            ),
+        )?;
+        let mut replica = ChildGuard::spawn(
+            std::process::Command::new(cargo_bin("tessera-hub")?)
+                .arg("--config")
+                .arg(&replica_config)
+                .arg("serve")
+                .arg("--mqtt-port")
+                .arg(hub.broker().port().to_string()),
+        )?;
+        if shared {
+            replica.wait_for_output("connected to broker", STARTUP_TIMEOUT)?;
+            assert!(replica.try_wait()?.is_none(), "{}", replica.output());
+        } else {
+            let status = replica
+                .wait_timeout(STARTUP_TIMEOUT)?
+                .with_context(|| format!("the replica serves:\n{}", replica.output()))?;
+            let output = replica.output();
+            assert!(!status.success(), "{output}");
+            assert!(
+                output.contains("another tessera-hub serves this database")
+                    && output.contains("shared_subscription = true"),
+                "{output}"
+            );
+        }
+        hub.wait_until_serving().await?;
+    }
+    Ok(())
+}
+
 #[test]
 fn a_lost_database_is_reported_and_never_replaced_by_an_empty_one() -> Result<()> {
     let dir = HubDir::init("hub-safety")?;

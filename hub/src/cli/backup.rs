@@ -10,7 +10,7 @@ use tessera_hub::config::HubConfig;
 use tessera_hub::keys::{self, Kek};
 use tessera_hub::store::Sqlite;
 
-use super::setup::HubLock;
+use super::setup::{HubLock, other_serving_hubs};
 
 /// `backup FILE`: an online backup of the database into a new file, checked.
 pub(super) fn backup(config: &HubConfig, dest: &Path) -> Result<()> {
@@ -42,6 +42,18 @@ pub(super) fn backup(config: &HubConfig, dest: &Path) -> Result<()> {
 pub(super) async fn restore(config: &HubConfig, backup: &Path) -> Result<()> {
     // Held until the end, so no `serve` starts on a half-restored hub either.
     let _lock = HubLock::acquire(&config.lock_file(), "restore").context("nothing was changed")?;
+    let others = other_serving_hubs(config);
+    if !others.is_empty() {
+        let held: Vec<String> = others
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        anyhow::bail!(
+            "cannot restore: another tessera-hub serves this database ({}): stop every hub \
+             that serves it first; nothing was changed",
+            held.join(", ")
+        );
+    }
     let (staged, summary) = Sqlite::stage_restore(backup, &config.database)
         .with_context(|| format!("cannot restore {}; nothing was changed", backup.display()))?;
     {

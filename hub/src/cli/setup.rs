@@ -117,7 +117,13 @@ pub(super) struct HubLock {
 }
 
 impl HubLock {
+    /// Takes the lock at `path` for `what` (`serve`, `init`…), writing the pid in it and
+    /// `detail` after it (what other hubs read of this one: [`other_serving_hubs`]).
     pub(super) fn acquire(path: &Path, what: &str) -> Result<Self> {
+        Self::acquire_noting(path, what, "")
+    }
+
+    pub(super) fn acquire_noting(path: &Path, what: &str, detail: &str) -> Result<Self> {
         use std::io::{Read, Seek, Write};
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -133,11 +139,9 @@ impl HubLock {
                 let mut holder = String::new();
                 // Best effort: the pid is only for the message.
                 let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                let holder = if holder.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (pid {holder})")
+                let holder = match holder.split_whitespace().next() {
+                    Some(pid) => format!(" (pid {pid})"),
+                    None => String::new(),
                 };
                 bail!(
                     "cannot {what}: another tessera-hub{holder} holds the lock {} of this hub \
@@ -150,10 +154,10 @@ impl HubLock {
             }
         }
         // Who holds it, for the message above; the lock itself is what counts.
-        let pid = std::process::id().to_string();
+        let note = format!("{} {detail}\n", std::process::id());
         file.set_len(0)
             .and_then(|()| file.rewind())
-            .and_then(|()| file.write_all(pid.as_bytes()))
+            .and_then(|()| file.write_all(note.as_bytes()))
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self { _file: file })
     }
@@ -174,7 +178,12 @@ pub(super) async fn serve(
     config.mqtt.max_incoming_packet_bytes =
         u32::try_from(config.requests.max_revoke_request_bytes + 4096).unwrap_or(u32::MAX);
     // Held until the process exits (a kill -9 too: the kernel drops the lock with it).
-    let _lock = HubLock::acquire(&config.lock_file(), "serve")?;
+    let _lock = HubLock::acquire_noting(
+        &config.lock_file(),
+        "serve",
+        &format!("{SHARED_NOTE}{}", config.serve.shared_subscription),
+    )?;
+    refuse_replicas_that_would_answer_twice(&config)?;
     let store = open_store(&config)?;
     check_writable(&config.database)?;
     // Reviewed as a SIGHUP reload would review it: it may have changed while the hub was
@@ -271,6 +280,73 @@ fn check_writable(database: &Path) -> Result<()> {
         return Err(unwritable(e));
     }
     Ok(())
+}
+
+/// What a serving hub writes in its lock after its pid: whether it subscribes to requests
+/// with a shared subscription.
+const SHARED_NOTE: &str = "shared_subscription=";
+
+/// The other hubs serving the same database now: the locks beside it
+/// (`<database>.<client id>.lock`) another process holds, with what their holders wrote.
+pub(super) fn other_serving_hubs(config: &HubConfig) -> Vec<(std::path::PathBuf, String)> {
+    let own = config.lock_file();
+    let Some(name) = config
+        .database
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return Vec::new();
+    };
+    let dir = match config.database.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut held = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path == own
+            || !file_name.starts_with(&format!("{name}."))
+            || !file_name.ends_with(".lock")
+        {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        // A shared lock is refused only while a hub holds the exclusive one.
+        if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock_shared() {
+            held.push((
+                path.clone(),
+                std::fs::read_to_string(&path).unwrap_or_default(),
+            ));
+        }
+    }
+    held
+}
+
+/// Refuses to serve a database another hub serves unless both split the requests with a
+/// shared subscription: otherwise each request reaches both, one answers it, and the
+/// other answers `replay` (one client in two would be told its request was refused).
+fn refuse_replicas_that_would_answer_twice(config: &HubConfig) -> Result<()> {
+    let others = other_serving_hubs(config);
+    let unshared: Vec<String> = others
+        .iter()
+        .filter(|(_, note)| {
+            !config.serve.shared_subscription || note.contains(&format!("{SHARED_NOTE}false"))
+        })
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    if unshared.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "another tessera-hub serves this database ({}), and requests are not split between          them: every request would reach both, and one of them would answer it `replay`.          Replicas sharing a database must each set `serve.shared_subscription = true` (and          their own `mqtt.client_id`); otherwise stop the other hub first",
+        unshared.join(", ")
+    );
 }
 
 /// Completes at the first SIGTERM or SIGINT.
