@@ -64,6 +64,11 @@ pub struct Outcome {
     pub holding_at_end: bool,
     /// Whether the hub revoked it.
     pub revoked: bool,
+    /// When (Unix ms) its machine reported it revoked (and wiped its flash).
+    pub revoked_at_ms: Option<u64>,
+    /// Whether some token exchange of its needed more than one request (a retry after a
+    /// timeout or a refusal) before the token arrived.
+    pub retried: bool,
 }
 
 /// What a device needs to start.
@@ -78,7 +83,7 @@ pub struct Spec {
 }
 
 /// The current Unix time in ms.
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -142,6 +147,9 @@ struct Device {
     lapsed_since: Option<u64>,
     /// When (local ms) the first request of the token exchange in progress went out.
     asking_since: Option<u64>,
+    /// Whether a request of the token exchange in progress failed (timed out, refused,
+    /// not sent, answer rejected), so another try follows.
+    try_failed: bool,
 }
 
 impl Device {
@@ -194,13 +202,12 @@ impl Device {
         }
         // A token exchange starts with its first request; retries belong to it.
         if published
-            && self.asking_since.is_none()
             && matches!(
                 self.agent.state(),
                 State::AwaitingEnrollment | State::AwaitingToken | State::Refreshing
             )
         {
-            self.asking_since = Some(now);
+            self.asking_since.get_or_insert(now);
         }
         for report in reports {
             self.on_report(report, now);
@@ -210,12 +217,16 @@ impl Device {
     }
 
     fn count_error(&mut self, code: &'static str) {
+        self.try_failed = true;
         *self.outcome.errors.entry(code).or_default() += 1;
     }
 
     fn on_report(&mut self, report: Report, now: u64) {
         match report {
             Report::TokenRenewed { .. } => {
+                if std::mem::take(&mut self.try_failed) {
+                    self.outcome.retried = true;
+                }
                 if let Some(since) = self.asking_since.take() {
                     let ms = now.saturating_sub(since);
                     if self.outcome.tokens == 0 {
@@ -231,7 +242,10 @@ impl Device {
             Report::RequestTimedOut { .. } => self.count_error("timeout"),
             Report::RequestNotSent { .. } => self.count_error("request_not_sent"),
             Report::ResponseRejected { .. } => self.count_error("response_rejected"),
-            Report::Revoked => self.outcome.revoked = true,
+            Report::Revoked => {
+                self.outcome.revoked = true;
+                self.outcome.revoked_at_ms.get_or_insert(now);
+            }
             _ => {}
         }
     }
@@ -352,6 +366,7 @@ pub async fn run(
         holding: false,
         lapsed_since: None,
         asking_since: None,
+        try_failed: false,
     };
     let stored = device.flash.clone();
     let mut result = device.feed(Event::Boot {

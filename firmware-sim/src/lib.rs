@@ -10,7 +10,7 @@
 //! - [`fleet`]: a whole run ([`fleet::run`]) and its [`fleet::Summary`].
 //! - [`duration`]: `6s`, `10m`, `1h` on the command line.
 //!
-//! Only the `steady` scenario exists so far (see README.md).
+//! Scenarios so far: `steady`, `hub-crash`, `broker-restart`, `revoke` (see README.md).
 
 #![forbid(unsafe_code)]
 

@@ -27,6 +27,15 @@ enum Commands {
 enum ScenarioArg {
     /// Devices enroll over a short ramp and keep their tokens fresh; nothing fails.
     Steady,
+    /// As steady; a third of the way in the hub is killed (SIGKILL) and restarted after
+    /// --outage.
+    HubCrash,
+    /// As steady; a third of the way in Mosquitto is stopped and restarted on the same
+    /// port after --outage.
+    BrokerRestart,
+    /// As steady; a third of the way in an operator revokes --revoke-share of the fleet,
+    /// half as a group, the rest one by one.
+    Revoke,
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +52,12 @@ struct RunArgs {
     /// What the fleet goes through.
     #[arg(long, value_enum, default_value_t = ScenarioArg::Steady)]
     scenario: ScenarioArg,
+    /// How long the hub (hub-crash) or the broker (broker-restart) stays down.
+    #[arg(long, value_parser = duration::parse, default_value = "3s")]
+    outage: Duration,
+    /// The share of the fleet the revoke scenario revokes (0 to 1).
+    #[arg(long, default_value_t = 0.2)]
+    revoke_share: f64,
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -64,7 +79,12 @@ async fn main() -> anyhow::Result<()> {
         duration: args.duration,
         scenario: match args.scenario {
             ScenarioArg::Steady => Scenario::Steady,
+            ScenarioArg::HubCrash => Scenario::HubCrash,
+            ScenarioArg::BrokerRestart => Scenario::BrokerRestart,
+            ScenarioArg::Revoke => Scenario::Revoke,
         },
+        outage: args.outage,
+        revoke_share: args.revoke_share,
         hub_bin: args.hub_bin,
         mosquitto: args.mosquitto,
         progress: std::io::stdout().is_terminal(),

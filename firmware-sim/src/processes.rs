@@ -29,6 +29,13 @@ pub const HUB_ID: &str = "sim-hub";
 pub const DEVICE_ROLE: &str = "sensor";
 /// See [`DEVICE_ROLE`].
 pub const DEVICE_GROUP: &str = "building-a";
+/// The second group `init` declares in the policy: devices the `revoke` scenario revokes
+/// with one `revoke --group`.
+pub const REVOKE_GROUP: &str = "sim-revoke";
+/// The operator (role `ops` of the default policy) that revokes, and its role.
+pub const OPERATOR: &str = "sim-operator";
+/// See [`OPERATOR`].
+pub const OPERATOR_ROLE: &str = "ops";
 
 /// How long Mosquitto may take to listen, and the hub to subscribe.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,6 +78,12 @@ impl ChildGuard {
             ))),
             Err(e) => Err(Error::Process(format!("{}: {e}", self.name))),
         }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Asks the process to stop (SIGTERM through `kill`), waits up to `grace`, then kills it.
@@ -247,6 +260,8 @@ pub struct Broker {
     child: ChildGuard,
     port: u16,
     log: PathBuf,
+    program: PathBuf,
+    dir: PathBuf,
 }
 
 impl Broker {
@@ -255,43 +270,86 @@ impl Broker {
     pub fn start(program: &Path, dir: &Path) -> Result<Self, Error> {
         let mut last = String::new();
         for _ in 0..5 {
-            let port = free_port()?;
-            let config = dir.join("mosquitto.conf");
-            let log = dir.join("mosquitto.log");
-            let _ = std::fs::remove_file(&log);
-            std::fs::write(&config, mosquitto_conf(port, &log)).map_err(Error::file(&config))?;
-            let mut child = ChildGuard::spawn(
-                Command::new(program).arg("-c").arg(&config),
-                "mosquitto",
-                dir.join("mosquitto.stderr"),
-            )?;
-            let deadline = Instant::now() + STARTUP_TIMEOUT;
-            let addr = SocketAddr::from((LOOPBACK, port));
-            loop {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if let Err(e) = child.check_alive() {
-                    last = format!("{e}\n{}", tail(&log, 10));
-                    break;
-                }
-                // "running" is logged once every listener is bound.
-                if text.contains(" running")
-                    && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                {
-                    return Ok(Self { child, port, log });
-                }
-                if Instant::now() >= deadline {
-                    return Err(Error::Process(format!(
-                        "mosquitto did not listen on {addr} within {STARTUP_TIMEOUT:?}:\n{}",
-                        tail(&log, 10)
-                    )));
-                }
-                std::thread::sleep(POLL);
-            }
-            if !last.contains("Address already in use") {
-                break;
+            match Self::start_on(program, dir, free_port()?) {
+                Ok(broker) => return Ok(broker),
+                Err(Startup::PortTaken(why)) => last = why,
+                Err(Startup::Failed(e)) => return Err(e),
             }
         }
         Err(Error::Process(format!("mosquitto did not start: {last}")))
+    }
+
+    /// Stops it (SIGTERM) and starts it again on the same port, with a fresh log; clients
+    /// must reconnect. The port may stay taken for a moment after the old broker exits,
+    /// so binding is retried for a few seconds.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::start_on(&self.program, &self.dir, self.port) {
+                Ok(broker) => {
+                    *self = broker;
+                    return Ok(());
+                }
+                Err(Startup::PortTaken(why)) if Instant::now() < deadline => {
+                    let _ = why;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(Startup::PortTaken(why)) => {
+                    return Err(Error::Process(format!(
+                        "mosquitto could not listen on port {} again: {why}",
+                        self.port
+                    )));
+                }
+                Err(Startup::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn start_on(program: &Path, dir: &Path, port: u16) -> Result<Self, Startup> {
+        let config = dir.join("mosquitto.conf");
+        let log = dir.join("mosquitto.log");
+        let _ = std::fs::remove_file(&log);
+        std::fs::write(&config, mosquitto_conf(port, &log))
+            .map_err(|e| Startup::Failed(Error::file(&config)(e)))?;
+        let mut child = ChildGuard::spawn(
+            Command::new(program).arg("-c").arg(&config),
+            "mosquitto",
+            dir.join("mosquitto.stderr"),
+        )
+        .map_err(Startup::Failed)?;
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let addr = SocketAddr::from((LOOPBACK, port));
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Err(e) = child.check_alive() {
+                let why = format!("{e}\n{}", tail(&log, 10));
+                return Err(if why.contains("Address already in use") {
+                    Startup::PortTaken(why)
+                } else {
+                    Startup::Failed(Error::Process(format!("mosquitto did not start: {why}")))
+                });
+            }
+            // "running" is logged once every listener is bound.
+            if text.contains(" running")
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            {
+                return Ok(Self {
+                    child,
+                    port,
+                    log,
+                    program: program.to_path_buf(),
+                    dir: dir.to_path_buf(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Startup::Failed(Error::Process(format!(
+                    "mosquitto did not listen on {addr} within {STARTUP_TIMEOUT:?}:\n{}",
+                    tail(&log, 10)
+                ))));
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Its port on [`LOOPBACK`].
@@ -308,6 +366,14 @@ impl Broker {
     pub fn stop(&mut self) {
         self.child.stop(Duration::from_secs(5));
     }
+}
+
+/// Why one attempt to start Mosquitto failed.
+enum Startup {
+    /// The port was taken: another port (or a later try) may do.
+    PortTaken(String),
+    /// Anything else.
+    Failed(Error),
 }
 
 fn free_port() -> Result<u16, Error> {
@@ -347,6 +413,8 @@ pub struct Hub {
     bin: PathBuf,
     dir: PathBuf,
     serving: Option<ChildGuard>,
+    /// How many times `serve` started it (each start logs to its own file).
+    starts: u32,
 }
 
 impl Hub {
@@ -357,6 +425,7 @@ impl Hub {
             bin: bin.to_path_buf(),
             dir: dir.join("hub"),
             serving: None,
+            starts: 0,
         };
         run_checked(
             Command::new(bin)
@@ -378,6 +447,19 @@ impl Hub {
             )));
         }
         let text = text.replacen(from, &format!("\ntoken_lifetime_s = {lifetime_s}\n"), 1);
+        // A second group, for the devices the `revoke` scenario revokes as a group.
+        let groups = "\n[groups]\n";
+        if !text.contains(groups) {
+            return Err(Error::Process(format!(
+                "{} has no [groups] table: the default policy changed, update firmware-sim",
+                policy.display()
+            )));
+        }
+        let text = text.replacen(
+            groups,
+            &format!("{groups}{REVOKE_GROUP} = \"Devices firmware-sim revokes as a group\"\n"),
+            1,
+        );
         std::fs::write(&policy, text).map_err(Error::file(&policy))?;
         Ok(hub)
     }
@@ -397,14 +479,24 @@ impl Hub {
         PublicKey::from_sec1(&key.to_sec1_bytes()).map_err(Error::Core)
     }
 
-    /// Registers `ids` (role [`DEVICE_ROLE`], group [`DEVICE_GROUP`]) with one
-    /// `device import`, each with a one-time enrollment code; returns `(id, code)` pairs.
-    pub fn import(&self, ids: &[String]) -> Result<Vec<(String, String)>, Error> {
+    /// Registers `ids` (role [`DEVICE_ROLE`], group [`DEVICE_GROUP`], or
+    /// [`REVOKE_GROUP`] for those `in_revoke_group` says) with one `device import`, each
+    /// with a one-time enrollment code; returns `(id, code)` pairs.
+    pub fn import(
+        &self,
+        ids: &[String],
+        in_revoke_group: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, String)>, Error> {
         let csv = self.dir.join("fleet.csv");
         let codes = self.dir.join("codes.csv");
         let mut text = String::from("id,role,group,key\n");
         for id in ids {
-            let _ = writeln!(text, "{id},{DEVICE_ROLE},{DEVICE_GROUP},");
+            let group = if in_revoke_group(id) {
+                REVOKE_GROUP
+            } else {
+                DEVICE_GROUP
+            };
+            let _ = writeln!(text, "{id},{DEVICE_ROLE},{group},");
         }
         std::fs::write(&csv, text).map_err(Error::file(&csv))?;
         run_checked(
@@ -435,9 +527,18 @@ impl Hub {
         Ok(pairs)
     }
 
-    /// `tessera-hub serve` against `broker`; returns once the broker logs the hub's
-    /// subscription to the request topics.
+    /// `tessera-hub serve` against `broker`; returns once the broker logs a new
+    /// subscription of the hub to the request topics (one more than before the start, so
+    /// a restart waits for its own). The first start logs to `hub.log`, the next ones to
+    /// `hub-2.log`, `hub-3.log`...
     pub fn serve(&mut self, broker: &Broker) -> Result<(), Error> {
+        let before = hub_subscriptions(broker);
+        self.starts += 1;
+        let log = if self.starts == 1 {
+            self.dir.join("hub.log")
+        } else {
+            self.dir.join(format!("hub-{}.log", self.starts))
+        };
         let mut child = ChildGuard::spawn(
             Command::new(&self.bin)
                 .arg("--config")
@@ -446,27 +547,103 @@ impl Hub {
                 .args(["--mqtt-port", &broker.port().to_string()])
                 .env("RUST_LOG", "info"),
             "tessera-hub serve",
-            self.dir.join("hub.log"),
+            log.clone(),
         )?;
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             child.check_alive()?;
-            let log = std::fs::read_to_string(broker.log()).unwrap_or_default();
-            if log
-                .lines()
-                .any(|l| l.contains(" tessera-hub ") && l.contains("tessera/v1/"))
-            {
+            if hub_subscriptions(broker) > before {
                 self.serving = Some(child);
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(Error::Process(format!(
                     "the hub did not subscribe within {STARTUP_TIMEOUT:?}; its log:\n{}",
-                    tail(&self.dir.join("hub.log"), 20)
+                    tail(&log, 20)
                 )));
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Waits until the broker (restarted: a fresh log) logs the running hub's
+    /// subscription again, as it does once it has reconnected.
+    pub fn await_resubscribed(&mut self, broker: &Broker) -> Result<(), Error> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while hub_subscriptions(broker) == 0 {
+            if let Some(child) = self.serving.as_mut() {
+                child.check_alive()?;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Process(format!(
+                    "the hub did not subscribe again within {STARTUP_TIMEOUT:?} after the \
+                     broker restarted"
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(())
+    }
+
+    /// Kills the serving hub at once (SIGKILL): no drain, no goodbye, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.serving.take() {
+            child.kill();
+        }
+    }
+
+    /// Registers [`OPERATOR`] (role [`OPERATOR_ROLE`]) with a key made by
+    /// `tessera-hub keygen`.
+    pub fn add_operator(&self) -> Result<(), Error> {
+        let key = self.operator_key();
+        run_checked(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(self.config())
+                .arg("keygen")
+                .arg(&key),
+            "tessera-hub keygen",
+        )?;
+        let mut public = key.into_os_string();
+        public.push(".pub");
+        run_checked(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(self.config())
+                .args([
+                    "operator",
+                    "add",
+                    OPERATOR,
+                    "--role",
+                    OPERATOR_ROLE,
+                    "--key",
+                ])
+                .arg(public),
+            "tessera-hub operator add",
+        )?;
+        Ok(())
+    }
+
+    fn operator_key(&self) -> PathBuf {
+        self.dir.join("operator.pem")
+    }
+
+    /// `tessera-hub revoke` as [`OPERATOR`] through `broker`, with `what` (`--group G`,
+    /// `--device ID`); returns once the hub answered that the revocation is durable.
+    pub fn revoke(&self, broker: &Broker, what: &[&str]) -> Result<(), Error> {
+        run_checked(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(self.config())
+                .args(["revoke", "--as", OPERATOR, "--key"])
+                .arg(self.operator_key())
+                .arg("--trust-anchor")
+                .arg(self.dir.join("trust-anchor.pem"))
+                .args(["--mqtt-port", &broker.port().to_string()])
+                .args(what),
+            "tessera-hub revoke",
+        )
+        .map(drop)
     }
 
     /// Whether the serving hub still runs.
@@ -482,6 +659,15 @@ impl Hub {
             child.stop(Duration::from_secs(10));
         }
     }
+}
+
+/// How many subscriptions of the hub to its request topics the broker has logged.
+fn hub_subscriptions(broker: &Broker) -> usize {
+    std::fs::read_to_string(broker.log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" tessera-hub ") && l.contains("tessera/v1/"))
+        .count()
 }
 
 /// Runs a command to completion; fails with its output unless it succeeds.
