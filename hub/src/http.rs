@@ -83,36 +83,10 @@ async fn key_usable<S: Store>(hub: &Hub<S>, now: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tokio::sync::RwLock;
 
     use super::*;
     use crate::clock::FakeClock;
-    use crate::keys::{self, Kek, KeyRing};
-    use crate::metrics::Metrics;
-    use crate::pipeline::PipelineConfig;
-    use crate::policy::{Policy, SharedPolicy};
-    use crate::store::Sqlite;
-
-    const T0: u64 = 1_767_225_600;
-
-    async fn hub(clock: &FakeClock) -> Arc<Hub<Sqlite>> {
-        let store = Sqlite::open_in_memory().expect("store");
-        let kek = Kek::from_bytes(vec![9; 32]).expect("kek");
-        keys::create_key(&store, &kek, "hub", T0, T0, Some(T0))
-            .await
-            .expect("key");
-        let ring = KeyRing::load(&store, &kek, "hub", T0).await.expect("ring");
-        let policy = Policy::from_toml(Policy::DEFAULT_TOML, "policy.toml").expect("policy");
-        Arc::new(Hub {
-            store,
-            policy: SharedPolicy::new(policy),
-            keys: RwLock::new(ring),
-            clock: Arc::new(clock.clone()),
-            config: PipelineConfig::default(),
-            rng: Arc::new(crate::rng::SeededRng::new([7; 32])),
-            metrics: Arc::new(Metrics::new()),
-        })
-    }
+    use crate::server::tests::{T0, hub};
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

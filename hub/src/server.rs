@@ -1637,7 +1637,7 @@ pub async fn run<S: Store>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use tessera_shared::cose::Sign1;
@@ -1652,7 +1652,7 @@ mod tests {
     use crate::revocation::Target;
     use crate::store::{ClientKind, ClientRecord, Sqlite, Unmatched};
 
-    const T0: u64 = 1_767_225_600;
+    pub(crate) const T0: u64 = 1_767_225_600;
 
     /// An outbox where each message takes a second of the fake clock: a backlog takes a
     /// while to go out.
@@ -1682,7 +1682,9 @@ mod tests {
         }
     }
 
-    async fn hub(clock: &FakeClock) -> Arc<Hub<Sqlite>> {
+    /// A hub over an in-memory store with one signing key, at `clock`'s time (the HTTP
+    /// listener's tests use it too).
+    pub(crate) async fn hub(clock: &FakeClock) -> Arc<Hub<Sqlite>> {
         let store = Sqlite::open_in_memory().expect("store");
         let kek = Kek::from_bytes(vec![9; 32]).expect("kek");
         keys::create_key(&store, &kek, "hub", T0, T0, Some(T0))

@@ -185,7 +185,13 @@ pub(super) async fn serve(
     )?;
     refuse_replicas_that_would_answer_twice(&config)?;
     let store = open_store(&config)?;
-    check_writable(&config.database)?;
+    store.check_writable().await.map_err(|e| {
+        anyhow::anyhow!(
+            "the database {} cannot be written ({e}): `serve` must write it (a read-only file \
+             or file system, its permissions, or a full disk?)",
+            config.database.display()
+        )
+    })?;
     // Reviewed as a SIGHUP reload would review it: it may have changed while the hub was
     // stopped.
     let (policy, _) = policy_change::load_at_start(
@@ -246,39 +252,6 @@ pub(super) async fn serve(
             }
             e => e.into(),
         })?;
-    Ok(())
-}
-
-/// Fails unless the database takes a durable write: a hub that cannot write it would
-/// answer every request `internal`. Writes the schema version back unchanged, in a
-/// transaction of its own, through a connection of its own.
-fn check_writable(database: &Path) -> Result<()> {
-    use rusqlite::{Connection, OpenFlags};
-    let unwritable = |e: rusqlite::Error| {
-        anyhow::anyhow!(
-            "the database {} cannot be written ({e}): `serve` must write it (a read-only \
-             file or file system, its permissions, or a full disk?)",
-            database.display()
-        )
-    };
-    // READ_WRITE without CREATE: SQLite falls back to read-only when the file is, and the
-    // write below then fails.
-    let conn = Connection::open_with_flags(
-        database,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(unwritable)?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(unwritable)?;
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(unwritable)?;
-    let written = conn
-        .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
-        .and_then(|version| conn.pragma_update(None, "user_version", version))
-        .and_then(|()| conn.execute_batch("COMMIT"));
-    if let Err(e) = written {
-        let _ = conn.execute_batch("ROLLBACK");
-        return Err(unwritable(e));
-    }
     Ok(())
 }
 

@@ -605,6 +605,20 @@ impl Sqlite {
         Self::start(Self::configure(conn, false)?, None)
     }
 
+    /// Fails unless the database takes a durable write, through the store's own writer:
+    /// writes the schema version back unchanged. `serve` checks this before serving, since
+    /// a hub that cannot write would answer every request `internal`.
+    pub async fn check_writable(&self) -> StoreResult<()> {
+        self.write("check_writable", |conn| {
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .ctx("reading the schema version")?;
+            conn.pragma_update(None, "user_version", version)
+                .ctx("writing the schema version back")
+        })
+        .await
+    }
+
     /// Which of `ids` are registered clients, in one query however many there are (`device
     /// import` reports every id of a file that is taken before writing anything).
     pub async fn registered_among(
