@@ -15,7 +15,8 @@
 use tessera_shared::topic;
 
 /// The ACL text. `hub_users` are the MQTT user names the hub (each replica under its own)
-/// connects with; `watchers` are user names (operators) allowed to read the event stream.
+/// connects with; `watchers` are user names (operators) allowed to read the event stream
+/// and the anomaly alerts.
 pub fn mosquitto_acl(hub_users: &[String], watchers: &[String]) -> String {
     let p = topic::PREFIX;
     let mut acl = format!(
@@ -53,8 +54,9 @@ topic readwrite {p}/hub/#
     }
     for w in watchers {
         acl.push_str(&format!(
-            "\n# Operator {w}: watches events.\nuser {w}\ntopic read {events}\n",
-            events = topic::EVENTS
+            "\n# Operator {w}: watches events and anomaly alerts.\nuser {w}\ntopic read {events}\ntopic read {alerts}\n",
+            events = topic::EVENTS,
+            alerts = topic::ALERTS,
         ));
     }
     acl
@@ -101,6 +103,7 @@ mod tests {
         assert!(!acl.contains("pattern write tessera/v1/client/%u/resp"));
         assert!(acl.contains("user tessera-hub\ntopic read tessera/v1/client/+/req"));
         assert!(acl.contains("user ops-1\ntopic read tessera/v1/hub/events"));
+        assert!(acl.contains("topic read tessera/v1/hub/events\ntopic read tessera/v1/hub/alerts"));
         // The hub reads back its own deltas and control messages to confirm them.
         assert!(acl.contains("topic readwrite tessera/v1/client/+/control"));
         assert!(acl.contains("topic readwrite tessera/v1/hub/#"));

@@ -122,6 +122,62 @@ rotation_announce_s = 300
 # anything need forcing; 100 turns the share check off. 0 to 100.
 max_revoked_percent = 50
 
+[anomaly]
+# Anomaly detection (docs/OPERATING.md, "Alerts and quarantine"): each alert goes to the
+# alerts topic (tessera/v1/hub/alerts), the audit log and the webhooks that take alerts.
+# Counts are kept per registered client over windows of window_s; unregistered ids (and
+# clients beyond max_clients) are counted together under `*`, never quarantined.
+enabled = true
+# The counting window, seconds. 1 to 86400.
+window_s = 60
+# `refusals`: this many refusals of one client in a window (bad_signature, replay, stale,
+# malformed, denied, revoked).
+refusals = 20
+# ...and this many, together, for unregistered ids.
+unregistered_refusals = 200
+# `not_granted`: this many requests in a window for scopes or operations the client's
+# role never grants.
+not_granted = 3
+# `revoked_use`: this many requests in a window by a revoked client, or presenting a
+# revoked refresh grant. (`grant_reuse`, a refresh grant presented again by its owner,
+# alerts at once.)
+revoked_uses = 3
+# `issuance_spike`: more tokens issued to one client in a window than this many times its
+# own norm (a weighted mean of its past windows)...
+issuance_factor = 10.0
+# ...and at least this many.
+issuance_min = 30
+# An alert listed in quarantine_on quarantines the client for this many seconds: its
+# requests are refused `quarantined` until it ends or an operator lifts it
+# (`tessera-hub lift-quarantine`). 0 never quarantines. Quarantines are kept in memory:
+# a restart lifts them all. 0 to 2592000.
+quarantine_s = 900
+# The alerts that quarantine: any of refusals, grant_reuse, not_granted, issuance_spike,
+# revoked_use. None by default: alerts only. With a broker ACL that lets nobody else
+# publish on a client's request topic (`tessera-hub broker-acl`), a good choice is
+#   quarantine_on = ["refusals", "grant_reuse", "not_granted"]
+# `refusals` counts requests not signed by the client's key (a forgery is by definition
+# not the client's): without such an ACL anyone could get any client quarantined with it.
+quarantine_on = []
+# Clients tracked apart (and quarantined) at most. 1 to 1048576.
+max_clients = 65536
+
+# Webhooks notified of revocations and alerts: an HTTP POST of JSON per notification,
+# signed in the X-Tessera-Signature header (sha256= and the hex HMAC-SHA256 of the body
+# under `secret`), retried with doubling backoff, given up after max_attempts (counted in
+# tessera_hub_webhook_dead_letters_total). None by default: uncomment an entry, repeat
+# the [[webhooks]] block for more (at most 16).
+# [[webhooks]]
+# name = "ops"                          # the `webhook` label of the metrics: a-z 0-9 _ -
+# url = "https://hooks.example.net/tessera"
+# secret = "at least 16 bytes, shared with the receiver"
+# events = ["alert", "revocation"]      # what to send: alert, revocation
+# max_attempts = 8                      # attempts per notification, the first included
+# backoff_initial_ms = 1000             # wait after the first failure, doubling...
+# backoff_max_ms = 60000                # ...up to this
+# timeout_ms = 5000                     # one attempt at most
+# queue = 1024                          # waiting at most; more are dropped (counted)
+
 # HTTP listener for monitoring: /metrics (Prometheus), /healthz and /readyz
 # (docs/METRICS.md). Off while this section is absent: uncomment both lines to enable.
 # The endpoints are read-only and ask for no credential: listen on loopback or on a
@@ -189,6 +245,12 @@ pub struct HubConfig {
     /// The monitoring HTTP listener; `None` (no `[http]` section) for none.
     #[serde(default)]
     pub http: Option<HttpSection>,
+    /// Anomaly detection and quarantine.
+    #[serde(default)]
+    pub anomaly: crate::anomaly::AnomalyConfig,
+    /// Webhooks notified of revocations and alerts (`[[webhooks]]`, none by default).
+    #[serde(default)]
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 /// `[http]`: present to enable the listener.
@@ -378,6 +440,19 @@ impl HubConfig {
                 "serve.audit_retention_days must be 1..=36500".into(),
             ));
         }
+        self.anomaly.check().map_err(invalid)?;
+        for (i, hook) in self.webhooks.iter().enumerate() {
+            hook.check().map_err(invalid)?;
+            if self.webhooks[..i].iter().any(|h| h.name == hook.name) {
+                return Err(invalid(format!(
+                    "webhooks: two entries are named `{}`",
+                    hook.name
+                )));
+            }
+        }
+        if self.webhooks.len() > 16 {
+            return Err(invalid("webhooks: at most 16 entries".into()));
+        }
         Ok(())
     }
 
@@ -451,6 +526,8 @@ impl HubConfig {
             rate_per_second: self.requests.rate_per_second,
             max_revoke_request_bytes: self.requests.max_revoke_request_bytes,
             heartbeat_s: self.serve.heartbeat_s,
+            anomaly: self.anomaly.clone(),
+            webhooks: self.webhooks.clone(),
         }
     }
 }
@@ -483,6 +560,98 @@ mod tests {
         );
         let text = text.replace("127.0.0.1:9464", "localhost");
         assert!(HubConfig::parse(&text, Path::new("default.toml")).is_err());
+    }
+
+    /// The default config with its commented `[[webhooks]]` entry uncommented.
+    fn with_webhook() -> String {
+        DEFAULT_TOML
+            .lines()
+            .map(|l| {
+                let entry = [
+                    "[[webhooks]]",
+                    "name",
+                    "url",
+                    "secret",
+                    "events",
+                    "max_attempts",
+                    "backoff_initial_ms",
+                    "backoff_max_ms",
+                    "timeout_ms",
+                    "queue",
+                ];
+                match l.strip_prefix("# ") {
+                    Some(rest) if entry.iter().any(|k| rest.starts_with(k)) => rest,
+                    _ => l,
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn anomaly_detection_is_on_alerting_only_and_webhooks_are_off_by_default() {
+        let c = HubConfig::parse(DEFAULT_TOML, Path::new("default.toml")).expect("valid");
+        assert_eq!(c.anomaly, crate::anomaly::AnomalyConfig::default());
+        assert!(c.anomaly.enabled && c.anomaly.quarantine_on.is_empty());
+        assert!(c.webhooks.is_empty());
+        assert_eq!(c.pipeline().anomaly, c.anomaly);
+    }
+
+    #[test]
+    fn the_commented_webhook_entry_parses_with_its_defaults_and_entries_are_checked() {
+        let text = with_webhook();
+        let c = HubConfig::parse(&text, Path::new("default.toml")).expect("valid");
+        assert_eq!(c.webhooks.len(), 1);
+        let hook = &c.webhooks[0];
+        assert_eq!(
+            (
+                hook.name.as_str(),
+                hook.max_attempts,
+                hook.backoff_max_ms,
+                hook.queue
+            ),
+            ("ops", 8, 60_000, 1024)
+        );
+        assert_eq!(c.pipeline().webhooks, c.webhooks);
+        // The secret stays out of debug output (logs).
+        assert!(!format!("{c:?}").contains("shared with the receiver"));
+        for (from, to, key) in [
+            ("url = \"https://", "url = \"ftp://", "url"),
+            ("secret = \"at least", "secret = \"short\" # ", "secret"),
+            (
+                "events = [\"alert\", \"revocation\"]",
+                "events = []",
+                "events",
+            ),
+            ("events = [\"alert\"", "events = [\"audit\"", "audit"),
+        ] {
+            let err =
+                HubConfig::parse(&text.replace(from, to), Path::new("hub.toml")).expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        // Names are metric labels: unique.
+        let block = text
+            .lines()
+            .skip_while(|l| !l.starts_with("[[webhooks]]"))
+            .take_while(|l| !l.starts_with("# HTTP listener"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let twice = format!("{text}\n{block}\n");
+        let err = HubConfig::parse(&twice, Path::new("hub.toml")).expect_err("duplicate");
+        assert!(err.to_string().contains("two entries"), "{err}");
+        // Thresholds are checked.
+        for (from, to) in [
+            ("\nwindow_s = 60", "\nwindow_s = 0"),
+            ("issuance_factor = 10.0", "issuance_factor = 0.5"),
+            (
+                "quarantine_on = []",
+                "quarantine_on = [\"quarantine_lifted\"]",
+            ),
+        ] {
+            let err = HubConfig::parse(&DEFAULT_TOML.replace(from, to), Path::new("hub.toml"))
+                .expect_err(to);
+            assert!(err.to_string().contains("anomaly"), "{err}");
+        }
     }
 
     #[test]

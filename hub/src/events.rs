@@ -8,7 +8,7 @@
 //! ```
 //! `outcome` is `ok` or a wire error code name (`unknown_client`, `bad_signature`,
 //! `replay`, `stale`, `denied`, `revoked`, `rate_limited`, `malformed`, `internal`,
-//! `unsupported`, `overloaded`). `count` is how many decisions the event stands for: a
+//! `unsupported`, `overloaded`, `quarantined`). `count` is how many decisions the event stands for: a
 //! success is always one event, but the refusals of one client with the same action and
 //! outcome are reported once when the first comes, then as one event per window with the
 //! count of the others (`at_ms` is then the first of them). `actor` is `*` for refusals
@@ -21,7 +21,10 @@
 //! `target` the policy file, and `outcome` `ok` (the reason says what it revoked, and what
 //! a force marker overrode), `denied` (refused: it would leave registered clients without a
 //! role, or revoke too large a share of the live tokens), `malformed` (an invalid file) or
-//! `internal` (the store failed); see [`crate::policy_change::reload`].
+//! `internal` (the store failed); see [`crate::policy_change::reload`]. Anomaly alerts are
+//! on their own topic, `tessera/v1/hub/alerts` ([`crate::anomaly::Alert::to_json`]), and in
+//! the audit log as rows with `actor` `hub`, `target` the client and `action` `alert`
+//! (`outcome` the alert's kind), `quarantine` or `quarantine_expiry` (`outcome` `ok`).
 
 use crate::store::AuditEvent;
 

@@ -8,6 +8,7 @@
 //! the queue is full, answers `overloaded`.
 
 pub mod acl;
+pub mod anomaly;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod rng;
 pub mod server;
 pub mod store;
 pub mod text;
+pub mod webhooks;
 
 /// The MQTT transport (re-exported: the hub's public API names its types).
 pub use tessera_mqtt as mqtt;

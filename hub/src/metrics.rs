@@ -46,7 +46,7 @@ pub struct KindLabels {
 /// `tessera_hub_admission_refusals_total` labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// `overloaded` or `rate_limited`.
+    /// `overloaded`, `rate_limited` or `quarantined`.
     pub code: &'static str,
     /// `answered` (a signed refusal went out) or `dropped` (nothing was sent).
     pub result: &'static str,
@@ -57,6 +57,37 @@ pub struct RefusalLabels {
 pub struct QueueLabels {
     /// `work` (requests waiting for a worker) or `refusal` (waiting for their refusal).
     pub queue: &'static str,
+}
+
+/// `tessera_hub_alerts_total` labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AlertLabels {
+    /// The rule (`refusals`, `grant_reuse`, `not_granted`, `issuance_spike`,
+    /// `revoked_use`).
+    pub kind: &'static str,
+}
+
+/// `tessera_hub_quarantine_ends_total` labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndLabels {
+    /// `lifted` (by an operator) or `expired`.
+    pub how: &'static str,
+}
+
+/// Labels of the webhook metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// The webhook's configured name (bounded by the config file).
+    pub webhook: String,
+}
+
+/// `tessera_hub_webhook_deliveries_total` labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// The webhook's configured name.
+    pub webhook: String,
+    /// `delivered` (a 2xx answer) or `failed` (an attempt that failed).
+    pub result: &'static str,
 }
 
 /// Latency buckets, seconds: 0.5 ms to about 16 s, doubling.
@@ -97,8 +128,24 @@ pub struct Metrics {
     store_writable: AtomicBool,
     /// Requests waiting, by queue.
     pub queue_depth: Family<QueueLabels, Gauge>,
-    /// Requests refused before the pipeline (admission limit, overload).
+    /// Requests refused before the pipeline (admission limit, overload, quarantine).
     pub admission_refusals: Family<RefusalLabels, Counter>,
+    /// Anomaly alerts raised, by rule.
+    pub alerts: Family<AlertLabels, Counter>,
+    /// Alerts not published nor notified: the alert queue was full.
+    pub alerts_dropped: Counter,
+    /// Clients quarantined now.
+    pub quarantined_clients: Gauge,
+    /// Quarantines started (or extended) by an alert.
+    pub quarantines: Counter,
+    /// Quarantines ended, by how.
+    pub quarantine_ends: Family<EndLabels, Counter>,
+    /// Webhook delivery attempts, by webhook and result.
+    pub webhook_deliveries: Family<DeliveryLabels, Counter>,
+    /// Webhook notifications given up after their last attempt.
+    pub webhook_dead_letters: Family<WebhookLabels, Counter>,
+    /// Webhook notifications dropped: the webhook's queue was full.
+    pub webhook_dropped: Family<WebhookLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -201,11 +248,71 @@ impl Metrics {
             "Requests refused before the pipeline, by code and whether an answer went out",
             admission_refusals.clone(),
         );
+        let alerts = Family::<AlertLabels, Counter>::default();
+        registry.register(
+            "alerts",
+            "Anomaly alerts raised, by rule (docs/OPERATING.md, Alerts)",
+            alerts.clone(),
+        );
+        let alerts_dropped = Counter::default();
+        registry.register(
+            "alerts_dropped",
+            "Alerts neither published nor notified: the alert queue was full",
+            alerts_dropped.clone(),
+        );
+        let quarantined_clients = Gauge::default();
+        registry.register(
+            "quarantined_clients",
+            "Clients quarantined now (their requests are refused `quarantined`)",
+            quarantined_clients.clone(),
+        );
+        let quarantines = Counter::default();
+        registry.register(
+            "quarantines",
+            "Quarantines started or extended by an alert",
+            quarantines.clone(),
+        );
+        let quarantine_ends = Family::<EndLabels, Counter>::default();
+        registry.register(
+            "quarantine_ends",
+            "Quarantines ended, by how (lifted by an operator, expired)",
+            quarantine_ends.clone(),
+        );
+        let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts, by webhook and result (delivered, failed)",
+            webhook_deliveries.clone(),
+        );
+        let webhook_dead_letters = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_dead_letters",
+            "Webhook notifications given up after their last attempt",
+            webhook_dead_letters.clone(),
+        );
+        let webhook_dropped = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_dropped",
+            "Webhook notifications dropped: the webhook's queue was full",
+            webhook_dropped.clone(),
+        );
         // Known label values start at zero, so rates and alerts see them before the first
         // event.
         for queue in ["work", "refusal"] {
             let _ = queue_depth.get_or_create(&QueueLabels { queue });
         }
+        for kind in crate::anomaly::AlertKind::RULES {
+            let _ = alerts.get_or_create(&AlertLabels {
+                kind: kind.as_str(),
+            });
+        }
+        for how in ["lifted", "expired"] {
+            let _ = quarantine_ends.get_or_create(&EndLabels { how });
+        }
+        let _ = admission_refusals.get_or_create(&RefusalLabels {
+            code: "quarantined",
+            result: "answered",
+        });
         for code in ["overloaded", "rate_limited"] {
             for result in ["answered", "dropped"] {
                 let _ = admission_refusals.get_or_create(&RefusalLabels { code, result });
@@ -231,6 +338,48 @@ impl Metrics {
             store_writable: AtomicBool::new(true),
             queue_depth,
             admission_refusals,
+            alerts,
+            alerts_dropped,
+            quarantined_clients,
+            quarantines,
+            quarantine_ends,
+            webhook_deliveries,
+            webhook_dead_letters,
+            webhook_dropped,
+        }
+    }
+
+    /// Counts one alert raised.
+    pub fn alert(&self, kind: &'static str) {
+        self.alerts.get_or_create(&AlertLabels { kind }).inc();
+    }
+
+    /// The counters of the webhook named `name` (created at zero).
+    pub fn webhook(&self, name: &str) -> crate::webhooks::WebhookCounters {
+        let webhook = || WebhookLabels {
+            webhook: name.to_owned(),
+        };
+        let delivery = |result| DeliveryLabels {
+            webhook: name.to_owned(),
+            result,
+        };
+        // One label set at a time: a family's guard is held until the end of the
+        // statement, and a second `get_or_create` in it would wait for it.
+        let delivered = self
+            .webhook_deliveries
+            .get_or_create(&delivery("delivered"))
+            .clone();
+        let failed_attempts = self
+            .webhook_deliveries
+            .get_or_create(&delivery("failed"))
+            .clone();
+        let dead_letters = self.webhook_dead_letters.get_or_create(&webhook()).clone();
+        let dropped = self.webhook_dropped.get_or_create(&webhook()).clone();
+        crate::webhooks::WebhookCounters {
+            delivered,
+            failed_attempts,
+            dead_letters,
+            dropped,
         }
     }
 
@@ -385,6 +534,7 @@ mod tests {
         m.request("refresh", "ok");
         m.token_issued("device");
         m.revocation("device");
+        let _ = m.webhook("ops");
         m.render(0, WriteStats::default())
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -406,7 +556,7 @@ mod tests {
     fn every_metric_is_documented_with_its_type() {
         let doc = include_str!("../../docs/METRICS.md");
         let families = families();
-        assert_eq!(families.len(), 15, "{families:?}");
+        assert_eq!(families.len(), 23, "{families:?}");
         for (name, kind) in families {
             let row = format!("| `{}` | {kind} |", sample_name(&name, &kind));
             assert!(doc.contains(&row), "docs/METRICS.md lacks the row {row}");

@@ -19,12 +19,13 @@ use tessera_shared::scope::Scopes;
 use tessera_shared::{token, topic};
 use tokio::sync::RwLock;
 
+use crate::anomaly::{Decision, Quarantines, Signal};
 use crate::client::Answer;
 use crate::clock::Clock;
 use crate::crypto::AwsLcVerifier;
 use crate::keys::KeyRing;
 use crate::metrics::Metrics;
-use crate::policy::SharedPolicy;
+use crate::policy::{DenialCode, SharedPolicy};
 use crate::revocation::{Change, Outcome, PendingControl, Target, pack};
 use crate::rng::Rng;
 use crate::store::{
@@ -54,6 +55,11 @@ pub struct PipelineConfig {
     pub max_revoke_request_bytes: usize,
     /// Seconds between revocation heartbeats (the announced `max_age` follows from it).
     pub heartbeat_s: u64,
+    /// Anomaly detection and quarantine (`[anomaly]`), applied by the serving loop to the
+    /// decisions the pipeline reports ([`Handled::decision`]).
+    pub anomaly: crate::anomaly::AnomalyConfig,
+    /// Where the serving loop notifies revocations and alerts (`[[webhooks]]`).
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 impl Default for PipelineConfig {
@@ -66,6 +72,8 @@ impl Default for PipelineConfig {
             rate_per_second: 5.0,
             max_revoke_request_bytes: tessera_shared::cose::MAX_REQUEST_LEN,
             heartbeat_s: 30,
+            anomaly: crate::anomaly::AnomalyConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -90,6 +98,8 @@ pub struct Handled {
     pub broadcast: Vec<Publication>,
     /// The decision, for the audit log, metrics and the events topic.
     pub audit: Option<AuditEvent>,
+    /// The decision, for anomaly detection ([`crate::anomaly`]).
+    pub decision: Option<Decision>,
 }
 
 /// A refusal before it is signed.
@@ -99,6 +109,8 @@ pub struct Refusal {
     pub code: ErrorCode,
     /// Why, for people.
     pub reason: String,
+    /// What it says about the client, for anomaly detection.
+    pub signal: Option<Signal>,
 }
 
 impl Refusal {
@@ -107,7 +119,25 @@ impl Refusal {
         Self {
             code,
             reason: reason.into(),
+            signal: None,
         }
+    }
+
+    /// The same refusal, telling anomaly detection `signal`.
+    pub fn with(mut self, signal: Signal) -> Self {
+        self.signal = Some(signal);
+        self
+    }
+}
+
+/// A policy denial as a refusal: a scope or operation the role does not grant tells
+/// anomaly detection so.
+fn denied(d: crate::policy::Denial) -> Refusal {
+    let refusal = Refusal::new(ErrorCode::Denied, d.reason);
+    if d.code == DenialCode::NotAllowed {
+        refusal.with(Signal::NotGranted)
+    } else {
+        refusal
     }
 }
 
@@ -163,13 +193,26 @@ impl<S: Store> Hub<S> {
         Ok(b)
     }
 
-    /// Handles one message from `tessera/v1/client/{topic_client}/req`.
+    /// Handles one message from `tessera/v1/client/{topic_client}/req`, without
+    /// quarantines: a `lift_quarantine` is answered `unsupported`.
     pub async fn handle(&self, topic_client: &str, payload: &[u8]) -> Handled {
+        self.handle_with(topic_client, payload, None).await
+    }
+
+    /// Handles one message from `tessera/v1/client/{topic_client}/req`; a
+    /// `lift_quarantine` lifts it in `quarantines`.
+    pub async fn handle_with(
+        &self,
+        topic_client: &str,
+        payload: &[u8],
+        quarantines: Option<&dyn Quarantines>,
+    ) -> Handled {
         // Latency is real time, not the hub's clock (which tests control).
         let started = std::time::Instant::now();
         let now_ms = self.clock.now_ms();
         let mut correlation = (None, 0, [0u8; NONCE_LEN]);
         let mut asked_about = String::new();
+        let mut registered = false;
         let result = self
             .process(
                 topic_client,
@@ -177,6 +220,8 @@ impl<S: Store> Hub<S> {
                 now_ms,
                 &mut correlation,
                 &mut asked_about,
+                &mut registered,
+                quarantines,
             )
             .await;
         let operation = correlation.0.map_or("unknown", Operation::name);
@@ -184,9 +229,19 @@ impl<S: Store> Hub<S> {
             Ok(s) => ("ok", matches!(s.body, Answer::Token { .. })),
             Err(r) => (r.code.name(), false),
         };
-        let handled = self
+        let signal = result.as_ref().err().and_then(|r| r.signal);
+        let decision = Decision {
+            client: topic_client.to_owned(),
+            // Every signal comes from a registered client's request.
+            registered: registered || signal.is_some(),
+            refused: result.as_ref().err().map(|r| r.code),
+            issued,
+            signal,
+        };
+        let mut handled = self
             .answer(topic_client, correlation, result, asked_about, now_ms)
             .await;
+        handled.decision = Some(decision);
         self.metrics.request(operation, outcome);
         if issued {
             self.metrics
@@ -276,6 +331,7 @@ impl<S: Store> Hub<S> {
             }),
             broadcast,
             audit: Some(audit),
+            decision: None,
         }
     }
 
@@ -299,6 +355,10 @@ impl<S: Store> Hub<S> {
         }
     }
 
+    // What the request reveals as it is read (correlation, what it is about, whether
+    // the client is registered) goes back through the `&mut` arguments, also when it is
+    // refused.
+    #[allow(clippy::too_many_arguments)]
     async fn process(
         &self,
         topic_client: &str,
@@ -306,6 +366,8 @@ impl<S: Store> Hub<S> {
         now_ms: u64,
         correlation: &mut (Option<Operation>, u64, [u8; NONCE_LEN]),
         asked_about: &mut String,
+        registered: &mut bool,
+        quarantines: Option<&dyn Quarantines>,
     ) -> Result<Success, Refusal> {
         let too_large = |limit: usize| {
             Refusal::new(
@@ -321,7 +383,7 @@ impl<S: Store> Hub<S> {
             return Err(too_large(revoke_limit));
         }
         let (client, request) = if payload.len() > self.config.max_request_bytes {
-            self.authenticate_large(topic_client, payload, correlation)
+            self.authenticate_large(topic_client, payload, correlation, registered)
                 .await?
         } else {
             let signed = SignedRequest::decode(payload)
@@ -332,6 +394,7 @@ impl<S: Store> Hub<S> {
                 return Err(wrong_topic(signed.client(), topic_client));
             }
             let client = self.live_client(topic_client).await?;
+            *registered = true;
             let request = self.authenticate(&client, signed)?;
             (client, request)
         };
@@ -341,6 +404,7 @@ impl<S: Store> Hub<S> {
             RequestBody::Revoke(target) => Target::from_wire(target).describe(),
             RequestBody::FetchRevocations { stream, .. } => stream.name().to_string(),
             RequestBody::Enroll { .. } | RequestBody::DeviceToken => client.id.clone(),
+            RequestBody::LiftQuarantine { client } => (*client).to_owned(),
             RequestBody::Refresh { .. } => String::new(),
         };
 
@@ -369,9 +433,23 @@ impl<S: Store> Hub<S> {
             check_enrollment(&client, key, code_proof.as_ref(), &request.nonce)?;
         }
         let policy = self.policy.current();
-        policy
-            .operation(&client, request.operation())
-            .map_err(|d| Refusal::new(ErrorCode::Denied, d.reason))?;
+        // Lifting a quarantine takes what revoking takes: an operator whose role lists
+        // `revoke` (the policy has no operation of its own for it).
+        let asked = match request.operation() {
+            Operation::LiftQuarantine if client.kind != ClientKind::Operator => {
+                return Err(Refusal::new(
+                    ErrorCode::Denied,
+                    format!(
+                        "client {:?} is not an operator; only operators lift quarantines",
+                        client.id
+                    ),
+                )
+                .with(Signal::NotGranted));
+            }
+            Operation::LiftQuarantine => Operation::Revoke,
+            op => op,
+        };
+        policy.operation(&client, asked).map_err(denied)?;
 
         let ticket = Ticket {
             client: client.id.clone(),
@@ -388,6 +466,10 @@ impl<S: Store> Hub<S> {
             }
             RequestBody::Refresh { grant } => self.refresh(&ticket, &client, grant).await,
             RequestBody::Revoke(target) => self.revoke(&ticket, &client, &target).await,
+            RequestBody::LiftQuarantine { client: target } => {
+                self.lift_quarantine(&ticket, &client, target, quarantines)
+                    .await
+            }
             RequestBody::FetchRevocations { stream, from } => {
                 let page = self.fetch_page(&stream, from, now).await?;
                 self.commit(&ticket, Effect::None).await?;
@@ -457,9 +539,13 @@ impl<S: Store> Hub<S> {
             Refused::Grant(GrantUse::Reused(r)) => {
                 tracing::warn!(client = %r.client, "refresh grant reused: family revoked");
                 self.metrics.grant_reuse.inc();
-                ErrorCode::Revoked
+                return Refusal::new(ErrorCode::Revoked, refused.to_string())
+                    .with(Signal::GrantReused);
             }
-            Refused::Grant(GrantUse::Revoked(_)) | Refused::HolderRevoked(_) => ErrorCode::Revoked,
+            Refused::Grant(GrantUse::Revoked(_)) | Refused::HolderRevoked(_) => {
+                return Refusal::new(ErrorCode::Revoked, refused.to_string())
+                    .with(Signal::RevokedUse);
+            }
             Refused::Grant(GrantUse::Expired(_) | GrantUse::Unknown) => ErrorCode::Denied,
             Refused::Conflict(_) | Refused::NotFound(_) => ErrorCode::Denied,
             Refused::Grant(GrantUse::Fresh(_)) | Refused::CutOff { .. } => ErrorCode::Internal,
@@ -475,7 +561,9 @@ impl<S: Store> Hub<S> {
             .await?
             .ok_or_else(|| Refusal::new(ErrorCode::UnknownClient, "no such client"))?;
         if client.revoked_at.is_some() {
-            return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
+            return Err(
+                Refusal::new(ErrorCode::Revoked, "client is revoked").with(Signal::RevokedUse)
+            );
         }
         Ok(client)
     }
@@ -489,6 +577,7 @@ impl<S: Store> Hub<S> {
         topic_client: &str,
         payload: &'a [u8],
         correlation: &mut (Option<Operation>, u64, [u8; NONCE_LEN]),
+        registered: &mut bool,
     ) -> Result<(ClientRecord, Request<'a>), Refusal> {
         let limit = self.config.max_request_bytes;
         let too_large = || {
@@ -506,8 +595,11 @@ impl<S: Store> Hub<S> {
             Some(c) if c.kind == ClientKind::Operator => c,
             _ => return Err(too_large()),
         };
+        *registered = true;
         if client.revoked_at.is_some() {
-            return Err(Refusal::new(ErrorCode::Revoked, "client is revoked"));
+            return Err(
+                Refusal::new(ErrorCode::Revoked, "client is revoked").with(Signal::RevokedUse)
+            );
         }
         let key = registered_verifier(&client)?.ok_or_else(|| {
             Refusal::new(ErrorCode::UnknownClient, "client has not enrolled a key")
@@ -597,9 +689,7 @@ impl<S: Store> Hub<S> {
     ) -> Result<Success, Refusal> {
         let device = self.live_device(device_id).await?;
         let policy = self.policy.current();
-        let grant = policy
-            .access_token(app, &device, scope)
-            .map_err(|d| Refusal::new(ErrorCode::Denied, d.reason))?;
+        let grant = policy.access_token(app, &device, scope).map_err(denied)?;
         let token = TokenSpec {
             kind: TokenKind::Access,
             audience: device.id,
@@ -895,6 +985,43 @@ impl<S: Store> Hub<S> {
                 counted(notified, "device", "devices"),
             ),
         })
+    }
+
+    /// An operator's `lift_quarantine`: the nonce and rate charge are committed first (a
+    /// replayed lift is refused as such), then the quarantine, kept in the serving loop's
+    /// memory, is lifted. A client not quarantined (here: another replica's quarantine is
+    /// its own) is refused `denied`.
+    async fn lift_quarantine(
+        &self,
+        ticket: &Ticket,
+        operator: &ClientRecord,
+        target: &str,
+        quarantines: Option<&dyn Quarantines>,
+    ) -> Result<Success, Refusal> {
+        let Some(quarantines) = quarantines else {
+            return Err(Refusal::new(
+                ErrorCode::Unsupported,
+                "this hub keeps no quarantines",
+            ));
+        };
+        self.commit(ticket, Effect::None).await?;
+        match quarantines.lift(target, &operator.id, ticket.now_ms) {
+            Some(until) => Ok(Success {
+                // The empty success body (`{}`), as for an enrollment.
+                body: Answer::Enrolled,
+                broadcast: Vec::new(),
+                target: target.to_owned(),
+                reason: format!(
+                    "quarantine lifted by {}; it would have lasted until {} (Unix s)",
+                    operator.id,
+                    until / 1000
+                ),
+            }),
+            None => Err(Refusal::new(
+                ErrorCode::Denied,
+                format!("client `{target}` is not quarantined on this hub"),
+            )),
+        }
     }
 
     /// What a durable revocation publishes: a delta for each change and the control
@@ -1279,7 +1406,7 @@ pub const FOREIGN_GRANT: &str = "refresh grant was issued to another client; onl
 
 /// A refresh grant presented by another client than its owner.
 fn foreign_grant() -> Refusal {
-    Refusal::new(ErrorCode::Denied, FOREIGN_GRANT)
+    Refusal::new(ErrorCode::Denied, FOREIGN_GRANT).with(Signal::NotGranted)
 }
 
 /// A request that names another client than the one whose topic it came on.

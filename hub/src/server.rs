@@ -6,11 +6,15 @@
 //!   ─▶ dispatcher, per message: admission limiter by the client id of the topic
 //!        admitted  ─▶ work queue (serve.queue) ─▶ request workers (serve.concurrency)
 //!                     full ─▶ refusal queue ─▶ refusal worker: `overloaded`
+//!                     quarantined client ─▶ refusal queue ─▶ refusal worker: `quarantined`
 //!        limited   ─▶ refusal queue ─▶ refusal worker: `rate_limited` (once a second)
 //!        otherwise ─▶ dropped: counted, audited once a second per client
 //!        echoes    ─▶ echo queue ─▶ confirmer (full: dropped, counted)
 //! workers, refusal worker, dispatcher ─▶ audit channel (full: dropped, counted)
 //!   ─▶ audit writer: audit log (refusals aggregated) and event stream (try_publish)
+//! workers: each decision ─▶ anomaly detector (quarantines at once) ─▶ alert queue (full:
+//!   dropped, counted) ─▶ alerter: alerts topic (try_publish), audit log, webhook queues
+//!   (full: dropped, counted) ─▶ one delivery task per webhook
 //! ```
 //!
 //! - The MQTT event loop ([`mqtt::connection`]) never waits for anyone but the network: a
@@ -34,6 +38,12 @@
 //!   stream, issued when it is built, after the rest; then logs what was dropped or
 //!   refused since the last one. Echoes of the hub's own deltas and control messages are
 //!   verified by one confirmer task, which drops what it cannot keep up with.
+//! - Anomaly detection ([`crate::anomaly`]) sees every decision of the workers before its
+//!   answer goes out; an alert that quarantines its client does so at once, and the
+//!   dispatcher refuses the client's later requests `quarantined` without reading them. The
+//!   alerter publishes, audits and notifies off the request path, and ends the quarantines
+//!   that run out, once a second; webhooks are delivered by tasks of their own
+//!   ([`crate::webhooks`]).
 //! - Every task is in one `JoinSet`: one that panics or ends while the hub serves stops
 //!   the hub with an error. So does a store that refuses writes for good (read-only, I/O
 //!   error, full disk: [`StoreError::is_persistent_write_failure`]), seen by the audit
@@ -55,6 +65,7 @@ use tessera_shared::topic;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::anomaly::{Alert, AlertKind, Decision, Detector};
 use crate::clock::Clock;
 use crate::keys::{self, Kek, KeyRing};
 use crate::limiter::{Admission, Limit, Limiter};
@@ -64,6 +75,7 @@ use crate::pipeline::{Echo, Hub, Publication, Refusal};
 use crate::policy_change;
 use crate::revocation::PendingControl;
 use crate::store::{AuditEvent, Store, StoreError};
+use crate::webhooks::{NotificationKind, Webhooks};
 
 /// Tunables of the serving loop.
 #[derive(Debug, Clone)]
@@ -133,6 +145,8 @@ const AUDIT_WINDOW_MS: u64 = 10_000;
 const AUDIT_MAX_KEYS: usize = 1024;
 /// Clients whose dropped messages are counted apart, per second; beyond, under `*`.
 const MAX_DROP_CLIENTS: usize = 1024;
+/// Alerts waiting for the alerter at most; more are dropped (and counted).
+const ALERT_QUEUE: usize = 1024;
 /// How long a shutdown waits for the broker to take the DISCONNECT.
 const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
 
@@ -160,6 +174,19 @@ impl Outbox for AsyncClient {
                 false
             }
         }
+    }
+}
+
+/// Where best-effort messages go without waiting (the alerts): the broker, or a list in
+/// tests.
+trait Notices: Send + Sync {
+    /// Hands one message over (QoS 1) if there is room; `false` if not.
+    fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool;
+}
+
+impl Notices for AsyncClient {
+    fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+        AsyncClient::try_publish(self, topic, QoS::AtLeastOnce, false, payload).is_ok()
     }
 }
 
@@ -495,6 +522,8 @@ struct Shed {
     /// Echoes of the hub's own deltas and control messages not verified: the confirmer
     /// was behind (they are published and seen again later).
     echoes_dropped: Counter,
+    /// `quarantined` answers (not overload: not in the summary).
+    quarantined_answered: Counter,
 }
 
 /// [`Shed`] read at one moment, with the MQTT layer's own drops.
@@ -798,6 +827,7 @@ struct Dispatcher {
     shed: Shed,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
+    monitoring: Arc<Monitoring>,
 }
 
 impl Dispatcher {
@@ -821,6 +851,16 @@ impl Dispatcher {
                     requester: requester.to_owned(),
                     payload: msg.payload,
                 };
+                // Before anything costs the hub more: a quarantined client gets its
+                // refusal (within the admission limit, like any other message).
+                if self
+                    .monitoring
+                    .quarantined_until(requester, self.clock.now_ms())
+                    .is_some()
+                {
+                    self.refuse(job, ErrorCode::Quarantined);
+                    return;
+                }
                 if let Err(job) = self.work.try_push(job) {
                     self.refuse(job, ErrorCode::Overloaded);
                 }
@@ -845,6 +885,8 @@ impl Dispatcher {
         if let Err(refused) = self.refusals.try_push(Refuse { job, code }) {
             self.metrics.admission_refusal(code.name(), "dropped");
             match code {
+                // The client's requests are refused anyway; nothing to audit.
+                ErrorCode::Quarantined => return,
                 ErrorCode::RateLimited => self.shed.rate_limited_dropped.add(1),
                 _ => self.shed.overloaded_dropped.add(1),
             }
@@ -866,6 +908,7 @@ async fn worker<S: Store>(
     client: AsyncClient,
     work: Arc<QueueRx<Job>>,
     audit: AuditTx,
+    monitoring: Arc<Monitoring>,
 ) {
     while let Some(job) = work.pop().await {
         // A request is handled in a task of its own so that a bug it triggers (a panic)
@@ -873,7 +916,11 @@ async fn worker<S: Store>(
         let requester = job.requester.clone();
         let handling = tokio::spawn({
             let hub = Arc::clone(&hub);
-            async move { hub.handle(&job.requester, &job.payload).await }
+            let monitoring = Arc::clone(&monitoring);
+            async move {
+                hub.handle_with(&job.requester, &job.payload, Some(&*monitoring))
+                    .await
+            }
         });
         let handled = match handling.await {
             Ok(handled) => handled,
@@ -886,6 +933,11 @@ async fn worker<S: Store>(
                 continue;
             }
         };
+        // Before the answer goes out: a client that hears back has its quarantine, if
+        // this decision started one, in force already.
+        if let Some(decision) = &handled.decision {
+            monitoring.observe(decision, hub.clock.now_ms());
+        }
         // The event loop never waits for anyone, so these complete once the broker takes
         // what is ahead of them.
         if let Some(reply) = &handled.reply {
@@ -893,6 +945,7 @@ async fn worker<S: Store>(
         }
         publish_all(&client, &handled.broadcast).await;
         if let Some(event) = handled.audit {
+            monitoring.notify_revocation(&event);
             audit.send(event);
         }
     }
@@ -907,9 +960,21 @@ async fn refuser<S: Store>(
     audit: AuditTx,
     shed: Shed,
     admission: Limit,
+    monitoring: Arc<Monitoring>,
 ) {
     while let Some(Refuse { job, code }) = refusals.pop().await {
         let (reason, answered) = match code {
+            ErrorCode::Quarantined => (
+                match monitoring.quarantined_until(&job.requester, hub.clock.now_ms()) {
+                    Some(until) => format!(
+                        "this client is quarantined after an anomaly alert until {} (Unix \
+                         s); an operator can lift it",
+                        until / 1000
+                    ),
+                    None => "this client was quarantined after an anomaly alert".to_owned(),
+                },
+                &shed.quarantined_answered,
+            ),
             ErrorCode::RateLimited => (
                 format!(
                     "over the admission limit ({} a second after a burst of {}); requests \
@@ -943,6 +1008,252 @@ async fn refuser<S: Store>(
         }
         if let Some(event) = handled.audit {
             audit.send(event);
+        }
+    }
+}
+
+/// Anomaly detection, quarantines and notifications, shared by the dispatcher (which
+/// refuses quarantined clients), the workers (which report every decision and
+/// revocation) and the alerter (which publishes, audits and notifies). Never waits: the
+/// detector's lock is held only to count, and alerts go to the alerter through a bounded
+/// queue that drops (counted) when full; the quarantine itself is in force at once.
+pub(crate) struct Monitoring {
+    detector: std::sync::Mutex<Detector>,
+    alerts: mpsc::Sender<Alert>,
+    webhooks: Webhooks,
+    metrics: Arc<Metrics>,
+}
+
+impl crate::anomaly::Quarantines for Monitoring {
+    fn lift(&self, client: &str, by: &str, now_ms: u64) -> Option<u64> {
+        Monitoring::lift(self, client, by, now_ms)
+    }
+}
+
+impl Monitoring {
+    /// The monitoring of `detector`, notifying `webhooks`, and the receiving end of its
+    /// alerts (for [`alerter`]).
+    pub(crate) fn new(
+        detector: Detector,
+        webhooks: Webhooks,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::Receiver<Alert>) {
+        let (alerts, rx) = mpsc::channel(ALERT_QUEUE);
+        (
+            Self {
+                detector: std::sync::Mutex::new(detector),
+                alerts,
+                webhooks,
+                metrics,
+            },
+            rx,
+        )
+    }
+
+    fn detector(&self) -> std::sync::MutexGuard<'_, Detector> {
+        self.detector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Until when `client` is quarantined, if it is at `now_ms`.
+    pub(crate) fn quarantined_until(&self, client: &str, now_ms: u64) -> Option<u64> {
+        self.detector().quarantined_until(client, now_ms)
+    }
+
+    /// Takes one decision of the pipeline; passes on the alerts it raises.
+    pub(crate) fn observe(&self, decision: &Decision, now_ms: u64) {
+        let (alerts, quarantined) = {
+            let mut detector = self.detector();
+            let alerts = detector.observe(decision, now_ms);
+            (alerts, detector.quarantined())
+        };
+        if alerts.is_empty() {
+            return;
+        }
+        self.metrics
+            .quarantined_clients
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        for alert in alerts {
+            tracing::warn!(
+                alert = alert.kind.as_str(),
+                client = %alert.client,
+                count = alert.count,
+                quarantined_until_ms = alert.quarantined_until_ms,
+                reason = %alert.reason,
+                "anomaly alert"
+            );
+            self.metrics.alert(alert.kind.as_str());
+            if alert.quarantined_until_ms.is_some() {
+                self.metrics.quarantines.inc();
+            }
+            self.pass_on(alert);
+        }
+    }
+
+    /// Lifts `client`'s quarantine for operator `by`; returns until when it would have
+    /// lasted, if it was in force.
+    pub(crate) fn lift(&self, client: &str, by: &str, now_ms: u64) -> Option<u64> {
+        let (until, quarantined) = {
+            let mut detector = self.detector();
+            let until = detector.lift(client, now_ms);
+            (until, detector.quarantined())
+        };
+        self.metrics
+            .quarantined_clients
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        if let Some(until) = until {
+            tracing::info!(client, by, "quarantine lifted");
+            self.metrics
+                .quarantine_ends
+                .get_or_create(&crate::metrics::EndLabels { how: "lifted" })
+                .inc();
+            self.pass_on(Alert {
+                at_ms: now_ms,
+                kind: AlertKind::QuarantineLifted,
+                client: client.to_owned(),
+                actor: by.to_owned(),
+                count: 0,
+                reason: format!("lifted by {by}; it would have lasted until {until} ms"),
+                quarantined_until_ms: None,
+            });
+        }
+        until
+    }
+
+    /// Ends the quarantines that ran out by `now_ms` (and forgets idle tracks).
+    fn expire(&self, now_ms: u64) {
+        let (ended, quarantined) = {
+            let mut detector = self.detector();
+            let ended = detector.expire(now_ms);
+            (ended, detector.quarantined())
+        };
+        self.metrics
+            .quarantined_clients
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        for end in ended {
+            tracing::info!(client = %end.client, "quarantine expired");
+            self.metrics
+                .quarantine_ends
+                .get_or_create(&crate::metrics::EndLabels { how: "expired" })
+                .inc();
+            self.pass_on(end);
+        }
+    }
+
+    fn pass_on(&self, alert: Alert) {
+        if self.alerts.try_send(alert).is_err() {
+            self.metrics.alerts_dropped.inc();
+        }
+    }
+
+    /// Notifies the webhooks that take revocations of a revocation the pipeline committed
+    /// (`event` is any decision; only successful `revoke`s are notified).
+    pub(crate) fn notify_revocation(&self, event: &AuditEvent) {
+        if event.action != tessera_shared::message::Operation::Revoke.name()
+            || event.outcome != "ok"
+        {
+            return;
+        }
+        self.webhooks.notify(
+            NotificationKind::Revocation,
+            serde_json::json!({
+                "at_ms": event.at_ms,
+                "actor": event.actor,
+                "target": event.target,
+                "reason": event.reason,
+            }),
+        );
+    }
+}
+
+/// The audit rows of an alerts-topic message: the alert (or the quarantine's end) and,
+/// when it quarantined the client, the quarantine.
+fn alert_rows(alert: &Alert) -> Vec<AuditEvent> {
+    let (action, outcome) = match alert.kind {
+        // The operator's `lift_quarantine` request is its own audit row.
+        AlertKind::QuarantineLifted => return Vec::new(),
+        AlertKind::QuarantineExpired => ("quarantine_expiry", "ok"),
+        kind => ("alert", kind.as_str()),
+    };
+    let mut rows = vec![AuditEvent {
+        at_ms: alert.at_ms,
+        actor: alert.actor.clone(),
+        action: action.to_owned(),
+        target: alert.client.clone(),
+        outcome: outcome.to_owned(),
+        reason: alert.reason.clone(),
+        count: alert.count.max(1),
+    }];
+    if let Some(until) = alert.quarantined_until_ms {
+        rows.push(AuditEvent {
+            at_ms: alert.at_ms,
+            actor: alert.actor.clone(),
+            action: "quarantine".to_owned(),
+            target: alert.client.clone(),
+            outcome: "ok".to_owned(),
+            reason: format!("after a {} alert, until {until} ms", alert.kind.as_str()),
+            count: 1,
+        });
+    }
+    rows
+}
+
+/// Publishes alerts on the alerts topic, writes them to the audit log and notifies the
+/// webhooks, off the request path; once a second ends the quarantines that ran out.
+/// Stops when every sender is gone (after the rest of the serving loop).
+async fn alerter<S: Store>(
+    hub: Arc<Hub<S>>,
+    client: impl Notices,
+    monitoring: Arc<Monitoring>,
+    mut rx: mpsc::Receiver<Alert>,
+    storage: StorageAlarm,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = false;
+    loop {
+        let mut alerts = Vec::new();
+        tokio::select! {
+            alert = rx.recv() => match alert {
+                Some(alert) => alerts.push(alert),
+                None => return,
+            },
+            _ = tick.tick() => monitoring.expire(hub.clock.now_ms()),
+            _ = stop.wait_for(|stop| *stop), if !stopping => stopping = true,
+        }
+        while alerts.len() < AUDIT_BATCH {
+            let Ok(alert) = rx.try_recv() else { break };
+            alerts.push(alert);
+        }
+        if alerts.is_empty() {
+            // At shutdown: what is queued goes out, then the task ends (the workers that
+            // could add more have stopped by then, or are abandoned with the rest).
+            if stopping && rx.is_empty() && Arc::strong_count(&monitoring) <= 1 {
+                return;
+            }
+            continue;
+        }
+        let mut rows = Vec::new();
+        for alert in &alerts {
+            let json = alert.to_json();
+            let payload = serde_json::to_vec(&json).unwrap_or_default();
+            if !client.try_publish(topic::ALERTS, payload) {
+                tracing::warn!(client = %alert.client, "alert not published: MQTT queue full");
+            }
+            monitoring.webhooks.notify(NotificationKind::Alert, json);
+            rows.extend(alert_rows(alert));
+        }
+        match hub.store.audit(rows).await {
+            Ok(()) => hub.metrics.store_written(true),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write alerts to the audit log");
+                if e.is_persistent_write_failure() {
+                    hub.metrics.store_written(false);
+                }
+                storage.check("writing alerts to the audit log", &e);
+            }
         }
     }
 }
@@ -1336,6 +1647,9 @@ pub enum ServeError {
     /// The MQTT connection could not be set up.
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    /// The webhooks' HTTP client cannot be built (no TLS trust roots, say).
+    #[error("cannot set up the webhooks' HTTP client: {0}")]
+    Webhooks(reqwest::Error),
     /// The HTTP listener (`[http] listen`) cannot listen.
     #[error("cannot listen for HTTP on {addr} (`[http] listen`): {source}")]
     Http {
@@ -1421,13 +1735,41 @@ pub async fn run<S: Store>(
             storage.clone(),
         ),
     );
+    let (webhooks, deliveries) = Webhooks::start(&hub.config.webhooks, &hub.metrics, &stop_rx)
+        .map_err(ServeError::Webhooks)?;
+    for delivery in deliveries {
+        tasks.spawn("webhook delivery", delivery);
+    }
+    let (monitoring, alert_rx) = Monitoring::new(
+        Detector::new(hub.config.anomaly.clone()),
+        webhooks,
+        hub.metrics.clone(),
+    );
+    let monitoring = Arc::new(monitoring);
+    tasks.spawn(
+        "alerter",
+        alerter(
+            hub.clone(),
+            client.clone(),
+            monitoring.clone(),
+            alert_rx,
+            storage.clone(),
+            stop_rx.clone(),
+        ),
+    );
     let (echo_tx, echo_rx) = queue(ECHO_QUEUE, ECHO_QUEUE_BYTES, Gauge::default());
     tasks.spawn("echo confirmer", confirmer(hub.clone(), echo_rx));
     let (work, work_rx) = queue(config.queue, QUEUE_BYTES, hub.metrics.queue("work"));
     for _ in 0..config.concurrency.max(1) {
         tasks.spawn(
             "request worker",
-            worker(hub.clone(), client.clone(), work_rx.clone(), audit.clone()),
+            worker(
+                hub.clone(),
+                client.clone(),
+                work_rx.clone(),
+                audit.clone(),
+                monitoring.clone(),
+            ),
         );
     }
     let (refusals, refusal_rx) = queue(
@@ -1444,6 +1786,7 @@ pub async fn run<S: Store>(
             audit.clone(),
             shed.clone(),
             config.admission,
+            monitoring.clone(),
         ),
     );
     let keyset = Arc::new(KeySetState::default());
@@ -1501,6 +1844,7 @@ pub async fn run<S: Store>(
         shed,
         metrics: hub.metrics.clone(),
         clock: hub.clock.clone(),
+        monitoring,
     };
     let mut flush_drops = tokio::time::interval(Duration::from_secs(1));
     flush_drops.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1947,6 +2291,14 @@ pub(crate) mod tests {
             shed,
             metrics: Arc::new(Metrics::new()),
             clock: Arc::new(clock.clone()),
+            monitoring: Arc::new(
+                Monitoring::new(
+                    Detector::new(crate::anomaly::AnomalyConfig::default()),
+                    Webhooks::default(),
+                    Arc::new(Metrics::new()),
+                )
+                .0,
+            ),
         };
         (dispatcher, (work_rx, refusal_rx, echo_rx, audit_rx))
     }
@@ -2193,5 +2545,603 @@ pub(crate) mod tests {
                 ..ShedCounts::default()
             }
         );
+    }
+
+    /// Anomaly detection, quarantine, alerts and webhooks, in process: the pipeline of a
+    /// real hub (in-memory store, fake clock), the serving loop's [`Monitoring`], its
+    /// dispatcher and its alerter, without a broker.
+    mod monitoring {
+        use std::sync::atomic::AtomicUsize;
+
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, StatusCode};
+        use tessera_shared::crypto::{P256Signer, Signer};
+        use tessera_shared::message::{NONCE_LEN, Request, RequestBody, Response};
+        use tessera_shared::scope::Scopes;
+        use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+        use super::*;
+        use crate::anomaly::{AlertKind, AnomalyConfig};
+        use crate::pipeline::Handled;
+        use crate::webhooks::{self, WebhookConfig};
+
+        const APP: &str = "app-1";
+        const OPERATOR: &str = "ops-1";
+        const DEVICE: &str = "dev-1";
+        const SECRET: &str = "a webhook secret of the test";
+
+        fn signer(n: u8) -> P256Signer {
+            let mut scalar = [0x31; 32];
+            scalar[31] = n;
+            P256Signer::from_scalar(&scalar).expect("scalar")
+        }
+
+        fn client(id: &str, kind: ClientKind, role: &str, key: u8) -> ClientRecord {
+            ClientRecord {
+                id: id.into(),
+                kind,
+                public_key: Some(signer(key).public_key().to_sec1().to_vec()),
+                role: role.into(),
+                groups: if kind == ClientKind::Device {
+                    vec!["building-a".into()]
+                } else {
+                    Vec::new()
+                },
+                enrollment_code_key: None,
+                enrolled_at: (kind == ClientKind::Device).then_some(T0 - 100),
+                revoked_at: None,
+                created_at: T0 - 100,
+            }
+        }
+
+        /// What the alerter published on the alerts topic, as it happens.
+        struct Published(UnboundedSender<(String, Vec<u8>)>);
+
+        impl Notices for Published {
+            fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+                self.0.send((topic.to_owned(), payload)).is_ok()
+            }
+        }
+
+        /// A webhook receiver on 127.0.0.1:0 that answers 500 to its first `fail` requests
+        /// and 200 to the rest, handing each request it accepts over.
+        async fn receiver(fail: usize) -> (String, UnboundedReceiver<(HeaderMap, Bytes)>) {
+            let (tx, rx) = unbounded_channel();
+            let failing = Arc::new(AtomicUsize::new(fail));
+            let app = axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                    let (tx, failing) = (tx.clone(), failing.clone());
+                    async move {
+                        if failing
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                        {
+                            return StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        let _ = tx.send((headers, body));
+                        StatusCode::NO_CONTENT
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (format!("http://{addr}/hook"), rx)
+        }
+
+        fn webhook(url: &str) -> WebhookConfig {
+            WebhookConfig {
+                name: "ops".into(),
+                url: url.into(),
+                secret: SECRET.into(),
+                events: vec![
+                    webhooks::NotificationKind::Alert,
+                    webhooks::NotificationKind::Revocation,
+                ],
+                max_attempts: 5,
+                backoff_initial_ms: 1,
+                backoff_max_ms: 10,
+                timeout_ms: 10_000,
+                queue: 64,
+            }
+        }
+
+        struct Rig {
+            clock: FakeClock,
+            hub: Arc<Hub<Sqlite>>,
+            monitoring: Arc<Monitoring>,
+            published: UnboundedReceiver<(String, Vec<u8>)>,
+            hooks: UnboundedReceiver<(HeaderMap, Bytes)>,
+            _stop: watch::Sender<bool>,
+            next: u64,
+        }
+
+        impl Rig {
+            /// A hub with an app, an operator and an enrolled device; detection with
+            /// `anomaly`; a webhook receiver failing its first `fail` requests; the
+            /// alerter and the webhook's delivery running.
+            async fn new(anomaly: AnomalyConfig, fail: usize) -> Self {
+                let clock = FakeClock::at_ms(T0 * 1000);
+                let hub = hub(&clock).await;
+                for c in [
+                    client(APP, ClientKind::App, "controller", 2),
+                    client(OPERATOR, ClientKind::Operator, "ops", 1),
+                    client(DEVICE, ClientKind::Device, "sensor", 3),
+                ] {
+                    hub.store.add_client(c).await.expect("client");
+                }
+                let (url, hooks) = receiver(fail).await;
+                let (stop_tx, stop) = watch::channel(false);
+                let (webhooks, deliveries) =
+                    Webhooks::start(&[webhook(&url)], &hub.metrics, &stop).expect("client");
+                for d in deliveries {
+                    tokio::spawn(d);
+                }
+                let (monitoring, alerts) =
+                    Monitoring::new(Detector::new(anomaly), webhooks, hub.metrics.clone());
+                let monitoring = Arc::new(monitoring);
+                let (tx, published) = unbounded_channel();
+                let (storage, _) = StorageAlarm::new();
+                tokio::spawn(alerter(
+                    hub.clone(),
+                    Published(tx),
+                    monitoring.clone(),
+                    alerts,
+                    storage,
+                    stop,
+                ));
+                Self {
+                    clock,
+                    hub,
+                    monitoring,
+                    published,
+                    hooks,
+                    _stop: stop_tx,
+                    next: 0,
+                }
+            }
+
+            /// A request of `client` signed with key `key`.
+            fn request(&mut self, client: &str, key: u8, body: RequestBody<'_>) -> Vec<u8> {
+                self.next += 1;
+                let mut nonce = [0u8; NONCE_LEN];
+                nonce[..8].copy_from_slice(&self.next.to_be_bytes());
+                let request = Request {
+                    client,
+                    request_id: self.next,
+                    issued_at: self.clock.now(),
+                    nonce,
+                    body,
+                };
+                let mut out = vec![0u8; 4096];
+                let n = request.sign(&signer(key), &mut out).expect("sign");
+                out.truncate(n);
+                out
+            }
+
+            /// Handles a request as a worker does: the pipeline, then the decision to
+            /// anomaly detection and the revocation to the webhooks. Returns the answer's
+            /// refusal code, if refused, and the signed response.
+            async fn send(&mut self, client: &str, key: u8, body: RequestBody<'_>) -> Handled {
+                let payload = self.request(client, key, body);
+                let handled = self
+                    .hub
+                    .handle_with(client, &payload, Some(&*self.monitoring))
+                    .await;
+                if let Some(d) = &handled.decision {
+                    self.monitoring.observe(d, self.clock.now_ms());
+                }
+                if let Some(event) = &handled.audit {
+                    self.monitoring.notify_revocation(event);
+                }
+                handled
+            }
+
+            /// The next message on the alerts topic, as JSON.
+            async fn next_alert(&mut self) -> serde_json::Value {
+                let (topic, payload) = self.published.recv().await.expect("alerter runs");
+                assert_eq!(topic, topic::ALERTS);
+                serde_json::from_slice(&payload).expect("JSON")
+            }
+
+            /// The next notification the webhook accepted, its signature checked.
+            async fn next_hook(&mut self) -> serde_json::Value {
+                let (headers, body) = self.hooks.recv().await.expect("receiver runs");
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                assert_eq!(
+                    header(webhooks::SIGNATURE_HEADER),
+                    webhooks::signature(SECRET.as_bytes(), &body)
+                );
+                let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+                assert_eq!(header(webhooks::EVENT_HEADER), json["type"]);
+                assert_eq!(header(webhooks::DELIVERY_HEADER), json["id"]);
+                assert_eq!(header("content-type"), "application/json");
+                json
+            }
+        }
+
+        fn refused(handled: &Handled) -> Option<ErrorCode> {
+            handled.decision.as_ref().and_then(|d| d.refused)
+        }
+
+        /// The response's body, decoded after its signature is checked.
+        async fn token_grant(hub: &Hub<Sqlite>, handled: &Handled) -> Vec<u8> {
+            let reply = handled.reply.as_ref().expect("reply");
+            let anchor = hub.active_public_key().await;
+            let payload = Sign1::decode(&reply.payload)
+                .expect("decode")
+                .verify(&anchor)
+                .expect("verify");
+            match Response::decode(payload).expect("response").outcome {
+                Ok(tessera_shared::message::ResponseBody::Token {
+                    grant: Some((grant, _)),
+                    ..
+                }) => grant.to_vec(),
+                other => panic!("not a token with a grant: {other:?}"),
+            }
+        }
+
+        /// Waits until `done` holds, checking every few milliseconds (a minute at most).
+        async fn eventually(done: impl Fn() -> bool) {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while !done() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the condition holds within a minute");
+        }
+
+        fn metric(hub: &Hub<Sqlite>, line: &str) -> bool {
+            hub.metrics
+                .render(T0, crate::store::WriteStats::default())
+                .lines()
+                .any(|l| l == line)
+        }
+
+        #[tokio::test]
+        async fn a_burst_of_forged_requests_alerts_quarantines_notifies_and_an_operator_lifts_it() {
+            let anomaly = AnomalyConfig {
+                refusals: 5,
+                quarantine_on: vec![AlertKind::Refusals],
+                ..AnomalyConfig::default()
+            };
+            // The receiver fails the first two deliveries: the third attempt delivers.
+            let mut rig = Rig::new(anomaly, 2).await;
+            // Signed with a key that is not the app's: forged.
+            for i in 0..5 {
+                let h = rig.send(APP, 9, RequestBody::DeviceToken).await;
+                assert_eq!(refused(&h), Some(ErrorCode::BadSignature), "{i}");
+                assert_eq!(
+                    rig.monitoring
+                        .quarantined_until(APP, rig.clock.now_ms())
+                        .is_some(),
+                    i == 4,
+                    "quarantined at the fifth: {i}"
+                );
+            }
+            let alert = rig.next_alert().await;
+            assert_eq!(alert["kind"], "refusals");
+            assert_eq!(alert["client"], APP);
+            assert_eq!(alert["count"], 5);
+            assert_eq!(alert["actor"], "hub");
+            assert_eq!(alert["quarantined_until_ms"], (T0 + 900) * 1000);
+            let hook = rig.next_hook().await;
+            assert_eq!(hook["type"], "alert");
+            assert_eq!(hook["kind"], "refusals");
+            assert_eq!(hook["client"], APP);
+
+            // The dispatcher refuses the quarantined client before anything else; others
+            // go on.
+            let (mut d, (work, refusals, _echoes, _audit)) =
+                dispatcher(&rig.clock, GENEROUS, 8, 8, 8);
+            d.monitoring = rig.monitoring.clone();
+            d.dispatch(super::request(APP, b"anything"));
+            d.dispatch(super::request(OPERATOR, b"anything"));
+            let refused_codes: Vec<ErrorCode> =
+                drain(&refusals).into_iter().map(|r| r.code).collect();
+            assert_eq!(refused_codes, [ErrorCode::Quarantined]);
+            let queued: Vec<String> = drain(&work).into_iter().map(|j| j.requester).collect();
+            assert_eq!(queued, [OPERATOR]);
+
+            // The audit log has the alert and the quarantine (the alerter wrote them before
+            // it published the alert).
+            let rows = rig.hub.store.audit_tail(100).await.expect("audit");
+            let find = |action: &str| {
+                rows.iter()
+                    .find(|r| r.action == action && r.target == APP)
+                    .unwrap_or_else(|| panic!("no {action} row: {rows:?}"))
+                    .clone()
+            };
+            assert_eq!(find("alert").outcome, "refusals");
+            assert_eq!(find("quarantine").outcome, "ok");
+
+            // A device may not lift; the operator may, once.
+            let h = rig
+                .send(DEVICE, 3, RequestBody::LiftQuarantine { client: APP })
+                .await;
+            assert_eq!(refused(&h), Some(ErrorCode::Denied));
+            let h = rig
+                .send(OPERATOR, 1, RequestBody::LiftQuarantine { client: APP })
+                .await;
+            assert_eq!(refused(&h), None, "{:?}", h.audit);
+            assert_eq!(h.audit.as_ref().map(|a| a.target.as_str()), Some(APP));
+            assert_eq!(
+                rig.monitoring.quarantined_until(APP, rig.clock.now_ms()),
+                None
+            );
+            let h = rig
+                .send(OPERATOR, 1, RequestBody::LiftQuarantine { client: APP })
+                .await;
+            assert_eq!(
+                refused(&h),
+                Some(ErrorCode::Denied),
+                "not quarantined any more"
+            );
+            let lifted = rig.next_alert().await;
+            assert_eq!(
+                (&lifted["kind"], &lifted["actor"]),
+                (&"quarantine_lifted".into(), &OPERATOR.into())
+            );
+            assert_eq!(rig.next_hook().await["kind"], "quarantine_lifted");
+            // Without the serving loop's quarantines, a lift is not offered.
+            let payload = rig.request(OPERATOR, 1, RequestBody::LiftQuarantine { client: APP });
+            let h = rig.hub.handle(OPERATOR, &payload).await;
+            assert_eq!(refused(&h), Some(ErrorCode::Unsupported));
+
+            // The app is served again (its counts started afresh).
+            let h = rig
+                .send(
+                    APP,
+                    2,
+                    RequestBody::FetchRevocations {
+                        stream: tessera_shared::revocation::Stream::Devices(0),
+                        from: 1,
+                    },
+                )
+                .await;
+            assert_ne!(refused(&h), Some(ErrorCode::Quarantined));
+
+            // The metrics after this known sequence (the delivery task counts a delivery
+            // once the receiver's answer is in, just after the receiver handed it over).
+            let delivered = rig.hub.metrics.webhook("ops").delivered;
+            eventually(|| delivered.get() == 2).await;
+            for line in [
+                "tessera_hub_alerts_total{kind=\"refusals\"} 1",
+                "tessera_hub_alerts_total{kind=\"not_granted\"} 0",
+                "tessera_hub_quarantines_total 1",
+                "tessera_hub_quarantine_ends_total{how=\"lifted\"} 1",
+                "tessera_hub_quarantine_ends_total{how=\"expired\"} 0",
+                "tessera_hub_quarantined_clients 0",
+                "tessera_hub_webhook_deliveries_total{webhook=\"ops\",result=\"delivered\"} 2",
+                "tessera_hub_webhook_deliveries_total{webhook=\"ops\",result=\"failed\"} 2",
+                "tessera_hub_webhook_dead_letters_total{webhook=\"ops\"} 0",
+                "tessera_hub_webhook_dropped_total{webhook=\"ops\"} 0",
+                "tessera_hub_requests_total{operation=\"lift_quarantine\",outcome=\"ok\"} 1",
+            ] {
+                assert!(metric(&rig.hub, line), "no `{line}` in the metrics");
+            }
+        }
+
+        #[tokio::test]
+        async fn a_quarantined_flood_costs_a_refusal_within_the_admission_limit_and_the_rest_is_dropped()
+         {
+            let rig = Rig::new(
+                AnomalyConfig {
+                    quarantine_on: vec![AlertKind::GrantReuse],
+                    ..AnomalyConfig::default()
+                },
+                0,
+            )
+            .await;
+            rig.monitoring.observe(
+                &Decision {
+                    client: APP.into(),
+                    registered: true,
+                    refused: Some(ErrorCode::Revoked),
+                    issued: false,
+                    signal: Some(crate::anomaly::Signal::GrantReused),
+                },
+                rig.clock.now_ms(),
+            );
+            let limit = Limit {
+                burst: 3,
+                per_second: 1.0,
+            };
+            let (mut d, (work, refusals, _echoes, mut audit)) =
+                dispatcher(&rig.clock, limit, 8, 2, 8);
+            d.monitoring = rig.monitoring.clone();
+            for _ in 0..100 {
+                d.dispatch(super::request(APP, b"anything"));
+            }
+            assert!(drain(&work).is_empty(), "nothing of it is read");
+            // Three admitted: two `quarantined` answers fit the refusal queue, one does
+            // not; then one `rate_limited` answer would, but the queue is full.
+            let codes: Vec<ErrorCode> = drain(&refusals).into_iter().map(|r| r.code).collect();
+            assert_eq!(codes, [ErrorCode::Quarantined, ErrorCode::Quarantined]);
+            let count = |code, result| {
+                d.metrics
+                    .admission_refusals
+                    .get_or_create(&crate::metrics::RefusalLabels { code, result })
+                    .get()
+            };
+            assert_eq!(count("quarantined", "dropped"), 1);
+            assert_eq!(count("rate_limited", "dropped"), 97);
+            // Dropped quarantined requests are not audited one by one.
+            d.flush_drops();
+            let rows: Vec<AuditEvent> = std::iter::from_fn(|| audit.try_recv().ok()).collect();
+            assert!(rows.iter().all(|r| r.outcome == "rate_limited"), "{rows:?}");
+        }
+
+        #[tokio::test]
+        async fn a_quarantine_ends_by_itself_on_the_hubs_clock() {
+            let mut rig = Rig::new(
+                AnomalyConfig {
+                    not_granted: 2,
+                    quarantine_s: 60,
+                    quarantine_on: vec![AlertKind::NotGranted],
+                    ..AnomalyConfig::default()
+                },
+                0,
+            )
+            .await;
+            let scope = Scopes::parse("door:unlock").expect("scope");
+            for _ in 0..2 {
+                let h = rig
+                    .send(
+                        APP,
+                        2,
+                        RequestBody::AccessToken {
+                            device: DEVICE,
+                            scope,
+                        },
+                    )
+                    .await;
+                assert_eq!(refused(&h), Some(ErrorCode::Denied));
+            }
+            let alert = rig.next_alert().await;
+            assert_eq!(alert["kind"], "not_granted");
+            assert!(metric(&rig.hub, "tessera_hub_quarantined_clients 1"));
+            rig.clock.advance_ms(59_999);
+            rig.monitoring.expire(rig.clock.now_ms());
+            assert!(
+                rig.monitoring
+                    .quarantined_until(APP, rig.clock.now_ms())
+                    .is_some()
+            );
+            rig.clock.advance_ms(1);
+            // The alerter checks once a second; the test does not wait for it.
+            rig.monitoring.expire(rig.clock.now_ms());
+            assert_eq!(
+                rig.monitoring.quarantined_until(APP, rig.clock.now_ms()),
+                None
+            );
+            let ended = rig.next_alert().await;
+            assert_eq!(
+                (&ended["kind"], &ended["client"]),
+                (&"quarantine_expired".into(), &APP.into())
+            );
+            assert!(metric(
+                &rig.hub,
+                "tessera_hub_quarantine_ends_total{how=\"expired\"} 1"
+            ));
+            assert!(metric(&rig.hub, "tessera_hub_quarantined_clients 0"));
+            let rows = rig.hub.store.audit_tail(100).await.expect("audit");
+            assert!(
+                rows.iter()
+                    .any(|r| r.action == "quarantine_expiry" && r.target == APP),
+                "{rows:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_reused_refresh_grant_alerts_at_once_and_quarantines_when_configured_to() {
+            let mut rig = Rig::new(
+                AnomalyConfig {
+                    quarantine_on: vec![AlertKind::GrantReuse],
+                    ..AnomalyConfig::default()
+                },
+                0,
+            )
+            .await;
+            let h = rig.send(DEVICE, 3, RequestBody::DeviceToken).await;
+            let grant = token_grant(&rig.hub, &h).await;
+            let h = rig
+                .send(DEVICE, 3, RequestBody::Refresh { grant: &grant })
+                .await;
+            assert_eq!(refused(&h), None);
+            let h = rig
+                .send(DEVICE, 3, RequestBody::Refresh { grant: &grant })
+                .await;
+            assert_eq!(refused(&h), Some(ErrorCode::Revoked));
+            let alert = rig.next_alert().await;
+            assert_eq!(
+                (&alert["kind"], &alert["client"]),
+                (&"grant_reuse".into(), &DEVICE.into())
+            );
+            assert!(
+                alert["quarantined_until_ms"].is_u64(),
+                "listed in quarantine_on"
+            );
+            assert!(metric(&rig.hub, "tessera_hub_refresh_grant_reuse_total 1"));
+            assert!(metric(
+                &rig.hub,
+                "tessera_hub_alerts_total{kind=\"grant_reuse\"} 1"
+            ));
+        }
+
+        #[tokio::test]
+        async fn requests_of_a_revoked_client_alert_as_use_after_revocation() {
+            let mut rig = Rig::new(AnomalyConfig::default(), 0).await;
+            let mut gone = client("dev-2", ClientKind::Device, "sensor", 4);
+            gone.revoked_at = Some(T0 - 10);
+            rig.hub.store.add_client(gone).await.expect("client");
+            for _ in 0..3 {
+                let h = rig.send("dev-2", 4, RequestBody::DeviceToken).await;
+                assert_eq!(refused(&h), Some(ErrorCode::Revoked));
+            }
+            let alert = rig.next_alert().await;
+            assert_eq!(
+                (&alert["kind"], &alert["client"]),
+                (&"revoked_use".into(), &"dev-2".into())
+            );
+            assert!(
+                alert["quarantined_until_ms"].is_null(),
+                "not in quarantine_on by default"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_revocation_is_notified_to_the_webhook() {
+            let mut rig = Rig::new(AnomalyConfig::default(), 0).await;
+            let h = rig
+                .send(
+                    OPERATOR,
+                    1,
+                    RequestBody::Revoke(tessera_shared::message::RevokeTarget::Device(DEVICE)),
+                )
+                .await;
+            assert_eq!(refused(&h), None, "{:?}", h.audit);
+            let hook = rig.next_hook().await;
+            assert_eq!(hook["type"], "revocation");
+            assert_eq!(hook["actor"], OPERATOR);
+            assert_eq!(hook["target"], format!("device {DEVICE}"));
+        }
+
+        #[tokio::test]
+        async fn unregistered_ids_never_get_anyone_quarantined() {
+            let mut rig = Rig::new(
+                AnomalyConfig {
+                    refusals: 2,
+                    unregistered_refusals: 3,
+                    ..AnomalyConfig::default()
+                },
+                0,
+            )
+            .await;
+            for i in 0..3 {
+                let h = rig
+                    .send(&format!("ghost-{i}"), 9, RequestBody::DeviceToken)
+                    .await;
+                assert_eq!(refused(&h), Some(ErrorCode::UnknownClient));
+                assert_eq!(h.decision.as_ref().map(|d| d.registered), Some(false));
+            }
+            let alert = rig.next_alert().await;
+            assert_eq!(
+                (&alert["kind"], &alert["client"]),
+                (&"refusals".into(), &"*".into())
+            );
+            assert!(alert["quarantined_until_ms"].is_null());
+            assert!(metric(&rig.hub, "tessera_hub_quarantined_clients 0"));
+        }
     }
 }

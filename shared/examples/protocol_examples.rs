@@ -787,6 +787,24 @@ fn examples() -> String {
     );
     message_section(o, &p, &s, &[]);
 
+    // Lift a quarantine.
+    let lift_req = Request {
+        client: OPERATOR,
+        request_id: 2,
+        issued_at: T0 + 880,
+        nonce: counting(0x71),
+        body: RequestBody::LiftQuarantine { client: APP },
+    };
+    let (p, s) = sign_request(&lift_req, &k.operator);
+    o.push_str("#### B.5.7 `lift_quarantine` (op 7)\n\n");
+    let _ = writeln!(
+        o,
+        "The operator `{OPERATOR}` lifts the quarantine of `{APP}` ([§7.5](#75-alerts)) at \
+         T0+880, request id 2. The answer, on success, is the empty body `{{}}`, as for \
+         `enroll` (B.6.1):\n"
+    );
+    message_section(o, &p, &s, &[]);
+
     // ---- revocation payloads (needed by responses) -----------------------------------------
     // devices/03: change 1 (T0+750) revokes the access token of B.4 by hash; change 2
     // (T0+800, B.5.5) revokes the subject app-7. Both are addressed to device-42, the

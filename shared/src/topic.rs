@@ -9,6 +9,7 @@
 //! tessera/v1/hub/revocation/{stream}/heartbeat   signed heartbeats
 //! tessera/v1/hub/revocation/{stream}/snapshot/{n} retained signed pages covering 1..=seq
 //! tessera/v1/hub/events              monitoring events
+//! tessera/v1/hub/alerts              anomaly alerts, quarantines and their lifting
 //! ```
 //!
 //! `{stream}` is two levels, `devices/{pp}` or `service/{name}`
@@ -45,6 +46,8 @@ pub const ALL_REVOCATION_DELTAS: &str = "tessera/v1/hub/revocation/+/+/delta";
 pub const ALL_CONTROLS: &str = "tessera/v1/client/+/control";
 /// Monitoring events.
 pub const EVENTS: &str = "tessera/v1/hub/events";
+/// Anomaly alerts, quarantines and their lifting (JSON, like the events).
+pub const ALERTS: &str = "tessera/v1/hub/alerts";
 /// What the hub subscribes to for requests.
 pub const ALL_REQUESTS: &str = "tessera/v1/client/+/req";
 /// The same through an MQTT 5 shared subscription, for several hub replicas.

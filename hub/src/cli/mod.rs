@@ -172,6 +172,14 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// As an operator whose role may revoke, over MQTT: lift a client's quarantine
+    /// (docs/OPERATING.md, "Alerts and quarantine").
+    LiftQuarantine {
+        #[command(flatten)]
+        who: Identity,
+        /// The quarantined client.
+        client: String,
+    },
     /// As a control app: sign a proof-of-possession presentation of an access token for a
     /// device (PROTOCOL.md §13); prints it in hex for the device's `tessera-agent verify`.
     Present(present::PresentArgs),
@@ -473,6 +481,9 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             json,
         } => remote::access_token(&config, &who, &device, &scope, json).await,
         Command::Watch { who, count } => remote::watch(&config, &who, count).await,
+        Command::LiftQuarantine { who, client } => {
+            remote::lift_quarantine(&config, &who, &client).await
+        }
         Command::Init { .. }
         | Command::Default { .. }
         | Command::Keygen { .. }

@@ -1,5 +1,5 @@
-//! Commands that act over MQTT as a registered client: `revoke` (as an operator),
-//! `access-token` (as an app), `watch` (the operators' event stream).
+//! Commands that act over MQTT as a registered client: `revoke` and `lift-quarantine` (as
+//! an operator), `access-token` (as an app), `watch` (the operators' event stream).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -169,6 +169,21 @@ pub(super) async fn access_token(
             println!("{}", serde_json::to_string_pretty(&document)?);
         }
         Answer::Token { token, .. } => println!("{}", hex::encode(token)),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+    Ok(())
+}
+
+pub(super) async fn lift_quarantine(config: &HubConfig, who: &Identity, id: &str) -> Result<()> {
+    validate_id(id).map_err(|_| anyhow::anyhow!("invalid client id `{id}`"))?;
+    let (mut client, timeout) = connect_as(config, who).await?;
+    let answer = client
+        .request(RequestBody::LiftQuarantine { client: id }, timeout)
+        .await;
+    client.close().await;
+    match answer? {
+        // The empty success body.
+        Answer::Enrolled => println!("quarantine of {id} lifted"),
         other => bail!("unexpected answer: {other:?}"),
     }
     Ok(())

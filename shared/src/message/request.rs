@@ -38,6 +38,8 @@ pub enum Operation {
     Revoke = 5,
     /// Return the current signed revocation snapshot.
     FetchRevocations = 6,
+    /// Lift a client's quarantine (operators who may revoke).
+    LiftQuarantine = 7,
 }
 
 impl Operation {
@@ -55,6 +57,7 @@ impl Operation {
             4 => Self::Refresh,
             5 => Self::Revoke,
             6 => Self::FetchRevocations,
+            7 => Self::LiftQuarantine,
             _ => return None,
         })
     }
@@ -68,6 +71,7 @@ impl Operation {
             Self::Refresh => "refresh",
             Self::Revoke => "revoke",
             Self::FetchRevocations => "fetch_revocations",
+            Self::LiftQuarantine => "lift_quarantine",
         }
     }
 }
@@ -232,6 +236,11 @@ pub enum RequestBody<'a> {
         /// The first change wanted (at least 1).
         from: u64,
     },
+    /// `{1: client}`: the client whose quarantine to lift.
+    LiftQuarantine {
+        /// The quarantined client's id.
+        client: &'a str,
+    },
 }
 
 impl RequestBody<'_> {
@@ -244,6 +253,7 @@ impl RequestBody<'_> {
             Self::Refresh { .. } => Operation::Refresh,
             Self::Revoke(_) => Operation::Revoke,
             Self::FetchRevocations { .. } => Operation::FetchRevocations,
+            Self::LiftQuarantine { .. } => Operation::LiftQuarantine,
         }
     }
 
@@ -270,6 +280,9 @@ impl RequestBody<'_> {
             }
             Self::Refresh { grant } => {
                 w.map(1)?.u8(1)?.bytes(grant)?;
+            }
+            Self::LiftQuarantine { client } => {
+                w.map(1)?.u8(1)?.str(client)?;
             }
             Self::Revoke(target) => {
                 w.map(2)?.u8(1)?;
@@ -301,7 +314,9 @@ impl RequestBody<'_> {
             match (op, k) {
                 (Operation::Enroll, 1) => body.key = Some(PublicKey::decode(r)?),
                 (Operation::Enroll, 2) => body.proof = Some(r.bytes_exact::<32>("code_proof")?),
-                (Operation::AccessToken, 1) => body.text = Some(read_id(r)?),
+                (Operation::AccessToken | Operation::LiftQuarantine, 1) => {
+                    body.text = Some(read_id(r)?)
+                }
                 (Operation::AccessToken, 2) => {
                     body.scope = Some(Scopes::parse(r.str(MAX_SCOPE_LEN)?)?)
                 }
@@ -346,6 +361,9 @@ impl RequestBody<'_> {
             },
             Operation::Refresh => RequestBody::Refresh {
                 grant: body.bytes.ok_or(DecodeError::MissingField("grant"))?,
+            },
+            Operation::LiftQuarantine => RequestBody::LiftQuarantine {
+                client: body.text.ok_or(DecodeError::MissingField("client"))?,
             },
             Operation::Revoke => {
                 let kind = body.kind.ok_or(DecodeError::MissingField("kind"))?;
@@ -682,7 +700,7 @@ mod tests {
 
     const LIST: &[&str] = &["device-1", "device-2", "device-3"];
 
-    fn every_body() -> [RequestBody<'static>; 13] {
+    fn every_body() -> [RequestBody<'static>; 14] {
         [
             RequestBody::Enroll {
                 key: signer(2).public_key(),
@@ -709,7 +727,43 @@ mod tests {
                 stream: Stream::Devices(0x3f),
                 from: 17,
             },
+            RequestBody::LiftQuarantine { client: "app-7" },
         ]
+    }
+
+    #[test]
+    fn a_lift_quarantine_body_is_exactly_one_valid_client_id() {
+        let encode = |body: &[u8]| {
+            // {0: 1, 1: 7, 2: "device-42", 3: 7, 4: issued_at, 5: nonce, 6: body}
+            let mut out = [0u8; 256];
+            let mut w = crate::cbor::writer(&mut out);
+            w.map(7).expect("map");
+            w.u8(0).and_then(|w| w.u64(1)).expect("type");
+            w.u8(1).and_then(|w| w.u64(7)).expect("op");
+            w.u8(2).and_then(|w| w.str("device-42")).expect("client");
+            w.u8(3).and_then(|w| w.u64(7)).expect("id");
+            w.u8(4).and_then(|w| w.u64(1_700_000_000)).expect("iat");
+            w.u8(5)
+                .and_then(|w| w.bytes(&[3; NONCE_LEN]))
+                .expect("nonce");
+            w.u8(6).expect("body");
+            let n = crate::cbor::written(&w);
+            out[n..n + body.len()].copy_from_slice(body);
+            out[..n + body.len()].to_vec()
+        };
+        // {1: "app-7"}
+        let ok = encode(&[0xa1, 0x01, 0x65, b'a', b'p', b'p', b'-', b'7']);
+        let back = Request::decode(&ok).expect("decode");
+        assert_eq!(back.body, RequestBody::LiftQuarantine { client: "app-7" });
+        for bad in [
+            &[0xa0][..],                                 // {}: no client
+            &[0xa1, 0x02, 0x61, b'a'],                   // {2: "a"}: unknown key
+            &[0xa1, 0x01, 0x63, b'a', b'/', b'b'],       // {1: "a/b"}: not an id
+            &[0xa2, 0x01, 0x61, b'a', 0x01, 0x61, b'b'], // duplicate key
+            &[0xa1, 0x01, 0x41, b'a'],                   // {1: h'61'}: not text
+        ] {
+            assert!(Request::decode(&encode(bad)).is_err(), "{bad:02x?}");
+        }
     }
 
     #[test]

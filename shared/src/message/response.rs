@@ -46,6 +46,9 @@ pub enum ErrorCode {
     /// The hub has more work queued than it can take: nothing was done; retry after a
     /// backoff.
     Overloaded = 11,
+    /// The client is quarantined after an anomaly alert: nothing was done. An operator
+    /// lifts the quarantine, or it ends by itself after the time the hub set.
+    Quarantined = 12,
 }
 
 impl ErrorCode {
@@ -68,6 +71,7 @@ impl ErrorCode {
             9 => Self::Internal,
             10 => Self::Unsupported,
             11 => Self::Overloaded,
+            12 => Self::Quarantined,
             _ => return None,
         })
     }
@@ -86,6 +90,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Unsupported => "unsupported",
             Self::Overloaded => "overloaded",
+            Self::Quarantined => "quarantined",
         }
     }
 
@@ -116,7 +121,8 @@ pub struct WireError<'a> {
 /// What the hub answers on success, by operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseBody<'a> {
-    /// Enroll: `{}`. The device's key is registered.
+    /// Enroll: `{}`. The device's key is registered. Also the body of `lift_quarantine`
+    /// (`{}`: the quarantine is lifted), the one other operation with nothing to return.
     Enrolled,
     /// DeviceToken, AccessToken, Refresh: `{1: token, ?2: grant, ?3: grant_expires_at}`.
     Token {
@@ -203,7 +209,7 @@ impl ResponseBody<'_> {
             }
         }
         Ok(match op {
-            Operation::Enroll => ResponseBody::Enrolled,
+            Operation::Enroll | Operation::LiftQuarantine => ResponseBody::Enrolled,
             Operation::DeviceToken | Operation::AccessToken | Operation::Refresh => {
                 let grant = match (grant, number) {
                     (Some(g), Some(exp)) => Some((g, exp)),
@@ -353,12 +359,13 @@ fn r_at(payload: &[u8], at: usize) -> Reader<'_> {
 fn body_matches(op: Option<Operation>, body: &ResponseBody<'_>) -> bool {
     matches!(
         (op, body),
-        (Some(Operation::Enroll), ResponseBody::Enrolled)
-            | (
-                Some(Operation::DeviceToken | Operation::AccessToken | Operation::Refresh),
-                ResponseBody::Token { .. }
-            )
-            | (Some(Operation::Revoke), ResponseBody::Revoked { .. })
+        (
+            Some(Operation::Enroll | Operation::LiftQuarantine),
+            ResponseBody::Enrolled
+        ) | (
+            Some(Operation::DeviceToken | Operation::AccessToken | Operation::Refresh),
+            ResponseBody::Token { .. }
+        ) | (Some(Operation::Revoke), ResponseBody::Revoked { .. })
             | (
                 Some(Operation::FetchRevocations),
                 ResponseBody::Revocations { .. }
@@ -521,12 +528,15 @@ mod tests {
 
     #[test]
     fn every_error_code_round_trips_and_has_a_name() {
-        for n in 1..=11 {
+        for n in 1..=12 {
             let c = ErrorCode::from_u64(n).expect("code");
             assert_eq!(c.as_u64(), n);
             assert!(!c.name().is_empty());
         }
-        assert_eq!(ErrorCode::from_u64(12), None);
+        assert_eq!(ErrorCode::from_u64(13), None);
         assert!(ErrorCode::Overloaded.is_retryable());
+        // Sending again changes nothing until an operator lifts it or it expires.
+        assert!(!ErrorCode::Quarantined.is_retryable());
+        assert_eq!(ErrorCode::Quarantined.name(), "quarantined");
     }
 }
