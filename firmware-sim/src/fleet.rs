@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_mqtt::MqttConfig;
+use tessera_mqtt::{Incoming, MqttConfig, Notice, QoS};
 use tessera_shared::agent::{AgentConfig, DEFAULT_REQUEST_TIMEOUT_MS, MIN_REQUEST_TIMEOUT_MS};
 use tessera_shared::crypto::PublicKey;
 use tessera_shared::message::EnrollmentCode;
@@ -21,9 +21,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::Error;
+use crate::attack::{self, APP, APP_ROLE, AttackBook, Attacker, FloodTally, MALLORY, Verdicts};
+use crate::clock::DeviceClock;
 use crate::device::{self, Live, Outcome, Spec};
+use crate::flash::Dice;
 use crate::processes::{
-    Broker, Hub, LOOPBACK, Located, REVOKE_GROUP, locate_hub, locate_mosquitto,
+    Broker, Hub, LOOPBACK, Located, OPERATOR, REVOKE_GROUP, locate_hub, locate_mosquitto,
 };
 
 /// The audience of device tokens in the default policy (`device_audience`).
@@ -32,13 +35,19 @@ pub const DEVICE_AUDIENCE: &str = "tessera";
 /// How long the devices may take to disconnect once told to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// What the fleet goes through. Every scenario boots the devices as `steady` does; the
-/// others add one fault a third of the way into the run.
+/// Devices the `malicious` scenario's attacker goes after.
+pub const VICTIMS: usize = 3;
+
+/// What the fleet goes through. Every scenario boots the devices as `steady` does (but
+/// `storm`); the others add one fault a third of the way into the run, or a condition
+/// that lasts throughout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
     /// Devices boot spread over a short ramp (half a lifetime, at most 5 s), enroll and
     /// refresh for the whole run; nothing fails on purpose.
     Steady,
+    /// Every device boots and enrolls at the same moment, then refreshes as in `steady`.
+    Storm,
     /// The hub is killed (SIGKILL: no drain) and started again after the outage.
     HubCrash,
     /// Mosquitto is stopped and started again on the same port after the outage; devices
@@ -47,6 +56,16 @@ pub enum Scenario {
     /// An operator revokes a share of the fleet: half of it (rounded up) registered in
     /// [`REVOKE_GROUP`] with one `revoke --group`, the rest with one `revoke --device` each.
     Revoke,
+    /// Every device has a clock of its own: those that do not trust it
+    /// (`--untrusted-clock-share`) a wrong one (a day off, or counting from zero, drifting
+    /// up to 2 %), the others a nearly right one (±200 ms, ±100 ppm).
+    ClockSkew,
+    /// Power fails during a share (`--power-cut-rate`) of the flash writes; each device
+    /// cut off boots again from what its flash reads back.
+    PowerLoss,
+    /// A compromised device of the fleet attacks the hub and a few devices from a third of
+    /// the way in (see [`crate::attack`]).
+    Malicious,
 }
 
 impl Scenario {
@@ -54,15 +73,24 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Self::Steady => "steady",
+            Self::Storm => "storm",
             Self::HubCrash => "hub-crash",
             Self::BrokerRestart => "broker-restart",
             Self::Revoke => "revoke",
+            Self::ClockSkew => "clock-skew",
+            Self::PowerLoss => "power-loss",
+            Self::Malicious => "malicious",
         }
     }
 
     /// Whether it takes the hub away for a while.
     fn has_outage(self) -> bool {
         matches!(self, Self::HubCrash | Self::BrokerRestart)
+    }
+
+    /// Whether something happens a third of the way in, run by [`Setup::inject`].
+    fn has_event(self) -> bool {
+        matches!(self, Self::HubCrash | Self::BrokerRestart | Self::Revoke)
     }
 }
 
@@ -81,6 +109,11 @@ pub struct Options {
     pub outage: Duration,
     /// The share of the fleet `revoke` revokes, 0 to 1.
     pub revoke_share: f64,
+    /// The share of the fleet whose machine does not trust its local clock
+    /// (`trust_local_clock = false`), 0 to 1; `None`: half in `clock-skew`, all otherwise.
+    pub untrusted_clock_share: Option<f64>,
+    /// The share of flash writes power fails during in `power-loss`, 0 to 1.
+    pub power_cut_rate: f64,
     /// `tessera-hub`, if not found by [`locate_hub`]'s search.
     pub hub_bin: Option<PathBuf>,
     /// Mosquitto, if not found by [`locate_mosquitto`]'s search.
@@ -89,6 +122,17 @@ pub struct Options {
     pub progress: bool,
 }
 
+impl Options {
+    /// The share of untrusted clocks in effect.
+    pub fn untrusted_share(&self) -> f64 {
+        self.untrusted_clock_share
+            .unwrap_or(if self.scenario == Scenario::ClockSkew {
+                0.5
+            } else {
+                1.0
+            })
+    }
+}
 /// p50, p99 and max of a set of latencies, ms; `None` when there were none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Percentiles {
@@ -137,7 +181,7 @@ pub struct Summary {
     /// Device tokens the devices received (first tokens included).
     pub tokens_issued: u64,
     /// Times a device went from holding a valid token to holding none while the hub was
-    /// reachable, after its first token.
+    /// reachable (and the device powered), after its first token since it booted.
     pub lapses: u64,
     /// Total time devices spent in those lapses, ms.
     pub lapse_ms: u64,
@@ -151,6 +195,12 @@ pub struct Summary {
     pub refresh_latency_ms: Percentiles,
     /// Boot → first token (enrollment with the one-time code), ms.
     pub first_token_ms: Percentiles,
+    /// From the first device's start to the last device's first token, ms; `None` if a
+    /// device never held one.
+    pub all_holding_ms: Option<u64>,
+    /// The most devices in a token exchange at once (enrolling, asking, refreshing): the
+    /// whole fleet in a `storm`, a few in `steady`.
+    pub peak_refreshing: u64,
     /// Refusals and failures by code, summed over the fleet.
     pub errors: BTreeMap<&'static str, u64>,
     /// Devices whose task failed (not a protocol refusal: a local fault), with the first
@@ -171,14 +221,33 @@ pub struct Summary {
     pub revoked: usize,
     /// In `revoke`: of those, devices whose machine reported itself revoked (and wiped).
     pub revoked_wiped: usize,
-    /// In `revoke`: revoked devices that reported it before the command that revoked them
-    /// returned (their fan-out counts as 0).
-    pub revoked_before_return: usize,
+    /// Of the revoked devices, those whose flash read back empty at the end.
+    pub revoked_flash_empty: usize,
+    /// In `revoke`: revoked devices that applied it before the hub's answer to the
+    /// operator was seen on the broker (the hub tells the devices as it answers).
+    pub revoked_before_answer: usize,
     /// Devices that reported themselves revoked though the operator did not revoke them.
     pub revoked_unexpectedly: usize,
-    /// In `revoke`: from the `revoke` command that named the device returning (the
-    /// revocation durable) to the device's machine reporting it revoked, ms.
+    /// In `revoke`: from the operator's revoke request reaching the broker (seen by the
+    /// simulator's own subscriber) to the device's machine reporting it revoked, ms.
     pub revocation_fanout_ms: Percentiles,
+    /// In `revoke`: from the operator's revoke request to the hub's answer (the revocation
+    /// durable), both seen on the broker, ms; one value per command.
+    pub revocation_ack_ms: Percentiles,
+    /// In `clock-skew` (and wherever some devices distrust their clock): the clocks.
+    pub clocks: Clocks,
+    /// In `power-loss`: what power cuts did.
+    pub power: Power,
+    /// In `malicious`: verdicts by kind of attack.
+    pub attacks: BTreeMap<&'static str, Verdicts>,
+    /// In `malicious`: the flood's figures.
+    pub flood: FloodTally,
+    /// In `malicious`: the app's own presentations to the victims (the control: they
+    /// should pass), accepted and refused.
+    pub legit_presentations: (u64, u64),
+    /// The peak resident set (VmHWM) of the hub processes the run started, MB; the
+    /// largest over restarts. `None` if it could not be read.
+    pub hub_rss_mb: Option<f64>,
     /// Whether the hub ran for the whole run: still running at the end and not killed.
     pub hub_ran_throughout: bool,
     /// Whether the run was interrupted (Ctrl-C) before its duration.
@@ -187,9 +256,68 @@ pub struct Summary {
     pub hub_bin: Located,
 }
 
+/// The fleet's clocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clocks {
+    /// Devices with `trust_local_clock = false`.
+    pub untrusted: usize,
+    /// The largest error of an untrusted clock at the start, ms.
+    pub untrusted_max_error_ms: u64,
+    /// The largest error of a trusted clock at the start, ms.
+    pub trusted_max_error_ms: u64,
+    /// Times machines moved their idea of the hub's time.
+    pub adjustments: u64,
+    /// Devices that never held a token, among the untrusted and the trusted.
+    pub untrusted_never_held: usize,
+    /// See [`untrusted_never_held`](Self::untrusted_never_held).
+    pub trusted_never_held: usize,
+}
+
+/// What power cuts did.
+#[derive(Debug, Clone, Default)]
+pub struct Power {
+    /// Flash writes cut short (each a reboot).
+    pub cuts: u64,
+    /// Devices cut at least once.
+    pub devices_cut: usize,
+    /// Reboots whose flash still held a valid token.
+    pub rebooted_holding: u64,
+    /// Boot after a cut → a valid token held, ms.
+    pub recovery_ms: Percentiles,
+    /// Reboots that found written records but none readable.
+    pub flash_lost: u64,
+    /// Devices the end of the run found off after a cut, or just booted again.
+    pub off_at_end: usize,
+}
+
 impl Summary {
+    /// Attacks refused or ignored.
+    pub fn attacks_rejected(&self) -> u64 {
+        self.attacks.values().map(|v| v.rejected).sum()
+    }
+
+    /// Attacks acted on.
+    pub fn attacks_accepted(&self) -> u64 {
+        self.attacks.values().map(|v| v.accepted).sum()
+    }
+
     /// The one-line JSON object `--json` prints last.
     pub fn to_json(&self) -> serde_json::Value {
+        let attacks: serde_json::Map<String, serde_json::Value> = self
+            .attacks
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_string(),
+                    json!({
+                        "rejected": v.rejected,
+                        "accepted": v.accepted,
+                        "unanswered": v.unanswered,
+                        "codes": v.codes,
+                    }),
+                )
+            })
+            .collect();
         json!({
             "scenario": self.scenario.name(),
             "devices": self.devices,
@@ -203,6 +331,8 @@ impl Summary {
             "min_tokens_per_device": self.min_tokens_per_device,
             "refresh_latency_ms": self.refresh_latency_ms.to_json(),
             "first_token_ms": self.first_token_ms.to_json(),
+            "all_holding_ms": self.all_holding_ms,
+            "peak_refreshing": self.peak_refreshing,
             "errors": self.errors,
             "device_failures": self.device_failures,
             "devices_retried": self.devices_retried,
@@ -210,9 +340,45 @@ impl Summary {
             "lapses_not_counted_ms": self.lapses_not_counted_ms,
             "revoked": self.revoked,
             "revoked_wiped": self.revoked_wiped,
+            "revoked_flash_empty": self.revoked_flash_empty,
             "revoked_unexpectedly": self.revoked_unexpectedly,
-            "revoked_before_return": self.revoked_before_return,
+            "revoked_before_answer": self.revoked_before_answer,
             "revocation_fanout_ms": self.revocation_fanout_ms.to_json(),
+            "revocation_ack_ms": self.revocation_ack_ms.to_json(),
+            "clocks": {
+                "untrusted": self.clocks.untrusted,
+                "untrusted_max_error_ms": self.clocks.untrusted_max_error_ms,
+                "trusted_max_error_ms": self.clocks.trusted_max_error_ms,
+                "adjustments": self.clocks.adjustments,
+                "untrusted_never_held": self.clocks.untrusted_never_held,
+                "trusted_never_held": self.clocks.trusted_never_held,
+            },
+            "power": {
+                "cuts": self.power.cuts,
+                "devices_cut": self.power.devices_cut,
+                "rebooted_holding": self.power.rebooted_holding,
+                "recovery_ms": self.power.recovery_ms.to_json(),
+                "flash_lost": self.power.flash_lost,
+                "off_at_end": self.power.off_at_end,
+            },
+            "attacks_rejected": self.attacks_rejected(),
+            "attacks_accepted": self.attacks_accepted(),
+            "attacks_unanswered": self.attacks.values().map(|v| v.unanswered).sum::<u64>(),
+            "attacks": attacks,
+            "flood": {
+                "sent": self.flood.sent,
+                "served": self.flood.served,
+                "refused": self.flood.refused,
+                "rate_limited": self.flood.rate_limited,
+                "dropped": self.flood.dropped,
+                "garbage_sent": self.flood.garbage_sent,
+                "garbage_answered": self.flood.garbage_answered,
+            },
+            "presentations_legit": {
+                "accepted": self.legit_presentations.0,
+                "refused": self.legit_presentations.1,
+            },
+            "hub_rss_mb": self.hub_rss_mb,
             "hub_ran_throughout": self.hub_ran_throughout,
             "interrupted": self.interrupted,
             "hub_bin": self.hub_bin.path.display().to_string(),
@@ -239,12 +405,15 @@ impl Summary {
         );
         let _ = writeln!(
             t,
-            "  tokens issued {} (at least {} per device); holding at the end {}/{}; never held {}",
+            "  tokens issued {} (at least {} per device); holding at the end {}/{}; never held {}; \
+             all holding after {}; at most {} in a token exchange at once",
             self.tokens_issued,
             self.min_tokens_per_device,
             self.holding_at_end,
             self.devices,
-            self.never_held
+            self.never_held,
+            ms(self.all_holding_ms),
+            self.peak_refreshing
         );
         let _ = writeln!(
             t,
@@ -287,15 +456,65 @@ impl Summary {
         if self.revoked > 0 || self.revoked_unexpectedly > 0 {
             let _ = writeln!(
                 t,
-                "  revoked {}, wiped {} ({} before the command returned), revoked unexpectedly {}; \
-                 fan-out p50 {} p99 {} max {}",
+                "  revoked {}, wiped {} (flash empty {}; {} before the hub's answer), revoked \
+                 unexpectedly {}; fan-out from the request p50 {} p99 {} max {}; hub's answer \
+                 p50 {}",
                 self.revoked,
                 self.revoked_wiped,
-                self.revoked_before_return,
+                self.revoked_flash_empty,
+                self.revoked_before_answer,
                 self.revoked_unexpectedly,
                 ms(self.revocation_fanout_ms.p50),
                 ms(self.revocation_fanout_ms.p99),
-                ms(self.revocation_fanout_ms.max)
+                ms(self.revocation_fanout_ms.max),
+                ms(self.revocation_ack_ms.p50)
+            );
+        }
+        if self.scenario == Scenario::ClockSkew || self.clocks.untrusted < self.devices {
+            let _ = writeln!(
+                t,
+                "  clocks: {} untrusted (off by up to {} ms), {} trusted (off by up to {} ms); \
+                 {} adjustments",
+                self.clocks.untrusted,
+                self.clocks.untrusted_max_error_ms,
+                self.devices - self.clocks.untrusted,
+                self.clocks.trusted_max_error_ms,
+                self.clocks.adjustments
+            );
+        }
+        if self.scenario == Scenario::PowerLoss {
+            let _ = writeln!(
+                t,
+                "  power cuts {} on {} devices; {} reboots found a valid token; recovery p50 {} \
+                 p99 {}; stores lost {}; off (or just booted) at the end {}",
+                self.power.cuts,
+                self.power.devices_cut,
+                self.power.rebooted_holding,
+                ms(self.power.recovery_ms.p50),
+                ms(self.power.recovery_ms.p99),
+                self.power.flash_lost,
+                self.power.off_at_end
+            );
+        }
+        if self.scenario == Scenario::Malicious {
+            let kinds: Vec<String> = self
+                .attacks
+                .iter()
+                .map(|(k, v)| format!("{k} {}/{}/{}", v.rejected, v.accepted, v.unanswered))
+                .collect();
+            let _ = writeln!(
+                t,
+                "  attacks rejected {}, accepted {} (rejected/accepted/unanswered: {}); flood: \
+                 {} sent, {} served, {} rate limited, {} dropped; garbage {} sent, {} answered",
+                self.attacks_rejected(),
+                self.attacks_accepted(),
+                kinds.join(", "),
+                self.flood.sent,
+                self.flood.served,
+                self.flood.rate_limited,
+                self.flood.dropped,
+                self.flood.garbage_sent,
+                self.flood.garbage_answered
             );
         }
         if let Some(first) = &self.first_failure {
@@ -309,9 +528,11 @@ impl Summary {
         }
         let _ = write!(
             t,
-            "  hub: {} (found {})",
+            "  hub: {} (found {}), peak RSS {}",
             self.hub_bin.path.display(),
-            self.hub_bin.how
+            self.hub_bin.how,
+            self.hub_rss_mb
+                .map_or_else(|| "-".into(), |mb| format!("{mb:.1} MB"))
         );
         t
     }
@@ -323,6 +544,10 @@ struct Setup {
     broker: Broker,
     anchor: PublicKey,
     codes: Vec<(String, String)>,
+    /// In `malicious`: the attacker's enrollment code.
+    mallory_code: Option<String>,
+    /// In `malicious`: the private key (scalar) of the app registered as [`APP`].
+    app_key: Option<[u8; 32]>,
     /// In `revoke`: the devices revoked with one `revoke --group`, then those revoked one
     /// by one.
     by_group: Vec<String>,
@@ -331,6 +556,24 @@ struct Setup {
     // Declared last, so dropped last (on an early return too): the processes' files live
     // in it.
     dir: tempfile::TempDir,
+}
+
+/// When the simulator's own subscriber saw the operator's requests and the hub's answers
+/// to them (Unix ms, in order).
+#[derive(Debug, Default)]
+struct OperatorSeen {
+    requests: Vec<u64>,
+    answers: Vec<u64>,
+}
+
+/// One device revoked by one command, with the times it is measured from.
+#[derive(Debug, Clone)]
+struct RevokedBy {
+    id: String,
+    /// The operator's request seen on the broker.
+    requested_at: Option<u64>,
+    /// The hub's answer seen on the broker.
+    answered_at: Option<u64>,
 }
 
 impl Setup {
@@ -344,7 +587,7 @@ impl Setup {
         let broker = Broker::start(&mosquitto.path, dir.path())?;
         let mut hub = Hub::init(&hub_bin.path, dir.path(), lifetime_s)?;
         let width = options.devices.to_string().len().max(4);
-        let ids: Vec<String> = (1..=options.devices)
+        let mut ids: Vec<String> = (1..=options.devices)
             .map(|i| format!("sim-{i:0width$}"))
             .collect();
         let (by_group, one_by_one) = if options.scenario == Scenario::Revoke {
@@ -352,10 +595,27 @@ impl Setup {
         } else {
             (Vec::new(), Vec::new())
         };
-        let codes = hub.import(&ids, |id| by_group.iter().any(|g| g == id))?;
+        if options.scenario == Scenario::Malicious {
+            ids.push(MALLORY.to_string());
+        }
+        let mut codes = hub.import(&ids, |id| by_group.iter().any(|g| g == id))?;
+        let mallory_code = codes
+            .iter()
+            .position(|(id, _)| id == MALLORY)
+            .map(|i| codes.remove(i).1);
         if options.scenario == Scenario::Revoke {
             hub.add_operator()?;
         }
+        let app_key = if options.scenario == Scenario::Malicious {
+            let scalar = device::generate_key()?;
+            hub.add_app(APP, APP_ROLE, &public_pem(&scalar)?)?;
+            // Presentations pass only with fresh revocation knowledge: heartbeats every
+            // 2 s, so a short run has it (the default, 30 s, is longer than the run).
+            hub.set_heartbeat(2)?;
+            Some(scalar)
+        } else {
+            None
+        };
         let anchor = hub.trust_anchor()?;
         hub.serve(&broker)?;
         Ok(Self {
@@ -363,6 +623,8 @@ impl Setup {
             broker,
             anchor,
             codes,
+            mallory_code,
+            app_key,
             by_group,
             one_by_one,
             hub_bin,
@@ -372,11 +634,16 @@ impl Setup {
 
     /// The scenario's event. `hub-crash`, `broker-restart`: takes the hub (or the broker)
     /// away for `outage`, then brings it back and returns once the hub serves again.
-    /// `revoke`: revokes the group, then each device of the rest, and returns when (Unix
-    /// ms) the command naming each device returned. Blocks.
-    fn inject(&mut self, scenario: Scenario, outage: Duration) -> FaultDone {
+    /// `revoke`: revokes the group, then each device of the rest, and returns, for each
+    /// device, when the request of the command naming it and the hub's answer to it were
+    /// seen on the broker. Blocks.
+    fn inject(
+        &mut self,
+        scenario: Scenario,
+        outage: Duration,
+        seen: &Mutex<OperatorSeen>,
+    ) -> FaultDone {
         match scenario {
-            Scenario::Steady => Ok(Vec::new()),
             Scenario::HubCrash => {
                 self.hub.kill();
                 std::thread::sleep(outage);
@@ -391,18 +658,32 @@ impl Setup {
                     .map(|()| Vec::new())
             }
             Scenario::Revoke => {
-                let mut returned = Vec::new();
+                self.broker.await_subscription(WATCHER, OPERATOR)?;
+                let mut revoked = Vec::new();
+                let mut command = |what: &[&str], ids: &[String]| -> Result<(), Error> {
+                    let before = seen.lock().map(|s| s.requests.len()).unwrap_or(0);
+                    self.hub.revoke(&self.broker, what)?;
+                    let (requested_at, answered_at) = await_seen(seen, before);
+                    revoked.extend(ids.iter().map(|id| RevokedBy {
+                        id: id.clone(),
+                        requested_at,
+                        answered_at,
+                    }));
+                    Ok(())
+                };
                 if !self.by_group.is_empty() {
-                    self.hub.revoke(&self.broker, &["--group", REVOKE_GROUP])?;
-                    let at = device::now_ms();
-                    returned.extend(self.by_group.iter().map(|id| (id.clone(), at)));
+                    command(&["--group", REVOKE_GROUP], &self.by_group)?;
                 }
                 for id in &self.one_by_one {
-                    self.hub.revoke(&self.broker, &["--device", id])?;
-                    returned.push((id.clone(), device::now_ms()));
+                    command(&["--device", id], std::slice::from_ref(id))?;
                 }
-                Ok(returned)
+                Ok(revoked)
             }
+            Scenario::Steady
+            | Scenario::Storm
+            | Scenario::ClockSkew
+            | Scenario::PowerLoss
+            | Scenario::Malicious => Ok(Vec::new()),
         }
     }
 
@@ -415,6 +696,72 @@ impl Setup {
         drop(self.dir);
         running
     }
+}
+
+/// The client id of the simulator's own subscriber to the operator's topics.
+const WATCHER: &str = "sim-watcher";
+
+/// The times of the request and the answer after the first `before` requests, once the
+/// subscriber has seen both (bounded: the command has returned, so both went through the
+/// broker; the subscriber may only lag a little).
+fn await_seen(seen: &Mutex<OperatorSeen>, before: usize) -> (Option<u64>, Option<u64>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (request, answer) = seen.lock().map_or((None, None), |s| {
+            (
+                s.requests.get(before).copied(),
+                s.answers.get(before).copied(),
+            )
+        });
+        if (request.is_some() && answer.is_some()) || Instant::now() >= deadline {
+            return (request, answer);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Subscribes to the operator's request and response topics and notes when each message
+/// passes, until `stop`.
+async fn watch_operator(
+    mqtt: MqttConfig,
+    seen: Arc<Mutex<OperatorSeen>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let request = format!("tessera/v1/client/{OPERATOR}/req");
+    let response = format!("tessera/v1/client/{OPERATOR}/resp");
+    let (mqtt_stop, mqtt_stop_rx) = watch::channel(false);
+    let (client, mut notices) = tessera_mqtt::connect(&mqtt, 64, mqtt_stop_rx)?;
+    loop {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+            notice = notices.recv() => match notice {
+                Some(Notice::Connected) => {
+                    for t in [&request, &response] {
+                        let _ = client.subscribe(t.clone(), QoS::AtLeastOnce).await;
+                    }
+                }
+                Some(Notice::Message(Incoming { topic, .. })) => {
+                    let at = device::now_ms();
+                    if let Ok(mut s) = seen.lock() {
+                        if topic == request {
+                            s.requests.push(at);
+                        } else if topic == response {
+                            s.answers.push(at);
+                        }
+                    }
+                }
+                Some(Notice::Disconnected(_)) => {}
+                None => break,
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = mqtt_stop.send(true);
+    Ok(())
 }
 
 /// The machine's settings for token lifetime `lifetime_ms`: requests time out after an
@@ -435,19 +782,32 @@ fn agent_config(id: &str, code: &str, lifetime_ms: u64) -> Result<AgentConfig, E
     Ok(config)
 }
 
-/// The devices `revoke` revokes: `share` of `ids` (rounded, the last ones), the first half
-/// of them (rounded up) as a group, the rest one by one.
-fn revoke_split(ids: &[String], share: f64) -> (Vec<String>, Vec<String>) {
+/// `share` of `n` rounded to a whole number.
+fn share_of(n: usize, share: f64) -> usize {
     // Rounded to a whole device; the share is checked to be within 0..=1.
     #[allow(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
         clippy::cast_precision_loss
     )]
-    let n = ((ids.len() as f64) * share).round() as usize;
-    let revoked = &ids[ids.len() - n.min(ids.len())..];
+    let k = ((n as f64) * share).round() as usize;
+    k.min(n)
+}
+
+/// The devices `revoke` revokes: `share` of `ids` (rounded, the last ones), the first half
+/// of them (rounded up) as a group, the rest one by one.
+fn revoke_split(ids: &[String], share: f64) -> (Vec<String>, Vec<String>) {
+    let n = share_of(ids.len(), share);
+    let revoked = &ids[ids.len() - n..];
     let (group, single) = revoked.split_at(revoked.len().div_ceil(2));
     (group.to_vec(), single.to_vec())
+}
+
+/// Whether device `i` of `n` distrusts its clock, when `untrusted` of them do: spread
+/// evenly over the fleet (and so over its boot ramp).
+fn distrusts_clock(i: usize, n: usize, untrusted: usize) -> bool {
+    // The i-th device is untrusted when the running count of untrusted devices steps up.
+    (i + 1) * untrusted / n.max(1) > i * untrusted / n.max(1)
 }
 
 /// How long after the hub serves again a device may still be waiting to try: one request
@@ -462,13 +822,61 @@ pub fn retry_window(lifetime_ms: u64) -> Duration {
 
 fn progress_line(live: &Live, devices: usize, elapsed: Duration) -> String {
     format!(
-        "\r{:>5.0} s  connected {}/{devices}  holding {}  tokens {}  lapses {}   ",
+        "\r{:>5.0} s  connected {}/{devices}  holding {}  refreshing {}  tokens {}  lapses {}  \
+         revoked {}  power cuts {}   ",
         elapsed.as_secs_f64(),
         live.connected.load(Ordering::Relaxed),
         live.holding.load(Ordering::Relaxed),
+        live.refreshing.load(Ordering::Relaxed),
         live.tokens.load(Ordering::Relaxed),
         live.lapses.load(Ordering::Relaxed),
+        live.revoked.load(Ordering::Relaxed),
+        live.power_cuts.load(Ordering::Relaxed),
     )
+}
+
+/// The SPKI PEM public key of the P-256 private key `scalar`.
+fn public_pem(scalar: &[u8; 32]) -> Result<String, Error> {
+    use p256::pkcs8::EncodePublicKey as _;
+    let secret =
+        p256::SecretKey::from_slice(scalar).map_err(|e| Error::Process(format!("app key: {e}")))?;
+    secret
+        .public_key()
+        .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+        .map_err(|e| Error::Process(format!("app key: {e}")))
+}
+
+/// The peak resident set of process `pid` (VmHWM), kB.
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The largest peak RSS seen of the hub processes, kB, by pid (a restart is a new pid).
+#[derive(Debug, Default)]
+struct RssPeaks(BTreeMap<u32, u64>);
+
+impl RssPeaks {
+    fn sample(&mut self, pid: Option<u32>) {
+        if let Some(pid) = pid
+            && let Some(kb) = peak_rss_kb(pid)
+        {
+            let e = self.0.entry(pid).or_default();
+            *e = (*e).max(kb);
+        }
+    }
+
+    fn mb(&self) -> Option<f64> {
+        // kB to MB with one decimal; far below f64's exact range.
+        #[allow(clippy::cast_precision_loss)]
+        self.0
+            .values()
+            .max()
+            .map(|kb| (*kb as f64 / 1024.0 * 10.0).round() / 10.0)
+    }
 }
 
 /// Runs the fleet as `options` say; see the module docs.
@@ -481,10 +889,14 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
             "--lifetime must be whole seconds (the policy's token_lifetime_s)".into(),
         ));
     }
-    if !(0.0..=1.0).contains(&options.revoke_share) {
-        return Err(Error::Process(
-            "--revoke-share must be between 0 and 1".into(),
-        ));
+    for (name, share) in [
+        ("--revoke-share", options.revoke_share),
+        ("--untrusted-clock-share", options.untrusted_share()),
+        ("--power-cut-rate", options.power_cut_rate),
+    ] {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Error::Process(format!("{name} must be between 0 and 1")));
+        }
     }
     let lifetime_s = options.lifetime.as_secs();
     let lifetime_ms = lifetime_s.saturating_mul(1000);
@@ -498,42 +910,114 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
     let live = Arc::new(Live::default());
     live.hub_reachable.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mqtt = |id: &str| MqttConfig::plain(&LOOPBACK.to_string(), setup.broker.port(), id);
     let mut fleet = JoinSet::new();
-    // Steady: boots spread evenly over the ramp.
-    let ramp = (options.lifetime / 2).min(Duration::from_secs(5));
+    // Steady: boots spread evenly over the ramp. Storm: all at once.
+    let ramp = if options.scenario == Scenario::Storm {
+        Duration::ZERO
+    } else {
+        (options.lifetime / 2).min(Duration::from_secs(5))
+    };
     let count = u32::try_from(options.devices).unwrap_or(u32::MAX);
-    let started = Instant::now();
+    let untrusted = share_of(options.devices, options.untrusted_share());
+    let power_cut_rate = if options.scenario == Scenario::PowerLoss {
+        options.power_cut_rate
+    } else {
+        0.0
+    };
+    let book = (options.scenario == Scenario::Malicious).then(|| Arc::new(AttackBook::default()));
+    let mut dice = Dice::new(u64::from_be_bytes(
+        device::random32()?[..8].try_into().unwrap_or([1; 8]),
+    ));
     let mut specs = Vec::with_capacity(options.devices);
-    for (id, code) in &setup.codes {
-        specs.push((
-            Spec {
-                config: agent_config(id, code, lifetime_ms)?,
-                anchor: setup.anchor,
-                mqtt: MqttConfig::plain(&LOOPBACK.to_string(), setup.broker.port(), id),
-            },
-            device::generate_key()?,
-        ));
+    let mut links = BTreeMap::new();
+    for (i, (id, code)) in setup.codes.iter().enumerate() {
+        // The victims' local links, for the attacker's presentations.
+        let presentations = (book.is_some() && i < VICTIMS).then(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            links.insert(id.clone(), tx);
+            rx
+        });
+        let mut config = agent_config(id, code, lifetime_ms)?;
+        let distrusts = distrusts_clock(i, options.devices, untrusted);
+        config.trust_local_clock = !distrusts;
+        let clock = match (options.scenario, distrusts) {
+            (Scenario::ClockSkew, true) => DeviceClock::wrong(&mut dice),
+            (Scenario::ClockSkew, false) => DeviceClock::disciplined(&mut dice),
+            _ => DeviceClock::exact(),
+        };
+        specs.push(Spec {
+            config,
+            anchor: setup.anchor,
+            mqtt: mqtt(id),
+            key: device::generate_key()?,
+            device_secret: device::random32()?,
+            clock,
+            power_cut_rate,
+            attacks: book.clone(),
+            presentations,
+        });
     }
-    for (i, (spec, signer)) in (0u32..).zip(specs) {
+    let started = Instant::now();
+    let started_ms = device::now_ms();
+    for (i, spec) in (0u32..).zip(specs) {
         let delay = ramp * i / count;
         let live = live.clone();
         let stop = stop_rx.clone();
         fleet.spawn(async move {
             tokio::time::sleep(delay).await;
-            device::run(spec, signer, live, stop).await
+            device::run(spec, live, stop).await
         });
     }
+    // The attacker, from a third of the way in.
+    let attacker = match (&book, &setup.mallory_code, setup.app_key) {
+        (Some(book), Some(code), Some(app_key)) => {
+            let begin = options.duration / 3;
+            Some(tokio::spawn(attack::run(
+                Attacker {
+                    code: code.clone(),
+                    anchor: setup.anchor,
+                    mqtt: mqtt(MALLORY),
+                    victims: setup
+                        .codes
+                        .iter()
+                        .take(VICTIMS)
+                        .map(|(id, _)| id.clone())
+                        .collect(),
+                    begin_at_ms: started_ms + u64::try_from(begin.as_millis()).unwrap_or(u64::MAX),
+                    app_key,
+                    links,
+                },
+                book.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
+    // Who watches the operator's exchange with the hub, for the fan-out's start.
+    let operator_seen = Arc::new(Mutex::new(OperatorSeen::default()));
+    let watcher = (options.scenario == Scenario::Revoke).then(|| {
+        tokio::spawn(watch_operator(
+            mqtt(WATCHER),
+            operator_seen.clone(),
+            stop_rx.clone(),
+        ))
+    });
 
     let mut interrupted = false;
     let end = tokio::time::Instant::now() + options.duration;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // The fault, a third of the way in: the setup moves into a blocking task for it and
-    // comes back when the hub serves again.
-    let mut fault_at = (options.scenario != Scenario::Steady)
+    // The event, a third of the way in: the setup moves into a blocking task for it and
+    // comes back when it is over (the hub serves again, the revocations are done).
+    let mut fault_at = options
+        .scenario
+        .has_event()
         .then(|| tokio::time::Instant::now() + options.duration / 3);
     let mut fault: Option<tokio::task::JoinHandle<(Setup, FaultDone)>> = None;
-    let mut revoke_returned = Vec::new();
+    let mut revoked_by = Vec::new();
+    let mut hub_pid = setup.hub.pid();
     let mut setup = Some(setup);
+    let mut rss = RssPeaks::default();
     let mut outage_started = None;
     let mut outage_ms = None;
     let mut lapses_not_counted_ms = None;
@@ -548,14 +1032,16 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
             }
             () = tokio::time::sleep_until(fault_at.unwrap_or(far)), if fault_at.is_some() => {
                 fault_at = None;
+                rss.sample(hub_pid);
                 if options.scenario.has_outage() {
                     live.hub_reachable.store(false, Ordering::Relaxed);
                     outage_started = Some(Instant::now());
                 }
                 if let Some(mut s) = setup.take() {
                     let (scenario, outage) = (options.scenario, options.outage);
+                    let seen = operator_seen.clone();
                     fault = Some(tokio::task::spawn_blocking(move || {
-                        let done = s.inject(scenario, outage);
+                        let done = s.inject(scenario, outage, &seen);
                         (s, done)
                     }));
                 }
@@ -564,8 +1050,9 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
                 fault = None;
                 let (s, done) =
                     joined.map_err(|e| Error::Process(format!("fault task: {e}")))?;
+                hub_pid = s.hub.pid();
                 setup = Some(s);
-                revoke_returned = done?;
+                revoked_by = done?;
                 if options.scenario.has_outage() {
                     outage_ms = outage_started.map(|t: Instant| elapsed_ms(t));
                     counted_again_at =
@@ -584,6 +1071,7 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
                     live.hub_reachable.store(false, Ordering::Relaxed);
                     counted_again_at = None;
                 }
+                rss.sample(hub_pid);
                 if options.progress {
                     let mut out = std::io::stdout();
                     let _ = out.write_all(progress_line(&live, options.devices, started.elapsed()).as_bytes());
@@ -598,6 +1086,7 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         let (s, _) = task
             .await
             .map_err(|e| Error::Process(format!("fault task: {e}")))?;
+        hub_pid = s.hub.pid();
         setup = Some(s);
     }
     if lapses_not_counted_ms.is_none() {
@@ -632,7 +1121,18 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         ));
         fleet.abort_all();
     }
+    for (what, task) in [("attacker", attacker), ("operator watcher", watcher)] {
+        if let Some(task) = task {
+            match tokio::time::timeout(STOP_TIMEOUT, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => failures.push(format!("{what}: {e}")),
+                Ok(Err(e)) => failures.push(format!("{what} task: {e}")),
+                Err(_) => failures.push(format!("the {what} did not stop")),
+            }
+        }
+    }
     live.hub_reachable.store(false, Ordering::Relaxed);
+    rss.sample(hub_pid);
     let hub_bin = setup.hub_bin.clone();
     let hub_running_at_end = tokio::task::spawn_blocking(move || setup.stop())
         .await
@@ -643,6 +1143,7 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         &options,
         lifetime_s,
         duration_s,
+        started_ms,
         &outcomes,
         failures,
         hub_running_at_end && !hub_killed,
@@ -651,37 +1152,55 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
     );
     summary.outage_ms = outage_ms;
     summary.lapses_not_counted_ms = lapses_not_counted_ms;
-    summary.add_revocations(&revoke_returned, &outcomes);
+    summary.hub_rss_mb = rss.mb();
+    summary.peak_refreshing = live.peak_refreshing.load(Ordering::Relaxed);
+    summary.add_revocations(&revoked_by, &outcomes);
+    if let Some(book) = book {
+        summary.attacks = book.verdicts();
+        summary.flood = book.flood();
+        summary.legit_presentations = book.legit_presentations();
+    }
     Ok(summary)
 }
 
 /// What the scenario's event task hands back with the setup.
-type FaultDone = Result<Vec<(String, u64)>, Error>;
+type FaultDone = Result<Vec<RevokedBy>, Error>;
 
 impl Summary {
-    /// The `revoke` figures: `returned` holds when the command that revoked each device
-    /// returned (Unix ms).
-    fn add_revocations(&mut self, returned: &[(String, u64)], outcomes: &[Outcome]) {
-        let returned: BTreeMap<&str, u64> =
-            returned.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+    /// The `revoke` figures: `revoked` holds, for each device revoked, when the operator's
+    /// request and the hub's answer were seen on the broker.
+    fn add_revocations(&mut self, revoked: &[RevokedBy], outcomes: &[Outcome]) {
+        let by_id: BTreeMap<&str, &RevokedBy> =
+            revoked.iter().map(|r| (r.id.as_str(), r)).collect();
         let mut fanout = Vec::new();
         for o in outcomes {
-            match (returned.get(o.id.as_str()), o.revoked_at_ms) {
-                (Some(at), Some(wiped)) => {
+            match (by_id.get(o.id.as_str()), o.revoked_at_ms) {
+                (Some(r), Some(applied)) => {
                     self.revoked_wiped += 1;
-                    // The hub tells the devices as it answers the operator, so a device
-                    // can hear of it before the command exits: that counts as 0.
-                    if wiped < *at {
-                        self.revoked_before_return += 1;
+                    if o.flash_empty_at_end {
+                        self.revoked_flash_empty += 1;
                     }
-                    fanout.push(wiped.saturating_sub(*at));
+                    if r.answered_at.is_some_and(|at| applied < at) {
+                        self.revoked_before_answer += 1;
+                    }
+                    if let Some(at) = r.requested_at {
+                        fanout.push(applied.saturating_sub(at));
+                    }
                 }
                 (None, Some(_)) => self.revoked_unexpectedly += 1,
                 _ => {}
             }
         }
-        self.revoked = returned.len();
+        // One figure per command: the devices of one command share its times.
+        let mut acks: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in revoked {
+            if let (Some(req), Some(ans)) = (r.requested_at, r.answered_at) {
+                acks.insert(req, ans.saturating_sub(req));
+            }
+        }
+        self.revoked = revoked.len();
         self.revocation_fanout_ms = Percentiles::of(fanout);
+        self.revocation_ack_ms = Percentiles::of(acks.into_values().collect());
     }
 }
 
@@ -694,6 +1213,7 @@ fn summarize(
     options: &Options,
     lifetime_s: u64,
     duration_s: f64,
+    started_ms: u64,
     outcomes: &[Outcome],
     failures: Vec<String>,
     hub_ran_throughout: bool,
@@ -707,10 +1227,35 @@ fn summarize(
         }
     }
     // A device that failed counts as one that received nothing.
-    let min_tokens_per_device = if outcomes.len() < options.devices {
-        0
-    } else {
+    let complete = outcomes.len() == options.devices;
+    let min_tokens_per_device = if complete {
         outcomes.iter().map(|o| o.tokens).min().unwrap_or(0)
+    } else {
+        0
+    };
+    let never_held = options.devices - outcomes.iter().filter(|o| o.tokens > 0).count();
+    let all_holding_ms = (complete && never_held == 0)
+        .then(|| {
+            outcomes
+                .iter()
+                .filter_map(|o| o.first_token_at_ms)
+                .max()
+                .map(|at| at.saturating_sub(started_ms))
+        })
+        .flatten();
+    let max_error = |trusted: bool| {
+        outcomes
+            .iter()
+            .filter(|o| o.trusts_clock == trusted)
+            .map(|o| o.clock_error_ms)
+            .max()
+            .unwrap_or(0)
+    };
+    let never_held_of = |trusted: bool| {
+        outcomes
+            .iter()
+            .filter(|o| o.trusts_clock == trusted && o.tokens == 0)
+            .count()
     };
     Summary {
         scenario: options.scenario,
@@ -720,7 +1265,7 @@ fn summarize(
         tokens_issued: outcomes.iter().map(|o| o.tokens).sum(),
         lapses: outcomes.iter().map(|o| o.lapses).sum(),
         lapse_ms: outcomes.iter().map(|o| o.lapse_ms).sum(),
-        never_held: options.devices - outcomes.iter().filter(|o| o.tokens > 0).count(),
+        never_held,
         holding_at_end: outcomes.iter().filter(|o| o.holding_at_end).count(),
         min_tokens_per_device,
         refresh_latency_ms: Percentiles::of(
@@ -730,6 +1275,8 @@ fn summarize(
                 .collect(),
         ),
         first_token_ms: Percentiles::of(outcomes.iter().filter_map(|o| o.first_token_ms).collect()),
+        all_holding_ms,
+        peak_refreshing: 0,
         errors,
         device_failures: failures.len(),
         devices_retried: outcomes.iter().filter(|o| o.retried).count(),
@@ -737,9 +1284,36 @@ fn summarize(
         lapses_not_counted_ms: None,
         revoked: 0,
         revoked_wiped: 0,
+        revoked_flash_empty: 0,
         revoked_unexpectedly: 0,
-        revoked_before_return: 0,
+        revoked_before_answer: 0,
         revocation_fanout_ms: Percentiles::default(),
+        revocation_ack_ms: Percentiles::default(),
+        clocks: Clocks {
+            untrusted: outcomes.iter().filter(|o| !o.trusts_clock).count(),
+            untrusted_max_error_ms: max_error(false),
+            trusted_max_error_ms: max_error(true),
+            adjustments: outcomes.iter().map(|o| o.clock_adjustments).sum(),
+            untrusted_never_held: never_held_of(false),
+            trusted_never_held: never_held_of(true),
+        },
+        power: Power {
+            cuts: outcomes.iter().map(|o| o.power_cuts).sum(),
+            devices_cut: outcomes.iter().filter(|o| o.power_cuts > 0).count(),
+            rebooted_holding: outcomes.iter().map(|o| o.rebooted_holding).sum(),
+            recovery_ms: Percentiles::of(
+                outcomes
+                    .iter()
+                    .flat_map(|o| o.reboot_recovery_ms.iter().copied())
+                    .collect(),
+            ),
+            flash_lost: outcomes.iter().map(|o| o.flash_lost).sum(),
+            off_at_end: outcomes.iter().filter(|o| o.off_at_end).count(),
+        },
+        attacks: BTreeMap::new(),
+        flood: FloodTally::default(),
+        legit_presentations: (0, 0),
+        hub_rss_mb: None,
         first_failure: failures.into_iter().next(),
         hub_ran_throughout,
         interrupted,
@@ -773,6 +1347,16 @@ mod tests {
         assert_eq!((group.len(), single.len()), (1, 0));
         assert_eq!(revoke_split(&ids, 0.0), (Vec::new(), Vec::new()));
         assert_eq!(revoke_split(&ids, 1.0).0.len(), 15);
+    }
+
+    #[test]
+    fn untrusted_clocks_are_the_share_asked_for_spread_over_the_fleet() {
+        for (n, k) in [(20, 10), (20, 0), (20, 20), (7, 3), (1, 1)] {
+            let picked: Vec<usize> = (0..n).filter(|&i| distrusts_clock(i, n, k)).collect();
+            assert_eq!(picked.len(), k, "{n} {k}");
+        }
+        let half: Vec<usize> = (0..10).filter(|&i| distrusts_clock(i, 10, 5)).collect();
+        assert_eq!(half, [1, 3, 5, 7, 9]);
     }
 
     #[test]

@@ -27,6 +27,8 @@ enum Commands {
 enum ScenarioArg {
     /// Devices enroll over a short ramp and keep their tokens fresh; nothing fails.
     Steady,
+    /// Every device boots and enrolls at the same moment, then refreshes as in steady.
+    Storm,
     /// As steady; a third of the way in the hub is killed (SIGKILL) and restarted after
     /// --outage.
     HubCrash,
@@ -36,6 +38,18 @@ enum ScenarioArg {
     /// As steady; a third of the way in an operator revokes --revoke-share of the fleet,
     /// half as a group, the rest one by one.
     Revoke,
+    /// Every device has its own clock: those with trust_local_clock = false
+    /// (--untrusted-clock-share) a wrong one (up to a day off or counting from zero,
+    /// drifting up to 2 %), the others a nearly right one (±200 ms, ±100 ppm).
+    ClockSkew,
+    /// Power fails during --power-cut-rate of the flash writes, tearing the record being
+    /// written; the device boots again from what its flash reads back.
+    PowerLoss,
+    /// From a third of the way in, a compromised device replays requests, responses and
+    /// presentations, forges tokens and control messages, presents stolen grants and
+    /// tokens, speaks for other devices and floods the hub; counts attacks_rejected and
+    /// attacks_accepted.
+    Malicious,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +72,13 @@ struct RunArgs {
     /// The share of the fleet the revoke scenario revokes (0 to 1).
     #[arg(long, default_value_t = 0.2)]
     revoke_share: f64,
+    /// The share of the fleet whose machine does not trust its local clock
+    /// (trust_local_clock = false), 0 to 1 [default: 0.5 in clock-skew, 1 otherwise].
+    #[arg(long)]
+    untrusted_clock_share: Option<f64>,
+    /// The share of flash writes power fails during, in power-loss (0 to 1).
+    #[arg(long, default_value_t = 0.2)]
+    power_cut_rate: f64,
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -82,9 +103,15 @@ async fn main() -> anyhow::Result<()> {
             ScenarioArg::HubCrash => Scenario::HubCrash,
             ScenarioArg::BrokerRestart => Scenario::BrokerRestart,
             ScenarioArg::Revoke => Scenario::Revoke,
+            ScenarioArg::Storm => Scenario::Storm,
+            ScenarioArg::ClockSkew => Scenario::ClockSkew,
+            ScenarioArg::PowerLoss => Scenario::PowerLoss,
+            ScenarioArg::Malicious => Scenario::Malicious,
         },
         outage: args.outage,
         revoke_share: args.revoke_share,
+        untrusted_clock_share: args.untrusted_clock_share,
+        power_cut_rate: args.power_cut_rate,
         hub_bin: args.hub_bin,
         mosquitto: args.mosquitto,
         progress: std::io::stdout().is_terminal(),

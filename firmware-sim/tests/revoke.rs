@@ -44,9 +44,16 @@ fn every_revoked_device_wipes_itself_and_the_rest_of_the_fleet_never_lapses() ->
         "a revoked device did not wipe itself: {summary}\n{stderr}"
     );
     ensure!(
+        field(&summary, "revoked_flash_empty")? == 6,
+        "a revoked device's flash still holds a record: {summary}"
+    );
+    ensure!(
         field(&summary, "revoked_unexpectedly")? == 0,
         "a device was revoked that the operator did not name: {summary}"
     );
+    // Timed from the operator's request seen on the broker, one figure per device; the
+    // hub answered each of the 4 commands.
+    ensure!(summary["revocation_ack_ms"]["count"] == 4, "{summary}");
     ensure!(
         summary["revocation_fanout_ms"]["count"] == 6
             && summary["revocation_fanout_ms"]["p50"].is_u64()

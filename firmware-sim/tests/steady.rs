@@ -47,5 +47,10 @@ fn a_steady_fleet_with_short_lifetimes_refreshes_and_never_lapses() -> Result<()
     );
     ensure!(summary["errors"].is_object(), "{summary}");
     ensure!(summary["hub_ran_throughout"] == true, "{summary}");
+    // The hub the run started was measured.
+    ensure!(
+        summary["hub_rss_mb"].as_f64().is_some_and(|mb| mb > 0.0),
+        "{summary}"
+    );
     Ok(())
 }
