@@ -17,7 +17,8 @@ use rumqttc::v5::AsyncClient;
 use tessera_mqtt::{Incoming, Notice, Notices, QoS};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Ignored, Report, State};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
-use tessera_shared::message::{ErrorCode, Operation, SignedResponse};
+use tessera_shared::error::{ClaimsError, Error as CoreError};
+use tessera_shared::message::{ErrorCode, MAX_PRESENTATION_LEN, Operation, SignedResponse};
 use tessera_shared::schedule::Backoff;
 use tessera_shared::topic;
 use tokio::sync::{mpsc, watch};
@@ -568,8 +569,32 @@ impl Shell {
                 presentation,
             } => match self.agent.check_presentation(&presentation, &scope, now) {
                 Ok(checked) => Reply::Ok(checked.token.claims().sub.to_string()),
-                Err(e) => Reply::Err(e.to_string()),
+                Err(e) => {
+                    if e == CoreError::Claims(ClaimsError::Revoked) {
+                        self.report_presentation(&presentation, now);
+                    }
+                    Reply::Err(e.to_string())
+                }
             },
+        }
+    }
+
+    /// Tells the hub that `presentation` carried a revoked token: anomaly detection there
+    /// counts it against the holder. Best effort: a report that cannot be signed is logged.
+    fn report_presentation(&mut self, presentation: &[u8], now: u64) {
+        let mut out = vec![0u8; MAX_PRESENTATION_LEN + 512];
+        match self.agent.sign_report(presentation, now, &mut out) {
+            Ok(n) => {
+                out.truncate(n);
+                tracing::warn!(
+                    "a presentation with a revoked token was refused: reported to the hub"
+                );
+                let _ = self.outbound.send(Outbound::Publish {
+                    topic: self.agent.request_topic().to_string(),
+                    payload: out,
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot report a refused presentation to the hub"),
         }
     }
 

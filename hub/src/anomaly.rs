@@ -13,7 +13,7 @@
 //! | `grant_reuse` | a refresh grant presented again by its owner (the hub revoked its family) | yes |
 //! | `not_granted` | `anomaly.not_granted` requests for a scope or operation the client's role never grants | yes |
 //! | `issuance_spike` | more tokens issued to one client in a window than `anomaly.issuance_factor` times its own norm (and at least `anomaly.issuance_min`) | yes |
-//! | `revoked_use` | `anomaly.revoked_uses` requests by a revoked client, or presenting a revoked grant | yes |
+//! | `revoked_use` | `anomaly.revoked_uses` requests by a revoked client, presenting a revoked grant, or presentations of a revoked access token reported by the devices they were made to | yes (a reported presentation carries the holder's signature) |
 //!
 //! Memory is bounded: only registered clients are tracked apart, at most
 //! `anomaly.max_clients` of them (and as many quarantines); refusals of unregistered ids,
@@ -104,7 +104,8 @@ pub enum Signal {
     /// Policy refused a scope or an operation the client's role does not grant (or the
     /// client presented a refresh grant issued to another client).
     NotGranted,
-    /// The client is revoked, or presented a revoked grant.
+    /// The client is revoked, or presented a revoked grant, or a device reported its
+    /// presentation of a revoked access token.
     RevokedUse,
 }
 
@@ -446,7 +447,8 @@ impl Detector {
                         AlertKind::RevokedUse,
                         u64::from(track.revoked_uses),
                         format!(
-                            "{} requests within {} s by a revoked client or with a revoked grant",
+                            "{} uses within {} s of a revoked client, grant or token (requests, \
+                             or presentations that devices reported)",
                             track.revoked_uses, c.window_s
                         ),
                     ));
@@ -578,6 +580,19 @@ impl Detector {
     /// Clients tracked apart now.
     pub fn tracked(&self) -> usize {
         self.tracks.len()
+    }
+
+    /// `(client, until Unix ms)` of every quarantine in force at `now_ms`, by client (for
+    /// the dashboard).
+    pub fn quarantines(&self, now_ms: u64) -> Vec<(String, u64)> {
+        let mut q: Vec<(String, u64)> = self
+            .quarantined
+            .iter()
+            .filter(|(_, until)| **until > now_ms)
+            .map(|(client, until)| (client.clone(), *until))
+            .collect();
+        q.sort();
+        q
     }
 }
 

@@ -138,8 +138,9 @@ unregistered_refusals = 200
 # `not_granted`: this many requests in a window for scopes or operations the client's
 # role never grants.
 not_granted = 3
-# `revoked_use`: this many requests in a window by a revoked client, or presenting a
-# revoked refresh grant. (`grant_reuse`, a refresh grant presented again by its owner,
+# `revoked_use`: this many uses in a window of a revoked client, refresh grant or token:
+# its requests, or presentations of its revoked access tokens that devices reported
+# (`report_presentation`). (`grant_reuse`, a refresh grant presented again by its owner,
 # alerts at once.)
 revoked_uses = 3
 # `issuance_spike`: more tokens issued to one client in a window than this many times its
@@ -184,6 +185,17 @@ max_clients = 65536
 # monitoring network only.
 # [http]
 # listen = "127.0.0.1:9464"
+#
+# The operator dashboard at /dashboard on that listener (docs/OPERATING.md, "Dashboard"):
+# a read-only web page of the fleet, issuance and refusals, revocations, alerts,
+# quarantines and one device's history. Off while this section is absent: uncomment it
+# with [http] above. Operators log in with their client id and a dashboard password that
+# `tessera-hub dashboard-password OPERATOR` prints once; only operators whose role lists
+# `watch` get in. The listener speaks plain HTTP: reach it over loopback, an SSH tunnel
+# or a TLS reverse proxy, never across an untrusted network.
+# [http.dashboard]
+# passwords = "dashboard-passwords"   # SHA-256 of each operator's password (mode 0600)
+# session_s = 3600                    # a login lasts this long, seconds: 60 to 604800
 "#;
 
 /// Why the configuration could not be used.
@@ -259,6 +271,32 @@ pub struct HubConfig {
 pub struct HttpSection {
     /// Address and port to listen on (`127.0.0.1:9464`).
     pub listen: std::net::SocketAddr,
+    /// The operator dashboard; `None` (no `[http.dashboard]` section) for none.
+    #[serde(default)]
+    pub dashboard: Option<DashboardSection>,
+}
+
+/// `[http.dashboard]`: present to serve the dashboard ([`crate::dashboard`]).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardSection {
+    /// The passwords file: `OPERATOR SHA256-HEX` lines, written by
+    /// `tessera-hub dashboard-password`.
+    pub passwords: PathBuf,
+    /// How long a login lasts, seconds.
+    pub session_s: u64,
+}
+
+/// The passwords file of the default configuration.
+pub const DEFAULT_DASHBOARD_PASSWORDS: &str = "dashboard-passwords";
+
+impl Default for DashboardSection {
+    fn default() -> Self {
+        Self {
+            passwords: PathBuf::from(DEFAULT_DASHBOARD_PASSWORDS),
+            session_s: 3600,
+        }
+    }
 }
 
 /// `[policy_reload]`.
@@ -440,6 +478,13 @@ impl HubConfig {
                 "serve.audit_retention_days must be 1..=36500".into(),
             ));
         }
+        if let Some(d) = self.http.as_ref().and_then(|h| h.dashboard.as_ref())
+            && !(60..=604_800).contains(&d.session_s)
+        {
+            return Err(invalid(
+                "http.dashboard.session_s must be 60..=604800".into(),
+            ));
+        }
         self.anomaly.check().map_err(invalid)?;
         for (i, hook) in self.webhooks.iter().enumerate() {
             hook.check().map_err(invalid)?;
@@ -466,6 +511,9 @@ impl HubConfig {
         join(&mut self.policy);
         if let Some(k) = &mut self.kek_file {
             join(k);
+        }
+        if let Some(d) = self.http.as_mut().and_then(|h| h.dashboard.as_mut()) {
+            join(&mut d.passwords);
         }
         if let Some(tls) = &mut self.mqtt.tls {
             join(&mut tls.ca_file);
@@ -560,6 +608,36 @@ mod tests {
         );
         let text = text.replace("127.0.0.1:9464", "localhost");
         assert!(HubConfig::parse(&text, Path::new("default.toml")).is_err());
+    }
+
+    #[test]
+    fn the_dashboard_is_off_unless_its_section_is_uncommented_and_its_file_follows_the_config() {
+        let with_http = DEFAULT_TOML
+            .replace("# [http]", "[http]")
+            .replace("# listen = ", "listen = ");
+        let c = HubConfig::parse(&with_http, Path::new("default.toml")).expect("valid");
+        assert_eq!(c.http.and_then(|h| h.dashboard), None);
+        let text = with_http
+            .replace("# [http.dashboard]", "[http.dashboard]")
+            .replace("# passwords = ", "passwords = ")
+            .replace("# session_s = ", "session_s = ");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, &text).expect("write");
+        let c = HubConfig::load(&path).expect("valid");
+        assert_eq!(
+            c.http.and_then(|h| h.dashboard),
+            Some(DashboardSection {
+                passwords: dir.path().join(DEFAULT_DASHBOARD_PASSWORDS),
+                session_s: 3600,
+            })
+        );
+        let err = HubConfig::parse(
+            &text.replace("session_s = 3600", "session_s = 5"),
+            Path::new("hub.toml"),
+        )
+        .expect_err("too short");
+        assert!(err.to_string().contains("session_s"), "{err}");
     }
 
     /// The default config with its commented `[[webhooks]]` entry uncommented.

@@ -1,7 +1,9 @@
 //! The hub's HTTP listener, off the MQTT path: `/metrics` (the Prometheus text format,
 //! [`crate::metrics`]), `/healthz` (the process answers) and `/readyz` (broker connected,
-//! store writable, signing key usable, heartbeats flowing). Read-only; nothing here
-//! changes the hub's state. docs/METRICS.md documents every endpoint and metric.
+//! store writable, signing key usable, heartbeats flowing), and when configured the
+//! operator dashboard under `/dashboard` ([`crate::dashboard`], behind a credential).
+//! Read-only; nothing here changes the hub's state. docs/METRICS.md documents every
+//! endpoint and metric, docs/OPERATING.md the dashboard.
 
 use std::sync::Arc;
 
@@ -11,19 +13,24 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::dashboard::Dashboard;
 use crate::metrics::CONTENT_TYPE;
 use crate::pipeline::Hub;
 use crate::store::Store;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
-/// The routes, over `hub`.
-pub fn router<S: Store>(hub: Arc<Hub<S>>) -> Router {
-    Router::new()
+/// The routes, over `hub`, with the dashboard's if there is one.
+pub fn router<S: Store>(hub: Arc<Hub<S>>, dashboard: Option<Arc<Dashboard<S>>>) -> Router {
+    let routes = Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
-        .with_state(hub)
+        .with_state(hub);
+    match dashboard {
+        Some(d) => routes.merge(crate::dashboard::router(d)),
+        None => routes,
+    }
 }
 
 /// Serves the routes on `listener` until `stop` completes; an error only if the listener
@@ -31,9 +38,10 @@ pub fn router<S: Store>(hub: Arc<Hub<S>>) -> Router {
 pub async fn serve<S: Store>(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub<S>>,
+    dashboard: Option<Arc<Dashboard<S>>>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(hub))
+    axum::serve(listener, router(hub, dashboard))
         .with_graceful_shutdown(stop)
         .await
 }
@@ -116,7 +124,7 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(serve(listener, hub.clone(), async {
+        let served = tokio::spawn(serve(listener, hub.clone(), None, async {
             let _ = stop_rx.await;
         }));
 

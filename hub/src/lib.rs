@@ -13,6 +13,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod dashboard;
 pub mod events;
 pub mod http;
 pub mod keyfile;

@@ -12,7 +12,8 @@ use tessera_shared::claims::{CTI_LEN, Claims};
 use tessera_shared::crypto::{PublicKey, Signer, sha256};
 use tessera_shared::message::{
     Command, Control, EnrollmentCode, ErrorCode, NONCE_LEN, Operation, Request, RequestBody,
-    RequestHead, Response, ResponseBody, RevokeTarget, SignedRequest, WireError,
+    RequestHead, Response, ResponseBody, RevokeTarget, SignedPresentation, SignedRequest,
+    WireError,
 };
 use tessera_shared::revocation::{self, PARTITIONS, Stream, StreamMessage};
 use tessera_shared::scope::Scopes;
@@ -100,6 +101,9 @@ pub struct Handled {
     pub audit: Option<AuditEvent>,
     /// The decision, for anomaly detection ([`crate::anomaly`]).
     pub decision: Option<Decision>,
+    /// What a device's `report_presentation` proved about another client (the holder of
+    /// a revoked token that presented it), for anomaly detection.
+    pub reported: Option<Decision>,
 }
 
 /// A refusal before it is signed.
@@ -230,6 +234,18 @@ impl<S: Store> Hub<S> {
             Err(r) => (r.code.name(), false),
         };
         let signal = result.as_ref().err().and_then(|r| r.signal);
+        // A device's report of a revoked token presented to it is evidence against the
+        // holder, which `report_presentation` proved by the holder's own signature.
+        let reported = match (&result, correlation.0) {
+            (Ok(s), Some(Operation::ReportPresentation)) => Some(Decision {
+                client: s.target.clone(),
+                registered: true,
+                refused: None,
+                issued: false,
+                signal: Some(Signal::RevokedUse),
+            }),
+            _ => None,
+        };
         let decision = Decision {
             client: topic_client.to_owned(),
             // Every signal comes from a registered client's request.
@@ -242,6 +258,7 @@ impl<S: Store> Hub<S> {
             .answer(topic_client, correlation, result, asked_about, now_ms)
             .await;
         handled.decision = Some(decision);
+        handled.reported = reported;
         self.metrics.request(operation, outcome);
         if issued {
             self.metrics
@@ -332,6 +349,7 @@ impl<S: Store> Hub<S> {
             broadcast,
             audit: Some(audit),
             decision: None,
+            reported: None,
         }
     }
 
@@ -405,7 +423,7 @@ impl<S: Store> Hub<S> {
             RequestBody::FetchRevocations { stream, .. } => stream.name().to_string(),
             RequestBody::Enroll { .. } | RequestBody::DeviceToken => client.id.clone(),
             RequestBody::LiftQuarantine { client } => (*client).to_owned(),
-            RequestBody::Refresh { .. } => String::new(),
+            RequestBody::Refresh { .. } | RequestBody::ReportPresentation { .. } => String::new(),
         };
 
         let now = now_ms / 1000;
@@ -468,6 +486,10 @@ impl<S: Store> Hub<S> {
             RequestBody::Revoke(target) => self.revoke(&ticket, &client, &target).await,
             RequestBody::LiftQuarantine { client: target } => {
                 self.lift_quarantine(&ticket, &client, target, quarantines)
+                    .await
+            }
+            RequestBody::ReportPresentation { presentation } => {
+                self.report_presentation(&ticket, &client, presentation)
                     .await
             }
             RequestBody::FetchRevocations { stream, from } => {
@@ -1022,6 +1044,98 @@ impl<S: Store> Hub<S> {
                 format!("client `{target}` is not quarantined on this hub"),
             )),
         }
+    }
+
+    /// A device's report that a presentation it received carried a revoked token
+    /// (docs/PROTOCOL.md §9.8). Taken only as evidence the hub can check itself: the
+    /// holder's signature on the presentation, made to this very device, recently, with a
+    /// token this hub signed and its own revocation list covers. Each presentation counts
+    /// once (its nonce is remembered under the holder, beside the holder's request nonces
+    /// but apart from them), so a device cannot replay one to get its holder quarantined.
+    async fn report_presentation(
+        &self,
+        ticket: &Ticket,
+        device: &ClientRecord,
+        presentation: &[u8],
+    ) -> Result<Success, Refusal> {
+        let now = ticket.now();
+        let policy = self.policy.current();
+        let leeway = policy.leeway_s();
+        let checked = {
+            let keys = self.keys.read().await;
+            SignedPresentation::verify_as_presented(presentation, &*keys, &device.id, leeway)
+                .map_err(|e| {
+                    Refusal::new(
+                        ErrorCode::Denied,
+                        format!("the reported presentation does not check out: {e}"),
+                    )
+                })?
+        };
+        let window = self.config.freshness_window_s;
+        if checked.issued_at.abs_diff(now) > window {
+            return Err(Refusal::new(
+                ErrorCode::Stale,
+                format!(
+                    "the reported presentation was made at {}, more than {window} s from the \
+                     hub's time {now}",
+                    checked.issued_at
+                ),
+            ));
+        }
+        let claims = checked.token.claims();
+        let holder = claims.sub.to_owned();
+        let hash = checked.token.hash();
+        let stream = Stream::of_device(&device.id).name();
+        let read = self
+            .store
+            .stream_entries(stream.as_str(), 0, now, leeway, usize::MAX)
+            .await?;
+        let covered = read.changes.iter().flat_map(|(_, e)| e).any(|a| {
+            a.audience.as_str() == device.id && a.entry.covers(&hash, &holder, claims.iat)
+        });
+        if !covered {
+            return Err(Refusal::new(
+                ErrorCode::Denied,
+                format!(
+                    "the hub's revocation list does not cover the token of {holder} that the \
+                     presentation carries"
+                ),
+            ));
+        }
+        self.commit(ticket, Effect::None).await?;
+        // The presentation's own nonce, under the holder, in a namespace of its own.
+        let seen = sha256(&[b"tessera-presented", device.id.as_bytes(), &checked.nonce]);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&seen[..NONCE_LEN]);
+        let again = self
+            .store
+            .commit(RequestCommit {
+                client: holder.clone(),
+                nonce,
+                nonce_expires_at: checked.issued_at.max(now) + window,
+                now_ms: ticket.now_ms,
+                rate: RateLimit::NONE,
+                effect: Effect::None,
+            })
+            .await?;
+        if again.is_err() {
+            return Err(Refusal::new(
+                ErrorCode::Replay,
+                "this presentation was reported already",
+            ));
+        }
+        Ok(Success {
+            // The empty success body (`{}`), as for an enrollment.
+            body: Answer::Enrolled,
+            broadcast: Vec::new(),
+            target: holder,
+            reason: format!(
+                "a presentation of a revoked token (cti {}) made at {} was refused by {}",
+                hex::encode(claims.cti),
+                checked.issued_at,
+                device.id
+            ),
+        })
     }
 
     /// What a durable revocation publishes: a delta for each change and the control

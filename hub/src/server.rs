@@ -935,7 +935,7 @@ async fn worker<S: Store>(
         };
         // Before the answer goes out: a client that hears back has its quarantine, if
         // this decision started one, in force already.
-        if let Some(decision) = &handled.decision {
+        for decision in handled.decision.iter().chain(&handled.reported) {
             monitoring.observe(decision, hub.clock.now_ms());
         }
         // The event loop never waits for anyone, so these complete once the broker takes
@@ -1027,6 +1027,19 @@ pub(crate) struct Monitoring {
 impl crate::anomaly::Quarantines for Monitoring {
     fn lift(&self, client: &str, by: &str, now_ms: u64) -> Option<u64> {
         Monitoring::lift(self, client, by, now_ms)
+    }
+}
+
+/// The quarantines the dashboard shows, without keeping the monitoring alive (the
+/// alerter stops once it holds the last reference).
+struct DashboardQuarantines(std::sync::Weak<Monitoring>);
+
+impl crate::dashboard::QuarantineList for DashboardQuarantines {
+    fn quarantines(&self, now_ms: u64) -> Vec<(String, u64)> {
+        self.0
+            .upgrade()
+            .map(|m| m.detector().quarantines(now_ms))
+            .unwrap_or_default()
     }
 }
 
@@ -1688,6 +1701,18 @@ pub async fn run<S: Store>(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with_dashboard(hub, config, None, shutdown).await
+}
+
+/// [`run`], serving the operator dashboard ([`crate::dashboard`]) on the HTTP listener
+/// too when `dashboard` is set (and `config.http` is: without a listener it is ignored,
+/// with a warning).
+pub async fn run_with_dashboard<S: Store>(
+    hub: Arc<Hub<S>>,
+    config: ServeConfig,
+    dashboard: Option<crate::config::DashboardSection>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (mqtt_stop_tx, mqtt_stop_rx) = watch::channel(false);
     let queues = Queues {
         requests: MQTT_REQUESTS,
@@ -1816,10 +1841,39 @@ pub async fn run<S: Store>(
             stop_rx.clone(),
         ),
     );
+    if dashboard.is_some() && http.is_none() {
+        tracing::warn!("the dashboard is configured but no HTTP listener: not served");
+    }
     if let Some(listener) = http {
+        let dashboard = dashboard.map(|d| {
+            if !d.passwords.exists() {
+                tracing::warn!(
+                    file = %d.passwords.display(),
+                    "no dashboard passwords yet: `tessera-hub dashboard-password OPERATOR` \
+                     makes one"
+                );
+            }
+            Arc::new(crate::dashboard::Dashboard::new(
+                hub.clone(),
+                &d,
+                Arc::new(DashboardQuarantines(Arc::downgrade(&monitoring))),
+            ))
+        });
         match listener.local_addr() {
-            Ok(addr) => tracing::info!(%addr, "HTTP listener: /metrics, /healthz, /readyz"),
+            Ok(addr) => tracing::info!(
+                %addr,
+                dashboard = dashboard.is_some(),
+                "HTTP listener: /metrics, /healthz, /readyz{}",
+                if dashboard.is_some() { ", /dashboard" } else { "" }
+            ),
             Err(e) => tracing::warn!(error = %e, "HTTP listener address unknown"),
+        }
+        if let Some(d) = &dashboard {
+            let mut stop = stop_rx.clone();
+            let stopped = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            tasks.spawn("dashboard sampler", d.clone().sampling(stopped));
         }
         let mut stop = stop_rx;
         let stopped = async move {
@@ -1827,7 +1881,7 @@ pub async fn run<S: Store>(
         };
         let hub = hub.clone();
         tasks.spawn("HTTP listener", async move {
-            if let Err(e) = crate::http::serve(listener, hub, stopped).await {
+            if let Err(e) = crate::http::serve(listener, hub, dashboard, stopped).await {
                 tracing::error!(error = %e, "the HTTP listener failed");
             }
         });
@@ -2731,7 +2785,7 @@ pub(crate) mod tests {
                     .hub
                     .handle_with(client, &payload, Some(&*self.monitoring))
                     .await;
-                if let Some(d) = &handled.decision {
+                for d in handled.decision.iter().chain(&handled.reported) {
                     self.monitoring.observe(d, self.clock.now_ms());
                 }
                 if let Some(event) = &handled.audit {

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use tessera_hub::anomaly::{Alert, AlertKind, AnomalyConfig, Detector};
 use tessera_hub::client::Answer;
 use tessera_hub::clock::{Clock, FakeClock};
 use tessera_hub::keys::{self, Kek, KeyRing};
@@ -172,6 +173,10 @@ struct Rig {
     /// When the hub's next heartbeat is due, if it runs them.
     next_beat_ms: Option<u64>,
     next_request: u64,
+    /// Anomaly detection over every decision the hub reports, as the serving loop runs
+    /// it, and the alerts it raised.
+    detector: Detector,
+    alerts: Vec<Alert>,
 }
 
 impl Rig {
@@ -219,6 +224,8 @@ impl Rig {
             queue: VecDeque::new(),
             next_beat_ms: Some(T0 * 1000),
             next_request: 0,
+            detector: Detector::new(AnomalyConfig::default()),
+            alerts: Vec::new(),
         };
         rig.publish_key_set().await;
         rig.run_until(T0 * 1000).await;
@@ -265,6 +272,11 @@ impl Rig {
             // The hub is subscribed to every client's request topic.
             if let Some(client) = topic::requesting_client(&p.topic) {
                 let handled = self.hub.handle(client, &p.payload).await;
+                let now_ms = self.now_ms();
+                for decision in handled.decision.iter().chain(&handled.reported) {
+                    let raised = self.detector.observe(decision, now_ms);
+                    self.alerts.extend(raised);
+                }
                 self.queue.extend(
                     handled
                         .reply
@@ -1248,6 +1260,114 @@ async fn an_operators_revocations_reach_the_agent_through_the_bus_and_a_revoked_
     rig.run_for(4 * HEARTBEAT_S).await;
     assert_eq!(rig.asked(door, mark), []);
     assert_eq!(rig.agent(door).next_wake(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn presentations_of_a_revoked_token_reported_by_the_device_raise_an_alert_on_the_holder() {
+    let mut rig = Rig::new().await;
+    let door = rig.enrolled_lock("door-1", 10).await;
+    let other = rig.enrolled_lock("door-2", 11).await;
+    rig.run_for(HEARTBEAT_S).await;
+    let (first, _) = rig.access_token("door-1", "door:open").await;
+    let (live, _) = rig.access_token("door-1", "door:open").await;
+    rig.revoke(RevokeTarget::TokenHash(token_hash(&first)))
+        .await;
+
+    // The device refuses the revoked token and reports each presentation, signed by
+    // its own key, as its shell does; the hub takes each once, as evidence against the
+    // app, whose own signature is on it.
+    let report = |rig: &mut Rig, i: usize, presentation: &[u8]| {
+        let now = rig.now_ms();
+        let mut out = vec![0u8; 4096];
+        let n = rig.devices[i]
+            .agent
+            .sign_report(presentation, now, &mut out)
+            .expect("signed report");
+        out.truncate(n);
+        out
+    };
+    let mut reports = Vec::new();
+    for nonce in [21, 22, 23] {
+        let presented = rig.present(&first, "door-1", nonce);
+        assert_eq!(
+            rig.check(door, &presented, "door:open"),
+            Err(ClaimsError::Revoked.into())
+        );
+        let signed = report(&mut rig, door, &presented);
+        let mark = rig.mark(door);
+        assert_eq!(rig.send("door-1", &signed).await, Ok(Answer::Enrolled));
+        // The agent takes the hub's answer quietly: it expected it.
+        assert!(
+            !rig.reports(door, mark)
+                .iter()
+                .any(|r| matches!(r, Report::Ignored(_))),
+            "{:?}",
+            rig.reports(door, mark)
+        );
+        reports.push(presented);
+    }
+    let raised: Vec<_> = rig
+        .alerts
+        .iter()
+        .filter(|a| a.kind == AlertKind::RevokedUse)
+        .collect();
+    assert_eq!(raised.len(), 1, "{:?}", rig.alerts);
+    assert_eq!((raised[0].client.as_str(), raised[0].count), (APP, 3));
+
+    // The same presentation reported again (a device replaying it to get the app
+    // quarantined) counts nothing.
+    let again = report(&mut rig, door, &reports[0]);
+    assert_eq!(
+        rig.send("door-1", &again).await.map_err(|e| e.0),
+        Err(ErrorCode::Replay)
+    );
+    // A presentation made to another device cannot be reported by this one, a token the
+    // list does not cover is no evidence, and a forged presentation proves nothing.
+    let elsewhere = rig.present(&first, "door-2", 24);
+    let signed = report(&mut rig, door, &elsewhere);
+    assert_eq!(
+        rig.send("door-1", &signed).await.map_err(|e| e.0),
+        Err(ErrorCode::Denied)
+    );
+    let unrevoked = rig.present(&live, "door-1", 25);
+    let signed = report(&mut rig, door, &unrevoked);
+    let refused = rig.send("door-1", &signed).await.expect_err("not revoked");
+    assert_eq!(refused.0, ErrorCode::Denied);
+    assert!(refused.1.contains("does not cover"), "{}", refused.1);
+    let mut forged = vec![0u8; 1024];
+    let n = Presentation {
+        token: &first,
+        audience: "door-1",
+        issued_at: rig.now(),
+        nonce: [26; NONCE_LEN],
+    }
+    .sign(&signer(99), &mut forged)
+    .expect("sign");
+    let signed = report(&mut rig, door, &forged[..n]);
+    assert_eq!(
+        rig.send("door-1", &signed).await.map_err(|e| e.0),
+        Err(ErrorCode::Denied)
+    );
+    // Only devices report: the app cannot report on others.
+    let app_report = rig
+        .ask(
+            APP,
+            &signer(APP_KEY),
+            RequestBody::ReportPresentation {
+                presentation: &reports[1],
+            },
+        )
+        .await;
+    assert_eq!(app_report.map_err(|e| e.0), Err(ErrorCode::Denied));
+    // None of that counted against the app; the other device was never involved.
+    let counted: u64 = rig
+        .alerts
+        .iter()
+        .filter(|a| a.kind == AlertKind::RevokedUse)
+        .map(|a| a.count)
+        .sum();
+    assert_eq!(counted, 3);
+    assert_eq!(rig.agent(other).state(), State::Holding);
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 
 mod audit;
 mod backup;
+mod dashboard;
 mod import;
 mod inspect;
 mod keys;
@@ -183,6 +184,16 @@ enum Command {
     /// As a control app: sign a proof-of-possession presentation of an access token for a
     /// device (PROTOCOL.md §13); prints it in hex for the device's `tessera-agent verify`.
     Present(present::PresentArgs),
+    /// Give an operator a password for the dashboard (`[http.dashboard]`): prints a new
+    /// random one once and keeps only its SHA-256; replaces the one it had, ending its
+    /// sessions.
+    DashboardPassword {
+        /// The operator (its role must list `watch`).
+        operator: String,
+        /// Take the operator's password away instead.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Print a shell completion script: `tessera-hub completions bash > …`.
     Completions {
         /// The shell.
@@ -483,6 +494,9 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
         Command::Watch { who, count } => remote::watch(&config, &who, count).await,
         Command::LiftQuarantine { who, client } => {
             remote::lift_quarantine(&config, &who, &client).await
+        }
+        Command::DashboardPassword { operator, remove } => {
+            dashboard::password(&config, &operator, remove).await
         }
         Command::Init { .. }
         | Command::Default { .. }

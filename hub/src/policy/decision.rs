@@ -101,6 +101,7 @@ const DEVICE_OPERATIONS: &[Operation] = &[
     Operation::DeviceToken,
     Operation::Refresh,
     Operation::FetchRevocations,
+    Operation::ReportPresentation,
 ];
 const APP_OPERATIONS: &[Operation] = &[
     Operation::AccessToken,

@@ -664,6 +664,9 @@ pub struct Agent<S: Signer, const R: usize = MAX_REVOKED> {
     revocation_requests: Requests,
     next_request_id: u64,
     presentations: replay::ReplayCache,
+    /// The last `report_presentation` sent ([`Agent::sign_report`]): its answer is
+    /// expected, not unsolicited.
+    last_report: Option<(u64, [u8; NONCE_LEN])>,
     state_buf: [u8; MAX_STATE_LEN],
     next_wake: Option<u64>,
     last_error: Option<LastError>,
@@ -742,6 +745,7 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             revocation_requests: Requests::new(),
             next_request_id: 0,
             presentations: replay::ReplayCache::new(),
+            last_report: None,
             state_buf: [0; MAX_STATE_LEN],
             next_wake: None,
             last_error: None,
@@ -831,6 +835,50 @@ impl<S: Signer, const R: usize> Agent<S, R> {
             return Err(ClaimsError::PresentationReplayed.into());
         }
         Ok(checked)
+    }
+
+    /// Signs into `out` a `report_presentation` request telling the hub that a
+    /// presentation this device received at local time `now_ms` was refused because its
+    /// token is revoked ([`ClaimsError::Revoked`] from
+    /// [`check_presentation`](Self::check_presentation)), and returns its length; the
+    /// shell publishes it on [`request_topic`](Self::request_topic). The hub checks the
+    /// holder's signature on it, so a report is evidence against the holder, which anomaly
+    /// detection counts (docs/PROTOCOL.md §7.5). Fire and forget: the answer is taken
+    /// quietly and nothing is resent.
+    ///
+    /// Errors: the device has no clock from the hub yet, the presentation is larger than
+    /// [`MAX_PRESENTATION_LEN`](crate::message::MAX_PRESENTATION_LEN), `out` is too small,
+    /// or the signer failed.
+    pub fn sign_report(
+        &mut self,
+        presentation: &[u8],
+        now_ms: u64,
+        out: &mut [u8],
+    ) -> Result<usize, Error> {
+        if !self.clock.synced {
+            return Err(ClaimsError::RevocationsStale.into());
+        }
+        if presentation.is_empty() || presentation.len() > crate::message::MAX_PRESENTATION_LEN {
+            return Err(DecodeError::InvalidValue("presentation").into());
+        }
+        let nonce = self.entropy.nonce();
+        let request_id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        let request = Request {
+            client: self.config.device_id.as_str(),
+            request_id,
+            issued_at: self.clock.hub_s(now_ms),
+            nonce,
+            body: RequestBody::ReportPresentation { presentation },
+        };
+        let n = request.sign(&self.signer, out)?;
+        self.last_report = Some((request_id, nonce));
+        Ok(n)
+    }
+
+    /// The topic this device publishes its requests on.
+    pub fn request_topic(&self) -> &str {
+        self.request_topic.as_str()
     }
 
     /// What the agent waits for.
@@ -999,6 +1047,19 @@ impl<S: Signer, const R: usize> Agent<S, R> {
 
     fn on_response(&mut self, payload: &[u8], now: u64) -> Result<(), Ignored> {
         let response = SignedResponse::decode(payload)?.verify(&self.keys)?;
+        if let Some((request_id, nonce)) = self.last_report
+            && response.answers(self.config.device_id.as_str(), request_id, &nonce)
+            && response.op == Some(Operation::ReportPresentation)
+        {
+            self.last_report = None;
+            if let Err(e) = response.outcome {
+                self.report(Report::RequestFailed {
+                    op: Operation::ReportPresentation,
+                    code: e.code,
+                });
+            }
+            return Ok(());
+        }
         let (exchange, index) = self.find_attempt(&response).ok_or(Ignored::Unsolicited)?;
         let requests = self.requests_mut(exchange);
         let Some(attempt) = requests.attempts.get(index).copied() else {

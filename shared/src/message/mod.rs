@@ -14,7 +14,7 @@ mod request;
 mod response;
 
 pub use control::{Command, Control};
-pub use presentation::{Presentation, SignedPresentation};
+pub use presentation::{MAX_PRESENTATION_LEN, Presentation, SignedPresentation};
 pub use request::{
     EnrollmentCode, IdList, MAX_GRANT_LEN, MAX_REVOKE_LIST, NONCE_LEN, Operation, Request,
     RequestBody, RequestHead, RevokeTarget, SignedRequest,

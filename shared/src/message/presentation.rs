@@ -15,6 +15,10 @@ use crate::crypto::{KeyLookup, Signer};
 use crate::error::{ClaimsError, DecodeError, Error};
 use crate::token::{self, MAX_TOKEN_LEN, Validation, VerifiedToken};
 
+/// Longest signed presentation accepted, in bytes: a token of [`MAX_TOKEN_LEN`] with the
+/// audience, time, nonce and the COSE_Sign1 around them.
+pub const MAX_PRESENTATION_LEN: usize = MAX_TOKEN_LEN + 512;
+
 /// A token holder's signed presentation of its token to one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presentation<'a> {
@@ -119,6 +123,26 @@ impl<'a> SignedPresentation<'a> {
             issued_at: p.issued_at,
         })
     }
+
+    /// Checks a presentation as evidence after the fact, as the hub does when a device
+    /// reports one it refused: everything [`verify`](Self::verify) checks (hub signature,
+    /// audience, the holder's signature), judged at the presentation's own `issued_at`
+    /// with `leeway` for the token's lifetime. Whether `issued_at` itself is recent is the
+    /// caller's check, against its own clock.
+    pub fn verify_as_presented(
+        bytes: &'a [u8],
+        keys: &dyn KeyLookup,
+        audience: &str,
+        leeway: u64,
+    ) -> Result<Self, Error> {
+        let envelope = Sign1::decode(bytes)?;
+        let p = Presentation::decode(envelope.unverified_payload())?;
+        let validation = Validation {
+            leeway,
+            ..Validation::new(p.issued_at, audience)
+        };
+        Self::verify(bytes, keys, &validation, 0)
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +194,32 @@ mod tests {
         assert_eq!(
             SignedPresentation::verify(&out[..n], &signer(1).public_key(), &v, 60).map(|_| ()),
             Err(ClaimsError::PresentationOutsideWindow.into())
+        );
+    }
+
+    #[test]
+    fn a_presentation_is_judged_as_presented_after_the_fact() {
+        // Presented while the token lived; checked long after it expired.
+        let (out, n) = presented(5, "device-42", NOW + 10);
+        let keys = signer(1).public_key();
+        let p = SignedPresentation::verify_as_presented(&out[..n], &keys, "device-42", 0)
+            .expect("valid as presented");
+        assert_eq!((p.issued_at, p.token.claims().sub), (NOW + 10, "app-7"));
+        // Another device cannot report it, nor a forger without the holder's key.
+        assert_eq!(
+            SignedPresentation::verify_as_presented(&out[..n], &keys, "device-43", 0).map(|_| ()),
+            Err(ClaimsError::WrongAudience.into())
+        );
+        let (forged, n) = presented(6, "device-42", NOW + 10);
+        let forged = SignedPresentation::verify_as_presented(&forged[..n], &keys, "device-42", 0);
+        assert_eq!(
+            forged.map(|_| ()),
+            Err(ClaimsError::ProofOfPossession.into())
+        );
+        // Presented after the token expired: not a valid presentation then either.
+        let (late, n) = presented(5, "device-42", NOW + 100_000);
+        assert!(
+            SignedPresentation::verify_as_presented(&late[..n], &keys, "device-42", 0).is_err()
         );
     }
 

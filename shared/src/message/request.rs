@@ -8,6 +8,7 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
+use super::presentation::MAX_PRESENTATION_LEN;
 use super::{MessageType, read_id, read_type};
 use crate::cbor::{Reader, SeenKeys, Writer};
 use crate::cose::{self, Sign1};
@@ -40,6 +41,8 @@ pub enum Operation {
     FetchRevocations = 6,
     /// Lift a client's quarantine (operators who may revoke).
     LiftQuarantine = 7,
+    /// Report a presentation the device refused because its token is revoked (devices).
+    ReportPresentation = 8,
 }
 
 impl Operation {
@@ -58,6 +61,7 @@ impl Operation {
             5 => Self::Revoke,
             6 => Self::FetchRevocations,
             7 => Self::LiftQuarantine,
+            8 => Self::ReportPresentation,
             _ => return None,
         })
     }
@@ -72,6 +76,7 @@ impl Operation {
             Self::Revoke => "revoke",
             Self::FetchRevocations => "fetch_revocations",
             Self::LiftQuarantine => "lift_quarantine",
+            Self::ReportPresentation => "report_presentation",
         }
     }
 }
@@ -241,6 +246,12 @@ pub enum RequestBody<'a> {
         /// The quarantined client's id.
         client: &'a str,
     },
+    /// `{1: presentation}`: a signed presentation, byte for byte as the device received
+    /// it, that the device refused because the revocation list covers its token.
+    ReportPresentation {
+        /// The signed presentation (at most [`MAX_PRESENTATION_LEN`] bytes).
+        presentation: &'a [u8],
+    },
 }
 
 impl RequestBody<'_> {
@@ -254,6 +265,7 @@ impl RequestBody<'_> {
             Self::Revoke(_) => Operation::Revoke,
             Self::FetchRevocations { .. } => Operation::FetchRevocations,
             Self::LiftQuarantine { .. } => Operation::LiftQuarantine,
+            Self::ReportPresentation { .. } => Operation::ReportPresentation,
         }
     }
 
@@ -283,6 +295,9 @@ impl RequestBody<'_> {
             }
             Self::LiftQuarantine { client } => {
                 w.map(1)?.u8(1)?.str(client)?;
+            }
+            Self::ReportPresentation { presentation } => {
+                w.map(1)?.u8(1)?.bytes(presentation)?;
             }
             Self::Revoke(target) => {
                 w.map(2)?.u8(1)?;
@@ -327,6 +342,13 @@ impl RequestBody<'_> {
                     }
                     body.bytes = Some(grant);
                 }
+                (Operation::ReportPresentation, 1) => {
+                    let presentation = r.bytes(MAX_PRESENTATION_LEN)?;
+                    if presentation.is_empty() {
+                        return Err(DecodeError::InvalidValue("presentation").into());
+                    }
+                    body.bytes = Some(presentation);
+                }
                 (Operation::Revoke, 1) => body.kind = Some(r.uint()?),
                 (Operation::Revoke, 2) => body.value = Some(r.position()),
                 (Operation::FetchRevocations, 1) => {
@@ -364,6 +386,11 @@ impl RequestBody<'_> {
             },
             Operation::LiftQuarantine => RequestBody::LiftQuarantine {
                 client: body.text.ok_or(DecodeError::MissingField("client"))?,
+            },
+            Operation::ReportPresentation => RequestBody::ReportPresentation {
+                presentation: body
+                    .bytes
+                    .ok_or(DecodeError::MissingField("presentation"))?,
             },
             Operation::Revoke => {
                 let kind = body.kind.ok_or(DecodeError::MissingField("kind"))?;
@@ -700,7 +727,7 @@ mod tests {
 
     const LIST: &[&str] = &["device-1", "device-2", "device-3"];
 
-    fn every_body() -> [RequestBody<'static>; 14] {
+    fn every_body() -> [RequestBody<'static>; 15] {
         [
             RequestBody::Enroll {
                 key: signer(2).public_key(),
@@ -728,6 +755,9 @@ mod tests {
                 from: 17,
             },
             RequestBody::LiftQuarantine { client: "app-7" },
+            RequestBody::ReportPresentation {
+                presentation: &[0x84, 0x40, 0xa0, 0x40, 0x40],
+            },
         ]
     }
 

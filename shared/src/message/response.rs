@@ -122,7 +122,8 @@ pub struct WireError<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseBody<'a> {
     /// Enroll: `{}`. The device's key is registered. Also the body of `lift_quarantine`
-    /// (`{}`: the quarantine is lifted), the one other operation with nothing to return.
+    /// (`{}`: the quarantine is lifted) and of `report_presentation` (`{}`: the report is
+    /// taken), the other operations with nothing to return.
     Enrolled,
     /// DeviceToken, AccessToken, Refresh: `{1: token, ?2: grant, ?3: grant_expires_at}`.
     Token {
@@ -209,7 +210,9 @@ impl ResponseBody<'_> {
             }
         }
         Ok(match op {
-            Operation::Enroll | Operation::LiftQuarantine => ResponseBody::Enrolled,
+            Operation::Enroll | Operation::LiftQuarantine | Operation::ReportPresentation => {
+                ResponseBody::Enrolled
+            }
             Operation::DeviceToken | Operation::AccessToken | Operation::Refresh => {
                 let grant = match (grant, number) {
                     (Some(g), Some(exp)) => Some((g, exp)),
@@ -360,7 +363,7 @@ fn body_matches(op: Option<Operation>, body: &ResponseBody<'_>) -> bool {
     matches!(
         (op, body),
         (
-            Some(Operation::Enroll | Operation::LiftQuarantine),
+            Some(Operation::Enroll | Operation::LiftQuarantine | Operation::ReportPresentation),
             ResponseBody::Enrolled
         ) | (
             Some(Operation::DeviceToken | Operation::AccessToken | Operation::Refresh),
