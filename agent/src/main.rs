@@ -143,19 +143,7 @@ fn main() -> ExitCode {
             | Command::DefaultConfig
             | Command::Completions { .. }
     );
-    let logger = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| if quiet { "warn" } else { "info" }.into()),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        // Colours only on a terminal: journald and log files get plain text.
-        LogFormat::Text => logger
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => logger.json().with_ansi(false).init(),
-    }
+    init_logging(cli.log_format, quiet);
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -165,6 +153,29 @@ fn main() -> ExitCode {
             eprintln!("error: {}", error_message(&e));
             ExitCode::from(code)
         }
+    }
+}
+
+/// Logs to stderr at the level `RUST_LOG` names (`warn`, `info`, `tessera_agent=debug,info`:
+/// a default level and per-target levels; `info`, or `warn` for the `quiet` commands, when
+/// unset or unreadable). The filter is `tracing_subscriber`'s `Targets`, not its
+/// `EnvFilter`, which would bring a regular-expression engine into the device binary.
+fn init_logging(format: LogFormat, quiet: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let default = if quiet { "warn" } else { "info" };
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| default.parse().unwrap_or_default());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        // Colours only on a terminal: journald and log files get plain text.
+        LogFormat::Text => registry
+            .with(layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+            .init(),
+        LogFormat::Json => registry.with(layer.json().with_ansi(false)).init(),
     }
 }
 
