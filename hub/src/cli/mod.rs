@@ -165,13 +165,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// As an operator, over MQTT: print the hub's live event stream.
+    /// As an operator, over MQTT: print the hub's live event stream (or its alerts).
     Watch {
         #[command(flatten)]
         who: Identity,
-        /// Stop after this many events (default: run until interrupted).
+        /// Stop after this many messages (default: run until interrupted).
         #[arg(long)]
         count: Option<usize>,
+        /// Print the anomaly alerts, quarantines and their end (`tessera/v1/hub/alerts`)
+        /// instead of the events.
+        #[arg(long)]
+        alerts: bool,
     },
     /// As an operator whose role may revoke, over MQTT: lift a client's quarantine
     /// (docs/OPERATING.md, "Alerts and quarantine").
@@ -491,7 +495,14 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
             scope,
             json,
         } => remote::access_token(&config, &who, &device, &scope, json).await,
-        Command::Watch { who, count } => remote::watch(&config, &who, count).await,
+        Command::Watch { who, count, alerts } => {
+            let topic = if alerts {
+                tessera_shared::topic::ALERTS
+            } else {
+                tessera_shared::topic::EVENTS
+            };
+            remote::watch(&config, &who, topic, count).await
+        }
         Command::LiftQuarantine { who, client } => {
             remote::lift_quarantine(&config, &who, &client).await
         }

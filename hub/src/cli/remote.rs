@@ -189,12 +189,19 @@ pub(super) async fn lift_quarantine(config: &HubConfig, who: &Identity, id: &str
     Ok(())
 }
 
-pub(super) async fn watch(config: &HubConfig, who: &Identity, count: Option<usize>) -> Result<()> {
+/// Prints each message on `topic` (the events or the alerts: JSON, one a line) until
+/// `count` have come, or forever.
+pub(super) async fn watch(
+    config: &HubConfig,
+    who: &Identity,
+    topic: &str,
+    count: Option<usize>,
+) -> Result<()> {
     let (mut client, _) = connect_as(config, who).await?;
-    client.subscribe(tessera_shared::topic::EVENTS).await?;
+    client.subscribe(topic).await?;
     let mut seen = 0;
     while let Some(msg) = client.next_message().await {
-        if msg.topic == tessera_shared::topic::EVENTS {
+        if msg.topic == topic {
             println!("{}", String::from_utf8_lossy(&msg.payload));
             seen += 1;
             if count.is_some_and(|c| seen >= c) {
