@@ -1047,7 +1047,7 @@ impl<S: Store> Hub<S> {
     }
 
     /// A device's report that a presentation it received carried a revoked token
-    /// (docs/PROTOCOL.md §9.8). Taken only as evidence the hub can check itself: the
+    /// (docs/PROTOCOL.md §8.5.8). Taken only as evidence the hub can check itself: the
     /// holder's signature on the presentation, made to this very device, recently, with a
     /// token this hub signed and its own revocation list covers. Each presentation counts
     /// once (its nonce is remembered under the holder, beside the holder's request nonces
