@@ -27,9 +27,13 @@ pub const DEFAULT_TOML: &str = r#"# tessera-hub configuration. Every option is s
 # The hub's id: the `iss` of every token it issues, and the identity in audit logs.
 hub_id = "tessera-hub"
 
-# SQLite database (created by `tessera-hub init`; no other command creates one). A serving
-# hub holds an exclusive lock on `<database>.<mqtt.client_id>.lock` beside it, so a second
-# `serve` with the same client id on this database refuses to start.
+# The database (created by `tessera-hub init`; no other command creates one): an SQLite
+# file, or a PostgreSQL URL such as `postgres://tessera@db.example/tessera` (over TLS unless
+# on loopback; `?sslmode=require` to insist, `?sslmode=disable` for plain). On SQLite a
+# serving hub holds an exclusive lock on `<database>.<mqtt.client_id>.lock` beside it, so a
+# second `serve` with the same client id on this database refuses to start. On PostgreSQL
+# there is no lock file: several replicas may serve one database, each with its own
+# `mqtt.client_id` and `serve.shared_subscription = true`.
 database = "tessera-hub.db"
 
 # Policy file: roles, device groups, access rules, lifetimes (see docs/OPERATING.md).
@@ -233,7 +237,7 @@ pub enum ConfigError {
 pub struct HubConfig {
     /// `iss` of every token.
     pub hub_id: String,
-    /// SQLite database path.
+    /// The database: an SQLite file path, or a `postgres://` URL.
     pub database: PathBuf,
     /// Policy file path.
     pub policy: PathBuf,
@@ -507,7 +511,10 @@ impl HubConfig {
                 *p = base.join(&*p);
             }
         };
-        join(&mut self.database);
+        // A PostgreSQL URL is not a path.
+        if crate::store::postgres_url(&self.database).is_none() {
+            join(&mut self.database);
+        }
         join(&mut self.policy);
         if let Some(k) = &mut self.kek_file {
             join(k);

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub issuance_seconds: Histogram,
     /// Tokens issued, by kind.
     pub tokens_issued: Family<KindLabels, Counter>,
+    /// Unexpired tokens, by kind (`device`, `access`; updated at every heartbeat).
+    pub tokens_live: Family<KindLabels, Gauge>,
     /// Refresh grants presented again by their owner (the family is revoked).
     pub grant_reuse: Counter,
     /// Revocations committed, by target kind.
@@ -181,6 +183,12 @@ impl Metrics {
             "refresh_grant_reuse",
             "Refresh grants presented again by their owner: each revoked its family",
             grant_reuse.clone(),
+        );
+        let tokens_live = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "tokens_live",
+            "Unexpired tokens, by kind (updated at each heartbeat)",
+            tokens_live.clone(),
         );
         let revocations = Family::<KindLabels, Counter>::default();
         registry.register(
@@ -323,6 +331,7 @@ impl Metrics {
             requests,
             issuance_seconds,
             tokens_issued,
+            tokens_live,
             grant_reuse,
             revocations,
             revocation_entries,

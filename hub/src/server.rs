@@ -466,6 +466,17 @@ async fn heartbeat<S: Store>(
         }
         Err(e) => tracing::error!(error = %e, "cannot count the revocation entries"),
     }
+    match hub.store.live_tokens(now).await {
+        Ok(live) => {
+            for (kind, n) in [("device", live.device), ("access", live.access)] {
+                hub.metrics
+                    .tokens_live
+                    .get_or_create(&crate::metrics::KindLabels { kind })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot count the live tokens"),
+    }
     // Revocations recorded outside a request (role changes from the CLI, a policy
     // reload) go out now, and those whose broadcast the broker has not confirmed go out
     // again; those recorded in the last two seconds are most likely still on their way
@@ -2200,7 +2211,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_heartbeat_records_its_time_and_the_revocation_entries_in_force() {
+    async fn a_heartbeat_records_its_time_the_revocation_entries_in_force_and_live_tokens() {
         let clock = FakeClock::at_ms(T0 * 1000);
         let hub = hub(&clock).await;
         // Three live tokens of one device, two of them revoked: an entry each.
@@ -2288,6 +2299,22 @@ pub(crate) mod tests {
             hub.metrics.revocation_entries.get(),
             i64::try_from(in_force).expect("small")
         );
+        // Live tokens: the three device tokens, unexpired (revoked or not), as the store
+        // lists them one by one.
+        let listed = hub
+            .store
+            .issued_to("dev-1", T0)
+            .await
+            .expect("tokens")
+            .len();
+        assert_eq!(listed, 3);
+        let live = |kind| {
+            hub.metrics
+                .tokens_live
+                .get_or_create(&crate::metrics::KindLabels { kind })
+                .get()
+        };
+        assert_eq!((live("device"), live("access")), (3, 0));
         // The time the round was issued: after what went out before it (a second each
         // here), before the round itself went out.
         let last = u64::try_from(hub.metrics.last_heartbeat.get()).expect("set");

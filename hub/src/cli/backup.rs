@@ -8,12 +8,13 @@ use anyhow::{Context, Result};
 use tessera_hub::clock::{Clock, SystemClock};
 use tessera_hub::config::HubConfig;
 use tessera_hub::keys::{self, Kek};
-use tessera_hub::store::Sqlite;
+use tessera_hub::store::{Sqlite, postgres_url, shown_database};
 
 use super::setup::{HubLock, other_serving_hubs};
 
 /// `backup FILE`: an online backup of the database into a new file, checked.
 pub(super) fn backup(config: &HubConfig, dest: &Path) -> Result<()> {
+    refuse_postgres(config, "backup")?;
     let started = Instant::now();
     let summary = Sqlite::backup(&config.database, dest).with_context(|| {
         format!(
@@ -40,6 +41,7 @@ pub(super) fn backup(config: &HubConfig, dest: &Path) -> Result<()> {
 /// `restore FILE`: checks a backup and puts it in place of the database, while no hub
 /// serves it.
 pub(super) async fn restore(config: &HubConfig, backup: &Path) -> Result<()> {
+    refuse_postgres(config, "restore")?;
     // Held until the end, so no `serve` starts on a half-restored hub either.
     let _lock = HubLock::acquire(&config.lock_file(), "restore").context("nothing was changed")?;
     let others = other_serving_hubs(config);
@@ -107,4 +109,19 @@ fn checked(schema_version: u32, holds: impl std::fmt::Display) -> String {
         )
     };
     format!("checked: integrity ok, {version}\nholds: {holds}")
+}
+
+/// `backup` and `restore` copy an SQLite file: a database on PostgreSQL is backed up with
+/// the server's own tools, which also see every replica's writes.
+fn refuse_postgres(config: &HubConfig, what: &str) -> Result<()> {
+    if postgres_url(&config.database).is_some() {
+        anyhow::bail!(
+            "`{what}` copies an SQLite database file, and this hub's database is on PostgreSQL \
+             ({}): back it up and restore it with PostgreSQL's tools (pg_dump and pg_restore, \
+             or the server's continuous archiving), and keep the hub's key-encryption secret \
+             apart from the backup; nothing was changed",
+            shown_database(&config.database)
+        );
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use tessera_hub::clock::{Clock, SystemClock};
 use tessera_hub::config::{ConfigError, HubConfig};
 use tessera_hub::keyfile;
 use tessera_hub::policy::Policy;
-use tessera_hub::store::{Sqlite, Store};
+use tessera_hub::store::{AnyStore, Store};
 use tessera_shared::claims::Claims;
 use tessera_shared::cose::Sign1;
 use tessera_shared::crypto::{PublicKey, Signature, Verifier};
@@ -204,7 +204,7 @@ fn anchor_key(path: &Path) -> Result<TrustedKeys> {
 
 /// Every signing key in the hub's database, retired ones too (a token they signed is
 /// then reported as signed by the hub, and expired), described with its state.
-async fn hub_keys(store: &Sqlite, now: u64) -> Result<TrustedKeys> {
+async fn hub_keys(store: &AnyStore, now: u64) -> Result<TrustedKeys> {
     Ok(store
         .keys()
         .await?
@@ -449,7 +449,7 @@ pub(super) fn claims_json(c: &Claims<'_>) -> serde_json::Value {
 /// streams that carry entries for its audience), whether its subject was revoked whole,
 /// and whether the hub recorded issuing it.
 async fn revocation(
-    store: &Sqlite,
+    store: &AnyStore,
     claims: &Claims<'_>,
     hash: &[u8; 32],
     now: u64,

@@ -21,7 +21,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tessera_hub::config::{self, ConfigError, HubConfig};
 use tessera_hub::policy::Policy;
-use tessera_hub::store::{ClientKind, Sqlite};
+use tessera_hub::store::{AnyStore, ClientKind};
 use tessera_hub::{acl, keyfile, keys as hub_keys};
 use tessera_shared::crypto::Signer;
 
@@ -66,6 +66,10 @@ enum Command {
         /// The hub's id (`iss` of its tokens).
         #[arg(long, default_value = "tessera-hub")]
         hub_id: String,
+        /// The hub's database: an SQLite file (default: `tessera-hub.db` in `--dir`), or a
+        /// `postgres://` URL of an existing, empty PostgreSQL database.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Serve requests over MQTT until SIGINT or SIGTERM; SIGHUP reloads the policy.
     Serve {
@@ -374,7 +378,11 @@ enum KeysCmd {
 
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Init { dir, hub_id } => setup::init(&dir, &hub_id).await,
+        Command::Init {
+            dir,
+            hub_id,
+            database,
+        } => setup::init_with_database(&dir, &hub_id, database.as_deref()).await,
         Command::Default { what } => {
             match what.as_str() {
                 "config" => print!("{}", config::DEFAULT_TOML),
@@ -522,6 +530,6 @@ async fn with_config(path: &Path, command: Command) -> Result<()> {
 }
 
 /// Opens the hub's existing database; never creates one (only `init` does).
-pub(crate) fn open_store(config: &HubConfig) -> Result<Sqlite> {
-    Ok(Sqlite::open_existing(&config.database)?)
+pub(crate) fn open_store(config: &HubConfig) -> Result<AnyStore> {
+    Ok(AnyStore::open_existing(&config.database)?)
 }

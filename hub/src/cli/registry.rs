@@ -9,7 +9,7 @@ use tessera_hub::config::HubConfig;
 use tessera_hub::keyfile;
 use tessera_hub::policy::Policy;
 use tessera_hub::policy_change;
-use tessera_hub::store::{ClientKind, ClientRecord, Sqlite, Store};
+use tessera_hub::store::{AnyStore, ClientKind, ClientRecord, Store};
 use tessera_shared::message::{EnrollmentCode, validate_id};
 
 use super::ClientCmd;
@@ -122,7 +122,7 @@ pub(super) fn check_id_is_free(config: &HubConfig, policy: &Policy, id: &str) ->
 /// Refuses a policy whose `device_audience` is the id of a registered client: that client
 /// would accept every device token of the fleet as its own.
 pub(super) async fn check_audience_is_free(
-    store: &Sqlite,
+    store: &AnyStore,
     policy: &Policy,
     file: &Path,
 ) -> Result<()> {
@@ -175,7 +175,7 @@ pub(super) fn new_enrollment_code() -> Result<String> {
 }
 
 async fn register(
-    store: &Sqlite,
+    store: &AnyStore,
     id: &str,
     kind: ClientKind,
     role: &str,

@@ -13,11 +13,10 @@ use tessera_hub::pipeline::Hub;
 use tessera_hub::policy::Policy;
 use tessera_hub::policy_change;
 use tessera_hub::server::{self, ServeConfig};
-use tessera_hub::store::Sqlite;
+use tessera_hub::store::{AnyStore, postgres_url, shown_database};
 use tessera_shared::message::validate_id;
 
 use super::keys::print_trust_anchor;
-use super::open_store;
 
 /// The files `init` creates in a hub directory, besides the database.
 const HUB_FILES: [&str; 4] = [
@@ -27,7 +26,14 @@ const HUB_FILES: [&str; 4] = [
     "trust-anchor.pem",
 ];
 
-pub(super) async fn init(dir: &Path, hub_id: &str) -> Result<()> {
+/// `init`: the hub's files in `dir` and its database, an SQLite file, or a `postgres://`
+/// URL whose (existing, empty) database gets the schema and the first signing key. `None`:
+/// the default file in `dir`.
+pub(super) async fn init_with_database(
+    dir: &Path,
+    hub_id: &str,
+    database: Option<&str>,
+) -> Result<()> {
     validate_id(hub_id).map_err(|_| anyhow::anyhow!("`{hub_id}` is not a valid hub id"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // A hub serving this directory holds the lock: init would fail on its files anyway,
@@ -35,11 +41,20 @@ pub(super) async fn init(dir: &Path, hub_id: &str) -> Result<()> {
     let _lock = HubLock::acquire(&dir.join(config::DEFAULT_LOCK_FILE), "init")?;
     refuse_existing_hub(dir)?;
     let config_path = dir.join(config::DEFAULT_FILE);
-    let config_text = config::DEFAULT_TOML.replacen(
+    let mut config_text = config::DEFAULT_TOML.replacen(
         "hub_id = \"tessera-hub\"",
         &format!("hub_id = \"{hub_id}\""),
         1,
     );
+    if let Some(database) = database {
+        // A TOML basic string: the URL's quotes and backslashes escaped.
+        let quoted = toml::Value::String(database.to_owned()).to_string();
+        config_text = config_text.replacen(
+            &format!("database = \"{}\"", config::DEFAULT_DATABASE),
+            &format!("database = {quoted}"),
+            1,
+        );
+    }
     // 0600: an operator adds the hub's broker password to it.
     keyfile::write_new(&config_path, config_text.as_bytes(), 0o600)?;
     keyfile::write_new(
@@ -50,7 +65,17 @@ pub(super) async fn init(dir: &Path, hub_id: &str) -> Result<()> {
     let kek = Kek::generate()?;
     keyfile::write_new(&dir.join("hub.kek"), kek.as_bytes(), 0o600)?;
     let config = HubConfig::load(&config_path)?;
-    let store = Sqlite::create(&config.database)?;
+    // The URL as given: a relative path is the configuration's, a URL is not a path.
+    let database_path = match database {
+        Some(url) if postgres_url(Path::new(url)).is_some() => Path::new(url).to_path_buf(),
+        _ => config.database.clone(),
+    };
+    let store = AnyStore::create(&database_path).await.with_context(|| {
+        format!(
+            "cannot create the hub's database in {}",
+            shown_database(&database_path)
+        )
+    })?;
     let now = SystemClock.now();
     let anchor = keys::create_key(&store, &kek, &config.hub_id, now, now, Some(now)).await?;
     keyfile::write_new(
@@ -76,17 +101,20 @@ fn refuse_existing_hub(dir: &Path) -> Result<()> {
         Ok(c) => c.database,
         Err(_) => dir.join(config::DEFAULT_DATABASE),
     };
+    // A PostgreSQL database is not a file here: `AnyStore::create` refuses one that holds a
+    // hub already.
+    let on_server = postgres_url(&database).is_some();
     let existing: Vec<String> = HUB_FILES
         .iter()
         .map(|f| dir.join(f))
-        .chain(std::iter::once(database.clone()))
+        .chain((!on_server).then(|| database.clone()))
         .filter(|p| p.symlink_metadata().is_ok())
         .map(|p| p.display().to_string())
         .collect();
     if existing.is_empty() {
         return Ok(());
     }
-    if config_path.exists() && database.symlink_metadata().is_err() {
+    if !on_server && config_path.exists() && database.symlink_metadata().is_err() {
         bail!(
             "{} holds a hub whose database {} is missing: restore the database from a backup \
              and start the hub again (its signing keys are sealed under the key-encryption \
@@ -178,19 +206,33 @@ pub(super) async fn serve(
     config.mqtt.max_incoming_packet_bytes =
         u32::try_from(config.requests.max_revoke_request_bytes + 4096).unwrap_or(u32::MAX);
     // Held until the process exits (a kill -9 too: the kernel drops the lock with it).
-    let _lock = HubLock::acquire_noting(
-        &config.lock_file(),
-        "serve",
-        &format!("{SHARED_NOTE}{}", config.serve.shared_subscription),
-    )?;
-    refuse_replicas_that_would_answer_twice(&config)?;
-    let store = open_store(&config)?;
-    store.check_writable().await.map_err(|e| {
-        anyhow::anyhow!(
-            "the database {} cannot be written ({e}): `serve` must write it (a read-only file \
-             or file system, its permissions, or a full disk?)",
-            config.database.display()
-        )
+    // Only for a database file: replicas on PostgreSQL run on other machines, where a lock
+    // file beside the database cannot be seen; they must each split the requests with a
+    // shared subscription (docs/OPERATING.md).
+    let on_server = postgres_url(&config.database).is_some();
+    let _lock = if on_server {
+        None
+    } else {
+        let lock = HubLock::acquire_noting(
+            &config.lock_file(),
+            "serve",
+            &format!("{SHARED_NOTE}{}", config.serve.shared_subscription),
+        )?;
+        refuse_replicas_that_would_answer_twice(&config)?;
+        Some(lock)
+    };
+    let store = AnyStore::open_existing(&config.database)?;
+    let shown = store.shown(&config.database);
+    store.check_writable().await.map_err(|e| match e {
+        e @ tessera_hub::store::StoreError::NoDatabase { .. } => anyhow::Error::new(e),
+        e if on_server => anyhow::anyhow!(
+            "the database {shown} cannot be used ({e}): `serve` must write it (is the server \
+             up, and may this user write there?)"
+        ),
+        e => anyhow::anyhow!(
+            "the database {shown} cannot be written ({e}): `serve` must write it (a read-only \
+             file or file system, its permissions, or a full disk?)"
+        ),
     })?;
     // Reviewed as a SIGHUP reload would review it: it may have changed while the hub was
     // stopped.
@@ -243,8 +285,9 @@ pub(super) async fn serve(
     // Installed before serving, so a SIGTERM from the first moment drains rather than kills.
     let shutdown = shutdown_signal()?;
     // Not logged here as well: `main` prints the error, to the same stderr as the log.
-    let database = config.database.display().to_string();
-    server::run(hub, serve_config, shutdown)
+    let database = shown;
+    let dashboard = config.http.as_ref().and_then(|h| h.dashboard.clone());
+    server::run_with_dashboard(hub, serve_config, dashboard, shutdown)
         .await
         .map_err(|e| match e {
             e @ server::ServeError::StorageFailed { .. } => {

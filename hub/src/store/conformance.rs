@@ -20,8 +20,8 @@ use tessera_shared::revocation::{Addressed, Entry, Stream};
 
 use super::{
     AuditEvent, AuditFilter, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantUse,
-    Horizons, IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store, StoreError,
-    StoreResult, StreamRead, TokenKind, Unmatched,
+    Horizons, IssuedToken, KeyRecord, LiveTokens, Pruned, RateLimit, Refused, RequestCommit, Store,
+    StoreError, StoreResult, StreamRead, TokenKind, Unmatched,
 };
 use crate::revocation::{Outcome, PendingControl, Target};
 
@@ -1115,6 +1115,17 @@ pub async fn issued_tokens<S: Store>(store: S) {
     assert_eq!(aimed_at("dev-a", NOW + 300).await, [b_to_a]);
     assert_eq!(aimed_at("dev-b", NOW + 599).await, [a_to_b]);
     assert_eq!(aimed_at("dev-c", NOW).await, []);
+
+    // Live tokens by kind: unexpired at `now` (`expires_at > now`).
+    let live = |now: u64| {
+        let store = &store;
+        async move { store.live_tokens(now).await.expect("live_tokens") }
+    };
+    let counts = |device, access| LiveTokens { device, access };
+    assert_eq!(live(NOW).await, counts(1, 3));
+    assert_eq!(live(NOW + 300).await, counts(1, 2));
+    assert_eq!(live(NOW + 600).await, counts(1, 1));
+    assert_eq!(live(NOW + 3600).await, counts(0, 0));
 }
 
 /// A token and its grant are recorded together or not at all; a duplicate `cti` or grant

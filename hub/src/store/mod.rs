@@ -4,13 +4,20 @@
 //! Everything that must survive a crash or be shared between hub replicas lives here, so
 //! nothing in the hub assumes it is the only replica: revocation sequence numbers, the
 //! nonce cache and rate limits are all decided by the store. [`Sqlite`] is the embedded
-//! default; every backend must pass the conformance suite in [`conformance`].
+//! default, [`Postgres`] the backend several hub replicas share; [`AnyStore`] is whichever
+//! the configuration's `database` names. Every backend must pass the conformance suite in
+//! [`conformance`]; the schema of both is in one module, `migrations`.
 
+mod any;
 pub mod conformance;
+mod migrations;
+mod postgres;
 mod sqlite;
 
 use std::future::Future;
 
+pub use any::{AnyStore, postgres_url, shown_database};
+pub use postgres::Postgres;
 pub use sqlite::{BackupSummary, Sqlite, StagedRestore};
 use tessera_shared::revocation::Addressed;
 
@@ -182,6 +189,15 @@ pub struct StreamRead {
     pub changes: Vec<(u64, Vec<Addressed>)>,
     /// Whether the read reached the end (it was not cut by its entry limit).
     pub complete: bool,
+}
+
+/// Unexpired issued tokens, by kind ([`Store::live_tokens`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveTokens {
+    /// Device tokens.
+    pub device: u64,
+    /// Access tokens.
+    pub access: u64,
 }
 
 /// A hub signing key, sealed under the key-encryption secret.
@@ -507,6 +523,35 @@ pub enum StoreError {
     /// The backend failed (I/O, SQL, connection).
     #[error("store backend: {0}")]
     Backend(String),
+    /// The database server failed or refused an operation (connection, SQL, I/O), with
+    /// its own error as the source ([`Postgres`]).
+    #[error("store database: {message}: {source}")]
+    Database {
+        /// What the store was doing.
+        message: String,
+        /// Whether the server refuses writes for good (a full disk, a read-only server,
+        /// corruption): see [`StoreError::is_persistent_write_failure`].
+        persistent: bool,
+        /// The server's or the driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A transaction kept losing races with concurrent ones on the same rows (PostgreSQL's
+    /// serialization failure `40001` or deadlock `40P01`), more times than the store
+    /// retries it: nothing of it was written, and trying again later may succeed. A backend
+    /// retries such conflicts itself; this is what is left when they persist.
+    #[error(
+        "store conflict with concurrent transactions after {attempts} attempts: {message}: {source}"
+    )]
+    Retryable {
+        /// What the store was doing.
+        message: String,
+        /// How many times it was tried.
+        attempts: u32,
+        /// The last conflict, as the server reported it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The stored data is not what this version of the hub wrote.
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
@@ -545,8 +590,10 @@ impl StoreError {
     /// past the busy timeout (transient), nor for a refusal of one write
     /// ([`StoreError::Conflict`], [`StoreError::NotFound`]).
     ///
-    /// The backend keeps only the message, so this reads SQLite's fixed text for each of
-    /// those result codes (`sqlite3_errstr`); the store's tests pin them against SQLite.
+    /// SQLite's backend keeps only the message, so this reads SQLite's fixed text for each
+    /// of those result codes (`sqlite3_errstr`); the store's tests pin them against SQLite.
+    /// PostgreSQL's decides from the SQLSTATE ([`StoreError::Database`]); a conflict
+    /// still left after the store's retries ([`StoreError::Retryable`]) is transient.
     pub fn is_persistent_write_failure(&self) -> bool {
         /// SQLite's messages for SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL,
         /// SQLITE_CANTOPEN, SQLITE_CORRUPT and SQLITE_NOTADB, and the store's own when
@@ -566,7 +613,9 @@ impl StoreError {
                 PERSISTENT.iter().any(|text| message.contains(text))
             }
             StoreError::Corrupt(_) => true,
-            StoreError::Conflict(_)
+            StoreError::Database { persistent, .. } => *persistent,
+            StoreError::Retryable { .. }
+            | StoreError::Conflict(_)
             | StoreError::NotFound(_)
             | StoreError::NoDatabase { .. }
             | StoreError::DatabaseExists { .. } => false,
@@ -815,6 +864,25 @@ pub trait Store: Send + Sync + 'static {
                 }
             }
             Ok(n)
+        }
+    }
+
+    /// Unexpired tokens at `now` (`expires_at > now`), by kind: the live-token gauge of the
+    /// metrics. A token revoked on its own still counts until it expires (the revocation
+    /// list holds it). This provided version asks every client; a backend counts where the
+    /// data lives.
+    fn live_tokens(&self, now: u64) -> impl Future<Output = StoreResult<LiveTokens>> + Send {
+        async move {
+            let mut live = LiveTokens::default();
+            for client in self.clients(None).await? {
+                for t in self.issued_to(&client.id, now).await? {
+                    match t.kind {
+                        TokenKind::Device => live.device += 1,
+                        TokenKind::Access => live.access += 1,
+                    }
+                }
+            }
+            Ok(live)
         }
     }
 

@@ -32,10 +32,12 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use tessera_shared::message::Command;
 use tessera_shared::revocation::{Addressed, Entry, MAX_LEEWAY, Stream, TOKEN_HASH_LEN};
 
+use super::migrations::sqlite::{MIGRATIONS, STREAMS_SCHEMA, Step};
 use super::{
     AuditEvent, AuditFilter, ClientKind, ClientRecord, Committed, Effect, GrantRecord, GrantState,
-    GrantUse, Horizons, IssuedToken, KeyRecord, Pruned, RateLimit, Refused, RequestCommit, Store,
-    StoreError, StoreResult, StreamRead, StreamState, TokenKind, Unmatched, WriteStats,
+    GrantUse, Horizons, IssuedToken, KeyRecord, LiveTokens, Pruned, RateLimit, Refused,
+    RequestCommit, Store, StoreError, StoreResult, StreamRead, StreamState, TokenKind, Unmatched,
+    WriteStats,
 };
 use crate::revocation::{self, Change, Outcome, PendingControl, Resolved, ResolvedSubject, Target};
 
@@ -55,213 +57,6 @@ const NONCE_PRUNE_BATCH: u32 = 64;
 /// floating point and must not lose a token to rounding.
 const RATE_EPSILON: f64 = 1e-9;
 
-/// One schema migration step.
-enum Step {
-    /// Plain SQL.
-    Sql(&'static str),
-    /// SQL that needs code: data the database cannot compute itself.
-    Code(fn(&Transaction<'_>) -> StoreResult<()>),
-}
-
-/// The schema, one step per version: step `i` takes the database from `user_version` `i` to
-/// `i + 1`. Steps are append-only; a released step is never edited.
-const MIGRATIONS: &[Step] = &[
-    // 1: the initial schema.
-    Step::Sql(
-        "
-    CREATE TABLE clients (
-        id TEXT PRIMARY KEY NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('device', 'app', 'operator')),
-        public_key BLOB,
-        role TEXT NOT NULL,
-        enrollment_code_key BLOB CHECK (enrollment_code_key IS NULL
-                                        OR length(enrollment_code_key) = 32),
-        enrolled_at INTEGER,
-        revoked_at INTEGER,
-        created_at INTEGER NOT NULL
-    ) STRICT;
-
-    CREATE TABLE client_groups (
-        client TEXT NOT NULL REFERENCES clients (id) ON DELETE CASCADE,
-        ordinal INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        PRIMARY KEY (client, ordinal)
-    ) STRICT;
-
-    CREATE TABLE issued_tokens (
-        cti BLOB PRIMARY KEY NOT NULL,
-        hash BLOB NOT NULL CHECK (length(hash) = 32),
-        kind TEXT NOT NULL CHECK (kind IN ('device', 'access')),
-        subject TEXT NOT NULL,
-        audience TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        issued_at INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL
-    ) STRICT;
-    CREATE INDEX issued_tokens_by_subject ON issued_tokens (subject, expires_at);
-    CREATE INDEX issued_tokens_by_audience ON issued_tokens (audience, expires_at);
-    CREATE INDEX issued_tokens_by_expiry ON issued_tokens (expires_at);
-
-    -- family_revoked is kept on every grant of the family; a grant recorded into a family
-    -- that is already revoked starts revoked (see record_issued).
-    CREATE TABLE grants (
-        hash BLOB PRIMARY KEY NOT NULL CHECK (length(hash) = 32),
-        family BLOB NOT NULL CHECK (length(family) = 16),
-        client TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('device', 'access')),
-        audience TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        expires_at INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
-        used INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)),
-        family_revoked INTEGER NOT NULL DEFAULT 0 CHECK (family_revoked IN (0, 1))
-    ) STRICT;
-    CREATE INDEX grants_by_family ON grants (family);
-    CREATE INDEX grants_by_client ON grants (client);
-
-    -- seq is assigned as max + 1 inside the appending transaction: no gaps, no reuse.
-    CREATE TABLE revocations (
-        seq INTEGER PRIMARY KEY NOT NULL CHECK (seq > 0),
-        created_at INTEGER NOT NULL,
-        published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1))
-    ) STRICT;
-    CREATE INDEX revocations_unpublished ON revocations (seq) WHERE published = 0;
-
-    -- A token entry has token_hash; a subject entry has subject and issued_before.
-    CREATE TABLE revocation_entries (
-        seq INTEGER NOT NULL REFERENCES revocations (seq) ON DELETE CASCADE,
-        ordinal INTEGER NOT NULL,
-        token_hash BLOB CHECK (token_hash IS NULL OR length(token_hash) = 32),
-        subject TEXT,
-        issued_before INTEGER,
-        expires_at INTEGER NOT NULL,
-        PRIMARY KEY (seq, ordinal),
-        CHECK ((token_hash IS NOT NULL AND subject IS NULL AND issued_before IS NULL)
-            OR (token_hash IS NULL AND subject IS NOT NULL AND issued_before IS NOT NULL))
-    ) STRICT;
-    CREATE INDEX revocation_entries_by_expiry ON revocation_entries (expires_at);
-
-    CREATE TABLE nonces (
-        client TEXT NOT NULL,
-        nonce BLOB NOT NULL CHECK (length(nonce) = 16),
-        expires_at INTEGER NOT NULL,
-        PRIMARY KEY (client, nonce)
-    ) STRICT;
-    CREATE INDEX nonces_by_expiry ON nonces (expires_at);
-
-    CREATE TABLE rate_buckets (
-        client TEXT PRIMARY KEY NOT NULL,
-        tokens REAL NOT NULL,
-        updated_ms INTEGER NOT NULL
-    ) STRICT;
-
-    CREATE TABLE signing_keys (
-        kid BLOB PRIMARY KEY NOT NULL CHECK (length(kid) = 8),
-        public_key BLOB NOT NULL,
-        sealed_private_key BLOB NOT NULL,
-        created_at INTEGER NOT NULL,
-        active_from INTEGER NOT NULL,
-        retire_after INTEGER
-    ) STRICT;
-
-    -- Named monotonic counters (the key set version).
-    CREATE TABLE counters (
-        name TEXT PRIMARY KEY NOT NULL,
-        value INTEGER NOT NULL
-    ) STRICT;
-
-    CREATE TABLE audit_log (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at_ms INTEGER NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        reason TEXT NOT NULL
-    ) STRICT;
-    ",
-    ),
-    // 2: revocation streams (PROTOCOL.md §11): changes numbered per stream, entries
-    // addressed to an audience, control messages owed to devices.
-    Step::Code(streams_migration),
-    // 3: an audit row may stand for several identical decisions (a flood aggregated).
-    Step::Sql(
-        "ALTER TABLE audit_log ADD COLUMN count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1);",
-    ),
-    // 4: the keys of devices revoked whole, never accepted again (PROTOCOL.md §8.5.1).
-    Step::Sql(
-        "CREATE TABLE retired_keys (
-            public_key BLOB PRIMARY KEY NOT NULL,
-            client TEXT NOT NULL,
-            retired_at INTEGER NOT NULL
-        ) STRICT;",
-    ),
-    // 5: the audit log read by time (`tessera-hub audit --since/--until`) and pruned by
-    // time, without scanning it whole. Rows arrive in time order, so the index only grows
-    // at its end.
-    Step::Sql("CREATE INDEX audit_log_by_time ON audit_log (at_ms);"),
-];
-
-/// The tables of schema version 2.
-const STREAMS_SCHEMA: &str = "
-    CREATE TABLE revocation_streams (
-        name TEXT PRIMARY KEY NOT NULL,
-        seq INTEGER NOT NULL CHECK (seq >= 0),
-        snapshot_seq INTEGER NOT NULL DEFAULT 0,
-        snapshot_pages INTEGER NOT NULL DEFAULT 0
-    ) STRICT;
-
-    CREATE TABLE revocation_changes (
-        stream TEXT NOT NULL REFERENCES revocation_streams (name),
-        seq INTEGER NOT NULL CHECK (seq > 0),
-        created_at INTEGER NOT NULL,
-        published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1)),
-        PRIMARY KEY (stream, seq)
-    ) STRICT;
-    CREATE INDEX revocation_changes_unpublished ON revocation_changes (created_at)
-        WHERE published = 0;
-
-    -- A token entry has token_hash; a subject entry has subject and issued_before.
-    CREATE TABLE stream_entries (
-        stream TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        ordinal INTEGER NOT NULL,
-        audience TEXT NOT NULL,
-        token_hash BLOB CHECK (token_hash IS NULL OR length(token_hash) = 32),
-        subject TEXT,
-        issued_before INTEGER,
-        expires_at INTEGER NOT NULL,
-        PRIMARY KEY (stream, seq, ordinal),
-        FOREIGN KEY (stream, seq) REFERENCES revocation_changes (stream, seq) ON DELETE CASCADE,
-        CHECK ((token_hash IS NOT NULL AND subject IS NULL AND issued_before IS NULL)
-            OR (token_hash IS NULL AND subject IS NOT NULL AND issued_before IS NOT NULL))
-    ) STRICT;
-    CREATE INDEX stream_entries_by_expiry ON stream_entries (expires_at);
-    CREATE INDEX stream_entries_by_hash ON stream_entries (token_hash)
-        WHERE token_hash IS NOT NULL;
-
-    CREATE TABLE pending_controls (
-        device TEXT NOT NULL,
-        command INTEGER NOT NULL,
-        issued_at INTEGER NOT NULL,
-        PRIMARY KEY (device, command, issued_at)
-    ) STRICT;
-    CREATE INDEX pending_controls_by_time ON pending_controls (issued_at);
-
-    CREATE INDEX issued_tokens_by_hash ON issued_tokens (hash);
-    -- Tokens of this client issued before this time are revoked (subject revocation): a
-    -- token decided before it but recorded after is refused (see record_issued).
-    ALTER TABLE clients ADD COLUMN tokens_revoked_before INTEGER;
-    CREATE INDEX client_groups_by_name ON client_groups (name);
-    CREATE INDEX clients_by_role ON clients (role);
-
-    -- When a key set holding the key was first published (PROTOCOL.md §10): a key counts
-    -- its announce period from then, and never signs before. Keys of version 1 were all
-    -- published by the running hub already.
-    ALTER TABLE signing_keys ADD COLUMN published_at INTEGER;
-    UPDATE signing_keys SET published_at = created_at;
-";
-
 /// Version 2: creates the stream tables and moves every entry of the old single list onto
 /// the streams of the tokens it covers, as unpublished changes (the hub publishes them when
 /// it starts). An old entry that covers no recorded token covers nothing live: it is
@@ -272,7 +67,7 @@ const STREAMS_SCHEMA: &str = "
 /// new entry lasts at least until its tokens' `exp` plus [`MAX_LEEWAY`] (the policy's
 /// leeway is unknown here, and no policy allows more). An old subject entry covering several
 /// tokens of one audience becomes one entry, as does a token listed twice.
-fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
+pub(super) fn streams_migration(tx: &Transaction<'_>) -> StoreResult<()> {
     tx.execute_batch(STREAMS_SCHEMA)
         .ctx("creating the stream tables")?;
     let old = collect(
@@ -915,12 +710,30 @@ impl<T> Context<T> for rusqlite::Result<T> {
 }
 
 /// Prefixes an error's message with the operation it happened in.
-fn prefix(e: StoreError, what: &str) -> StoreError {
+pub(super) fn prefix(e: StoreError, what: &str) -> StoreError {
     match e {
         StoreError::Backend(m) => StoreError::Backend(format!("{what}: {m}")),
         StoreError::Corrupt(m) => StoreError::Corrupt(format!("{what}: {m}")),
         StoreError::Conflict(m) => StoreError::Conflict(format!("{what}: {m}")),
         StoreError::NotFound(m) => StoreError::NotFound(format!("{what}: {m}")),
+        StoreError::Database {
+            message,
+            persistent,
+            source,
+        } => StoreError::Database {
+            message: format!("{what}: {message}"),
+            persistent,
+            source,
+        },
+        StoreError::Retryable {
+            message,
+            attempts,
+            source,
+        } => StoreError::Retryable {
+            message: format!("{what}: {message}"),
+            attempts,
+            source,
+        },
         // They name their file already.
         e @ (StoreError::NoDatabase { .. } | StoreError::DatabaseExists { .. }) => e,
     }
@@ -2575,6 +2388,32 @@ impl Store for Sqlite {
                 .query_row(params![bound(now.saturating_sub(leeway))], |row| row.get(0))
                 .ctx("counting the revocation entries")?;
             u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("entry count {n}")))
+        })
+        .await
+    }
+
+    async fn live_tokens(&self, now: u64) -> StoreResult<LiveTokens> {
+        self.read("live_tokens", move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT kind, COUNT(*) FROM issued_tokens WHERE expires_at > ?1 GROUP BY kind",
+                )
+                .ctx("preparing the live-token count")?;
+            let mut rows = stmt
+                .query(params![bound(now)])
+                .ctx("counting live tokens")?;
+            let mut live = LiveTokens::default();
+            while let Some(row) = rows.next().ctx("counting live tokens")? {
+                let kind: String = row.get(0).ctx("reading a token kind")?;
+                let n: i64 = row.get(1).ctx("reading a token count")?;
+                let n = u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("count {n}")))?;
+                match TokenKind::parse(&kind) {
+                    Some(TokenKind::Device) => live.device = n,
+                    Some(TokenKind::Access) => live.access = n,
+                    None => return Err(StoreError::Corrupt(format!("token kind {kind:?}"))),
+                }
+            }
+            Ok(live)
         })
         .await
     }
