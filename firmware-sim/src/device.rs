@@ -58,6 +58,9 @@ pub struct Live {
     pub peak_refreshing: AtomicU64,
     /// Power cuts so far.
     pub power_cuts: AtomicU64,
+    /// The largest message a device was revoked by (its signed control message), bytes:
+    /// the size of the broker's own fan-out that `revoke` compares with.
+    pub control_bytes: AtomicU64,
     /// Whether the hub is reachable (the broker and the hub run); a device that loses its
     /// token while it is not does not count a lapse. Always true in `steady`.
     pub hub_reachable: AtomicBool,
@@ -113,6 +116,9 @@ pub struct Outcome {
     /// Whether the run ended while it was off after a power cut, or within
     /// [`JUST_BOOTED_MS`] of booting again (too soon to hold a token).
     pub off_at_end: bool,
+    /// The broker's own fan-out (`revoke`): for each round received, its number and the
+    /// time from its publication to its arrival here, ms.
+    pub probe_ms: Vec<(u8, u64)>,
 }
 
 /// How soon after a boot the end of the run finds a device still recovering, not failed.
@@ -152,6 +158,9 @@ pub struct Spec {
     pub attacks: Option<Arc<AttackBook>>,
     /// Presentations to check, from the `malicious` scenario's app and attacker.
     pub presentations: Option<mpsc::Receiver<PresentationCheck>>,
+    /// A topic to subscribe to besides the machine's, on which the simulator measures the
+    /// broker's own fan-out (unsigned messages the machine never sees).
+    pub probe: Option<String>,
 }
 
 /// The current Unix time in ms.
@@ -236,6 +245,10 @@ struct Device {
     /// Effects of the last fed event (a token, a store, a wipe, the clock or key set or
     /// revocation list moved): how an attack message is judged accepted.
     effects: u64,
+    /// The probe topic, if any (see [`Spec::probe`]).
+    probe: Option<String>,
+    /// The size of the message being fed, bytes (0 for other events).
+    feeding_bytes: usize,
 }
 
 impl Device {
@@ -354,6 +367,10 @@ impl Device {
             Report::ResponseRejected { .. } => self.count_error("response_rejected"),
             Report::Revoked => {
                 self.effects += 1;
+                self.live.control_bytes.fetch_max(
+                    u64::try_from(self.feeding_bytes).unwrap_or(0),
+                    Ordering::Relaxed,
+                );
                 if !self.outcome.revoked {
                     self.live.revoked.fetch_add(1, Ordering::Relaxed);
                 }
@@ -410,6 +427,9 @@ impl Device {
                     self.connected = true;
                     self.live.connected.fetch_add(1, Ordering::Relaxed);
                 }
+                if let Some(probe) = &self.probe {
+                    let _ = self.outbound.send(Outbound::Subscribe(probe.clone()));
+                }
                 self.feed(Event::Connected)
             }
             Notice::Disconnected(_) => {
@@ -419,13 +439,27 @@ impl Device {
                 }
                 self.feed(Event::Disconnected)
             }
+            Notice::Message(Incoming { topic, payload }) if self.probe.as_ref() == Some(&topic) => {
+                // Send time (Unix ms, big-endian) and round: the broker's own fan-out.
+                if let (Some(sent), Some(round)) = (
+                    payload.get(..8).and_then(|b| b.try_into().ok()),
+                    payload.get(8),
+                ) {
+                    let ms = now_ms().saturating_sub(u64::from_be_bytes(sent));
+                    self.outcome.probe_ms.push((*round, ms));
+                }
+                Ok(())
+            }
             Notice::Message(Incoming { topic, payload }) => {
                 let attack = self.attacks.as_ref().and_then(|book| book.take(&payload));
                 let before = self.effects;
-                self.feed(Event::Message {
+                self.feeding_bytes = payload.len();
+                let fed = self.feed(Event::Message {
                     topic: &topic,
                     payload: &payload,
-                })?;
+                });
+                self.feeding_bytes = 0;
+                fed?;
                 if let (Some(kind), Some(book)) = (attack, self.attacks.as_ref()) {
                     book.judge(kind, self.effects > before);
                 }
@@ -572,6 +606,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<Outcome, Error> {
     let mut checks = spec.presentations.take();
+    let probe = spec.probe.take();
     let id = spec.config.device_id().to_string();
     let seed = u64::from_be_bytes(random32()?[..8].try_into().unwrap_or([1; 8]));
     let mut dice = Dice::new(seed);
@@ -604,6 +639,8 @@ pub async fn run(
         power_cut: false,
         recovering_since: None,
         effects: 0,
+        probe,
+        feeding_bytes: 0,
     };
     let mut after_cut = false;
     let mut off = false;

@@ -1,5 +1,5 @@
-//! A whole run: the broker and hub set up ([`crate::processes`]), the fleet registered and
-//! started, the run's duration waited out with an optional progress line, every device
+//! A whole run: the broker and hub set up ([`crate::processes`]) or a running pair used
+//! ([`crate::external`]), the fleet registered and started, the run's duration waited out with an optional progress line, every device
 //! stopped and its [`Outcome`] gathered into a [`Summary`], and everything the run started
 //! stopped again.
 
@@ -24,10 +24,27 @@ use crate::Error;
 use crate::attack::{self, APP, APP_ROLE, AttackBook, Attacker, FloodTally, MALLORY, Verdicts};
 use crate::clock::DeviceClock;
 use crate::device::{self, Live, Outcome, Spec};
+use crate::external::{External, ExternalHub};
 use crate::flash::Dice;
 use crate::processes::{
     Broker, Hub, LOOPBACK, Located, OPERATOR, REVOKE_GROUP, locate_hub, locate_mosquitto,
 };
+use crate::usage::{self, Meter};
+
+/// The token lifetime of a run with its own hub when `--lifetime` is not given.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How many devices a steady ramp boots per second at most: a fleet of 10,000 boots over
+/// 20 s instead of 5, so the broker's accept queue and the hub's request queue are not
+/// flooded by a start-up the scenario does not ask for (`storm` does).
+pub const BOOTS_PER_S: u32 = 500;
+
+/// The topic the broker's own fan-out is measured on (`revoke`): one unsigned message,
+/// published once, to every device.
+pub const PROBE_TOPIC: &str = "firmware-sim/probe";
+
+/// Rounds of the broker's own fan-out; the round with the median p99 is reported.
+const PROBE_ROUNDS: u8 = 3;
 
 /// The audience of device tokens in the default policy (`device_audience`).
 pub const DEVICE_AUDIENCE: &str = "tessera";
@@ -92,6 +109,40 @@ impl Scenario {
     fn has_event(self) -> bool {
         matches!(self, Self::HubCrash | Self::BrokerRestart | Self::Revoke)
     }
+
+    /// Why it cannot run against a running broker and hub, if it cannot: it kills or
+    /// restarts them, or changes the hub's policy or config.
+    fn external_refusal(self) -> Option<&'static str> {
+        match self {
+            Self::HubCrash => {
+                Some("kills and restarts the hub, which firmware-sim does only to a hub it started")
+            }
+            Self::BrokerRestart => Some(
+                "stops and restarts the broker, which firmware-sim does only to a broker it \
+                 started",
+            ),
+            Self::Revoke => Some(
+                "adds a group to the hub's policy and an operator to revoke with, which \
+                 firmware-sim does only to a hub it started",
+            ),
+            Self::Malicious => Some(
+                "registers a control app and sets the hub's heartbeat to 2 s, which \
+                 firmware-sim does only to a hub it started",
+            ),
+            Self::Steady | Self::Storm | Self::ClockSkew | Self::PowerLoss => None,
+        }
+    }
+}
+
+/// How `revoke` revokes its share of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RevokeBy {
+    /// Half of it (rounded up) with one `revoke --group`, the rest with one
+    /// `revoke --device` each.
+    #[default]
+    Mixed,
+    /// All of it with one `revoke --group` (the fan-out of one operator action).
+    Group,
 }
 
 /// What to run.
@@ -99,8 +150,10 @@ impl Scenario {
 pub struct Options {
     /// Simulated devices.
     pub devices: usize,
-    /// Lifetime of their device tokens (whole seconds), set in the hub's policy.
-    pub lifetime: Duration,
+    /// Lifetime of their device tokens (whole seconds), set in the hub's policy; `None`:
+    /// [`DEFAULT_LIFETIME`], or with a running hub whatever its policy says (which the
+    /// simulator cannot change: a lifetime given must match it).
+    pub lifetime: Option<Duration>,
     /// How long the fleet runs once the hub serves.
     pub duration: Duration,
     /// What happens meanwhile.
@@ -109,6 +162,8 @@ pub struct Options {
     pub outage: Duration,
     /// The share of the fleet `revoke` revokes, 0 to 1.
     pub revoke_share: f64,
+    /// How `revoke` revokes it.
+    pub revoke_by: RevokeBy,
     /// The share of the fleet whose machine does not trust its local clock
     /// (`trust_local_clock = false`), 0 to 1; `None`: half in `clock-skew`, all otherwise.
     pub untrusted_clock_share: Option<f64>,
@@ -120,6 +175,8 @@ pub struct Options {
     pub mosquitto: Option<PathBuf>,
     /// Print a progress line every second (on a terminal).
     pub progress: bool,
+    /// A running broker and hub to use instead of starting them; `None`: the run's own.
+    pub external: Option<External>,
 }
 
 impl Options {
@@ -245,11 +302,43 @@ pub struct Summary {
     /// In `malicious`: the app's own presentations to the victims (the control: they
     /// should pass), accepted and refused.
     pub legit_presentations: (u64, u64),
-    /// The peak resident set (VmHWM) of the hub processes the run started, MB; the
-    /// largest over restarts. `None` if it could not be read.
+    /// The peak resident set (VmHWM) of the hub processes the run started (or of
+    /// `--hub-pid`), MB; the largest over restarts. `None` if it could not be read.
     pub hub_rss_mb: Option<f64>,
+    /// CPU time (user + system) of the hub processes during the run, s; `None` when no
+    /// hub process is known (a running hub without `--hub-pid`).
+    pub hub_cpu_s: Option<f64>,
+    /// `hub_cpu_s` over the run's measured wall time: average cores busy.
+    pub hub_cpu_cores: Option<f64>,
+    /// The same for the broker (over restarts).
+    pub broker_cpu_s: Option<f64>,
+    /// See [`broker_cpu_s`](Self::broker_cpu_s).
+    pub broker_cpu_cores: Option<f64>,
+    /// The broker's peak resident set, MB.
+    pub broker_rss_mb: Option<f64>,
+    /// The same for the simulator itself (its devices, their connections and the tally).
+    pub sim_cpu_s: Option<f64>,
+    /// See [`sim_cpu_s`](Self::sim_cpu_s).
+    pub sim_cpu_cores: Option<f64>,
+    /// The simulator's peak resident set, MB.
+    pub sim_rss_mb: Option<f64>,
+    /// In `revoke`: the limit in the same run: the broker delivering one unsigned message
+    /// of a control message's size ([`broker_fanout_bytes`](Self::broker_fanout_bytes)),
+    /// published once on [`PROBE_TOPIC`], to every device: publish → arrival, ms, one
+    /// value per device, of the round (of [`PROBE_ROUNDS`]) with the median p99.
+    pub broker_fanout_ms: Percentiles,
+    /// The size of that message: the largest control message a device was revoked by.
+    pub broker_fanout_bytes: Option<u64>,
+    /// Whether the run used a running broker and hub (`--hub-config`).
+    pub external: bool,
+    /// The broker the devices connected to, as a URL.
+    pub broker: String,
+    /// The open-file limit the simulator (and the broker and hub it started) ran with;
+    /// `None`: unlimited.
+    pub open_files: Option<u64>,
     /// Whether the hub ran for the whole run: still running at the end and not killed.
-    pub hub_ran_throughout: bool,
+    /// `None` for a running hub whose pid is not known.
+    pub hub_ran_throughout: Option<bool>,
     /// Whether the run was interrupted (Ctrl-C) before its duration.
     pub interrupted: bool,
     /// The hub binary used, and how it was found.
@@ -318,7 +407,7 @@ impl Summary {
                 )
             })
             .collect();
-        json!({
+        let mut summary = json!({
             "scenario": self.scenario.name(),
             "devices": self.devices,
             "lifetime_s": self.lifetime_s,
@@ -383,7 +472,27 @@ impl Summary {
             "interrupted": self.interrupted,
             "hub_bin": self.hub_bin.path.display().to_string(),
             "hub_bin_found": self.hub_bin.how,
-        })
+        });
+        // A second object: one `json!` this large exceeds the macro's recursion limit.
+        let usage = json!({
+            "hub_cpu_s": self.hub_cpu_s,
+            "hub_cpu_cores": self.hub_cpu_cores,
+            "broker_cpu_s": self.broker_cpu_s,
+            "broker_cpu_cores": self.broker_cpu_cores,
+            "broker_rss_mb": self.broker_rss_mb,
+            "sim_cpu_s": self.sim_cpu_s,
+            "sim_cpu_cores": self.sim_cpu_cores,
+            "sim_rss_mb": self.sim_rss_mb,
+            "broker_fanout_ms": self.broker_fanout_ms.to_json(),
+            "broker_fanout_bytes": self.broker_fanout_bytes,
+            "external": self.external,
+            "broker": self.broker,
+            "open_files": self.open_files,
+        });
+        if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), usage) {
+            all.extend(more);
+        }
+        summary
     }
 
     /// The summary for people.
@@ -520,28 +629,75 @@ impl Summary {
         if let Some(first) = &self.first_failure {
             let _ = writeln!(t, "  device failures {}: {first}", self.device_failures);
         }
-        if !self.hub_ran_throughout {
+        if self.broker_fanout_ms.count > 0 {
+            let _ = writeln!(
+                t,
+                "  broker's own fan-out of one {}-byte message to {} devices: p50 {} p99 {} \
+                 max {}",
+                self.broker_fanout_bytes.unwrap_or(0),
+                self.broker_fanout_ms.count,
+                ms(self.broker_fanout_ms.p50),
+                ms(self.broker_fanout_ms.p99),
+                ms(self.broker_fanout_ms.max)
+            );
+        }
+        if self.hub_ran_throughout == Some(false) {
             let _ = writeln!(
                 t,
                 "  the hub did not run throughout (killed, or not running at the end)"
             );
         }
+        let mb = |v: Option<f64>| v.map_or_else(|| "-".into(), |mb| format!("{mb:.1} MB"));
+        let cpu = |s: Option<f64>, cores: Option<f64>| match (s, cores) {
+            (Some(s), Some(c)) => format!("{s:.1} s ({c:.2} cores)"),
+            (Some(s), None) => format!("{s:.1} s"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            t,
+            "  CPU (user + sys) during the run: hub {}, broker {}, simulator {}; peak RSS: hub \
+             {}, broker {}, simulator {}",
+            cpu(self.hub_cpu_s, self.hub_cpu_cores),
+            cpu(self.broker_cpu_s, self.broker_cpu_cores),
+            cpu(self.sim_cpu_s, self.sim_cpu_cores),
+            mb(self.hub_rss_mb),
+            mb(self.broker_rss_mb),
+            mb(self.sim_rss_mb)
+        );
         let _ = write!(
             t,
-            "  hub: {} (found {}), peak RSS {}",
+            "  {} broker {}; hub CLI {} (found {}); open files {}",
+            if self.external { "running" } else { "own" },
+            self.broker,
             self.hub_bin.path.display(),
             self.hub_bin.how,
-            self.hub_rss_mb
-                .map_or_else(|| "-".into(), |mb| format!("{mb:.1} MB"))
+            self.open_files
+                .map_or_else(|| "unlimited".into(), |n| n.to_string())
         );
         t
     }
 }
 
+/// The broker and hub a run uses.
+enum Services {
+    /// Started by the run, stopped at its end.
+    Own { hub: Box<Hub>, broker: Box<Broker> },
+    /// Running already; measured if their pids were given.
+    External {
+        hub_pid: Option<u32>,
+        broker_pid: Option<u32>,
+    },
+}
+
 /// The broker, hub and fleet a run set up.
 struct Setup {
-    hub: Hub,
-    broker: Broker,
+    services: Services,
+    /// How devices reach the broker (the client id set per device).
+    mqtt: MqttConfig,
+    /// The audience of device tokens.
+    audience: String,
+    /// The device tokens' lifetime, s.
+    lifetime_s: u64,
     anchor: PublicKey,
     codes: Vec<(String, String)>,
     /// In `malicious`: the attacker's enrollment code.
@@ -577,21 +733,22 @@ struct RevokedBy {
 }
 
 impl Setup {
-    fn start(options: &Options, lifetime_s: u64) -> Result<Self, Error> {
+    fn start(options: &Options) -> Result<Self, Error> {
         let hub_bin = locate_hub(options.hub_bin.clone())?;
-        let mosquitto = locate_mosquitto(options.mosquitto.clone())?;
         let dir = tempfile::Builder::new()
             .prefix("firmware-sim-")
             .tempdir()
             .map_err(Error::file(std::env::temp_dir()))?;
+        if let Some(external) = &options.external {
+            return Self::use_running(options, external, hub_bin, dir);
+        }
+        let lifetime_s = options.lifetime.unwrap_or(DEFAULT_LIFETIME).as_secs();
+        let mosquitto = locate_mosquitto(options.mosquitto.clone())?;
         let broker = Broker::start(&mosquitto.path, dir.path())?;
         let mut hub = Hub::init(&hub_bin.path, dir.path(), lifetime_s)?;
-        let width = options.devices.to_string().len().max(4);
-        let mut ids: Vec<String> = (1..=options.devices)
-            .map(|i| format!("sim-{i:0width$}"))
-            .collect();
+        let mut ids = fleet_ids("sim-", options.devices);
         let (by_group, one_by_one) = if options.scenario == Scenario::Revoke {
-            revoke_split(&ids, options.revoke_share)
+            revoke_split(&ids, options.revoke_share, options.revoke_by)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -619,8 +776,13 @@ impl Setup {
         let anchor = hub.trust_anchor()?;
         hub.serve(&broker)?;
         Ok(Self {
-            hub,
-            broker,
+            mqtt: MqttConfig::plain(&LOOPBACK.to_string(), broker.port(), "firmware-sim"),
+            services: Services::Own {
+                hub: Box::new(hub),
+                broker: Box::new(broker),
+            },
+            audience: DEVICE_AUDIENCE.to_string(),
+            lifetime_s,
             anchor,
             codes,
             mallory_code,
@@ -630,6 +792,92 @@ impl Setup {
             hub_bin,
             dir,
         })
+    }
+
+    /// Uses the running broker and hub `external` names: reads the hub's config and
+    /// policy, registers the fleet with one `device import` on its database under ids of
+    /// this run's own (see [`crate::external`]).
+    fn use_running(
+        options: &Options,
+        external: &External,
+        hub_bin: Located,
+        dir: tempfile::TempDir,
+    ) -> Result<Self, Error> {
+        let hub = ExternalHub::open(&hub_bin.path, external)?;
+        if let Some(given) = options.lifetime
+            && given.as_secs() != hub.lifetime_s
+        {
+            return Err(Error::Process(format!(
+                "--lifetime {} s: the running hub's policy gives role `{}` {} s tokens, and \
+                 firmware-sim cannot change a running hub's policy: drop --lifetime or give \
+                 {} s",
+                given.as_secs(),
+                external.device_role,
+                hub.lifetime_s,
+                hub.lifetime_s
+            )));
+        }
+        let anchor = hub.trust_anchor()?;
+        let run = device::random32()?;
+        let prefix = format!("sim-{:02x}{:02x}{:02x}-", run[0], run[1], run[2]);
+        let ids = fleet_ids(&prefix, options.devices);
+        let codes = hub.import(&ids, dir.path())?;
+        Ok(Self {
+            services: Services::External {
+                hub_pid: external.hub_pid,
+                broker_pid: external.broker_pid,
+            },
+            mqtt: hub.mqtt.clone(),
+            audience: hub.audience.clone(),
+            lifetime_s: hub.lifetime_s,
+            anchor,
+            codes,
+            mallory_code: None,
+            app_key: None,
+            by_group: Vec::new(),
+            one_by_one: Vec::new(),
+            hub_bin,
+            dir,
+        })
+    }
+
+    /// The serving hub's pid, if known.
+    fn hub_pid(&self) -> Option<u32> {
+        match &self.services {
+            Services::Own { hub, .. } => hub.pid(),
+            Services::External { hub_pid, .. } => *hub_pid,
+        }
+    }
+
+    /// The broker's pid, if known.
+    fn broker_pid(&self) -> Option<u32> {
+        match &self.services {
+            Services::Own { broker, .. } => Some(broker.pid()),
+            Services::External { broker_pid, .. } => *broker_pid,
+        }
+    }
+
+    /// Whether the hub runs; `None` when that cannot be known.
+    fn hub_running(&mut self) -> Option<bool> {
+        match &mut self.services {
+            Services::Own { hub, .. } => Some(hub.is_running()),
+            Services::External { hub_pid, .. } => hub_pid.map(usage::is_alive),
+        }
+    }
+
+    /// The broker as a URL, for the summary.
+    fn broker_url(&self) -> String {
+        let scheme = if self.mqtt.tls.is_some() {
+            "mqtts"
+        } else {
+            "mqtt"
+        };
+        let host = if self.mqtt.host.contains(':') {
+            format!("[{}]", self.mqtt.host)
+        } else {
+            self.mqtt.host.clone()
+        };
+        format!("{scheme}://{host}:{}", self.mqtt.port)
     }
 
     /// The scenario's event. `hub-crash`, `broker-restart`: takes the hub (or the broker)
@@ -643,26 +891,28 @@ impl Setup {
         outage: Duration,
         seen: &Mutex<OperatorSeen>,
     ) -> FaultDone {
+        // A running hub and broker are never touched (the options were refused).
+        let Services::Own { hub, broker } = &mut self.services else {
+            return Ok(Vec::new());
+        };
         match scenario {
             Scenario::HubCrash => {
-                self.hub.kill();
+                hub.kill();
                 std::thread::sleep(outage);
-                self.hub.serve(&self.broker).map(|()| Vec::new())
+                hub.serve(broker).map(|()| Vec::new())
             }
             Scenario::BrokerRestart => {
-                self.broker.stop();
+                broker.stop();
                 std::thread::sleep(outage);
-                self.broker.restart()?;
-                self.hub
-                    .await_resubscribed(&self.broker)
-                    .map(|()| Vec::new())
+                broker.restart()?;
+                hub.await_resubscribed(broker).map(|()| Vec::new())
             }
             Scenario::Revoke => {
-                self.broker.await_subscription(WATCHER, OPERATOR)?;
+                broker.await_subscription(WATCHER, OPERATOR)?;
                 let mut revoked = Vec::new();
                 let mut command = |what: &[&str], ids: &[String]| -> Result<(), Error> {
                     let before = seen.lock().map(|s| s.requests.len()).unwrap_or(0);
-                    self.hub.revoke(&self.broker, what)?;
+                    hub.revoke(broker, what)?;
                     let (requested_at, answered_at) = await_seen(seen, before);
                     revoked.extend(ids.iter().map(|id| RevokedBy {
                         id: id.clone(),
@@ -687,15 +937,23 @@ impl Setup {
         }
     }
 
-    /// Stops the hub, then the broker; removes the directory. Says whether the hub was
-    /// still running.
-    fn stop(mut self) -> bool {
-        let running = self.hub.is_running();
-        self.hub.stop();
-        self.broker.stop();
+    /// Stops the hub, then the broker, if the run started them; removes the directory.
+    /// Says whether the hub was still running (`None`: not known).
+    fn stop(mut self) -> Option<bool> {
+        let running = self.hub_running();
+        if let Services::Own { hub, broker } = &mut self.services {
+            hub.stop();
+            broker.stop();
+        }
         drop(self.dir);
         running
     }
+}
+
+/// `n` device ids: `prefix` and a number of at least four digits, from 1.
+fn fleet_ids(prefix: &str, n: usize) -> Vec<String> {
+    let width = n.to_string().len().max(4);
+    (1..=n).map(|i| format!("{prefix}{i:0width$}")).collect()
 }
 
 /// The client id of the simulator's own subscriber to the operator's topics.
@@ -769,8 +1027,13 @@ async fn watch_operator(
 /// so a lost request is retried well before the token the refresh replaces expires (the
 /// refresh starts at 50 to 75 % of its life). The defaults (10 s, 60 s) suit 15-minute
 /// tokens, not 6-second ones.
-fn agent_config(id: &str, code: &str, lifetime_ms: u64) -> Result<AgentConfig, Error> {
-    let mut config = AgentConfig::new(id, DEVICE_AUDIENCE).map_err(Error::Core)?;
+fn agent_config(
+    id: &str,
+    audience: &str,
+    code: &str,
+    lifetime_ms: u64,
+) -> Result<AgentConfig, Error> {
+    let mut config = AgentConfig::new(id, audience).map_err(Error::Core)?;
     config.request_timeout_ms =
         (lifetime_ms / 8).clamp(MIN_REQUEST_TIMEOUT_MS, DEFAULT_REQUEST_TIMEOUT_MS);
     let base = Backoff::default();
@@ -794,12 +1057,17 @@ fn share_of(n: usize, share: f64) -> usize {
     k.min(n)
 }
 
-/// The devices `revoke` revokes: `share` of `ids` (rounded, the last ones), the first half
-/// of them (rounded up) as a group, the rest one by one.
-fn revoke_split(ids: &[String], share: f64) -> (Vec<String>, Vec<String>) {
+/// The devices `revoke` revokes: `share` of `ids` (rounded, the last ones); by
+/// [`RevokeBy::Mixed`] the first half of them (rounded up) as a group, the rest one by
+/// one; by [`RevokeBy::Group`] all as a group.
+fn revoke_split(ids: &[String], share: f64, by: RevokeBy) -> (Vec<String>, Vec<String>) {
     let n = share_of(ids.len(), share);
     let revoked = &ids[ids.len() - n..];
-    let (group, single) = revoked.split_at(revoked.len().div_ceil(2));
+    let grouped = match by {
+        RevokeBy::Mixed => revoked.len().div_ceil(2),
+        RevokeBy::Group => revoked.len(),
+    };
+    let (group, single) = revoked.split_at(grouped);
     (group.to_vec(), single.to_vec())
 }
 
@@ -814,7 +1082,7 @@ fn distrusts_clock(i: usize, n: usize, untrusted: usize) -> bool {
 /// timeout (a request sent into the outage) plus one backoff cap (the wait before the next
 /// try). Lapses in that window are the outage's, not the hub's.
 pub fn retry_window(lifetime_ms: u64) -> Duration {
-    let config = agent_config("sim-0", "AAAA-AAAA", lifetime_ms);
+    let config = agent_config("sim-0", DEVICE_AUDIENCE, "AAAA-AAAA", lifetime_ms);
     config.map_or(Duration::ZERO, |c| {
         Duration::from_millis(c.request_timeout_ms.saturating_add(c.backoff.cap_ms))
     })
@@ -846,48 +1114,24 @@ fn public_pem(scalar: &[u8; 32]) -> Result<String, Error> {
         .map_err(|e| Error::Process(format!("app key: {e}")))
 }
 
-/// The peak resident set of process `pid` (VmHWM), kB.
-fn peak_rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// The largest peak RSS seen of the hub processes, kB, by pid (a restart is a new pid).
-#[derive(Debug, Default)]
-struct RssPeaks(BTreeMap<u32, u64>);
-
-impl RssPeaks {
-    fn sample(&mut self, pid: Option<u32>) {
-        if let Some(pid) = pid
-            && let Some(kb) = peak_rss_kb(pid)
-        {
-            let e = self.0.entry(pid).or_default();
-            *e = (*e).max(kb);
-        }
-    }
-
-    fn mb(&self) -> Option<f64> {
-        // kB to MB with one decimal; far below f64's exact range.
-        #[allow(clippy::cast_precision_loss)]
-        self.0
-            .values()
-            .max()
-            .map(|kb| (*kb as f64 / 1024.0 * 10.0).round() / 10.0)
-    }
-}
-
 /// Runs the fleet as `options` say; see the module docs.
 pub async fn run(options: Options) -> Result<Summary, Error> {
     if options.devices == 0 {
         return Err(Error::Process("--devices must be at least 1".into()));
     }
-    if options.lifetime.subsec_nanos() != 0 {
+    if options.lifetime.is_some_and(|l| l.subsec_nanos() != 0) {
         return Err(Error::Process(
             "--lifetime must be whole seconds (the policy's token_lifetime_s)".into(),
         ));
+    }
+    if options.external.is_some()
+        && let Some(why) = options.scenario.external_refusal()
+    {
+        return Err(Error::Process(format!(
+            "--scenario {} cannot run against a running broker and hub (--hub-config): it \
+             {why}. Run it without --hub-config (firmware-sim starts its own)",
+            options.scenario.name()
+        )));
     }
     for (name, share) in [
         ("--revoke-share", options.revoke_share),
@@ -898,26 +1142,32 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
             return Err(Error::Process(format!("{name} must be between 0 and 1")));
         }
     }
-    let lifetime_s = options.lifetime.as_secs();
-    let lifetime_ms = lifetime_s.saturating_mul(1000);
+    // Before anything starts: the broker and hub the run starts inherit the limit.
+    let open_files = usage::raise_open_files(options.devices)?;
     let setup = {
         let options = options.clone();
-        tokio::task::spawn_blocking(move || Setup::start(&options, lifetime_s))
+        tokio::task::spawn_blocking(move || Setup::start(&options))
             .await
             .map_err(|e| Error::Process(format!("setup task: {e}")))??
     };
+    let lifetime_s = setup.lifetime_s;
+    let lifetime_ms = lifetime_s.saturating_mul(1000);
 
     let live = Arc::new(Live::default());
     live.hub_reachable.store(true, Ordering::Relaxed);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mqtt = |id: &str| MqttConfig::plain(&LOOPBACK.to_string(), setup.broker.port(), id);
-    let mut fleet = JoinSet::new();
-    // Steady: boots spread evenly over the ramp. Storm: all at once.
-    let ramp = if options.scenario == Scenario::Storm {
-        Duration::ZERO
-    } else {
-        (options.lifetime / 2).min(Duration::from_secs(5))
+    let mqtt = |id: &str| {
+        let mut config = setup.mqtt.clone();
+        config.client_id = id.to_string();
+        config
     };
+    let mut fleet = JoinSet::new();
+    let ramp = boot_ramp(
+        options.scenario,
+        Duration::from_secs(lifetime_s),
+        options.devices,
+    );
+    let probe = (options.scenario == Scenario::Revoke).then(|| PROBE_TOPIC.to_string());
     let count = u32::try_from(options.devices).unwrap_or(u32::MAX);
     let untrusted = share_of(options.devices, options.untrusted_share());
     let power_cut_rate = if options.scenario == Scenario::PowerLoss {
@@ -938,7 +1188,7 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
             links.insert(id.clone(), tx);
             rx
         });
-        let mut config = agent_config(id, code, lifetime_ms)?;
+        let mut config = agent_config(id, &setup.audience, code, lifetime_ms)?;
         let distrusts = distrusts_clock(i, options.devices, untrusted);
         config.trust_local_clock = !distrusts;
         let clock = match (options.scenario, distrusts) {
@@ -956,8 +1206,11 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
             power_cut_rate,
             attacks: book.clone(),
             presentations,
+            probe: probe.clone(),
         });
     }
+    let mut meters = Meters::default();
+    meters.start(setup.hub_pid(), setup.broker_pid());
     let started = Instant::now();
     let started_ms = device::now_ms();
     for (i, spec) in (0u32..).zip(specs) {
@@ -1013,11 +1266,16 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         .scenario
         .has_event()
         .then(|| tokio::time::Instant::now() + options.duration / 3);
+    // `revoke` waits for the whole fleet to hold a token (a large fleet may still be
+    // enrolling a third of the way in), but not past two thirds of the run.
+    let latest_revoke = tokio::time::Instant::now() + options.duration * 2 / 3;
     let mut fault: Option<tokio::task::JoinHandle<(Setup, FaultDone)>> = None;
     let mut revoked_by = Vec::new();
-    let mut hub_pid = setup.hub.pid();
+    let mut hub_pid = setup.hub_pid();
+    let mut broker_pid = setup.broker_pid();
+    let prober_mqtt = mqtt(PROBER);
     let mut setup = Some(setup);
-    let mut rss = RssPeaks::default();
+    let mut prober: Option<tokio::task::JoinHandle<Result<u64, Error>>> = None;
     let mut outage_started = None;
     let mut outage_ms = None;
     let mut lapses_not_counted_ms = None;
@@ -1031,8 +1289,16 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
                 break;
             }
             () = tokio::time::sleep_until(fault_at.unwrap_or(far)), if fault_at.is_some() => {
+                let holding = usize::try_from(live.holding.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+                if options.scenario == Scenario::Revoke
+                    && holding < options.devices
+                    && tokio::time::Instant::now() < latest_revoke
+                {
+                    fault_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                    continue;
+                }
                 fault_at = None;
-                rss.sample(hub_pid);
+                meters.sample(hub_pid, broker_pid);
                 if options.scenario.has_outage() {
                     live.hub_reachable.store(false, Ordering::Relaxed);
                     outage_started = Some(Instant::now());
@@ -1050,9 +1316,18 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
                 fault = None;
                 let (s, done) =
                     joined.map_err(|e| Error::Process(format!("fault task: {e}")))?;
-                hub_pid = s.hub.pid();
+                hub_pid = s.hub_pid();
+                broker_pid = s.broker_pid();
                 setup = Some(s);
                 revoked_by = done?;
+                if probe.is_some() {
+                    prober = Some(tokio::spawn(probe_broker(
+                        prober_mqtt.clone(),
+                        live.clone(),
+                        u64::try_from(revoked_by.len()).unwrap_or(u64::MAX),
+                        stop_rx.clone(),
+                    )));
+                }
                 if options.scenario.has_outage() {
                     outage_ms = outage_started.map(|t: Instant| elapsed_ms(t));
                     counted_again_at =
@@ -1067,11 +1342,11 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
             _ = tick.tick() => {
                 // A hub that died takes the blame for the lapses that follow, not the
                 // devices (try_wait: does not block).
-                if let Some(s) = setup.as_mut() && !s.hub.is_running() {
+                if let Some(s) = setup.as_mut() && s.hub_running() == Some(false) {
                     live.hub_reachable.store(false, Ordering::Relaxed);
                     counted_again_at = None;
                 }
-                rss.sample(hub_pid);
+                meters.sample(hub_pid, broker_pid);
                 if options.progress {
                     let mut out = std::io::stdout();
                     let _ = out.write_all(progress_line(&live, options.devices, started.elapsed()).as_bytes());
@@ -1086,8 +1361,26 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         let (s, _) = task
             .await
             .map_err(|e| Error::Process(format!("fault task: {e}")))?;
-        hub_pid = s.hub.pid();
+        hub_pid = s.hub_pid();
+        broker_pid = s.broker_pid();
         setup = Some(s);
+    }
+    // The broker's own fan-out, if it ran to the end within the run.
+    let mut probe_bytes = None;
+    if let Some(task) = prober {
+        if task.is_finished() {
+            match task.await {
+                Ok(Ok(bytes)) => probe_bytes = Some(bytes),
+                Ok(Err(e)) => eprintln!("firmware-sim: the broker's own fan-out: {e}"),
+                Err(e) => eprintln!("firmware-sim: the broker's own fan-out task: {e}"),
+            }
+        } else {
+            task.abort();
+            eprintln!(
+                "firmware-sim: the run ended before the broker's own fan-out was measured \
+                 (give it a longer --duration)"
+            );
+        }
     }
     if lapses_not_counted_ms.is_none() {
         lapses_not_counted_ms = outage_started.map(|t: Instant| elapsed_ms(t));
@@ -1132,11 +1425,14 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         }
     }
     live.hub_reachable.store(false, Ordering::Relaxed);
-    rss.sample(hub_pid);
+    meters.sample(hub_pid, broker_pid);
+    let metered_s = meters.since.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let hub_bin = setup.hub_bin.clone();
+    let external = matches!(setup.services, Services::External { .. });
+    let broker = setup.broker_url();
     let hub_running_at_end = tokio::task::spawn_blocking(move || setup.stop())
         .await
-        .unwrap_or(false);
+        .unwrap_or(Some(false));
     let hub_killed = options.scenario == Scenario::HubCrash && outage_started.is_some();
 
     let mut summary = summarize(
@@ -1146,13 +1442,28 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
         started_ms,
         &outcomes,
         failures,
-        hub_running_at_end && !hub_killed,
+        hub_running_at_end.map(|running| running && !hub_killed),
         interrupted,
         hub_bin,
     );
     summary.outage_ms = outage_ms;
     summary.lapses_not_counted_ms = lapses_not_counted_ms;
-    summary.hub_rss_mb = rss.mb();
+    summary.hub_rss_mb = meters.hub.rss_mb();
+    summary.hub_cpu_s = meters.hub.cpu_s();
+    summary.hub_cpu_cores = meters.hub.cores(metered_s);
+    summary.broker_cpu_s = meters.broker.cpu_s();
+    summary.broker_cpu_cores = meters.broker.cores(metered_s);
+    summary.broker_rss_mb = meters.broker.rss_mb();
+    summary.sim_cpu_s = meters.sim.cpu_s();
+    summary.sim_cpu_cores = meters.sim.cores(metered_s);
+    summary.sim_rss_mb = meters.sim.rss_mb();
+    summary.external = external;
+    summary.broker = broker;
+    summary.open_files = open_files.soft;
+    if let Some(bytes) = probe_bytes {
+        summary.broker_fanout_bytes = Some(bytes);
+        summary.broker_fanout_ms = median_round(&outcomes);
+    }
     summary.peak_refreshing = live.peak_refreshing.load(Ordering::Relaxed);
     summary.add_revocations(&revoked_by, &outcomes);
     if let Some(book) = book {
@@ -1165,6 +1476,122 @@ pub async fn run(options: Options) -> Result<Summary, Error> {
 
 /// What the scenario's event task hands back with the setup.
 type FaultDone = Result<Vec<RevokedBy>, Error>;
+
+/// The CPU and memory of the hub, the broker and the simulator during the run.
+#[derive(Debug, Default)]
+struct Meters {
+    hub: Meter,
+    broker: Meter,
+    sim: Meter,
+    /// When the run's measuring started: CPU time is averaged over the time since.
+    since: Option<Instant>,
+}
+
+impl Meters {
+    fn start(&mut self, hub: Option<u32>, broker: Option<u32>) {
+        self.hub.start(hub);
+        self.broker.start(broker);
+        self.sim.start(Some(std::process::id()));
+        self.since = Some(Instant::now());
+    }
+
+    fn sample(&mut self, hub: Option<u32>, broker: Option<u32>) {
+        self.hub.sample(hub);
+        self.broker.sample(broker);
+        self.sim.sample(Some(std::process::id()));
+    }
+}
+
+/// The client id of the simulator's publisher of the broker's own fan-out.
+const PROBER: &str = "sim-prober";
+
+/// The broker's own fan-out, the limit `revoke`'s is compared with. Once the `revoked`
+/// devices have applied their revocation (or after 30 s), and a second more for the last
+/// control messages to drain, publishes [`PROBE_ROUNDS`] unsigned messages on
+/// [`PROBE_TOPIC`], two seconds apart, each of the size of the largest control message a
+/// device was revoked by: its send time (Unix ms, 8 bytes big-endian), its round, zeros.
+/// Returns that size.
+async fn probe_broker(
+    mqtt: MqttConfig,
+    live: Arc<Live>,
+    revoked: u64,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u64, Error> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live.revoked.load(Ordering::Relaxed) < revoked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A control message is about 107 bytes; that, if no device saw one.
+    let bytes = match live.control_bytes.load(Ordering::Relaxed) {
+        0 => 107,
+        n => n.max(16),
+    };
+    let (mqtt_stop, mqtt_stop_rx) = watch::channel(false);
+    let (client, mut notices) = tessera_mqtt::connect(&mqtt, 16, mqtt_stop_rx)?;
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(notices.recv().await, Some(Notice::Connected) | None) {}
+    })
+    .await;
+    let result = async {
+        if connected.is_err() {
+            return Err(Error::Process(
+                "the prober did not connect to the broker within 10 s".into(),
+            ));
+        }
+        for round in 0..PROBE_ROUNDS {
+            let mut payload = vec![0u8; usize::try_from(bytes).unwrap_or(107)];
+            payload[..8].copy_from_slice(&device::now_ms().to_be_bytes());
+            payload[8] = round;
+            client
+                .publish(PROBE_TOPIC, QoS::AtLeastOnce, false, payload)
+                .await
+                .map_err(tessera_mqtt::MqttError::from)?;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        Ok(bytes)
+    }
+    .await;
+    let _ = client.disconnect().await;
+    let _ = mqtt_stop.send(true);
+    result
+}
+
+/// Of the broker's fan-out rounds, the one with the median p99 (of those that reached
+/// the most devices): one value per device.
+fn median_round(outcomes: &[Outcome]) -> Percentiles {
+    let mut rounds: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
+    for o in outcomes {
+        for (round, ms) in &o.probe_ms {
+            rounds.entry(*round).or_default().push(*ms);
+        }
+    }
+    let most = rounds.values().map(Vec::len).max().unwrap_or(0);
+    let mut full: Vec<Percentiles> = rounds
+        .into_values()
+        .filter(|v| v.len() == most)
+        .map(Percentiles::of)
+        .collect();
+    full.sort_by_key(|p| p.p99);
+    full.get(full.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// When devices boot: all at once in `storm`; otherwise spread evenly over half a
+/// lifetime (at most 5 s), or longer for a fleet too large to boot at [`BOOTS_PER_S`]
+/// within that.
+fn boot_ramp(scenario: Scenario, lifetime: Duration, devices: usize) -> Duration {
+    if scenario == Scenario::Storm {
+        return Duration::ZERO;
+    }
+    let short = (lifetime / 2).min(Duration::from_secs(5));
+    let paced = Duration::from_secs(1) * u32::try_from(devices).unwrap_or(u32::MAX) / BOOTS_PER_S;
+    short.max(paced)
+}
 
 impl Summary {
     /// The `revoke` figures: `revoked` holds, for each device revoked, when the operator's
@@ -1216,7 +1643,7 @@ fn summarize(
     started_ms: u64,
     outcomes: &[Outcome],
     failures: Vec<String>,
-    hub_ran_throughout: bool,
+    hub_ran_throughout: Option<bool>,
     interrupted: bool,
     hub_bin: Located,
 ) -> Summary {
@@ -1314,6 +1741,19 @@ fn summarize(
         flood: FloodTally::default(),
         legit_presentations: (0, 0),
         hub_rss_mb: None,
+        hub_cpu_s: None,
+        hub_cpu_cores: None,
+        broker_cpu_s: None,
+        broker_cpu_cores: None,
+        broker_rss_mb: None,
+        sim_cpu_s: None,
+        sim_cpu_cores: None,
+        sim_rss_mb: None,
+        broker_fanout_ms: Percentiles::default(),
+        broker_fanout_bytes: None,
+        external: false,
+        broker: String::new(),
+        open_files: None,
         first_failure: failures.into_iter().next(),
         hub_ran_throughout,
         interrupted,
@@ -1340,13 +1780,54 @@ mod tests {
     #[test]
     fn a_revoked_share_is_rounded_and_split_half_by_group_half_one_by_one() {
         let ids: Vec<String> = (1..=30).map(|i| format!("sim-{i:04}")).collect();
-        let (group, single) = revoke_split(&ids, 0.2);
+        let (group, single) = revoke_split(&ids, 0.2, RevokeBy::Mixed);
         assert_eq!(group, ["sim-0025", "sim-0026", "sim-0027"]);
         assert_eq!(single, ["sim-0028", "sim-0029", "sim-0030"]);
-        let (group, single) = revoke_split(&ids[..3], 0.2);
+        let (group, single) = revoke_split(&ids[..3], 0.2, RevokeBy::Mixed);
         assert_eq!((group.len(), single.len()), (1, 0));
-        assert_eq!(revoke_split(&ids, 0.0), (Vec::new(), Vec::new()));
-        assert_eq!(revoke_split(&ids, 1.0).0.len(), 15);
+        assert_eq!(
+            revoke_split(&ids, 0.0, RevokeBy::Mixed),
+            (Vec::new(), Vec::new())
+        );
+        assert_eq!(revoke_split(&ids, 1.0, RevokeBy::Mixed).0.len(), 15);
+        let (group, single) = revoke_split(&ids, 1.0, RevokeBy::Group);
+        assert_eq!((group.len(), single.len()), (30, 0));
+        assert_eq!(fleet_ids("sim-", 3), ["sim-0001", "sim-0002", "sim-0003"]);
+        assert_eq!(fleet_ids("sim-ab12cd-", 10_000)[9_999], "sim-ab12cd-10000");
+    }
+
+    #[test]
+    fn large_fleets_boot_no_faster_than_the_pace_and_storms_at_once() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            boot_ramp(Scenario::Steady, Duration::from_secs(6), 30),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            boot_ramp(Scenario::Steady, minute, 2_000),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            boot_ramp(Scenario::Steady, minute, 10_000),
+            Duration::from_secs(20)
+        );
+        assert_eq!(boot_ramp(Scenario::Storm, minute, 10_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_broker_fanout_reported_is_the_median_round_of_those_that_reached_all() {
+        let outcome = |probe_ms: Vec<(u8, u64)>| Outcome {
+            probe_ms,
+            ..Outcome::default()
+        };
+        let outcomes = [
+            outcome(vec![(0, 5), (1, 50), (2, 9)]),
+            outcome(vec![(0, 6), (1, 60), (2, 8)]),
+            outcome(vec![(0, 1), (1, 2)]),
+        ];
+        let p = median_round(&outcomes);
+        assert_eq!((p.count, p.max), (3, Some(6)));
+        assert_eq!(median_round(&[]), Percentiles::default());
     }
 
     #[test]
@@ -1361,10 +1842,10 @@ mod tests {
 
     #[test]
     fn short_lifetimes_get_request_timeouts_and_backoff_well_inside_them() {
-        let c = agent_config("sim-0001", "ABCD-EFGH", 6_000).expect("valid");
+        let c = agent_config("sim-0001", DEVICE_AUDIENCE, "ABCD-EFGH", 6_000).expect("valid");
         assert_eq!(c.request_timeout_ms, 750);
         assert_eq!(c.backoff.cap_ms, 1_500);
-        let long = agent_config("sim-0001", "ABCD-EFGH", 900_000).expect("valid");
+        let long = agent_config("sim-0001", DEVICE_AUDIENCE, "ABCD-EFGH", 900_000).expect("valid");
         assert_eq!(long.request_timeout_ms, DEFAULT_REQUEST_TIMEOUT_MS);
         assert_eq!(long.backoff, Backoff::default());
     }

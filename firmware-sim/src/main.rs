@@ -1,5 +1,5 @@
-//! `firmware-sim`: runs a simulated fleet against its own broker and hub and prints a
-//! summary (one JSON object as the last line with `--json`).
+//! `firmware-sim`: runs a simulated fleet against its own broker and hub (or a running pair,
+//! `--hub-config`) and prints a summary (one JSON object as the last line with `--json`).
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tessera_firmware_sim::duration;
-use tessera_firmware_sim::fleet::{self, Options, Scenario};
+use tessera_firmware_sim::external::External;
+use tessera_firmware_sim::fleet::{self, Options, RevokeBy, Scenario};
 
 /// Tessera firmware simulator: many devices running the shared core over MQTT.
 #[derive(Debug, Parser)]
@@ -19,7 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Start a Mosquitto and a hub of its own, register the fleet, run it, print a summary.
+    /// Start a Mosquitto and a hub of its own (or use a running pair: --hub-config),
+    /// register the fleet, run it, print a summary.
     Run(RunArgs),
 }
 
@@ -57,9 +59,11 @@ struct RunArgs {
     /// Simulated devices.
     #[arg(long, default_value_t = 100)]
     devices: usize,
-    /// Device token lifetime set in the hub's policy (whole seconds: `6s`, `1m`).
-    #[arg(long, value_parser = duration::parse, default_value = "60s")]
-    lifetime: Duration,
+    /// Device token lifetime set in the hub's policy (whole seconds: `6s`, `1m`)
+    /// [default: 60s; with --hub-config, the lifetime the running hub's policy gives
+    /// --device-role, which a value given here must match].
+    #[arg(long, value_parser = duration::parse)]
+    lifetime: Option<Duration>,
     /// How long the fleet runs once the hub serves (`20s`, `10m`).
     #[arg(long, value_parser = duration::parse, default_value = "60s")]
     duration: Duration,
@@ -72,6 +76,10 @@ struct RunArgs {
     /// The share of the fleet the revoke scenario revokes (0 to 1).
     #[arg(long, default_value_t = 0.2)]
     revoke_share: f64,
+    /// How the revoke scenario revokes: `mixed` (half with one `revoke --group`, the rest
+    /// one `revoke --device` each) or `group` (all with one `revoke --group`).
+    #[arg(long, value_enum, default_value_t = RevokeByArg::Mixed)]
+    revoke_by: RevokeByArg,
     /// The share of the fleet whose machine does not trust its local clock
     /// (trust_local_clock = false), 0 to 1 [default: 0.5 in clock-skew, 1 otherwise].
     #[arg(long)]
@@ -89,6 +97,41 @@ struct RunArgs {
     /// The Mosquitto binary (default: /usr/sbin/mosquitto, then the PATH).
     #[arg(long, env = "MOSQUITTO")]
     mosquitto: Option<PathBuf>,
+    /// Use the running hub this config file (tessera-hub.toml) belongs to instead of
+    /// starting one: the fleet is registered on its database with `tessera-hub device
+    /// import`, and the devices connect to its broker (or --broker). Only steady, storm,
+    /// clock-skew and power-loss run this way.
+    #[arg(long)]
+    hub_config: Option<PathBuf>,
+    /// With --hub-config: the broker the devices connect to, `mqtt://host[:port]` or
+    /// `mqtts://host[:port]` [default: the [mqtt] section of the hub's config].
+    #[arg(long, requires = "hub_config")]
+    broker: Option<String>,
+    /// With an mqtts:// broker: the CA certificate (PEM) that signs its certificate
+    /// [default: the hub config's [mqtt.tls] ca_file, when --broker is not given].
+    #[arg(long, requires = "hub_config")]
+    broker_ca: Option<PathBuf>,
+    /// With --hub-config: the running hub's process id, to report its CPU time and memory.
+    #[arg(long, requires = "hub_config")]
+    hub_pid: Option<u32>,
+    /// With --hub-config: the running broker's process id, to report its CPU time and
+    /// memory.
+    #[arg(long, requires = "hub_config")]
+    broker_pid: Option<u32>,
+    /// With --hub-config: the device role of the hub's policy the fleet is registered with.
+    #[arg(long, default_value = "sensor", requires = "hub_config")]
+    device_role: String,
+    /// With --hub-config: the group of the hub's policy the fleet is registered in.
+    #[arg(long, default_value = "building-a", requires = "hub_config")]
+    device_group: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RevokeByArg {
+    /// Half with one `revoke --group`, the rest with one `revoke --device` each.
+    Mixed,
+    /// All with one `revoke --group`.
+    Group,
 }
 
 #[tokio::main]
@@ -110,11 +153,24 @@ async fn main() -> anyhow::Result<()> {
         },
         outage: args.outage,
         revoke_share: args.revoke_share,
+        revoke_by: match args.revoke_by {
+            RevokeByArg::Mixed => RevokeBy::Mixed,
+            RevokeByArg::Group => RevokeBy::Group,
+        },
         untrusted_clock_share: args.untrusted_clock_share,
         power_cut_rate: args.power_cut_rate,
         hub_bin: args.hub_bin,
         mosquitto: args.mosquitto,
         progress: std::io::stdout().is_terminal(),
+        external: args.hub_config.map(|hub_config| External {
+            hub_config,
+            broker: args.broker,
+            broker_ca: args.broker_ca,
+            hub_pid: args.hub_pid,
+            broker_pid: args.broker_pid,
+            device_role: args.device_role,
+            device_group: args.device_group,
+        }),
     })
     .await?;
     if args.json {

@@ -362,6 +362,11 @@ impl Broker {
         self.port
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its log file.
     pub fn log(&self) -> &Path {
         &self.log
@@ -430,7 +435,10 @@ fn mosquitto_conf(port: u16, log: &Path) -> String {
          set_tcp_nodelay true\n\
          max_packet_size 131072\n\
          allow_anonymous true\n\
-         listener {port} {LOOPBACK}\n",
+         listener {port} {LOOPBACK}\n\
+         # No cap on clients (a fleet of 10,000 is 10,000 connections); the open-file limit\n\
+         # it inherits from the simulator, raised to the hard limit, is the real one.\n\
+         max_connections -1\n",
         log = log.display()
     )
 }
@@ -522,13 +530,9 @@ impl Hub {
 
     /// The hub's trust anchor, from the `trust-anchor.pem` init wrote.
     pub fn trust_anchor(&self) -> Result<PublicKey, Error> {
-        use p256::pkcs8::DecodePublicKey as _;
         let path = self.dir.join("trust-anchor.pem");
         let pem = std::fs::read_to_string(&path).map_err(Error::file(&path))?;
-        let key = p256::PublicKey::from_public_key_pem(&pem).map_err(|e| {
-            Error::Process(format!("{}: not a P-256 SPKI PEM key: {e}", path.display()))
-        })?;
-        PublicKey::from_sec1(&key.to_sec1_bytes()).map_err(Error::Core)
+        anchor_from_pem(&pem, &path.display().to_string())
     }
 
     /// Registers `ids` (role [`DEVICE_ROLE`], group [`DEVICE_GROUP`], or
@@ -539,44 +543,16 @@ impl Hub {
         ids: &[String],
         in_revoke_group: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, String)>, Error> {
-        let csv = self.dir.join("fleet.csv");
-        let codes = self.dir.join("codes.csv");
-        let mut text = String::from("id,role,group,key\n");
-        for id in ids {
-            let group = if in_revoke_group(id) {
-                REVOKE_GROUP
-            } else {
-                DEVICE_GROUP
-            };
-            let _ = writeln!(text, "{id},{DEVICE_ROLE},{group},");
-        }
-        std::fs::write(&csv, text).map_err(Error::file(&csv))?;
-        run_checked(
-            Command::new(&self.bin)
-                .arg("--config")
-                .arg(self.config())
-                .args(["device", "import"])
-                .arg(&csv)
-                .arg("--codes")
-                .arg(&codes),
-            "tessera-hub device import",
-        )?;
-        let written = std::fs::read_to_string(&codes).map_err(Error::file(&codes))?;
-        let pairs: Vec<(String, String)> = written
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(','))
-            .map(|(id, code)| (id.to_string(), code.trim().to_string()))
-            .collect();
-        if pairs.len() != ids.len() {
-            return Err(Error::Process(format!(
-                "device import wrote {} codes for {} devices ({})",
-                pairs.len(),
-                ids.len(),
-                codes.display()
-            )));
-        }
-        Ok(pairs)
+        device_import(&self.bin, &self.config(), &self.dir, ids, |id| {
+            (
+                DEVICE_ROLE,
+                if in_revoke_group(id) {
+                    REVOKE_GROUP
+                } else {
+                    DEVICE_GROUP
+                },
+            )
+        })
     }
 
     /// `tessera-hub serve` against `broker`; returns once the broker logs a new
@@ -749,6 +725,71 @@ impl Hub {
     }
 }
 
+/// Registers `ids` with one `tessera-hub --config <config> device import`, each with the
+/// role and group `place` gives it and a one-time enrollment code; the CSV file and the
+/// codes go to `work`. Returns `(id, code)` pairs.
+pub fn device_import<'a>(
+    bin: &Path,
+    config: &Path,
+    work: &Path,
+    ids: &[String],
+    place: impl Fn(&str) -> (&'a str, &'a str),
+) -> Result<Vec<(String, String)>, Error> {
+    let csv = work.join("fleet.csv");
+    let codes = work.join("codes.csv");
+    let mut text = String::from("id,role,group,key\n");
+    for id in ids {
+        let (role, group) = place(id);
+        let _ = writeln!(text, "{id},{role},{group},");
+    }
+    std::fs::write(&csv, text).map_err(Error::file(&csv))?;
+    run_checked(
+        Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .args(["device", "import"])
+            .arg(&csv)
+            .arg("--codes")
+            .arg(&codes),
+        "tessera-hub device import",
+    )?;
+    let written = std::fs::read_to_string(&codes).map_err(Error::file(&codes))?;
+    let pairs: Vec<(String, String)> = written
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(','))
+        .map(|(id, code)| (id.to_string(), code.trim().to_string()))
+        .collect();
+    if pairs.len() != ids.len() {
+        return Err(Error::Process(format!(
+            "device import wrote {} codes for {} devices ({})",
+            pairs.len(),
+            ids.len(),
+            codes.display()
+        )));
+    }
+    Ok(pairs)
+}
+
+/// The P-256 key of the first SPKI PEM block in `text` (from a file, or the output of
+/// `tessera-hub trust-anchor`), as the hub's trust anchor; `what` names where it came from.
+pub fn anchor_from_pem(text: &str, what: &str) -> Result<PublicKey, Error> {
+    use p256::pkcs8::DecodePublicKey as _;
+    const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+    const END: &str = "-----END PUBLIC KEY-----";
+    let block = text
+        .find(BEGIN)
+        .and_then(|from| {
+            text[from..]
+                .find(END)
+                .map(|to| &text[from..from + to + END.len()])
+        })
+        .ok_or_else(|| Error::Process(format!("{what}: no SPKI PEM public key")))?;
+    let key = p256::PublicKey::from_public_key_pem(block)
+        .map_err(|e| Error::Process(format!("{what}: not a P-256 SPKI PEM key: {e}")))?;
+    PublicKey::from_sec1(&key.to_sec1_bytes()).map_err(Error::Core)
+}
+
 /// How many subscriptions of the hub to its request topics the broker has logged.
 fn hub_subscriptions(broker: &Broker) -> usize {
     std::fs::read_to_string(broker.log())
@@ -759,7 +800,7 @@ fn hub_subscriptions(broker: &Broker) -> usize {
 }
 
 /// Runs a command to completion; fails with its output unless it succeeds.
-fn run_checked(command: &mut Command, what: &str) -> Result<String, Error> {
+pub fn run_checked(command: &mut Command, what: &str) -> Result<String, Error> {
     let output = command
         .stdin(Stdio::null())
         .output()
