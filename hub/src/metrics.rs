@@ -190,6 +190,10 @@ impl Metrics {
             "Unexpired tokens, by kind (updated at each heartbeat)",
             tokens_live.clone(),
         );
+        // Shown from the start (0 until the first heartbeat counts them).
+        for kind in ["device", "access"] {
+            let _ = tokens_live.get_or_create(&KindLabels { kind });
+        }
         let revocations = Family::<KindLabels, Counter>::default();
         registry.register(
             "revocations",
@@ -565,7 +569,7 @@ mod tests {
     fn every_metric_is_documented_with_its_type() {
         let doc = include_str!("../../docs/METRICS.md");
         let families = families();
-        assert_eq!(families.len(), 23, "{families:?}");
+        assert_eq!(families.len(), 24, "{families:?}");
         for (name, kind) in families {
             let row = format!("| `{}` | {kind} |", sample_name(&name, &kind));
             assert!(doc.contains(&row), "docs/METRICS.md lacks the row {row}");
