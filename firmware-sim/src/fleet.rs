@@ -1078,13 +1078,18 @@ fn distrusts_clock(i: usize, n: usize, untrusted: usize) -> bool {
     (i + 1) * untrusted / n.max(1) > i * untrusted / n.max(1)
 }
 
-/// How long after the hub serves again a device may still be waiting to try: one request
-/// timeout (a request sent into the outage) plus one backoff cap (the wait before the next
-/// try). Lapses in that window are the outage's, not the hub's.
+/// How long after the hub serves again a device may still be without an answer through no
+/// fault of the hub's: one request timeout (a request sent into the outage is given up),
+/// one backoff cap (the wait before the next try), and one more request timeout (the time
+/// the retry itself is allowed). Lapses in that window are the outage's, not the hub's.
 pub fn retry_window(lifetime_ms: u64) -> Duration {
     let config = agent_config("sim-0", DEVICE_AUDIENCE, "AAAA-AAAA", lifetime_ms);
     config.map_or(Duration::ZERO, |c| {
-        Duration::from_millis(c.request_timeout_ms.saturating_add(c.backoff.cap_ms))
+        Duration::from_millis(
+            c.request_timeout_ms
+                .saturating_mul(2)
+                .saturating_add(c.backoff.cap_ms),
+        )
     })
 }
 
