@@ -582,7 +582,7 @@ impl<S: Store> Dashboard<S> {
         revocations.extend(
             self.hub
                 .store
-                .audit_query(&recent("policy_reload"))
+                .audit_query(&recent(crate::policy_change::POLICY_REVOKE))
                 .await
                 .map_err(failed)?,
         );

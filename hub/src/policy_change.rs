@@ -205,7 +205,66 @@ pub async fn change_role<S: Store>(
     {
         outcome.absorb(later);
     }
+    let target = format!("client {}", client.id);
+    let mut rows = vec![AuditEvent {
+        at_ms: now.saturating_mul(1000),
+        actor: "cli".to_owned(),
+        action: "set_role".to_owned(),
+        target: client.id.clone(),
+        outcome: "ok".to_owned(),
+        reason: format!("role {} → {role}", client.role),
+        count: 1,
+    }];
+    rows.extend(revoked_row(
+        "cli",
+        &target,
+        &format!("role {role}"),
+        &outcome,
+        now.saturating_mul(1000),
+    ));
+    if let Err(e) = store.audit(rows).await {
+        tracing::error!(error = %e, "cannot audit the role change");
+    }
     Ok((outcome.revoked > 0).then_some(outcome))
+}
+
+/// The audit action of tokens revoked outside a request: by a policy reload (or load at
+/// start) or a role change, because the policy no longer allows them. The running hub
+/// notifies the webhooks of these rows (`server::out_of_band_notifier`) as it does of the
+/// operators' `revoke` requests.
+pub const POLICY_REVOKE: &str = "policy_revoke";
+
+/// The [`POLICY_REVOKE`] audit row of `outcome`, if it revoked anything: `actor` (`hub`,
+/// `cli`), `target` (`policy FILE`, `client ID`), `why` the first words of the reason.
+fn revoked_row(
+    actor: &str,
+    target: &str,
+    why: &str,
+    outcome: &Outcome,
+    at_ms: u64,
+) -> Option<AuditEvent> {
+    (outcome.revoked > 0).then(|| AuditEvent {
+        at_ms,
+        actor: actor.to_owned(),
+        action: POLICY_REVOKE.to_owned(),
+        target: target.to_owned(),
+        outcome: "ok".to_owned(),
+        reason: format!(
+            "{why}: revoked {} ({}, {} told to refresh)",
+            counted(outcome.revoked, "token", "tokens"),
+            counted(
+                outcome.entry_count(),
+                "revocation entry",
+                "revocation entries"
+            ),
+            counted(
+                u64::try_from(outcome.controls.len()).unwrap_or(u64::MAX),
+                "device",
+                "devices"
+            )
+        ),
+        count: 1,
+    })
 }
 
 /// How far a policy reload may go before it must be forced.
@@ -505,7 +564,19 @@ async fn audit_reload<S: Store>(
 ) {
     let mut event = audit_event(file, result, now_ms);
     event.reason.insert_str(0, when);
-    if let Err(e) = store.audit(vec![event]).await {
+    let why = if when.is_empty() {
+        "policy reload"
+    } else {
+        "policy load at start"
+    };
+    let revoked = result
+        .ok()
+        .and_then(|r| r.revoked.as_ref())
+        .and_then(|out| revoked_row("hub", &format!("policy {file}"), why, out, now_ms));
+    if let Err(e) = store
+        .audit([event].into_iter().chain(revoked).collect())
+        .await
+    {
         tracing::error!(error = %e, "cannot audit the policy reload");
     }
 }

@@ -52,7 +52,7 @@
 //!   stops taking requests, lets the workers answer what is queued and running within
 //!   `serve.drain_s`, then sends DISCONNECT and waits for the event loop to have sent it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1171,10 +1171,12 @@ impl Monitoring {
         }
     }
 
-    /// Notifies the webhooks that take revocations of a revocation the pipeline committed
-    /// (`event` is any decision; only successful `revoke`s are notified).
+    /// Notifies the webhooks that take revocations of a revocation the pipeline committed,
+    /// or one made outside a request (`event` is any decision; only successful `revoke`s
+    /// and [`policy_change::POLICY_REVOKE`] rows are notified).
     pub(crate) fn notify_revocation(&self, event: &AuditEvent) {
-        if event.action != tessera_shared::message::Operation::Revoke.name()
+        if (event.action != tessera_shared::message::Operation::Revoke.name()
+            && event.action != policy_change::POLICY_REVOKE)
             || event.outcome != "ok"
         {
             return;
@@ -1279,6 +1281,88 @@ async fn alerter<S: Store>(
                 storage.check("writing alerts to the audit log", &e);
             }
         }
+    }
+}
+
+/// How far back each look at the audit log for revocations made outside a request reaches
+/// before the last look: a row may be appended a little after its time (a role change
+/// from another process stamps the second it began).
+const OUT_OF_BAND_LATE_MS: u64 = 60_000;
+
+/// Revocations made outside a request ([`policy_change::POLICY_REVOKE`] audit rows: a
+/// policy reload or load at start, `client set-role` from another process) notified to the
+/// webhooks, as the operators' `revoke` requests are. Each look reads the rows since the
+/// last look (less [`OUT_OF_BAND_LATE_MS`]) and notifies those not notified yet.
+#[derive(Debug)]
+struct OutOfBand {
+    /// When the last look was (Unix ms); `None` before the first.
+    looked_ms: Option<u64>,
+    /// The rows notified within the late margin: (time, target, reason).
+    notified: HashSet<(u64, String, String)>,
+}
+
+impl OutOfBand {
+    /// The first look reaches back the late margin: a reload at start, just before serving,
+    /// is notified too (and a restart may notify again what the process before it did:
+    /// at least once).
+    fn new() -> Self {
+        Self {
+            looked_ms: None,
+            notified: HashSet::new(),
+        }
+    }
+
+    /// One look: notifies the new rows; counts role changes' revocations in the metrics
+    /// (a reload's are counted where it runs, [`reload_policy`]).
+    async fn look<S: Store>(&mut self, hub: &Hub<S>, monitoring: &Monitoring) {
+        let now_ms = hub.clock.now_ms();
+        let since = self
+            .looked_ms
+            .unwrap_or(now_ms)
+            .saturating_sub(OUT_OF_BAND_LATE_MS);
+        let filter = crate::store::AuditFilter {
+            action: Some(policy_change::POLICY_REVOKE.to_owned()),
+            since_ms: Some(since),
+            ..crate::store::AuditFilter::tail(1024)
+        };
+        let rows = match hub.store.audit_query(&filter).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the audit log for revocations to notify");
+                return;
+            }
+        };
+        self.notified.retain(|(at, _, _)| *at >= since);
+        for row in rows {
+            let key = (row.at_ms, row.target.clone(), row.reason.clone());
+            if self.notified.insert(key) {
+                if row.target.starts_with("client ") {
+                    hub.metrics.revocation("set_role");
+                }
+                monitoring.notify_revocation(&row);
+            }
+        }
+        self.looked_ms = Some(now_ms);
+    }
+}
+
+/// Looks for revocations made outside a request every `every_s` ([`OutOfBand`]), until
+/// `stop`.
+async fn out_of_band_notifier<S: Store>(
+    hub: Arc<Hub<S>>,
+    monitoring: Arc<Monitoring>,
+    every_s: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(every_s.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out_of_band = OutOfBand::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        out_of_band.look(&hub, &monitoring).await;
     }
 }
 
@@ -1835,6 +1919,15 @@ pub async fn run_with_dashboard<S: Store>(
             config.shared_subscription,
             config.rotation_announce_s,
             connected_rx,
+            stop_rx.clone(),
+        ),
+    );
+    tasks.spawn(
+        "revocation notifier",
+        out_of_band_notifier(
+            hub.clone(),
+            monitoring.clone(),
+            config.heartbeat_s,
             stop_rx.clone(),
         ),
     );
@@ -2830,7 +2923,11 @@ pub(crate) mod tests {
 
             /// The next notification the webhook accepted, its signature checked.
             async fn next_hook(&mut self) -> serde_json::Value {
-                let (headers, body) = self.hooks.recv().await.expect("receiver runs");
+                let (headers, body) =
+                    tokio::time::timeout(Duration::from_secs(60), self.hooks.recv())
+                        .await
+                        .expect("a notification within a minute")
+                        .expect("receiver runs");
                 let header = |name: &str| {
                     headers
                         .get(name)
@@ -3196,6 +3293,100 @@ pub(crate) mod tests {
             assert_eq!(hook["type"], "revocation");
             assert_eq!(hook["actor"], OPERATOR);
             assert_eq!(hook["target"], format!("device {DEVICE}"));
+        }
+
+        #[tokio::test]
+        async fn a_role_change_from_another_process_is_notified_once() {
+            let mut rig = Rig::new(AnomalyConfig::default(), 0).await;
+            let h = rig.send(DEVICE, 3, RequestBody::DeviceToken).await;
+            assert_eq!(refused(&h), None, "{:?}", h.audit);
+            // As `client set-role` does, on the store, outside the serving loop.
+            let device = rig
+                .hub
+                .store
+                .client(DEVICE)
+                .await
+                .expect("read")
+                .expect("device");
+            let policy = rig.hub.policy.current();
+            let out = crate::policy_change::change_role(
+                &rig.hub.store,
+                &policy,
+                &device,
+                "retired",
+                rig.clock.now(),
+            )
+            .await
+            .expect("change_role");
+            assert_eq!(out.map(|o| o.revoked), Some(1));
+            let mut out_of_band = OutOfBand::new();
+            out_of_band.look(&rig.hub, &rig.monitoring).await;
+            let hook = rig.next_hook().await;
+            assert_eq!(hook["type"], "revocation");
+            assert_eq!(hook["actor"], "cli");
+            assert_eq!(hook["target"], format!("client {DEVICE}"));
+            assert!(
+                hook["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("role retired: revoked 1 token")),
+                "{hook}"
+            );
+            assert!(metric(
+                &rig.hub,
+                "tessera_hub_revocations_total{kind=\"set_role\"} 1"
+            ));
+            // A second look notifies nothing again: the next notification is the
+            // operator's revocation that follows.
+            rig.clock.advance_ms(1_000);
+            out_of_band.look(&rig.hub, &rig.monitoring).await;
+            let h = rig
+                .send(
+                    OPERATOR,
+                    1,
+                    RequestBody::Revoke(tessera_shared::message::RevokeTarget::Device(DEVICE)),
+                )
+                .await;
+            assert_eq!(refused(&h), None, "{:?}", h.audit);
+            let hook = rig.next_hook().await;
+            assert_eq!(hook["actor"], OPERATOR, "{hook}");
+            assert!(metric(
+                &rig.hub,
+                "tessera_hub_revocations_total{kind=\"set_role\"} 1"
+            ));
+        }
+
+        #[tokio::test]
+        async fn a_policy_reload_that_revokes_is_notified() {
+            let mut rig = Rig::new(AnomalyConfig::default(), 0).await;
+            let h = rig.send(DEVICE, 3, RequestBody::DeviceToken).await;
+            assert_eq!(refused(&h), None, "{:?}", h.audit);
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("policy.toml");
+            let narrower = Policy::DEFAULT_TOML.replace(
+                r#"scopes = ["telemetry:write"]"#,
+                r#"scopes = ["telemetry:read"]"#,
+            );
+            assert_ne!(narrower, Policy::DEFAULT_TOML);
+            std::fs::write(&path, narrower).expect("write");
+            let limits = policy_change::ReloadLimits {
+                max_revoked_percent: 100,
+            };
+            reload_policy(&rig.hub, &path, &limits).await;
+            OutOfBand::new().look(&rig.hub, &rig.monitoring).await;
+            let hook = rig.next_hook().await;
+            assert_eq!(hook["type"], "revocation");
+            assert_eq!(hook["actor"], "hub");
+            assert_eq!(hook["target"], format!("policy {}", path.display()));
+            assert!(
+                hook["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("policy reload: revoked 1 token")),
+                "{hook}"
+            );
+            assert!(metric(
+                &rig.hub,
+                "tessera_hub_revocations_total{kind=\"policy_reload\"} 1"
+            ));
         }
 
         #[tokio::test]
