@@ -117,6 +117,10 @@ pub struct Metrics {
     /// Unix time of the last heartbeat round published (0: none yet).
     pub last_heartbeat: Gauge,
     last_heartbeat_age: Gauge,
+    /// 1 while this hub holds the housekeeping lease (always, on SQLite), 0 otherwise.
+    lease_held: Gauge,
+    /// Whether the lease was tried for yet.
+    lease_tried: AtomicBool,
     /// 1 while connected to the broker.
     pub broker_connected: Gauge,
     /// Connections to the broker after the first.
@@ -217,6 +221,13 @@ impl Metrics {
             "last_heartbeat_age_seconds",
             "Seconds since the last heartbeat round was published (-1: none yet)",
             last_heartbeat_age.clone(),
+        );
+        let lease_held = Gauge::default();
+        registry.register(
+            "lease_held",
+            "1 while this hub holds the housekeeping lease (heartbeats, snapshots, pruning), \
+             else 0",
+            lease_held.clone(),
         );
         let broker_connected = Gauge::default();
         registry.register(
@@ -341,6 +352,8 @@ impl Metrics {
             revocation_entries,
             last_heartbeat,
             last_heartbeat_age,
+            lease_held,
+            lease_tried: AtomicBool::new(false),
             broker_connected,
             broker_reconnects,
             broker_connects: AtomicU64::new(0),
@@ -483,6 +496,12 @@ impl Metrics {
         out
     }
 
+    /// Notes whether this hub holds the housekeeping lease after trying for it.
+    pub fn lease(&self, held: bool) {
+        self.lease_held.set(i64::from(held));
+        self.lease_tried.store(true, Ordering::Relaxed);
+    }
+
     /// What keeps the hub from being ready at `now` (Unix seconds), given whether its
     /// signing key signs and how often heartbeats go out; empty when ready.
     pub fn readiness(&self, now: u64, key_usable: bool, heartbeat_s: u64) -> Vec<String> {
@@ -495,6 +514,11 @@ impl Metrics {
         }
         if !key_usable {
             not_ready.push("signing key: cannot sign".to_owned());
+        }
+        // Heartbeats are the lease holder's duty: a replica without the lease need not
+        // publish them (the holder's own readiness says whether it does).
+        if self.lease_tried.load(Ordering::Relaxed) && self.lease_held.get() == 0 {
+            return not_ready;
         }
         let last = u64::try_from(self.last_heartbeat.get()).unwrap_or(0);
         // Two intervals: one heartbeat may be in progress or just missed.
@@ -514,6 +538,33 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_without_the_lease_is_ready_without_heartbeats_of_its_own() {
+        let m = Metrics::new();
+        m.broker_up();
+        assert!(
+            m.readiness(1000, true, 30)
+                .iter()
+                .any(|r| r.starts_with("heartbeat"))
+        );
+        m.lease(false);
+        assert_eq!(m.readiness(1000, true, 30), Vec::<String>::new());
+        assert!(
+            m.render(1000, WriteStats::default())
+                .contains("tessera_hub_lease_held 0")
+        );
+        m.lease(true);
+        assert!(
+            m.readiness(1000, true, 30)
+                .iter()
+                .any(|r| r.starts_with("heartbeat"))
+        );
+        assert!(
+            m.render(1000, WriteStats::default())
+                .contains("tessera_hub_lease_held 1")
+        );
+    }
 
     #[test]
     fn a_fresh_hub_is_not_ready_until_connected_and_heartbeating() {
@@ -569,7 +620,7 @@ mod tests {
     fn every_metric_is_documented_with_its_type() {
         let doc = include_str!("../../docs/METRICS.md");
         let families = families();
-        assert_eq!(families.len(), 24, "{families:?}");
+        assert_eq!(families.len(), 25, "{families:?}");
         for (name, kind) in families {
             let row = format!("| `{}` | {kind} |", sample_name(&name, &kind));
             assert!(doc.contains(&row), "docs/METRICS.md lacks the row {row}");

@@ -440,6 +440,8 @@ impl ControlWatch {
     }
 }
 
+/// One heartbeat of the hub holding the housekeeping lease: [`every_replica`]'s part, then
+/// [`housekeeping`].
 async fn heartbeat<S: Store>(
     hub: &Hub<S>,
     keyset: &KeySetState,
@@ -449,10 +451,22 @@ async fn heartbeat<S: Store>(
     announce_s: u64,
     watch: &mut ControlWatch,
 ) {
+    every_replica(hub, keyset, client, kek, announce_s).await;
+    housekeeping(hub, client, audit_retention_s, watch).await;
+}
+
+/// What every replica does at its heartbeat, lease or not: picks up rotated signing keys
+/// (each signs with the active key) and updates its gauges.
+async fn every_replica<S: Store>(
+    hub: &Hub<S>,
+    keyset: &KeySetState,
+    client: &impl Outbox,
+    kek: Option<&Kek>,
+    announce_s: u64,
+) {
     if let Some(kek) = kek {
         reload_keys(hub, keyset, kek, client, announce_s).await;
     }
-    prune(hub, audit_retention_s).await;
     let now = hub.clock.now();
     match hub
         .store
@@ -477,6 +491,19 @@ async fn heartbeat<S: Store>(
         }
         Err(e) => tracing::error!(error = %e, "cannot count the live tokens"),
     }
+}
+
+/// What the holder of the housekeeping lease does at its heartbeat, once per interval
+/// across replicas: prunes, publishes what is unpublished or unconfirmed, snapshots and
+/// heartbeats.
+async fn housekeeping<S: Store>(
+    hub: &Hub<S>,
+    client: &impl Outbox,
+    audit_retention_s: u64,
+    watch: &mut ControlWatch,
+) {
+    prune(hub, audit_retention_s).await;
+    let now = hub.clock.now();
     // Revocations recorded outside a request (role changes from the CLI, a policy
     // reload) go out now, and those whose broadcast the broker has not confirmed go out
     // again; those recorded in the last two seconds are most likely still on their way
@@ -1346,8 +1373,8 @@ impl OutOfBand {
     }
 }
 
-/// Looks for revocations made outside a request every `every_s` ([`OutOfBand`]), until
-/// `stop`.
+/// Looks for revocations made outside a request every `every_s` ([`OutOfBand`]) while
+/// this hub holds the housekeeping lease, until `stop`.
 async fn out_of_band_notifier<S: Store>(
     hub: Arc<Hub<S>>,
     monitoring: Arc<Monitoring>,
@@ -1362,7 +1389,12 @@ async fn out_of_band_notifier<S: Store>(
             _ = tick.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        out_of_band.look(&hub, &monitoring).await;
+        if hold_lease(&hub).await {
+            out_of_band.look(&hub, &monitoring).await;
+        } else {
+            // The holder notifies; on taking the lease, reach back only the late margin.
+            out_of_band = OutOfBand::new();
+        }
     }
 }
 
@@ -1601,26 +1633,51 @@ async fn beating<S: Store>(
     let mut beat = tokio::time::interval(Duration::from_secs(interval_s.max(1)));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watch = ControlWatch::default();
+    let mut leading = false;
     loop {
         tokio::select! {
             _ = beat.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        heartbeat(
-            &hub,
-            &keyset,
-            &client,
-            kek.as_deref(),
-            retention_s,
-            announce_s,
-            &mut watch,
-        )
-        .await;
+        let lead = hold_lease(&hub).await;
+        if lead != leading {
+            if lead {
+                tracing::info!("holding the housekeeping lease: this hub publishes heartbeats");
+            } else {
+                tracing::info!("another hub holds the housekeeping lease");
+            }
+            leading = lead;
+        }
+        if lead {
+            heartbeat(
+                &hub,
+                &keyset,
+                &client,
+                kek.as_deref(),
+                retention_s,
+                announce_s,
+                &mut watch,
+            )
+            .await;
+        } else {
+            every_replica(&hub, &keyset, &client, kek.as_deref(), announce_s).await;
+        }
         summary
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .log("heartbeat");
     }
+}
+
+/// Whether this hub holds the housekeeping lease ([`Store::hold_lease`]), noted in the
+/// metrics; a store that cannot say counts as not holding it.
+async fn hold_lease<S: Store>(hub: &Hub<S>) -> bool {
+    let held = hub.store.hold_lease().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot take or keep the housekeeping lease");
+        false
+    });
+    hub.metrics.lease(held);
+    held
 }
 
 /// Raised once the store refuses writes for good; the serving loop then stops the hub.
@@ -2241,6 +2298,23 @@ pub(crate) mod tests {
         sent.iter()
             .filter_map(|p| topic::controlled_device(&p.topic).map(str::to_owned))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_the_lease_publishes_nothing_at_its_heartbeat() {
+        let clock = FakeClock::at_ms(T0 * 1000);
+        let hub = hub(&clock).await;
+        owe_controls(&hub, "dev", 5, T0 - 10).await;
+        let out = SlowOutbox::new(&clock);
+        every_replica(&hub, &KeySetState::default(), &out, None, 300).await;
+        assert!(out.sent().is_empty(), "{:?}", out.sent().len());
+        assert_eq!(hub.metrics.last_heartbeat.get(), 0);
+        // Its live-token gauge is kept all the same.
+        assert!(
+            hub.metrics
+                .render(T0, crate::store::WriteStats::default())
+                .contains("tessera_hub_tokens_live{kind=\"device\"}")
+        );
     }
 
     #[tokio::test]

@@ -277,6 +277,35 @@ async fn two_replicas_spend_a_grant_once_and_issue_once_with_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_replica_holds_the_lease_and_another_takes_it_when_it_is_gone() {
+    let db = TestDb::new().await;
+    let a = db.create().await;
+    let b = db.replica();
+    let c = db.replica();
+    assert!(
+        a.hold_lease().await.expect("lease"),
+        "the first to try takes it"
+    );
+    assert!(a.hold_lease().await.expect("lease"), "and keeps it");
+    assert!(
+        !b.hold_lease().await.expect("lease"),
+        "one holder at a time"
+    );
+    assert!(!c.hold_lease().await.expect("lease"));
+    // The holder's process dies: its connections close, the server releases the lock.
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !b.hold_lease().await.expect("lease") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("another replica takes the lease once its holder is gone");
+    assert!(!c.hold_lease().await.expect("lease"), "still one holder");
+    assert!(b.hold_lease().await.expect("lease"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_accept_a_nonce_once() {
     let db = TestDb::new().await;
     let a = Arc::new(db.create().await);

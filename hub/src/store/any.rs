@@ -212,6 +212,10 @@ impl Store for AnyStore {
     async fn audit(&self, events: Vec<AuditEvent>) -> StoreResult<()> {
         delegate!(self, audit(events))
     }
+    async fn hold_lease(&self) -> StoreResult<bool> {
+        delegate!(self, hold_lease())
+    }
+
     fn write_stats(&self) -> WriteStats {
         match self {
             Self::Sqlite(s) => s.write_stats(),

@@ -839,6 +839,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends audit events (batched by the caller where it helps).
     fn audit(&self, events: Vec<AuditEvent>) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Whether this handle holds the housekeeping lease, taking it if no one holds it:
+    /// several hub replicas on one database do the periodic work (heartbeats, snapshots,
+    /// control messages owed, pruning, notifying revocations made outside a request) once,
+    /// by whichever holds it. The lease lasts as long as the holder's connection: a
+    /// replica that dies (even `kill -9`) loses it, and another takes it at its next try.
+    /// Called once per heartbeat by the serving loop. This provided version always holds
+    /// it: one process serves a database that cannot be shared (SQLite's serve lock).
+    fn hold_lease(&self) -> impl Future<Output = StoreResult<bool>> + Send {
+        async { Ok(true) }
+    }
+
     /// How many transactions carried how many writes (group commit); zeros for a backend
     /// that does not count.
     fn write_stats(&self) -> WriteStats {

@@ -128,7 +128,14 @@ struct Inner {
     transactions: AtomicU64,
     /// Transactions run again after losing a race.
     retries: AtomicU64,
+    /// The connection holding the housekeeping lease (a session advisory lock), taken
+    /// out of the pool for good: the lock lasts as long as this session.
+    lease: tokio::sync::Mutex<Option<deadpool_postgres::ClientWrapper>>,
 }
+
+/// The key of the housekeeping lease's advisory lock ("tessera\x01" in ASCII).
+/// Advisory locks are per database: one per hub deployment.
+const LEASE_KEY: i64 = 0x7465_7373_6572_6101;
 
 impl std::fmt::Debug for Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +230,7 @@ impl Postgres {
                 schema: tokio::sync::OnceCell::new(),
                 transactions: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
+                lease: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -2287,6 +2295,35 @@ impl Store for Postgres {
             .await?;
             Ok(())
         })
+    }
+
+    /// A session advisory lock ([`LEASE_KEY`]) on a connection of its own: kept while
+    /// that connection answers; when it does not (the server restarted, the network
+    /// broke), the server has released the lock with the session, and it is tried for
+    /// again on a new connection.
+    async fn hold_lease(&self) -> StoreResult<bool> {
+        let mut held = self.inner.lease.lock().await;
+        if let Some(client) = held.as_ref() {
+            if !client.is_closed() && client.simple_query("SELECT 1").await.is_ok() {
+                return Ok(true);
+            }
+            tracing::warn!(
+                database = %self.inner.shown,
+                "the housekeeping lease's connection broke: the lease is lost"
+            );
+            *held = None;
+        }
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEASE_KEY])
+            .await
+            .map_err(|e| pg(e, "taking the housekeeping lease"))?;
+        let took: bool = row.get(0);
+        if took {
+            // Out of the pool: the lock must never go back with a pooled session.
+            *held = Some(deadpool_postgres::Object::take(conn));
+        }
+        Ok(took)
     }
 
     fn write_stats(&self) -> WriteStats {

@@ -21,7 +21,7 @@
 //! refused on write (no real time is that large) and a negative one read back is corruption.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -244,6 +244,9 @@ struct Inner {
     stats: Arc<Counters>,
     /// Read connections; `None` for an in-memory database (reads go to the writer).
     readers: Option<Readers>,
+    /// The housekeeping lease's file beside the database (`None` in memory: one handle,
+    /// always the holder) and, while held, the open file with its lock.
+    lease: Option<(PathBuf, Mutex<Option<std::fs::File>>)>,
 }
 
 impl Drop for Inner {
@@ -384,13 +387,52 @@ impl Sqlite {
             })
             .collect::<StoreResult<Vec<_>>>()
             .map_err(context)?;
-        Self::start(
+        let mut store = Self::start(
             conn,
             Some(Readers {
                 conns,
                 next: AtomicUsize::new(0),
             }),
-        )
+        )?;
+        let mut lease = path.as_os_str().to_owned();
+        lease.push(".lease");
+        // Just built: no other handle yet.
+        if let Some(inner) = Arc::get_mut(&mut store.inner) {
+            inner.lease = Some((PathBuf::from(lease), Mutex::new(None)));
+        }
+        Ok(store)
+    }
+
+    /// The housekeeping lease ([`Store::hold_lease`]) of replicas on one SQLite file: an
+    /// exclusive `flock` on `DATABASE.lease`, which the kernel releases when the holder's
+    /// process ends, however it ends.
+    fn lease(&self) -> StoreResult<bool> {
+        let Some((path, held)) = &self.inner.lease else {
+            return Ok(true);
+        };
+        let mut held = held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.is_some() {
+            return Ok(true);
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {
+                *held = Some(file);
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Backend(format!(
+                "locking {}: {e}",
+                path.display()
+            ))),
+        }
     }
 
     /// A private in-memory database, for tests of code that needs a store. Nothing
@@ -498,6 +540,7 @@ impl Sqlite {
                 writer: Some(writer),
                 stats,
                 readers,
+                lease: None,
             }),
         })
     }
@@ -2418,6 +2461,10 @@ impl Store for Sqlite {
         .await
     }
 
+    async fn hold_lease(&self) -> StoreResult<bool> {
+        self.lease()
+    }
+
     fn write_stats(&self) -> WriteStats {
         WriteStats {
             transactions: self.inner.stats.transactions.load(Ordering::Relaxed),
@@ -2537,5 +2584,26 @@ mod tests {
             Err(StoreError::DatabaseExists { .. })
         ));
         drop(Sqlite::open_existing(&path).expect("open the created database"));
+    }
+
+    #[tokio::test]
+    async fn replicas_on_one_file_hold_the_lease_one_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let a = Sqlite::create(&path).expect("create");
+        let b = Sqlite::open_existing(&path).expect("open");
+        assert!(a.hold_lease().await.expect("lease"));
+        assert!(a.hold_lease().await.expect("lease"), "kept");
+        assert!(
+            !b.hold_lease().await.expect("lease"),
+            "one holder at a time"
+        );
+        drop(a);
+        assert!(
+            b.hold_lease().await.expect("lease"),
+            "taken once the holder is gone"
+        );
+        let memory = Sqlite::open_in_memory().expect("memory");
+        assert!(memory.hold_lease().await.expect("lease"));
     }
 }
