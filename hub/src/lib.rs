@@ -9,7 +9,6 @@
 
 pub mod acl;
 pub mod anomaly;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod crypto;
@@ -32,3 +31,5 @@ pub mod webhooks;
 
 /// The MQTT transport (re-exported: the hub's public API names its types).
 pub use tessera_mqtt as mqtt;
+/// The client library (crate `tessera-client`), which the CLI's remote commands use.
+pub use tessera_client as client;

@@ -21,7 +21,6 @@ use tessera_shared::{token, topic};
 use tokio::sync::RwLock;
 
 use crate::anomaly::{Decision, Quarantines, Signal};
-use crate::client::Answer;
 use crate::clock::Clock;
 use crate::crypto::AwsLcVerifier;
 use crate::keys::KeyRing;
@@ -175,6 +174,58 @@ impl<S: Store> std::fmt::Debug for Hub<S> {
         f.debug_struct("Hub")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// A successful answer, owned: what the pipeline builds before the response is signed.
+/// (Clients decode the same wire body into `tessera_client::Answer`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Enrollment done.
+    Enrolled,
+    /// A token, with the new refresh grant and its expiry.
+    Token {
+        /// The token bytes.
+        token: Vec<u8>,
+        /// The refresh grant and when it expires.
+        grant: Option<(Vec<u8>, u64)>,
+    },
+    /// A revocation is durable.
+    Revoked {
+        /// Clients or tokens newly revoked.
+        revoked: u64,
+        /// Revocation entries published.
+        entries: u64,
+        /// Devices told on their control topic.
+        notified: u64,
+    },
+    /// A signed page of a revocation stream.
+    Revocations {
+        /// The signed page.
+        page: Vec<u8>,
+    },
+}
+
+impl Answer {
+    /// The wire body of this answer.
+    pub fn as_body(&self) -> ResponseBody<'_> {
+        match self {
+            Answer::Enrolled => ResponseBody::Enrolled,
+            Answer::Token { token, grant } => ResponseBody::Token {
+                token,
+                grant: grant.as_ref().map(|(g, e)| (g.as_slice(), *e)),
+            },
+            Answer::Revoked {
+                revoked,
+                entries,
+                notified,
+            } => ResponseBody::Revoked {
+                revoked: *revoked,
+                entries: *entries,
+                notified: *notified,
+            },
+            Answer::Revocations { page } => ResponseBody::Revocations { page },
+        }
     }
 }
 

@@ -194,6 +194,30 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Runs the agent (`run`) until it checks presentations: the window since its start
+    /// passed and its revocation knowledge fresh.
+    fn run_until_checking(&self) -> Result<ChildGuard> {
+        let mut run = ChildGuard::spawn(&mut self.command(&["run"])?)?;
+        wait_until_blocking(
+            "the agent to check presentations (window since start passed, revocations fresh)",
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = run.try_wait()? {
+                    anyhow::bail!("the agent exited ({status}):\n{}", run.output());
+                }
+                let status = self.status()?;
+                let ready = status["revocation_fresh"] == true
+                    && status["presentations_accepted_from_ms"]
+                        .as_u64()
+                        .zip(status["now_ms"].as_u64())
+                        .is_some_and(|(from, now)| now >= from);
+                Ok(ready.then_some(()))
+            },
+        )
+        .with_context(|| format!("agent {}", self.config().display()))?;
+        Ok(run)
+    }
+
     fn command(&self, args: &[&str]) -> Result<Command> {
         let mut command = Command::new(cargo_bin("tessera-agent")?);
         command.arg("--config").arg(&self.config).args(args);
@@ -234,24 +258,7 @@ async fn a_running_agent_accepts_the_clis_presentation_and_refuses_it_signed_wit
     let app_key = hub.dir().add_app(app, "controller")?;
     let thief_key = hub.dir().keygen("pr-thief-4")?;
     let agent = Agent::enroll(&hub, device, &code)?;
-    let mut run = ChildGuard::spawn(&mut agent.command(&["run"])?)?;
-    wait_until_blocking(
-        "the agent to check presentations (window since start passed, revocations fresh)",
-        Duration::from_secs(30),
-        || {
-            if let Some(status) = run.try_wait()? {
-                anyhow::bail!("the agent exited ({status}):\n{}", run.output());
-            }
-            let status = agent.status()?;
-            let ready = status["revocation_fresh"] == true
-                && status["presentations_accepted_from_ms"]
-                    .as_u64()
-                    .zip(status["now_ms"].as_u64())
-                    .is_some_and(|(from, now)| now >= from);
-            Ok(ready.then_some(()))
-        },
-    )
-    .with_context(|| format!("agent {}", agent.config().display()))?;
+    let mut run = agent.run_until_checking()?;
 
     let token = access_token(&hub, app, &app_key, device, "door:open")?;
     let presentation = present(&hub, &app_key, &token, device)?;
@@ -270,6 +277,78 @@ async fn a_running_agent_accepts_the_clis_presentation_and_refuses_it_signed_wit
     );
     assert!(printed.contains("did not prove possession"), "{printed}");
 
+    let status = run.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "the agent stopped with {status}");
+    Ok(())
+}
+
+/// The client library (`tessera-client`) as a control app uses it: a token asked for twice
+/// is asked of the hub once (cached), renewed through its refresh grant when asked to, and
+/// presented; a running agent accepts the presentation, and refuses that token once an
+/// operator revokes it through the library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_caches_renews_and_presents_a_token_a_running_agent_accepts()
+-> Result<()> {
+    let hub = hub().await?;
+    let (device, app, ops) = ("pr-door-5", "pr-app-5", "pr-ops-5");
+    let code = hub
+        .dir()
+        .add_device_with_code(device, "sensor", &["building-a"])?;
+    let app_key = hub.dir().add_app(app, "controller")?;
+    let ops_key = hub.dir().add_operator(ops, "ops")?;
+    let agent = Agent::enroll(&hub, device, &code)?;
+    let mut run = agent.run_until_checking()?;
+
+    let mut client = hub.client(app, &app_key).await?;
+    let first = client.access_token(device, "door:open").await?;
+    assert_eq!(first.device(), device);
+    assert!(first.expires_at() > unix_now(), "{first:?}");
+    let cached = client.access_token(device, "door:open").await?;
+    // A second request would have brought a token with another id.
+    assert_eq!(cached, first, "the token held is reused before it is due");
+    let renewed = client.renew(device, "door:open").await?;
+    assert_ne!(renewed.bytes(), first.bytes(), "a new token");
+    assert_eq!(client.access_token(device, "door:open").await?, renewed);
+    let refreshes = hub
+        .dir()
+        .run(&["audit", "--client", app, "--action", "refresh", "--json"])?;
+    let refreshes: Vec<serde_json::Value> =
+        serde_json::from_str(&refreshes).with_context(|| format!("audit --json: {refreshes}"))?;
+    assert_eq!(
+        refreshes.len(),
+        1,
+        "renewed through the grant: {refreshes:?}"
+    );
+    assert_eq!(refreshes[0]["outcome"], "ok", "{refreshes:?}");
+
+    let presentation = client.present(&renewed)?;
+    let (accepted, printed) = agent.verify("door:open", &presentation)?;
+    assert!(
+        accepted,
+        "the agent refused the library's presentation: {printed}"
+    );
+    assert_eq!(printed.trim(), format!("accepted: presented by {app}"));
+
+    let mut operator = hub.client(ops, &ops_key).await?;
+    let revoked = operator
+        .revoke(tessera_shared::message::RevokeTarget::TokenHash(
+            renewed.hash(),
+        ))
+        .await?;
+    assert_eq!(revoked.revoked, 1, "{revoked:?}");
+    operator.close().await;
+    // The revocation reaches the agent over its stream; each try is a fresh presentation.
+    let refused = wait_until_blocking(
+        "the agent to refuse the revoked token",
+        Duration::from_secs(30),
+        || {
+            let (accepted, printed) = agent.verify("door:open", &client.present(&renewed)?)?;
+            Ok((!accepted).then_some(printed))
+        },
+    )?;
+    assert!(refused.contains("revoked"), "{refused}");
+
+    client.close().await;
     let status = run.terminate(Duration::from_secs(10))?;
     assert!(status.success(), "the agent stopped with {status}");
     Ok(())

@@ -11,12 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_hub::keyfile;
-use tessera_shared::message::{NONCE_LEN, Presentation, validate_id};
+use tessera_shared::message::validate_id;
 use tessera_shared::token::MAX_TOKEN_LEN;
-
-/// A presentation is the token plus a COSE_Sign1 envelope, a device id, a time and a nonce:
-/// well under 1 KiB on top of the largest token.
-const MAX_PRESENTATION_LEN: usize = MAX_TOKEN_LEN + 1024;
 
 /// What `present` signs, and with which key.
 #[derive(Args)]
@@ -57,20 +53,8 @@ pub(super) fn present(args: &PresentArgs) -> Result<()> {
             .context("the system clock is before 1970")?
             .as_secs(),
     };
-    // A fresh nonce per presentation: the device refuses one it has accepted before.
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce)
-        .map_err(|e| anyhow::anyhow!("the OS random number generator failed: {e}"))?;
-    let presentation = Presentation {
-        token: &token,
-        audience: &args.device,
-        issued_at,
-        nonce,
-    };
-    let mut out = vec![0u8; MAX_PRESENTATION_LEN];
-    let n = presentation
-        .sign(&holder, &mut out)
+    let presentation = tessera_hub::client::present(&holder, &token, &args.device, issued_at)
         .map_err(|e| anyhow::anyhow!("cannot build the presentation: {e}"))?;
-    println!("{}", hex::encode(&out[..n]));
+    println!("{}", hex::encode(presentation));
     Ok(())
 }

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tessera_hub::client::{Answer, Client};
+use tessera_hub::client::Client;
 use tessera_hub::config::HubConfig;
 use tessera_hub::keyfile;
 use tessera_hub::mqtt::MqttConfig;
-use tessera_shared::message::{IdList, MAX_REVOKE_LIST, RequestBody, RevokeTarget, validate_id};
+use tessera_shared::message::{IdList, MAX_REVOKE_LIST, RevokeTarget, validate_id};
 use tessera_shared::scope::Scopes;
 
 use super::Identity;
@@ -89,19 +89,17 @@ pub(super) async fn revoke(config: &HubConfig, args: RevokeArgs) -> Result<()> {
              --role, --devices-from"
         ),
     }
-    let (mut client, timeout) = connect_as(config, &who).await?;
+    let mut client = connect_as(config, &who).await?;
     let (mut revoked, mut entries, mut notified) = (0, 0, 0);
     let mut failure = None;
     for (i, target) in targets.iter().enumerate() {
-        match client.request(RequestBody::Revoke(*target), timeout).await {
-            Ok(Answer::Revoked {
-                revoked: r,
-                entries: e,
-                notified: n,
-            }) => (revoked, entries, notified) = (revoked + r, entries + e, notified + n),
-            Ok(other) => {
-                failure = Some(anyhow::anyhow!("unexpected answer: {other:?}"));
-                break;
+        match client.revoke(*target).await {
+            Ok(done) => {
+                (revoked, entries, notified) = (
+                    revoked + done.revoked,
+                    entries + done.entries,
+                    notified + done.notified,
+                );
             }
             Err(e) if targets.len() > 1 => {
                 failure = Some(anyhow::anyhow!(
@@ -145,47 +143,33 @@ pub(super) async fn access_token(
     json: bool,
 ) -> Result<()> {
     validate_id(device).map_err(|_| anyhow::anyhow!("invalid device id `{device}`"))?;
-    let scopes = Scopes::parse(scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
-    let (mut client, timeout) = connect_as(config, who).await?;
-    let answer = client
-        .request(
-            RequestBody::AccessToken {
-                device,
-                scope: scopes,
-            },
-            timeout,
-        )
-        .await;
+    Scopes::parse(scope).map_err(|e| anyhow::anyhow!("scope: {e}"))?;
+    let mut client = connect_as(config, who).await?;
+    let answer = client.access_token(device, scope).await;
     client.close().await;
-    match answer? {
-        // The refresh grant stays out of the output: a token needs its holder's key, a
-        // grant is closer to a secret.
-        Answer::Token { token, .. } if json => {
-            let document = serde_json::json!({
-                "token": hex::encode(&token),
-                "token_hash": hex::encode(tessera_shared::revocation::token_hash(&token)),
-                "claims": super::inspect::dangerous_claims_of_issued(&token)?,
-            });
-            println!("{}", serde_json::to_string_pretty(&document)?);
-        }
-        Answer::Token { token, .. } => println!("{}", hex::encode(token)),
-        other => bail!("unexpected answer: {other:?}"),
+    // The refresh grant stays out of the output: a token needs its holder's key, a grant
+    // is closer to a secret.
+    let token = answer?;
+    if json {
+        let document = serde_json::json!({
+            "token": hex::encode(token.bytes()),
+            "token_hash": hex::encode(token.hash()),
+            "claims": super::inspect::dangerous_claims_of_issued(token.bytes())?,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        println!("{}", hex::encode(token.bytes()));
     }
     Ok(())
 }
 
 pub(super) async fn lift_quarantine(config: &HubConfig, who: &Identity, id: &str) -> Result<()> {
     validate_id(id).map_err(|_| anyhow::anyhow!("invalid client id `{id}`"))?;
-    let (mut client, timeout) = connect_as(config, who).await?;
-    let answer = client
-        .request(RequestBody::LiftQuarantine { client: id }, timeout)
-        .await;
+    let mut client = connect_as(config, who).await?;
+    let answer = client.lift_quarantine(id).await;
     client.close().await;
-    match answer? {
-        // The empty success body.
-        Answer::Enrolled => println!("quarantine of {id} lifted"),
-        other => bail!("unexpected answer: {other:?}"),
-    }
+    answer?;
+    println!("quarantine of {id} lifted");
     Ok(())
 }
 
@@ -197,7 +181,7 @@ pub(super) async fn watch(
     topic: &str,
     count: Option<usize>,
 ) -> Result<()> {
-    let (mut client, _) = connect_as(config, who).await?;
+    let mut client = connect_as(config, who).await?;
     client.subscribe(topic).await?;
     let mut seen = 0;
     while let Some(msg) = client.next_message().await {
@@ -266,7 +250,9 @@ fn revoke_batches(ids: &[String], max_request_bytes: usize) -> Vec<Vec<&str>> {
     batches
 }
 
-pub(super) async fn connect_as(config: &HubConfig, who: &Identity) -> Result<(Client, Duration)> {
+/// Connects as the client `who` names; its `--timeout-s` bounds the connection and each
+/// answer.
+pub(super) async fn connect_as(config: &HubConfig, who: &Identity) -> Result<Client> {
     let signer = keyfile::read_private(&who.key)?;
     let anchor = keyfile::read_public(&who.trust_anchor)?;
     let mut mqtt: MqttConfig = config.mqtt.clone();
@@ -281,8 +267,7 @@ pub(super) async fn connect_as(config: &HubConfig, who: &Identity) -> Result<(Cl
         mqtt.port = p;
     }
     let timeout = Duration::from_secs(who.timeout_s);
-    let client = Client::connect(&mqtt, &who.id, signer, anchor, timeout)
+    Client::connect(&mqtt, &who.id, signer, anchor, timeout)
         .await
-        .with_context(|| format!("cannot reach the broker at {}:{}", mqtt.host, mqtt.port))?;
-    Ok((client, timeout))
+        .with_context(|| format!("cannot reach the broker at {}:{}", mqtt.host, mqtt.port))
 }

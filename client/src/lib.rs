@@ -1,10 +1,38 @@
-//! A Tessera client over MQTT, for control apps, operators and tests: signs requests with
-//! the client's own key, publishes them on its request topic, and waits for the signed
-//! response that answers them (same client, request id and nonce, hub signature).
+//! `tessera-client`: the Tessera client over MQTT, for control apps, operators and tests.
+//! It signs requests with the client's own key, publishes them on its request topic, and
+//! waits for the signed response that answers them (same client, request id and nonce,
+//! hub signature), as docs/PROTOCOL.md specifies.
 //!
 //! The client keeps the hub's key set current from the retained `tessera/v1/hub/keys`
-//! message, starting from the trust anchor it was given.
+//! message, starting from the trust anchor it was given. It links no database, CLI or
+//! policy code: only the protocol core (`tessera-shared`) and the MQTT transport.
+//!
+//! A control app gets an access token for a device and presents it with its command; the
+//! token is cached and renewed through its refresh grant before it expires:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tessera_client::{Client, MqttConfig};
+//! use tessera_shared::crypto::{P256Signer, PublicKey};
+//!
+//! # async fn app(key: P256Signer, trust_anchor: PublicKey) -> Result<(), tessera_client::ClientError> {
+//! let broker = MqttConfig::plain("127.0.0.1", 1883, "app-7");
+//! let mut client = Client::connect(&broker, "app-7", key, trust_anchor, Duration::from_secs(10)).await?;
+//! let token = client.access_token("door-1", "door:open").await?;
+//! let presentation = client.present(&token)?;
+//! // Send `presentation` to door-1 with the command; its agent checks it (PROTOCOL.md §13).
+//! # let _ = presentation;
+//! client.close().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! An operator revokes with [`Client::revoke`] and follows the hub's events with
+//! [`Client::watch`] and [`Client::next_event`].
 
+mod tokens;
+
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rumqttc::v5::AsyncClient;
@@ -16,7 +44,9 @@ use tessera_shared::message::{
 use tessera_shared::topic;
 use tokio::sync::watch;
 
-use crate::mqtt::{self, MqttConfig, MqttError, Notice, Notices, QoS};
+pub use tessera_mqtt::{self as mqtt, MqttConfig, MqttError};
+use tessera_mqtt::{Notice, Notices, QoS};
+pub use tokens::{AccessToken, present};
 
 /// Why a request did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +84,12 @@ pub enum ClientError {
     /// The OS random number generator failed.
     #[error("random number generator: {0}")]
     Random(String),
+    /// The hub answered with a body of another kind than the request asks for.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
 }
 
-/// A successful response, owned: what a client receives, and what the hub builds before
-/// signing it.
+/// A successful answer of the hub, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// Enrollment done.
@@ -85,27 +117,39 @@ pub enum Answer {
     },
 }
 
-impl Answer {
-    /// The wire body of this answer.
-    pub fn as_body(&self) -> ResponseBody<'_> {
-        match self {
-            Answer::Enrolled => ResponseBody::Enrolled,
-            Answer::Token { token, grant } => ResponseBody::Token {
-                token,
-                grant: grant.as_ref().map(|(g, e)| (g.as_slice(), *e)),
+impl From<ResponseBody<'_>> for Answer {
+    fn from(body: ResponseBody<'_>) -> Self {
+        match body {
+            ResponseBody::Enrolled => Answer::Enrolled,
+            ResponseBody::Token { token, grant } => Answer::Token {
+                token: token.to_vec(),
+                grant: grant.map(|(g, e)| (g.to_vec(), e)),
             },
-            Answer::Revoked {
+            ResponseBody::Revoked {
                 revoked,
                 entries,
                 notified,
-            } => ResponseBody::Revoked {
-                revoked: *revoked,
-                entries: *entries,
-                notified: *notified,
+            } => Answer::Revoked {
+                revoked,
+                entries,
+                notified,
             },
-            Answer::Revocations { page } => ResponseBody::Revocations { page },
+            ResponseBody::Revocations { page } => Answer::Revocations {
+                page: page.to_vec(),
+            },
         }
     }
+}
+
+/// What a revocation did, as the hub answered once it was durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// Clients or tokens newly revoked.
+    pub revoked: u64,
+    /// Revocation entries published.
+    pub entries: u64,
+    /// Devices told on their control topic.
+    pub notified: u64,
 }
 
 /// A connected client.
@@ -121,6 +165,11 @@ pub struct Client {
     next_request: u64,
     /// The hub's time minus ours, learned from responses (seconds).
     clock_offset: i64,
+    /// How long the high-level calls ([`Client::access_token`], [`Client::revoke`]…) wait
+    /// for an answer: the `timeout` given to [`Client::connect`].
+    timeout: Duration,
+    /// Access tokens held, by device and scope ([`Client::access_token`]).
+    tokens: HashMap<(String, String), AccessToken>,
 }
 
 impl std::fmt::Debug for Client {
@@ -131,12 +180,16 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Unix seconds by the system clock (0 before 1970).
 fn unix_now() -> u64 {
-    crate::clock::Clock::now(&crate::clock::SystemClock)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Client {
     /// Connects as `id` and subscribes to the client's response topic and the key set.
+    /// `timeout` bounds the connection, and each answer the high-level calls wait for.
     pub async fn connect(
         config: &MqttConfig,
         id: &str,
@@ -170,6 +223,8 @@ impl Client {
             stop,
             next_request: 1,
             clock_offset: 0,
+            timeout,
+            tokens: HashMap::new(),
         };
         client
             .add_subscription(resp.as_str(), QoS::AtLeastOnce)
@@ -292,27 +347,72 @@ impl Client {
                     code: e.code,
                     reason: e.reason.to_string(),
                 }),
-                Ok(body) => Ok(match body {
-                    ResponseBody::Enrolled => Answer::Enrolled,
-                    ResponseBody::Token { token, grant } => Answer::Token {
-                        token: token.to_vec(),
-                        grant: grant.map(|(g, e)| (g.to_vec(), e)),
-                    },
-                    ResponseBody::Revoked {
-                        revoked,
-                        entries,
-                        notified,
-                    } => Answer::Revoked {
-                        revoked,
-                        entries,
-                        notified,
-                    },
-                    ResponseBody::Revocations { page } => Answer::Revocations {
-                        page: page.to_vec(),
-                    },
-                }),
+                Ok(body) => Ok(Answer::from(body)),
             };
         }
+    }
+
+    /// The hub's time as this client knows it (its own clock corrected by what the
+    /// hub's answers said), Unix milliseconds.
+    pub fn hub_now_ms(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        now.saturating_add_signed(self.clock_offset.saturating_mul(1000))
+    }
+
+    /// Revokes `target` as an operator (every kind of PROTOCOL.md §8.5.5); returns once the
+    /// revocation is durable on the hub.
+    pub async fn revoke(&mut self, target: RevokeTarget<'_>) -> Result<Revoked, ClientError> {
+        match self
+            .request(RequestBody::Revoke(target), self.timeout)
+            .await?
+        {
+            Answer::Revoked {
+                revoked,
+                entries,
+                notified,
+            } => Ok(Revoked {
+                revoked,
+                entries,
+                notified,
+            }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Lifts the quarantine of `client` as an operator (PROTOCOL.md §8.5.7).
+    pub async fn lift_quarantine(&mut self, client: &str) -> Result<(), ClientError> {
+        match self
+            .request(RequestBody::LiftQuarantine { client }, self.timeout)
+            .await?
+        {
+            // The empty success body.
+            Answer::Enrolled => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Follows the hub's event stream (operators whose role lists `watch`): subscribes to
+    /// it; [`Client::next_event`] then gives each event.
+    pub async fn watch(&mut self) -> Result<(), ClientError> {
+        self.subscribe(topic::EVENTS).await
+    }
+
+    /// Follows the hub's alerts topic (anomalies and quarantines), as [`Client::watch`].
+    pub async fn watch_alerts(&mut self) -> Result<(), ClientError> {
+        self.subscribe(topic::ALERTS).await
+    }
+
+    /// The next message of the event stream or alerts topic followed: its topic and its
+    /// JSON payload (PROTOCOL.md §7.1, §7.5). `None` once the connection is closed for good.
+    pub async fn next_event(&mut self) -> Option<(String, Vec<u8>)> {
+        while let Some(msg) = self.next_message().await {
+            if msg.topic == topic::EVENTS || msg.topic == topic::ALERTS {
+                return Some((msg.topic, msg.payload));
+            }
+        }
+        None
     }
 
     /// The hub's key set as currently trusted.
