@@ -29,7 +29,7 @@ pub mod store;
 pub mod text;
 pub mod webhooks;
 
-/// The MQTT transport (re-exported: the hub's public API names its types).
-pub use tessera_mqtt as mqtt;
 /// The client library (crate `tessera-client`), which the CLI's remote commands use.
 pub use tessera_client as client;
+/// The MQTT transport (re-exported: the hub's public API names its types).
+pub use tessera_mqtt as mqtt;
