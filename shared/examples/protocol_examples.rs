@@ -805,6 +805,54 @@ fn examples() -> String {
     );
     message_section(o, &p, &s, &[]);
 
+    // Report a presentation refused as revoked.
+    let reported = Presentation {
+        token: &access_token,
+        audience: DEVICE,
+        issued_at: T0 + 760,
+        nonce: counting(0x81),
+    };
+    let mut reported_signed = vec![0u8; BUF];
+    let n = reported
+        .sign(&k.app, &mut reported_signed)
+        .expect("sign presentation");
+    reported_signed.truncate(n);
+    SignedPresentation::verify(
+        &reported_signed,
+        &k.hub.public_key(),
+        &Validation::new(T0 + 760, DEVICE),
+        60,
+    )
+    .expect("the reported presentation verifies");
+    let report_req = Request {
+        client: DEVICE,
+        request_id: 5,
+        issued_at: T0 + 761,
+        nonce: counting(0x91),
+        body: RequestBody::ReportPresentation {
+            presentation: &reported_signed,
+        },
+    };
+    let (p, s) = sign_request(&report_req, &k.device);
+    o.push_str("#### B.5.8 `report_presentation` (op 8)\n\n");
+    let _ = writeln!(
+        o,
+        "At T0+760 `{APP}` presents the access token of B.4 to `{DEVICE}` again (as in B.10, \
+         with another nonce). The device refuses it: change 1 of its partition (B.8.1) revoked \
+         that token at T0+750. It reports the presentation, byte for byte, at T0+761, request \
+         id 5 ([§8.5.8](#858-report_presentation-op-8)). The answer, on success, is the empty \
+         body `{{}}`:\n"
+    );
+    message_section(
+        o,
+        &p,
+        &s,
+        &[(
+            &reported_signed,
+            "the signed presentation the device refused",
+        )],
+    );
+
     // ---- revocation payloads (needed by responses) -----------------------------------------
     // devices/03: change 1 (T0+750) revokes the access token of B.4 by hash; change 2
     // (T0+800, B.5.5) revokes the subject app-7. Both are addressed to device-42, the
