@@ -30,7 +30,10 @@
 //! An operator revokes with [`Client::revoke`] and follows the hub's events with
 //! [`Client::watch`] and [`Client::next_event`].
 
+#[cfg(feature = "axum")]
+pub mod http;
 mod tokens;
+pub mod verifier;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -53,7 +53,7 @@ pub use broker::{Broker, BrokerBuilder};
 pub use pki::{CertKeyFiles, TestPki};
 pub use port::{free_port, wait_for_port};
 pub use probe::{Message, MqttProbe, ProbeOptions, QoS, topic_matches};
-pub use process::{ChildGuard, cargo_bin, cargo_bin_of};
+pub use process::{ChildGuard, cargo_bin, cargo_bin_of, cargo_example};
 pub use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
 pub use rustix::process::Signal;
 pub use wait::{wait_until, wait_until_blocking, wait_until_every};

@@ -213,7 +213,31 @@ pub fn cargo_bin_of(package: &str, name: &str) -> Result<PathBuf> {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let result = built
         .entry((package.to_owned(), name.to_owned()))
-        .or_insert_with(|| build_bin(package, name).map_err(|e| format!("{e:#}")));
+        .or_insert_with(|| {
+            build(package, name, &["--bin", name], None).map_err(|e| format!("{e:#}"))
+        });
+    result.clone().map_err(anyhow::Error::msg)
+}
+
+/// The path of example `name` of workspace package `package` built with `features` (comma
+/// separated, may be empty), built once per test process as [`cargo_bin_of`] builds a
+/// binary: the examples a README shows run in CI this way.
+pub fn cargo_example(package: &str, name: &str, features: &str) -> Result<PathBuf> {
+    type Built = HashMap<(String, String), Result<PathBuf, String>>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let result = built
+        .entry((package.to_owned(), name.to_owned()))
+        .or_insert_with(|| {
+            let mut selector = vec!["--example", name];
+            if !features.is_empty() {
+                selector.extend(["--features", features]);
+            }
+            build(package, name, &selector, Some("examples")).map_err(|e| format!("{e:#}"))
+        });
     result.clone().map_err(anyhow::Error::msg)
 }
 
@@ -253,7 +277,9 @@ fn target_layout() -> Result<TargetLayout> {
     })
 }
 
-fn build_bin(package: &str, name: &str) -> Result<PathBuf> {
+/// Runs `cargo build -p <package> <selector…>` for the running test's target dir and
+/// profile; returns where the artefact `name` is (in the profile dir, or its `subdir`).
+fn build(package: &str, name: &str, selector: &[&str], subdir: Option<&str>) -> Result<PathBuf> {
     let layout = target_layout()?;
     let profile = layout
         .profile_dir
@@ -270,7 +296,8 @@ fn build_bin(package: &str, name: &str) -> Result<PathBuf> {
         .arg("build")
         .arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"))
-        .args(["-p", package, "--bin", name])
+        .args(["-p", package])
+        .args(selector)
         .env("CARGO_TARGET_DIR", &layout.target_dir);
     match profile.as_str() {
         "debug" => {}
@@ -293,13 +320,16 @@ fn build_bin(package: &str, name: &str) -> Result<PathBuf> {
         .context("running cargo build")?;
     if !status.success() {
         bail!(
-            "`cargo build -p {package} --bin {name}` failed ({status}); cargo's errors are \
-             printed above"
+            "`cargo build -p {package} {}` failed ({status}); cargo's errors are printed \
+             above",
+            selector.join(" ")
         );
     }
-    let path = layout
-        .profile_dir
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let dir = match subdir {
+        Some(sub) => layout.profile_dir.join(sub),
+        None => layout.profile_dir.clone(),
+    };
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !path.is_file() {
         bail!("cargo built {name} but {} does not exist", path.display());
     }
