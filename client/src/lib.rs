@@ -183,8 +183,32 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Waits up to `timeout` for the connection to come up; if it does not, stops its event
+/// loop (`stop`) and says so.
+pub(crate) async fn await_connected(
+    notices: &mut Notices,
+    stop: &watch::Sender<bool>,
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    let connected = tokio::time::timeout(timeout, async {
+        while let Some(n) = notices.recv().await {
+            if matches!(n, Notice::Connected) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if matches!(connected, Ok(true)) {
+        Ok(())
+    } else {
+        let _ = stop.send(true);
+        Err(ClientError::Timeout(timeout))
+    }
+}
+
 /// Unix seconds by the system clock (0 before 1970).
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -203,19 +227,7 @@ impl Client {
         let resp = topic::response(id).map_err(ClientError::Core)?;
         let (stop, stop_rx) = watch::channel(false);
         let (mqtt, mut notices) = mqtt::connect(config, 64, stop_rx)?;
-        let connected = tokio::time::timeout(timeout, async {
-            while let Some(n) = notices.recv().await {
-                if matches!(n, Notice::Connected) {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        if !matches!(connected, Ok(true)) {
-            let _ = stop.send(true);
-            return Err(ClientError::Timeout(timeout));
-        }
+        await_connected(&mut notices, &stop, timeout).await?;
         let mut client = Self {
             id: id.to_string(),
             signer,

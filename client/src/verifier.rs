@@ -259,19 +259,7 @@ impl ServiceVerifier {
         }));
         let (stop, stop_rx) = watch::channel(false);
         let (client, mut notices) = tessera_mqtt::connect(mqtt, 1024, stop_rx.clone())?;
-        let connected = tokio::time::timeout(timeout, async {
-            while let Some(n) = notices.recv().await {
-                if matches!(n, Notice::Connected) {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        if !matches!(connected, Ok(true)) {
-            let _ = stop.send(true);
-            return Err(ClientError::Timeout(timeout));
-        }
+        crate::await_connected(&mut notices, &stop, timeout).await?;
         let subscribe = {
             let (client, filter) = (client.clone(), filter.clone());
             move || {
@@ -391,11 +379,7 @@ impl Drop for ServiceVerifier {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::unix_now;
 
 #[cfg(test)]
 mod tests {

@@ -205,24 +205,31 @@ pub fn cargo_bin(name: &str) -> Result<PathBuf> {
 /// for `tessera-hub`, which bundles SQLite): CI should run `cargo build --workspace --bins`
 /// before the tests so no test spends its time compiling.
 pub fn cargo_bin_of(package: &str, name: &str) -> Result<PathBuf> {
-    type Built = HashMap<(String, String), Result<PathBuf, String>>;
-    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
-    let mut built = BUILT
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let result = built
-        .entry((package.to_owned(), name.to_owned()))
-        .or_insert_with(|| {
-            build(package, name, &["--bin", name], None).map_err(|e| format!("{e:#}"))
-        });
-    result.clone().map_err(anyhow::Error::msg)
+    built_once(package, name, || {
+        build(package, name, &["--bin", name], None)
+    })
 }
 
 /// The path of example `name` of workspace package `package` built with `features` (comma
 /// separated, may be empty), built once per test process as [`cargo_bin_of`] builds a
 /// binary: the examples a README shows run in CI this way.
 pub fn cargo_example(package: &str, name: &str, features: &str) -> Result<PathBuf> {
+    built_once(package, &format!("example {name}"), || {
+        let mut selector = vec!["--example", name];
+        if !features.is_empty() {
+            selector.extend(["--features", features]);
+        }
+        build(package, name, &selector, Some("examples"))
+    })
+}
+
+/// What `build` gave for `(package, what)` in this test process, built on first use;
+/// concurrent callers wait for the one build.
+fn built_once(
+    package: &str,
+    what: &str,
+    build: impl FnOnce() -> Result<PathBuf>,
+) -> Result<PathBuf> {
     type Built = HashMap<(String, String), Result<PathBuf, String>>;
     static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let mut built = BUILT
@@ -230,14 +237,8 @@ pub fn cargo_example(package: &str, name: &str, features: &str) -> Result<PathBu
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let result = built
-        .entry((package.to_owned(), name.to_owned()))
-        .or_insert_with(|| {
-            let mut selector = vec!["--example", name];
-            if !features.is_empty() {
-                selector.extend(["--features", features]);
-            }
-            build(package, name, &selector, Some("examples")).map_err(|e| format!("{e:#}"))
-        });
+        .entry((package.to_owned(), what.to_owned()))
+        .or_insert_with(|| build().map_err(|e| format!("{e:#}")));
     result.clone().map_err(anyhow::Error::msg)
 }
 
