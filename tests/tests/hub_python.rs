@@ -5,6 +5,10 @@
 //! Uses the venv of `scripts/interop` (`target/interop-venv`), creating it the same way
 //! when it is missing or stale. Without Python 3, its venv module or PyPI, the test fails
 //! and says what is missing: it is never skipped.
+//!
+//! The last test is the Python package's (`pip install ./python`, in `target/sdk-venv`):
+//! its end-to-end script and its example app against a real hub, their presentations
+//! checked by the core's verifier as a device runs it.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -283,5 +287,124 @@ async fn python_cwt_verifies_hub_tokens_given_only_the_trust_anchor_init_printed
             Err(refusal) => assert!(refusal.contains(why), "{why}: {refusal}"),
         }
     }
+    Ok(())
+}
+
+/// The interpreter of `target/sdk-venv` with the package installed from `python/` as a
+/// user does (`pip install ./python`, which builds the module with maturin). The venv is
+/// made once; the package is installed again at every run (cargo rebuilds only what
+/// changed).
+fn sdk_python() -> Result<PathBuf> {
+    let root = workspace_root();
+    let venv = root.join("target/sdk-venv");
+    let python = venv.join("bin/python");
+    let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    if !python.is_file() {
+        std::fs::create_dir_all(root.join("target")).context("creating target/")?;
+        let created = run(Command::new(&system).arg("-m").arg("venv").arg(&venv))?;
+        ensure!(
+            created.status.success(),
+            "cannot create a Python venv with `{system} -m venv`; install the venv module \
+             (for example `apt-get install python3-venv`):\n{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+    }
+    let installed = run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-q",
+        ])
+        .arg(root.join("python"))
+        // The module's build runs cargo; keep it on this workspace's target dir.
+        .env(
+            "CARGO_TARGET_DIR",
+            std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| root.join("target").into()),
+        ))?;
+    ensure!(
+        installed.status.success(),
+        "`pip install ./python` failed (it needs PyPI for maturin, and a Rust toolchain):\n{}{}",
+        String::from_utf8_lossy(&installed.stdout),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    Ok(python)
+}
+
+/// What a device with id `device` decides about `presentation` for `scope` at `now`.
+fn device_accepts(hub: &TestHub, presentation: &[u8], device: &str, scope: &str) -> Result<String> {
+    let validation = tessera_shared::token::Validation::new(tessera_tests::hub::unix_now(), device)
+        .with_scope(scope)
+        .with_issuer(hub.dir().hub_id());
+    let checked = tessera_shared::message::SignedPresentation::verify(
+        presentation,
+        &hub.trust_anchor(),
+        &validation,
+        60,
+    )
+    .map_err(|e| anyhow::anyhow!("the device refused the presentation: {e}"))?;
+    Ok(checked.token.claims().sub.to_owned())
+}
+
+#[tokio::test]
+async fn the_python_package_gets_presents_and_revokes_tokens_against_a_real_hub() -> Result<()> {
+    let python = sdk_python()?;
+    let hub = TestHub::builder().start().await?;
+    let device = "py-door";
+    hub.dir().add_device(device, "sensor", &["building-a"])?;
+    let app_key = hub.dir().add_app("py-sdk-app", "controller")?;
+    let ops_key = hub.dir().add_operator("py-sdk-ops", "ops")?;
+    let port = hub.broker().port().to_string();
+
+    let output = run(Command::new(&python)
+        .arg(workspace_root().join("python/tests/e2e.py"))
+        .env("TESSERA_HOST", "127.0.0.1")
+        .env("TESSERA_PORT", &port)
+        .env("TESSERA_ANCHOR", hub.dir().trust_anchor_path())
+        .env("TESSERA_DEVICE", device)
+        .env("TESSERA_APP", "py-sdk-app")
+        .env("TESSERA_APP_KEY", app_key.private_path())
+        .env("TESSERA_OPS", "py-sdk-ops")
+        .env("TESSERA_OPS_KEY", ops_key.private_path()))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    ensure!(
+        output.status.success(),
+        "python/tests/e2e.py failed ({}):\n{stdout}{stderr}\n{}",
+        output.status,
+        hub.log()
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(stdout.trim()).with_context(|| format!("e2e.py printed: {stdout}"))?;
+    let presentation = hex::decode(result["presentation"].as_str().unwrap_or_default())?;
+    assert_eq!(
+        device_accepts(&hub, &presentation, device, "door:open")?,
+        "py-sdk-app"
+    );
+    assert_eq!(result["revoked"][0], 1, "{result}");
+
+    // The example app of python/examples, as its docstring runs it.
+    let output = run(Command::new(&python)
+        .arg(workspace_root().join("python/examples/app.py"))
+        .args(["127.0.0.1", &port, "py-sdk-app"])
+        .arg(app_key.private_path())
+        .arg(hub.dir().trust_anchor_path())
+        .arg(device))?;
+    ensure!(
+        output.status.success(),
+        "python/examples/app.py failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let presentation = hex::decode(String::from_utf8_lossy(&output.stdout).trim())?;
+    assert_eq!(
+        device_accepts(&hub, &presentation, device, "door:open")?,
+        "py-sdk-app"
+    );
     Ok(())
 }
