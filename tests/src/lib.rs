@@ -13,6 +13,8 @@
 //!   talk to it, for the hub's end-to-end tests.
 //! - [`flood`]: publishers, fast signing and measurements (RSS, database rows) for the
 //!   hub's flood and burst tests.
+//! - [`http`]: plain HTTP GETs and Prometheus series for the hub's listener.
+//! - [`replicas`]: hub replicas on one PostgreSQL database of the test's own.
 //! - [`wait_until`], [`wait_until_every`], [`wait_until_blocking`]: bounded waits on an observable condition,
 //!   instead of fixed sleeps.
 //!
@@ -42,11 +44,13 @@
 
 pub mod broker;
 pub mod flood;
+pub mod http;
 pub mod hub;
 pub mod pki;
 pub mod port;
 pub mod probe;
 pub mod process;
+pub mod replicas;
 pub mod wait;
 
 pub use broker::{Broker, BrokerBuilder};

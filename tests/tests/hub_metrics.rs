@@ -4,55 +4,17 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::Result;
 use tessera_hub::client::Answer;
 use tessera_shared::message::RequestBody;
+use tessera_tests::http::{http_get, metric};
 use tessera_tests::hub::TestHub;
 use tessera_tests::{free_port, wait_until};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// The `[http]` section of the default config, commented out.
 const HTTP_OFF: &str = "# [http]\n# listen = \"127.0.0.1:9464\"";
-
-/// `GET path` on the loopback `port` over HTTP/1.1: the status code and the body.
-async fn get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    ensure!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "chunked response: {head}"
-    );
-    Ok((status, body.to_owned()))
-}
-
-/// The value of one series (`name{labels}` exactly as rendered), if present.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (name, value) = line.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok()).flatten()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_request_metrics_are_served_and_readiness_follows_the_broker()
@@ -63,12 +25,12 @@ async fn health_readiness_and_request_metrics_are_served_and_readiness_follows_t
         .start()
         .await?;
 
-    assert_eq!(get(port, "/healthz").await?, (200, "ok\n".to_owned()));
+    assert_eq!(http_get(port, "/healthz").await?, (200, "ok\n".to_owned()));
     wait_until("the hub to be ready", WAIT, async || {
-        Ok((get(port, "/readyz").await?.0 == 200).then_some(()))
+        Ok((http_get(port, "/readyz").await?.0 == 200).then_some(()))
     })
     .await?;
-    assert_eq!(get(port, "/nothing-here").await?.0, 404);
+    assert_eq!(http_get(port, "/nothing-here").await?.0, 404);
 
     // A device enrolls and gets its device token: one request of each, both ok.
     let id = "metrics-dev-1";
@@ -83,7 +45,7 @@ async fn health_readiness_and_request_metrics_are_served_and_readiness_follows_t
     assert_eq!(enrolled.outcome, Ok(Answer::Enrolled));
     device.ask(RequestBody::DeviceToken).await?.expect_token()?;
 
-    let (status, text) = get(port, "/metrics").await?;
+    let (status, text) = http_get(port, "/metrics").await?;
     assert_eq!(status, 200);
     let series = [
         (
@@ -112,19 +74,19 @@ async fn health_readiness_and_request_metrics_are_served_and_readiness_follows_t
     // Without the broker the hub is alive but not ready, and says why.
     hub.broker_mut().stop()?;
     let body = wait_until("/readyz to fail", WAIT, async || {
-        let (status, body) = get(port, "/readyz").await?;
+        let (status, body) = http_get(port, "/readyz").await?;
         Ok((status == 503).then_some(body))
     })
     .await?;
     assert!(body.contains("broker: not connected"), "{body}");
-    assert_eq!(get(port, "/healthz").await?.0, 200);
+    assert_eq!(http_get(port, "/healthz").await?.0, 200);
 
     hub.broker_mut().restart()?;
     wait_until("/readyz to pass again", WAIT, async || {
-        Ok((get(port, "/readyz").await?.0 == 200).then_some(()))
+        Ok((http_get(port, "/readyz").await?.0 == 200).then_some(()))
     })
     .await?;
-    let (_, text) = get(port, "/metrics").await?;
+    let (_, text) = http_get(port, "/metrics").await?;
     assert_eq!(
         metric(&text, "tessera_hub_broker_reconnects_total"),
         Some(1.0),
