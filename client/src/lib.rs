@@ -32,6 +32,7 @@
 
 #[cfg(feature = "axum")]
 pub mod http;
+pub mod keyfile;
 mod tokens;
 pub mod verifier;
 

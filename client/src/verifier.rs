@@ -171,13 +171,32 @@ impl State {
         };
         let window = self.config.presentation_window_s;
         let checked = SignedPresentation::verify(presentation, &self.keys, &validation, window)
-            .map_err(|e| match e {
-                tessera_shared::Error::Claims(ClaimsError::MissingScope) => {
-                    Refusal::Forbidden(scope.to_owned())
-                }
-                e => Refusal::Invalid(e.to_string()),
-            })?;
-        if checked.token.check_not_revoked(&self.list).is_err() {
+            .map_err(|e| refusal(e, scope))?;
+        let verified = self.current(&checked.token, now)?;
+        self.admit(checked.nonce, checked.issued_at, now)?;
+        Ok(verified)
+    }
+
+    fn check_token(&self, token: &[u8], scope: &str, now: u64) -> Result<Verified, Refusal> {
+        let validation = Validation {
+            now,
+            audience: &self.config.service,
+            leeway: self.config.leeway_s,
+            issuer: None,
+            required_scope: Some(scope),
+        };
+        let verified = tessera_shared::token::verify(token, &self.keys, &validation)
+            .map_err(|e| refusal(e, scope))?;
+        self.current(&verified, now)
+    }
+
+    /// The rest of a check once the token verified: not revoked, by current knowledge.
+    fn current(
+        &self,
+        token: &tessera_shared::token::VerifiedToken<'_>,
+        now: u64,
+    ) -> Result<Verified, Refusal> {
+        if token.check_not_revoked(&self.list).is_err() {
             return Err(Refusal::Revoked);
         }
         if !self
@@ -186,12 +205,11 @@ impl State {
         {
             return Err(Refusal::Stale);
         }
-        self.admit(checked.nonce, checked.issued_at, now)?;
-        let claims = checked.token.claims();
+        let claims = token.claims();
         Ok(Verified {
             device: claims.sub.to_owned(),
             scope: claims.scope.as_str().to_owned(),
-            token_hash: checked.token.hash(),
+            token_hash: token.hash(),
             expires_at: claims.exp,
         })
     }
@@ -210,6 +228,16 @@ impl State {
             Some(_) => Err(Refusal::Replayed),
             None => Ok(()),
         }
+    }
+}
+
+/// A verification error as a refusal: a missing scope is 403, the rest 401.
+fn refusal(e: tessera_shared::Error, scope: &str) -> Refusal {
+    match e {
+        tessera_shared::Error::Claims(ClaimsError::MissingScope) => {
+            Refusal::Forbidden(scope.to_owned())
+        }
+        e => Refusal::Invalid(e.to_string()),
     }
 }
 
@@ -351,6 +379,18 @@ impl ServiceVerifier {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .check(presentation, scope, now)
+    }
+
+    /// Checks a device token on its own, without a presentation: its signature, this
+    /// service as audience, `scope`, its times, and that it is not revoked by current
+    /// knowledge. Only for a channel that already proves the device holds the token's key
+    /// (mutual TLS with the device's key, say): a bare token proves nothing about who sends
+    /// it. Use [`ServiceVerifier::check`] otherwise.
+    pub fn check_token(&self, token: &[u8], scope: &str) -> Result<Verified, Refusal> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check_token(token, scope, unix_now())
     }
 
     /// What the verifier knows now.
@@ -564,9 +604,18 @@ mod tests {
         .expect("addressed");
         let mut page = vec![0u8; 2048];
         let n = revocation::encode_page(1, NOW, &stream, 1, 1, [&entry], &mut page).expect("page");
+        assert!(fresh.check_token(&good, "telemetry:write", NOW).is_ok());
+        assert_eq!(
+            fresh.check_token(&good, "door:open", NOW),
+            Err(Refusal::Forbidden("door:open".into()))
+        );
         fresh.apply(&signed(&hub, &page[..n]), NOW);
         assert_eq!(
             fresh.check(&present(&good, &device, SERVICE, 8), "telemetry:write", NOW),
+            Err(Refusal::Revoked)
+        );
+        assert_eq!(
+            fresh.check_token(&good, "telemetry:write", NOW),
             Err(Refusal::Revoked)
         );
         // A page signed by another key changes nothing.

@@ -15,7 +15,6 @@ pub mod crypto;
 pub mod dashboard;
 pub mod events;
 pub mod http;
-pub mod keyfile;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
@@ -31,5 +30,7 @@ pub mod webhooks;
 
 /// The client library (crate `tessera-client`), which the CLI's remote commands use.
 pub use tessera_client as client;
+/// Key files in standard formats (the client library's: one implementation).
+pub use tessera_client::keyfile;
 /// The MQTT transport (re-exported: the hub's public API names its types).
 pub use tessera_mqtt as mqtt;

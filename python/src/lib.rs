@@ -13,12 +13,11 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use p256::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use tessera_client::{ClientError, MqttConfig};
+use tessera_client::{ClientError, MqttConfig, keyfile};
 use tessera_shared::crypto::{P256Signer, PublicKey};
 use tessera_shared::message::RevokeTarget;
 use tessera_shared::token::{self, Validation};
@@ -74,26 +73,14 @@ fn unix_now() -> u64 {
 
 /// A P-256 private key from PKCS#8 PEM (as `tessera-hub keygen` writes it).
 fn signer(private_key_pem: &str) -> PyResult<P256Signer> {
-    let secret = p256::SecretKey::from_pkcs8_pem(private_key_pem)
-        .map_err(|e| InvalidKeyError::new_err(format!("private key: {e}")))?;
-    P256Signer::from_scalar(&secret.to_bytes().into())
+    keyfile::private_from_pem(private_key_pem)
         .map_err(|e| InvalidKeyError::new_err(format!("private key: {e}")))
 }
 
 /// The hub's trust anchor: an SPKI PEM (`trust-anchor.pem`) or the COSE_Key hex `init`
 /// prints.
 fn anchor(trust_anchor: &str) -> PyResult<PublicKey> {
-    let text = trust_anchor.trim();
-    if text.starts_with("-----BEGIN") {
-        let key = p256::PublicKey::from_public_key_pem(text)
-            .map_err(|e| InvalidKeyError::new_err(format!("trust anchor: {e}")))?;
-        return PublicKey::from_sec1(&key.to_sec1_bytes())
-            .map_err(|e| InvalidKeyError::new_err(format!("trust anchor: {e}")));
-    }
-    let bytes = hex::decode(text).map_err(|_| {
-        InvalidKeyError::new_err("trust anchor: neither a PEM public key nor COSE_Key hex")
-    })?;
-    PublicKey::from_cose_key(&bytes)
+    keyfile::anchor_from_text(trust_anchor)
         .map_err(|e| InvalidKeyError::new_err(format!("trust anchor: {e}")))
 }
 

@@ -15,6 +15,7 @@
 //!   hub's flood and burst tests.
 //! - [`http`]: plain HTTP GETs and Prometheus series for the hub's listener.
 //! - [`replicas`]: hub replicas on one PostgreSQL database of the test's own.
+//! - [`python`]: the Python package (`pip install ./python`) in a venv, for Python apps.
 //! - [`wait_until`], [`wait_until_every`], [`wait_until_blocking`]: bounded waits on an observable condition,
 //!   instead of fixed sleeps.
 //!
@@ -50,6 +51,7 @@ pub mod pki;
 pub mod port;
 pub mod probe;
 pub mod process;
+pub mod python;
 pub mod replicas;
 pub mod wait;
 

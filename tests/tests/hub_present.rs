@@ -353,3 +353,56 @@ async fn the_client_library_caches_renews_and_presents_a_token_a_running_agent_a
     assert!(status.success(), "the agent stopped with {status}");
     Ok(())
 }
+
+/// The two example apps, as their docs run them: the Rust one of the client library
+/// (`client/examples/app.rs`) and the Python one (`python/examples/app.py`, after `pip
+/// install ./python`). Each gets an access token from the hub and prints a presentation;
+/// a running agent accepts both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_and_python_example_apps_get_tokens_a_running_agent_accepts() -> Result<()> {
+    let hub = hub().await?;
+    let (device, app) = ("pr-door-6", "pr-app-6");
+    let code = hub
+        .dir()
+        .add_device_with_code(device, "sensor", &["building-a"])?;
+    let app_key = hub.dir().add_app(app, "controller")?;
+    let agent = Agent::enroll(&hub, device, &code)?;
+    let mut run = agent.run_until_checking()?;
+    let broker = format!("127.0.0.1:{}", hub.broker().port());
+    let anchor = hub.dir().trust_anchor_path();
+
+    let rust = tessera_tests::cargo_example("tessera-client", "app", "")?;
+    let printed = run_checked(
+        Command::new(rust)
+            .args([&broker, app])
+            .arg(app_key.private_path())
+            .arg(&anchor)
+            .arg(device),
+    )?;
+    let (accepted, said) = agent.verify("door:open", &hex::decode(printed.trim())?)?;
+    assert!(
+        accepted,
+        "the agent refused the Rust example's presentation: {said}"
+    );
+
+    let python = tessera_tests::python::sdk_python()?;
+    let (host, port) = broker.split_once(':').context("host:port")?;
+    let printed = run_checked(
+        Command::new(python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/examples/app.py"))
+            .args([host, port, app])
+            .arg(app_key.private_path())
+            .arg(&anchor)
+            .arg(device),
+    )?;
+    let (accepted, said) = agent.verify("door:open", &hex::decode(printed.trim())?)?;
+    assert!(
+        accepted,
+        "the agent refused the Python example's presentation: {said}"
+    );
+    assert_eq!(said.trim(), format!("accepted: presented by {app}"));
+
+    let status = run.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "the agent stopped with {status}");
+    Ok(())
+}

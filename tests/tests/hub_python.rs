@@ -290,49 +290,6 @@ async fn python_cwt_verifies_hub_tokens_given_only_the_trust_anchor_init_printed
     Ok(())
 }
 
-/// The interpreter of `target/sdk-venv` with the package installed from `python/` as a
-/// user does (`pip install ./python`, which builds the module with maturin). The venv is
-/// made once; the package is installed again at every run (cargo rebuilds only what
-/// changed).
-fn sdk_python() -> Result<PathBuf> {
-    let root = workspace_root();
-    let venv = root.join("target/sdk-venv");
-    let python = venv.join("bin/python");
-    let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    if !python.is_file() {
-        std::fs::create_dir_all(root.join("target")).context("creating target/")?;
-        let created = run(Command::new(&system).arg("-m").arg("venv").arg(&venv))?;
-        ensure!(
-            created.status.success(),
-            "cannot create a Python venv with `{system} -m venv`; install the venv module \
-             (for example `apt-get install python3-venv`):\n{}",
-            String::from_utf8_lossy(&created.stderr)
-        );
-    }
-    let installed = run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-input",
-            "-q",
-        ])
-        .arg(root.join("python"))
-        // The module's build runs cargo; keep it on this workspace's target dir.
-        .env(
-            "CARGO_TARGET_DIR",
-            std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| root.join("target").into()),
-        ))?;
-    ensure!(
-        installed.status.success(),
-        "`pip install ./python` failed (it needs PyPI for maturin, and a Rust toolchain):\n{}{}",
-        String::from_utf8_lossy(&installed.stdout),
-        String::from_utf8_lossy(&installed.stderr)
-    );
-    Ok(python)
-}
-
 /// What a device with id `device` decides about `presentation` for `scope` at `now`.
 fn device_accepts(hub: &TestHub, presentation: &[u8], device: &str, scope: &str) -> Result<String> {
     let validation = tessera_shared::token::Validation::new(tessera_tests::hub::unix_now(), device)
@@ -350,7 +307,7 @@ fn device_accepts(hub: &TestHub, presentation: &[u8], device: &str, scope: &str)
 
 #[tokio::test]
 async fn the_python_package_gets_presents_and_revokes_tokens_against_a_real_hub() -> Result<()> {
-    let python = sdk_python()?;
+    let python = tessera_tests::python::sdk_python()?;
     let hub = TestHub::builder().start().await?;
     let device = "py-door";
     hub.dir().add_device(device, "sensor", &["building-a"])?;

@@ -43,14 +43,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyFileError + '_ {
 /// Reads a PKCS#8 PEM P-256 private key.
 pub fn read_private(path: &Path) -> Result<P256Signer, KeyFileError> {
     let pem = Zeroizing::new(std::fs::read_to_string(path).map_err(io(path))?);
-    let format = |reason: String| KeyFileError::Format {
+    private_from_pem(&pem).map_err(|reason| KeyFileError::Format {
         path: path.display().to_string(),
         what: "private key (PKCS#8)",
         reason,
-    };
-    let secret = p256::SecretKey::from_pkcs8_pem(&pem).map_err(|e| format(e.to_string()))?;
+    })
+}
+
+/// Parses a PKCS#8 PEM P-256 private key.
+pub fn private_from_pem(pem: &str) -> Result<P256Signer, String> {
+    let secret = p256::SecretKey::from_pkcs8_pem(pem).map_err(|e| e.to_string())?;
     let scalar = Zeroizing::new(<[u8; 32]>::from(secret.to_bytes()));
-    P256Signer::from_scalar(&scalar).map_err(|e| format(e.to_string()))
+    P256Signer::from_scalar(&scalar).map_err(|e| e.to_string())
+}
+
+/// A trust anchor given as text: an SPKI PEM public key (`trust-anchor.pem`) or the
+/// COSE_Key hex `tessera-hub init` prints.
+pub fn anchor_from_text(text: &str) -> Result<PublicKey, String> {
+    let text = text.trim();
+    if text.starts_with("-----BEGIN") {
+        return public_from_pem(text);
+    }
+    let bytes =
+        hex::decode(text).map_err(|_| "neither a PEM public key nor COSE_Key hex".to_owned())?;
+    PublicKey::from_cose_key(&bytes).map_err(|e| e.to_string())
 }
 
 /// Writes a private key as PKCS#8 PEM, creating the file with mode 0600 (refusing to
@@ -115,12 +131,17 @@ mod tests {
     use super::*;
     use tessera_shared::crypto::Signer;
 
+    /// A fixed test key (the tests need a valid one, not a random one).
+    fn key(n: u8) -> P256Signer {
+        P256Signer::from_scalar(&[n; 32]).expect("scalar")
+    }
+
     #[test]
     fn private_key_round_trips_with_mode_0600() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.pem");
-        let signer = crate::keys::generate_client_key().expect("rng");
+        let signer = key(5);
         write_private(&path, &signer).expect("write");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -134,7 +155,7 @@ mod tests {
 
     #[test]
     fn public_key_pem_round_trips_and_garbage_is_a_clear_error() {
-        let signer = crate::keys::generate_client_key().expect("rng");
+        let signer = key(6);
         let pem = public_to_pem(&signer.public_key());
         assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
         assert_eq!(public_from_pem(&pem), Ok(signer.public_key()));
@@ -142,5 +163,25 @@ mod tests {
             public_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_trust_anchor_is_read_from_pem_or_cose_key_hex_and_garbage_is_refused() {
+        let anchor = key(7).public_key();
+        assert_eq!(anchor_from_text(&public_to_pem(&anchor)), Ok(anchor));
+        let mut cose = [0u8; 128];
+        let n = anchor.to_cose_key(&mut cose).expect("cose");
+        assert_eq!(anchor_from_text(&hex::encode(&cose[..n])), Ok(anchor));
+        assert!(anchor_from_text("zz").is_err());
+        assert!(anchor_from_text("a0").is_err(), "an empty map is not a key");
+        let pem = p256::SecretKey::from_slice(&[8; 32])
+            .expect("scalar")
+            .to_pkcs8_pem(LineEnding::LF)
+            .expect("pem");
+        assert_eq!(
+            private_from_pem(&pem).map(|s| s.public_key()),
+            Ok(key(8).public_key())
+        );
+        assert!(private_from_pem("not a key").is_err());
     }
 }
