@@ -245,9 +245,11 @@ async fn announce_keys<S: Store>(hub: &Hub<S>, announce_s: u64) {
     }
 }
 
-/// Everything published on (re)connection: subscriptions, the key set, whatever was
-/// recorded but not confirmed (deltas and control messages), every stream's snapshot (the
-/// broker may have lost its retained messages) and a round of heartbeats.
+/// Everything published on (re)connection: subscriptions and the key set; then, by the
+/// holder of the housekeeping lease only (the other replicas would publish the same
+/// again), whatever was recorded but not confirmed (deltas and control messages), every
+/// stream's snapshot (the broker may have lost its retained messages) and a round of
+/// heartbeats.
 async fn on_connected<S: Store>(
     hub: &Hub<S>,
     keyset: &KeySetState,
@@ -270,22 +272,27 @@ async fn on_connected<S: Store>(
         .await?;
     let mut pubs = Vec::new();
     pubs.extend(keyset.publication(hub, false).await);
-    match hub
-        .pending_broadcasts(u64::MAX, MAX_CONTROLS_PER_HEARTBEAT)
-        .await
-    {
-        Ok(p) => {
-            if !p.is_empty() {
-                tracing::info!(count = p.len(), "re-broadcasting unconfirmed revocations");
+    let leading = hold_lease(hub).await;
+    if leading {
+        match hub
+            .pending_broadcasts(u64::MAX, MAX_CONTROLS_PER_HEARTBEAT)
+            .await
+        {
+            Ok(p) => {
+                if !p.is_empty() {
+                    tracing::info!(count = p.len(), "re-broadcasting unconfirmed revocations");
+                }
+                pubs.extend(p);
             }
-            pubs.extend(p);
+            Err(r) => tracing::error!(reason = %r.reason, "cannot read unpublished revocations"),
         }
-        Err(r) => tracing::error!(reason = %r.reason, "cannot read unpublished revocations"),
     }
     publish_all(client, &pubs).await;
     announce_keys(hub, announce_s).await;
-    publish_snapshots(hub, client, true).await;
-    publish_heartbeats(hub, client).await;
+    if leading {
+        publish_snapshots(hub, client, true).await;
+        publish_heartbeats(hub, client).await;
+    }
     Ok(())
 }
 
