@@ -54,7 +54,14 @@ class Client:
         private_key_pem: str,
         trust_anchor: str,
         timeout_s: float = 10.0,
-    ) -> None: ...
+        tls_ca_file: Optional[str] = None,
+        tls_cert_file: Optional[str] = None,
+        tls_key_file: Optional[str] = None,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+    ) -> None:
+        """Connects as ``client_id``; TLS with ``tls_ca_file``, mutual TLS with the client
+        certificate and key too; ``username``/``password`` log in to the broker."""
     def access_token(self, device: str, scope: str) -> AccessToken:
         """The token held for (device, scope) until it is due, then renewed through its
         refresh grant, else asked for afresh."""

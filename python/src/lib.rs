@@ -165,11 +165,18 @@ impl Client {
 
 #[pymethods]
 impl Client {
-    /// Connects to the broker at `host:port` (plain MQTT) as `client_id`, signing with the
-    /// PKCS#8 PEM `private_key_pem`, trusting the hub's `trust_anchor` (PEM or COSE_Key
-    /// hex); `timeout_s` bounds the connection and each answer.
+    /// Connects to the broker at `host:port` as `client_id`, signing with the PKCS#8 PEM
+    /// `private_key_pem`, trusting the hub's `trust_anchor` (PEM or COSE_Key hex);
+    /// `timeout_s` bounds the connection and each answer. With `tls_ca_file` (the PEM CA
+    /// of the broker's certificate) the connection is TLS, and with `tls_cert_file` and
+    /// `tls_key_file` mutual TLS; `username` and `password` log in to the broker.
     #[new]
-    #[pyo3(signature = (host, port, client_id, private_key_pem, trust_anchor, timeout_s = 10.0))]
+    #[pyo3(signature = (
+        host, port, client_id, private_key_pem, trust_anchor, timeout_s = 10.0,
+        tls_ca_file = None, tls_cert_file = None, tls_key_file = None,
+        username = None, password = None,
+    ))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
         py: Python<'_>,
         host: &str,
@@ -178,6 +185,11 @@ impl Client {
         private_key_pem: &str,
         trust_anchor: &str,
         timeout_s: f64,
+        tls_ca_file: Option<std::path::PathBuf>,
+        tls_cert_file: Option<std::path::PathBuf>,
+        tls_key_file: Option<std::path::PathBuf>,
+        username: Option<String>,
+        password: Option<String>,
     ) -> PyResult<Self> {
         let signer = signer(private_key_pem)?;
         let anchor = anchor(trust_anchor)?;
@@ -188,7 +200,19 @@ impl Client {
             .enable_all()
             .build()
             .map_err(|e| TesseraError::new_err(format!("cannot start a runtime: {e}")))?;
-        let config = MqttConfig::plain(host, port, client_id);
+        let mut config = MqttConfig::plain(host, port, client_id);
+        if tls_ca_file.is_none() && (tls_cert_file.is_some() || tls_key_file.is_some()) {
+            return Err(TesseraError::new_err(
+                "a client certificate needs tls_ca_file (TLS) too",
+            ));
+        }
+        config.tls = tls_ca_file.map(|ca_file| tessera_client::mqtt::TlsConfig {
+            ca_file,
+            client_cert_file: tls_cert_file,
+            client_key_file: tls_key_file,
+        });
+        config.username = username;
+        config.password = password;
         let client = py.detach(|| {
             runtime
                 .block_on(tessera_client::Client::connect(

@@ -2,7 +2,8 @@
 the hub and broker and registers the clients): access tokens, the cache, refusals as typed
 exceptions, token checks, presentations and revocation by an operator.
 
-Environment: TESSERA_HOST, TESSERA_PORT, TESSERA_ANCHOR (a trust-anchor PEM file),
+Environment: TESSERA_HOST, TESSERA_PORT, TESSERA_TLS_CA (the broker's CA: TLS; unset:
+plain MQTT), TESSERA_ANCHOR (a trust-anchor PEM file),
 TESSERA_DEVICE, TESSERA_APP and TESSERA_APP_KEY, TESSERA_OPS and TESSERA_OPS_KEY (id and
 PKCS#8 PEM file each). Prints one JSON line for the caller: the presentation and the token
 (hex), and the revocation's counts.
@@ -25,8 +26,11 @@ def main() -> None:
     host, port = env["TESSERA_HOST"], int(env["TESSERA_PORT"])
     anchor = read(env["TESSERA_ANCHOR"])
     device = env["TESSERA_DEVICE"]
+    tls = {"tls_ca_file": env["TESSERA_TLS_CA"]} if env.get("TESSERA_TLS_CA") else {}
 
-    app = tessera.Client(host, port, env["TESSERA_APP"], read(env["TESSERA_APP_KEY"]), anchor)
+    app = tessera.Client(
+        host, port, env["TESSERA_APP"], read(env["TESSERA_APP_KEY"]), anchor, **tls
+    )
     token = app.access_token(device, "door:open")
     assert token.device == device and token.scope == "door:open", token
     again = app.access_token(device, "door:open")
@@ -52,7 +56,7 @@ def main() -> None:
     else:
         raise AssertionError("a scope no rule grants was issued")
     try:
-        tessera.Client(host, port, "x", "not a key", anchor)
+        tessera.Client(host, port, "x", "not a key", anchor, **tls)
     except tessera.InvalidKeyError:
         pass
     else:
@@ -61,7 +65,9 @@ def main() -> None:
     presentation = app.present(renewed)
     app.close()
 
-    ops = tessera.Client(host, port, env["TESSERA_OPS"], read(env["TESSERA_OPS_KEY"]), anchor)
+    ops = tessera.Client(
+        host, port, env["TESSERA_OPS"], read(env["TESSERA_OPS_KEY"]), anchor, **tls
+    )
     revoked = ops.revoke("token_hash", token.hash.hex())
     ops.close()
     print(json.dumps({
