@@ -77,23 +77,36 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 pub struct TestDatabase {
     name: String,
     url: String,
+    /// The server's URL it was made on (and is dropped through).
+    server: String,
 }
 
 impl TestDatabase {
-    /// Creates the database on the server.
+    /// Creates the database on the server at `TESSERA_TEST_POSTGRES`
+    /// ([`postgres_server_url`]).
     pub async fn create() -> Result<Self> {
+        Self::create_on(&postgres_server_url()).await
+    }
+
+    /// Creates the database on the server at `server` (a `postgres://` URL naming any
+    /// database on it).
+    pub async fn create_on(server: &str) -> Result<Self> {
         let name = format!(
             "tessera_replicas_{}_{}",
             std::process::id(),
             hex::encode(random_bytes::<6>())
         );
-        connect(&postgres_server_url())
+        connect(server)
             .await?
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .with_context(|| format!("creating the test database {name}"))?;
-        let url = with_database(&postgres_server_url(), &name)?;
-        Ok(Self { name, url })
+        let url = with_database(server, &name)?;
+        Ok(Self {
+            name,
+            url,
+            server: server.to_owned(),
+        })
     }
 
     /// Its URL, for `tessera-hub init --database`.
@@ -115,6 +128,7 @@ impl TestDatabase {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let server = self.server.clone();
         // Its own thread and runtime: this may run inside the test's runtime, or while it
         // unwinds. FORCE ends the connections replicas or the test still hold.
         let dropped = std::thread::spawn(move || -> Result<()> {
@@ -122,7 +136,7 @@ impl Drop for TestDatabase {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                connect(&postgres_server_url())
+                connect(&server)
                     .await?
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await?;
@@ -185,6 +199,11 @@ impl Replica {
         }
     }
 
+    /// The pid of its process while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildGuard::id)
+    }
+
     /// Its log so far (every run of it).
     pub fn log(&self) -> String {
         read_lossy(&self.log)
@@ -197,6 +216,8 @@ pub struct HubReplicasBuilder {
     hub_id: String,
     replicas: usize,
     config: Vec<(String, String)>,
+    bin: Option<PathBuf>,
+    postgres: Option<String>,
 }
 
 impl HubReplicasBuilder {
@@ -212,6 +233,19 @@ impl HubReplicasBuilder {
         self
     }
 
+    /// The `tessera-hub` binary to run (default: the debug build `cargo_bin` finds, which
+    /// works from test executables only).
+    pub fn hub_bin(mut self, bin: &Path) -> Self {
+        self.bin = Some(bin.to_owned());
+        self
+    }
+
+    /// The PostgreSQL server to make the database on (default: [`postgres_server_url`]).
+    pub fn postgres(mut self, server: &str) -> Self {
+        self.postgres = Some(server.to_owned());
+        self
+    }
+
     /// Replaces text of the default config (`from` must occur exactly once) for every
     /// replica.
     pub fn config(mut self, from: &str, to: &str) -> Self {
@@ -223,7 +257,14 @@ impl HubReplicasBuilder {
     /// replica's config, starts every replica and waits until each is ready and the hub
     /// answers requests.
     pub async fn start(self) -> Result<HubReplicas> {
-        let database = TestDatabase::create().await?;
+        let database = match &self.postgres {
+            Some(server) => TestDatabase::create_on(server).await?,
+            None => TestDatabase::create().await?,
+        };
+        let bin = match self.bin {
+            Some(bin) => bin,
+            None => cargo_bin("tessera-hub")?,
+        };
         let broker = Broker::builder().max_queued_messages(10_000).start()?;
         let temp = tempfile::Builder::new()
             .prefix("tessera-replicas-e2e-")
@@ -231,7 +272,7 @@ impl HubReplicasBuilder {
             .context("creating the hub's temp dir")?;
         let root = temp.path().join("hub");
         run_checked(
-            Command::new(cargo_bin("tessera-hub")?)
+            Command::new(&bin)
                 .arg("init")
                 .arg("--dir")
                 .arg(&root)
@@ -295,6 +336,7 @@ impl HubReplicasBuilder {
             database,
             root,
             trust_anchor,
+            bin,
             _temp: temp,
         };
         hub.add_operator(READY_CLIENT, "ops")?;
@@ -319,6 +361,8 @@ pub struct HubReplicas {
     database: TestDatabase,
     root: PathBuf,
     trust_anchor: PublicKey,
+    /// The `tessera-hub` binary the replicas and the CLI run.
+    bin: PathBuf,
     _temp: TempDir,
 }
 
@@ -329,6 +373,8 @@ impl HubReplicas {
             hub_id: "hub-replicas".to_owned(),
             replicas: 3,
             config: Vec::new(),
+            bin: None,
+            postgres: None,
         }
     }
 
@@ -374,7 +420,7 @@ impl HubReplicas {
     /// output unless it succeeds. Returns its stdout.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         run_checked(
-            Command::new(cargo_bin("tessera-hub")?)
+            Command::new(&self.bin)
                 .arg("--config")
                 .arg(&self.replica(0)?.config)
                 .args(args),
@@ -446,13 +492,14 @@ impl HubReplicas {
 
     /// Starts replica `i` (which must not run); see [`HubReplicas::wait_ready`].
     fn spawn(&mut self, i: usize) -> Result<()> {
+        let bin = self.bin.clone();
         let replica = self.replica_mut(i)?;
         ensure!(
             replica.process.is_none(),
             "replica {} already runs",
             replica.name
         );
-        let mut command = Command::new(cargo_bin("tessera-hub")?);
+        let mut command = Command::new(bin);
         command
             .arg("--config")
             .arg(&replica.config)

@@ -24,6 +24,13 @@
 //!    and lost answers are counted separately), and a sample of the tokens verified with
 //!    the trust anchor. The hub's CPU time (utime + stime from /proc/<pid>/stat, all
 //!    threads) over the window gives hub CPU per issued token.
+//! 5. with `--replicas 1,2,3`: for each N, N `tessera-hub serve` replicas of one hub on one
+//!    PostgreSQL database made for it and dropped after (`tessera_tests::replicas::
+//!    HubReplicas` with the same release binary, shared subscription, a client id each,
+//!    the limits raised), behind a Mosquitto of their own: that broker's echo ceiling and
+//!    an issuance window at `--replica-clients` C, reported next to the SQLite hub's window
+//!    at the same C, with the CPU of the database's backends and its commits, rollbacks
+//!    and rows per token (`pg_stat_database`).
 //!
 //! The hub directory is made here with the CLI rather than with `tessera_tests::hub::HubDir`:
 //! its `cargo_bin` finds binaries from a test executable in `deps/`, and this is a binary;
@@ -65,6 +72,7 @@ use tessera_tests::flood::{
     SUSTAINED_SIGNED_PER_SECOND, SUSTAINED_SIGNING_CLIENTS, garbage, signed_request, sustain,
 };
 use tessera_tests::hub::{generate_signer, random_bytes, replace_once, run_checked, unix_now};
+use tessera_tests::replicas::{HubReplicas, postgres_server_url};
 use tessera_tests::{Broker, ChildGuard};
 use tokio::sync::watch;
 
@@ -90,8 +98,16 @@ usage: bench-issuance [options]
   --crypto-ops N       iterations of each bare crypto loop (default 2000)
   --durable-ops N      durable writes timed, of each kind (default 200, at most 3 s)
   --flood-seconds S    each half of the flood comparison (default 30; 0 skips it)
+  --replicas LIST      also, after the windows above: issuance with N replicas of one hub
+                       on one PostgreSQL database, for each N, comma-separated (e.g. 1,2,3;
+                       default none). Each N gets a database of its own, made and dropped
+                       here, its own Mosquitto, and a window as above
+  --replica-clients C  client count of the replica windows (default 32; added to --clients
+                       if missing, so the SQLite hub is measured at it too)
+  --postgres URL       PostgreSQL server for --replicas (default: $TESSERA_TEST_POSTGRES,
+                       else postgres://postgres@127.0.0.1:5432/postgres)
   --hub-bin PATH       tessera-hub binary (default: next to this binary)
-Environment: MOSQUITTO (default /usr/sbin/mosquitto).";
+Environment: MOSQUITTO (default /usr/sbin/mosquitto), TESSERA_TEST_POSTGRES.";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -103,6 +119,9 @@ struct Options {
     crypto_ops: u32,
     durable_ops: u32,
     flood_seconds: f64,
+    replicas: Vec<usize>,
+    replica_clients: usize,
+    postgres: String,
     hub_bin: PathBuf,
 }
 
@@ -118,6 +137,9 @@ impl Options {
             crypto_ops: 2000,
             durable_ops: 200,
             flood_seconds: 30.0,
+            replicas: Vec::new(),
+            replica_clients: 32,
+            postgres: postgres_server_url(),
             hub_bin: exe
                 .parent()
                 .context("this binary has no directory")?
@@ -148,6 +170,15 @@ impl Options {
                 "--crypto-ops" => o.crypto_ops = value.parse().with_context(bad)?,
                 "--durable-ops" => o.durable_ops = value.parse().with_context(bad)?,
                 "--flood-seconds" => o.flood_seconds = value.parse().with_context(bad)?,
+                "--replicas" => {
+                    o.replicas = value
+                        .split(',')
+                        .map(|c| c.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .with_context(bad)?;
+                }
+                "--replica-clients" => o.replica_clients = value.parse().with_context(bad)?,
+                "--postgres" => o.postgres = value,
                 "--hub-bin" => o.hub_bin = PathBuf::from(value),
                 _ => bail!("unknown option {arg}\n{USAGE}"),
             }
@@ -156,6 +187,23 @@ impl Options {
             !o.clients.is_empty() && o.clients.iter().all(|&c| (1..=1000).contains(&c)),
             "--clients: each count must be 1..=1000"
         );
+        ensure!(
+            o.replicas.iter().all(|&n| (1..=8).contains(&n)),
+            "--replicas: each count must be 1..=8"
+        );
+        ensure!(
+            (1..=1000).contains(&o.replica_clients),
+            "--replica-clients must be 1..=1000"
+        );
+        ensure!(
+            o.replicas.is_empty() || on_loopback(&o.postgres),
+            "--postgres: the bench connects to loopback only (127.0.0.1, ::1, localhost), not \
+             {}",
+            o.postgres
+        );
+        if !o.replicas.is_empty() && !o.clients.contains(&o.replica_clients) {
+            o.clients.push(o.replica_clients);
+        }
         ensure!(
             o.seconds > 0.0
                 && o.seconds <= 120.0
@@ -178,6 +226,21 @@ impl Options {
         );
         Ok(o)
     }
+}
+
+/// Whether the `postgres://` URL `url` names a server on this machine's loopback.
+fn on_loopback(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    matches!(host, "127.0.0.1" | "::1" | "localhost")
 }
 
 fn say(message: &str) {
@@ -560,18 +623,21 @@ enum Limits {
     Raised,
 }
 
-/// Raises the per-client rate limit (store) and admission limit (in memory, in front of
-/// it) of the config at `config` to 10⁹, so that neither caps a closed-loop client.
+/// The per-client rate limit (store) and admission limit (in memory, in front of it) of
+/// the default config, raised to 10⁹ so that neither caps a closed-loop client.
+const RAISED_LIMITS: [(&str, &str); 4] = [
+    ("rate_burst = 20", "rate_burst = 1000000000"),
+    ("rate_per_second = 5.0", "rate_per_second = 1000000000.0"),
+    ("admission_burst = 40", "admission_burst = 1000000000"),
+    (
+        "admission_per_second = 10.0",
+        "admission_per_second = 1000000000.0",
+    ),
+];
+
+/// Raises the limits of the config at `config` ([`RAISED_LIMITS`]).
 fn raise_limits(config: &Path) -> Result<()> {
-    for (from, to) in [
-        ("rate_burst = 20", "rate_burst = 1000000000"),
-        ("rate_per_second = 5.0", "rate_per_second = 1000000000.0"),
-        ("admission_burst = 40", "admission_burst = 1000000000"),
-        (
-            "admission_per_second = 10.0",
-            "admission_per_second = 1000000000.0",
-        ),
-    ] {
+    for (from, to) in RAISED_LIMITS {
         replace_once(config, from, to)?;
     }
     Ok(())
@@ -987,6 +1053,10 @@ struct Usage {
     broker_cpu: f64,
     bench_cpu: f64,
     hub_write_bytes: Option<u64>,
+    /// CPU time of the PostgreSQL backends serving the hub's database (its connections;
+    /// not the server's background writers), when the store is PostgreSQL and their
+    /// processes can be read here.
+    store_cpu: Option<f64>,
 }
 
 impl Usage {
@@ -995,33 +1065,87 @@ impl Usage {
     }
 }
 
-struct Meter {
-    hub: u32,
+/// The hub's processes (one, or one per replica), the broker's, and the PostgreSQL
+/// database whose backends to meter, if any.
+#[derive(Debug, Clone)]
+struct Pids {
+    hubs: Vec<u32>,
     broker: u32,
+    store_db: Option<String>,
+}
+
+/// User and system CPU time of `pids` together, seconds.
+fn procs_cpu(pids: &[u32]) -> Result<(f64, f64)> {
+    pids.iter().try_fold((0.0, 0.0), |(u, s), &pid| {
+        let (du, ds) = proc_cpu(pid)?;
+        Ok((u + du, s + ds))
+    })
+}
+
+/// The processes of the PostgreSQL backends connected to database `db` on this machine,
+/// by their process title (`postgres: … <user> <db> <host>(<port>) <state>`), with their
+/// CPU time (utime + stime), seconds. Empty where the titles cannot be read.
+fn pg_backends(db: &str) -> BTreeMap<u32, f64> {
+    let needle = format!(" {db} ");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let title = String::from_utf8_lossy(&c).replace('\0', " ");
+                title.starts_with("postgres: ") && title.contains(&needle)
+            })
+        })
+        .filter_map(|pid| proc_cpu(pid).ok().map(|(u, s)| (pid, u + s)))
+        .collect()
+}
+
+struct Meter {
+    pids: Pids,
     t0: Instant,
     hub0: (f64, f64),
     broker0: (f64, f64),
     bench0: f64,
     writes0: Option<u64>,
+    store0: Option<BTreeMap<u32, f64>>,
+}
+
+fn write_bytes(pids: &[u32]) -> Option<u64> {
+    pids.iter()
+        .try_fold(0, |sum, &pid| Some(sum + proc_write_bytes(pid)?))
 }
 
 impl Meter {
-    fn start(hub: u32, broker: u32) -> Result<Self> {
+    fn start(pids: &Pids) -> Result<Self> {
         Ok(Self {
-            hub,
-            broker,
-            hub0: proc_cpu(hub)?,
-            broker0: proc_cpu(broker)?,
+            hub0: procs_cpu(&pids.hubs)?,
+            broker0: proc_cpu(pids.broker)?,
             bench0: process_cpu(),
-            writes0: proc_write_bytes(hub),
+            writes0: write_bytes(&pids.hubs),
+            store0: pids
+                .store_db
+                .as_deref()
+                .map(pg_backends)
+                .filter(|b| !b.is_empty()),
+            pids: pids.clone(),
             t0: Instant::now(),
         })
     }
 
     fn stop(&self) -> Result<Usage> {
         let wall = self.t0.elapsed().as_secs_f64();
-        let hub = proc_cpu(self.hub)?;
-        let broker = proc_cpu(self.broker)?;
+        let hub = procs_cpu(&self.pids.hubs)?;
+        let broker = proc_cpu(self.pids.broker)?;
+        // A backend that started during the window counts from zero; one that ended in it
+        // is missed (the hub's pool keeps its connections).
+        let store_cpu = self.store0.as_ref().map(|before| {
+            pg_backends(self.pids.store_db.as_deref().unwrap_or_default())
+                .iter()
+                .map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0))
+                .sum()
+        });
         Ok(Usage {
             started: self.t0,
             wall,
@@ -1029,9 +1153,10 @@ impl Meter {
             hub_sys: hub.1 - self.hub0.1,
             broker_cpu: (broker.0 + broker.1) - (self.broker0.0 + self.broker0.1),
             bench_cpu: process_cpu() - self.bench0,
-            hub_write_bytes: proc_write_bytes(self.hub)
+            hub_write_bytes: write_bytes(&self.pids.hubs)
                 .zip(self.writes0)
                 .map(|(b, a)| b.saturating_sub(a)),
+            store_cpu,
         })
     }
 }
@@ -1173,10 +1298,9 @@ async fn run_window(
     tasks: Vec<tokio::task::JoinHandle<Result<(Conn, ClientRun)>>>,
     go: watch::Sender<Option<tokio::time::Instant>>,
     length: Duration,
-    hub_pid: u32,
-    broker_pid: u32,
+    pids: &Pids,
 ) -> Result<(Vec<ClientRun>, Usage)> {
-    let meter = Meter::start(hub_pid, broker_pid)?;
+    let meter = Meter::start(pids)?;
     go.send(Some(tokio::time::Instant::now() + length))
         .ok()
         .context("the clients are gone")?;
@@ -1253,7 +1377,7 @@ async fn echo_window(ctx: &Ctx, clients: usize, payload: &[u8]) -> Result<EchoWi
         })
         .collect();
     let length = Duration::from_secs_f64(ctx.options.echo_seconds);
-    let (runs, usage) = run_window(tasks, go, length, ctx.hub_pid, ctx.broker_pid).await?;
+    let (runs, usage) = run_window(tasks, go, length, &ctx.pids).await?;
     let lost = runs.iter().map(|r| r.lost).sum();
     let latencies: Vec<u32> = runs.into_iter().flat_map(|r| r.latencies_us).collect();
     let round_trips = latencies.len();
@@ -1423,7 +1547,7 @@ async fn hub_window(ctx: &Ctx, clients: usize) -> Result<HubWindow> {
         .map(|(conn, pool)| tokio::spawn(hub_client(conn, pool, window.clone())))
         .collect();
     let length = Duration::from_secs_f64(ctx.options.seconds);
-    let (runs, usage) = run_window(tasks, go, length, ctx.hub_pid, ctx.broker_pid).await?;
+    let (runs, usage) = run_window(tasks, go, length, &ctx.pids).await?;
     let lost = runs.iter().map(|r| r.lost).sum();
     let mut latencies = Vec::new();
     let mut answers = Vec::new();
@@ -1553,7 +1677,7 @@ async fn open_window(ctx: &Ctx, clients: usize, rate: f64) -> Result<OpenWindow>
     }
     let conns = connect_all(ctx.port, (0..clients).map(app_id).collect(), false).await?;
     let (go, window) = new_window();
-    let meter = Meter::start(ctx.hub_pid, ctx.broker_pid)?;
+    let meter = Meter::start(&ctx.pids)?;
     let tasks: Vec<_> = conns
         .into_iter()
         .zip(pools)
@@ -1719,7 +1843,11 @@ async fn bystanders(
     first_id: u64,
     length: Duration,
 ) -> Result<(Bystanding, Usage)> {
-    let meter = Meter::start(pids.0, pids.1)?;
+    let meter = Meter::start(&Pids {
+        hubs: vec![pids.0],
+        broker: pids.1,
+        store_db: None,
+    })?;
     let until = Instant::now() + length;
     let tasks: Vec<_> = (0..BYSTANDERS)
         .map(|i| {
@@ -1835,11 +1963,174 @@ async fn flood_comparison(
     })
 }
 
+// ---------------------------------------------------------------------------------------
+// Replicas on PostgreSQL
+
+/// The no-op responder on the broker at `port`, answering with `reply_len` bytes, once its
+/// subscription is in place; send `true` to stop it.
+async fn start_echo(
+    port: u16,
+    reply_len: usize,
+) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<Result<()>>)> {
+    let (stop, stop_rx) = watch::channel(false);
+    let (ready, echo_ready) = tokio::sync::oneshot::channel();
+    let mut responder = tokio::spawn(echo_responder(port, vec![0xa5; reply_len], ready, stop_rx));
+    if echo_ready.await.is_err() {
+        responder.abort();
+        bail!("the echo responder failed: {:?}", (&mut responder).await);
+    }
+    Ok((stop, responder))
+}
+
+/// One replica count's windows.
+struct ReplicaRun {
+    replicas: usize,
+    issued: HubWindow,
+    echo: EchoWindow,
+    /// The database's work per token over the issuance window and its warm-up, from
+    /// `pg_stat_database`; `None` where the statistics could not be read.
+    store_per_token: Option<StoreStats>,
+}
+
+/// Counters of `pg_stat_database` (totals, or per token).
+#[derive(Debug, Clone, Copy)]
+struct StoreStats {
+    /// `xact_commit`.
+    commits: f64,
+    /// `xact_rollback` (a serialization failure the hub retries is one).
+    rollbacks: f64,
+    /// `tup_inserted + tup_updated + tup_deleted`.
+    rows: f64,
+}
+
+/// The current database's counters.
+async fn database_stats(db: &tokio_postgres::Client) -> Option<StoreStats> {
+    let row = db
+        .query_one(
+            "SELECT xact_commit, xact_rollback, tup_inserted + tup_updated + tup_deleted \
+             FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .ok()?;
+    let get = |i: usize| row.try_get::<_, i64>(i).ok().map(|v| v as f64);
+    Some(StoreStats {
+        commits: get(0)?,
+        rollbacks: get(1)?,
+        rows: get(2)?,
+    })
+}
+
+/// `n` replicas of one hub serving one PostgreSQL database of their own (made here, dropped
+/// after), behind a Mosquitto of their own, through `tessera_tests::replicas::HubReplicas`
+/// (`[serve] shared_subscription = true`, a client id each) with the release binary and the
+/// limits raised as for the SQLite hub; with `options.replica_clients` apps: that broker's
+/// echo ceiling, then an issuance window, as for the SQLite hub.
+async fn replica_run(
+    options: &Options,
+    n: usize,
+    request_bytes: &[u8],
+    response_len: usize,
+) -> Result<ReplicaRun> {
+    let clients = options.replica_clients;
+    let mut builder = HubReplicas::builder()
+        .hub_id(HUB_ID)
+        .replicas(n)
+        .hub_bin(&options.hub_bin)
+        .postgres(&options.postgres);
+    for (from, to) in RAISED_LIMITS {
+        builder = builder.config(from, to);
+    }
+    let mut hub = builder
+        .start()
+        .await
+        .with_context(|| format!("starting {n} replicas on PostgreSQL"))?;
+    let anchor = hub.trust_anchor();
+    let mut apps = Vec::with_capacity(clients);
+    for i in 0..clients {
+        apps.push(Arc::new(hub.add_app(&app_id(i), APP_ROLE)?));
+    }
+    let device = hub.add_device(DEVICE, DEVICE_ROLE, &[DEVICE_GROUP])?;
+    let port = hub.broker().port();
+    enroll(&device, &anchor, port).await?;
+    let hubs = (0..n)
+        .map(|i| hub.replica(i)?.pid().context("a replica is not running"))
+        .collect::<Result<Vec<u32>>>()?;
+    let ctx = Ctx {
+        options: options.clone(),
+        port,
+        pids: Pids {
+            hubs,
+            broker: hub
+                .broker()
+                .pid()
+                .context("the replicas' mosquitto is not running")?,
+            store_db: Some(hub.database().name().to_owned()),
+        },
+        anchor,
+        apps,
+        next_request_id: AtomicUsize::new(1),
+    };
+    say(&format!(
+        "{n} replica(s) on PostgreSQL serving (database {}, broker on port {port}), C = \
+         {clients}: echo window",
+        hub.database().name()
+    ));
+    let (echo_stop, responder) = start_echo(port, response_len).await?;
+    let echo = echo_window(&ctx, clients, request_bytes).await;
+    let _ = echo_stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), responder).await;
+    let echo = echo?;
+    say(&format!(
+        "{n} replica(s) on PostgreSQL, C = {clients}: issuance window"
+    ));
+    let stats = hub.database().connect().await?;
+    let stats_before = database_stats(&stats).await;
+    let issued = hub_window(&ctx, clients).await;
+    // Backends report their statistics at most once a second, when idle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stats_after = database_stats(&stats).await;
+    for i in 0..n {
+        ensure!(
+            hub.is_running(i)?,
+            "replica {} exited during the window; the logs:\n{}",
+            hub.replica(i)?.name(),
+            hub.logs(30)
+        );
+    }
+    let issued = issued.with_context(|| format!("the replicas' logs:\n{}", hub.logs(20)))?;
+    say(&format!(
+        "{n} replica(s) on PostgreSQL, C = {clients}: {:.0} tokens/s ({} tokens, refused {:?}, \
+         lost {}), echo {:.0}/s",
+        issued.tokens_per_s(),
+        issued.tokens,
+        issued.refused,
+        issued.lost,
+        echo.per_s()
+    ));
+    // The window's tokens and one warm-up token per client; this connection's own
+    // statistics query is one transaction.
+    let answered = (issued.tokens + clients) as f64;
+    let store_per_token = stats_before.zip(stats_after).map(|(a, b)| StoreStats {
+        commits: (b.commits - a.commits - 1.0) / answered,
+        rollbacks: (b.rollbacks - a.rollbacks) / answered,
+        rows: (b.rows - a.rows) / answered,
+    });
+    drop(stats);
+    // Kills the replicas and the broker, drops the database.
+    drop(hub);
+    Ok(ReplicaRun {
+        replicas: n,
+        issued,
+        echo,
+        store_per_token,
+    })
+}
+
 struct Ctx {
     options: Options,
     port: u16,
-    hub_pid: u32,
-    broker_pid: u32,
+    pids: Pids,
     anchor: PublicKey,
     apps: Vec<Arc<P256Signer>>,
     next_request_id: AtomicUsize,
@@ -1927,7 +2218,6 @@ fn report(
     load: (&str, &str),
     rows: &[(HubWindow, EchoWindow)],
     open: &OpenWindow,
-    flood: Option<&FloodComparison>,
 ) {
     let c = Crypto::mean(crypto.0, crypto.1);
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
@@ -2089,9 +2379,6 @@ fn report(
         );
     }
     report_open(open);
-    if let Some(flood) = flood {
-        report_flood(flood);
-    }
 }
 
 fn problems(refused: &BTreeMap<String, usize>, invalid: usize, lost: usize) -> String {
@@ -2110,6 +2397,125 @@ fn problems(refused: &BTreeMap<String, usize>, invalid: usize, lost: usize) -> S
     } else {
         problems.join(", ")
     }
+}
+
+fn report_replicas(o: &Options, c: &Crypto, rows: &[(HubWindow, EchoWindow)], runs: &[ReplicaRun]) {
+    let clients = o.replica_clients;
+    let Some((sqlite, sqlite_echo)) = rows.iter().find(|(h, _)| h.clients == clients) else {
+        return;
+    };
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!();
+    println!(
+        "Replicas on PostgreSQL, C = {clients}, next to the SQLite hub's window at the same C \
+         above: N replicas of one hub (release binary, `[serve] shared_subscription = true`, a \
+         client id each, limits raised as above) on one PostgreSQL database made for each N and \
+         dropped after ({}), behind a Mosquitto of their own with the same settings, whose echo \
+         ceiling is measured just before. \"hub CPU\": all replicas together. \"PostgreSQL \
+         CPU\": the database's backends (the replicas' connections, by process title), not the \
+         server's background writers. \"PG commits\", \"PG rollbacks\", \"PG rows\": the \
+         database's committed and rolled-back transactions (a serialization failure the hub \
+         retries is a rollback) and rows inserted + updated + deleted (pg_stat_database) over \
+         the window and its warm-up, per token. \"ratio\": hub CPU per token ÷ bare verify + sign ({} µs). \
+         On {cores} cores the replicas, PostgreSQL, Mosquitto and the bench's clients all share \
+         the same cores: this shows what the shared store costs, not a speed-up from more \
+         replicas.",
+        postgres_server_version(&o.postgres),
+        fmt_us(c.verify_sign_us()),
+    );
+    println!();
+    println!(
+        "| hub | tokens/s | ÷ SQLite | p50 | p99 | hub CPU µs/token | ratio | PostgreSQL CPU \
+         µs/token | PG commits/token | PG rollbacks/token | PG rows/token | hub cores | PostgreSQL cores | echo round trips/s | tokens/s ÷ echo | \
+         refused, lost |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let row = |name: String, h: &HubWindow, e: &EchoWindow, per_token: Option<StoreStats>| {
+        let (tx, rollbacks, writes) = per_token.map_or_else(
+            || ("–".to_owned(), "–".to_owned(), "–".to_owned()),
+            |s| {
+                (
+                    format!("{:.2}", s.commits),
+                    format!("{:.3}", s.rollbacks),
+                    format!("{:.2}", s.rows),
+                )
+            },
+        );
+        let hub_us = h.per_token_us(h.usage.hub_cpu());
+        let (store_us, store_cores) = h.usage.store_cpu.map_or_else(
+            || ("–".to_owned(), "–".to_owned()),
+            |s| {
+                (
+                    fmt_us(h.per_token_us(s)),
+                    format!("{:.2}", s / h.usage.wall),
+                )
+            },
+        );
+        println!(
+            "| {name} | {} | {:.2} | {} | {} | {} | {:.2} | {store_us} | {tx} | {rollbacks} | {writes} | {:.2} | \
+             {store_cores} | \
+             {} | {:.3} | {} |",
+            fmt_count(h.tokens_per_s()),
+            h.tokens_per_s() / sqlite.tokens_per_s(),
+            fmt_ms(h.p50_ms),
+            fmt_ms(h.p99_ms),
+            fmt_us(hub_us),
+            hub_us / c.verify_sign_us(),
+            h.usage.hub_cpu() / h.usage.wall,
+            fmt_count(e.per_s()),
+            h.tokens_per_s() / e.per_s(),
+            problems(&h.refused, h.invalid, h.lost + e.lost),
+        );
+    };
+    row("1 hub, SQLite".to_owned(), sqlite, sqlite_echo, None);
+    for r in runs {
+        let name = if r.replicas == 1 {
+            "1 replica, PostgreSQL".to_owned()
+        } else {
+            format!("{} replicas, PostgreSQL", r.replicas)
+        };
+        row(name, &r.issued, &r.echo, r.store_per_token);
+    }
+    if runs.iter().any(|r| r.issued.usage.store_cpu.is_none()) {
+        println!();
+        println!(
+            "\"–\" under PostgreSQL: its backends' processes could not be read here (another \
+             machine or container, or hidden /proc)."
+        );
+    }
+}
+
+/// `server_version` of the PostgreSQL server, for the report.
+fn postgres_server_version(url: &str) -> String {
+    let url = url.to_owned();
+    std::thread::spawn(move || -> Option<String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async move {
+            let (client, connection) = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_postgres::connect(&url, tokio_postgres::NoTls),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            tokio::spawn(connection);
+            let row = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.query_one("SHOW server_version", &[]),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            row.try_get::<_, String>(0).ok()
+        })
+    })
+    .join()
+    .ok()
+    .flatten()
+    .map_or_else(|| "PostgreSQL".to_owned(), |v| format!("PostgreSQL {v}"))
 }
 
 fn report_open(o: &OpenWindow) {
@@ -2219,8 +2625,13 @@ fn mosquitto_version() -> String {
 }
 
 async fn enroll_device(hub: &Hub, port: u16) -> Result<()> {
+    enroll(&hub.device, &hub.anchor, port).await
+}
+
+/// Enrolls [`DEVICE`] with the key `device` it was registered with.
+async fn enroll(device: &P256Signer, anchor: &PublicKey, port: u16) -> Result<()> {
     let mut conn = Conn::open_app(port, DEVICE).await?;
-    let key = hub.device.public_key();
+    let key = device.public_key();
     let request = Request {
         client: DEVICE,
         request_id: 1,
@@ -2232,11 +2643,11 @@ async fn enroll_device(hub: &Hub, port: u16) -> Result<()> {
         },
     };
     let answer = conn
-        .round_trip(sign_request(&request, &hub.device)?, ANSWER_TIMEOUT)
+        .round_trip(sign_request(&request, device)?, ANSWER_TIMEOUT)
         .await?
         .context("no answer to the device's enrollment")?;
     let response = SignedResponse::decode(&answer)
-        .and_then(|s| s.verify(&hub.anchor))
+        .and_then(|s| s.verify(anchor))
         .map_err(|e| anyhow::anyhow!("enrollment response: {e}"))?;
     ensure!(
         matches!(response.outcome, Ok(ResponseBody::Enrolled)),
@@ -2326,23 +2737,15 @@ async fn main() -> Result<()> {
         "hub serving (pid {hub_pid}), device enrolled; broker on port {port}"
     ));
 
-    let (echo_stop, echo_stop_rx) = watch::channel(false);
-    let (ready, echo_ready) = tokio::sync::oneshot::channel();
-    let mut responder = tokio::spawn(echo_responder(
-        port,
-        vec![0xa5; probe_answer.len()],
-        ready,
-        echo_stop_rx,
-    ));
-    if echo_ready.await.is_err() {
-        responder.abort();
-        bail!("the echo responder failed: {:?}", (&mut responder).await);
-    }
+    let (echo_stop, responder) = start_echo(port, probe_answer.len()).await?;
 
     let ctx = Ctx {
         port,
-        hub_pid,
-        broker_pid,
+        pids: Pids {
+            hubs: vec![hub_pid],
+            broker: broker_pid,
+            store_db: None,
+        },
         anchor: hub.anchor,
         apps: hub.apps.clone(),
         next_request_id: AtomicUsize::new(1),
@@ -2395,6 +2798,14 @@ async fn main() -> Result<()> {
     let store_log =
         store_counts(&std::fs::read_to_string(hub.dir.join("hub.log")).unwrap_or_default());
     let durable_end = durable_limit(&hub.dir, options.durable_ops)?;
+    let mut replica_runs = Vec::new();
+    for &n in &options.replicas {
+        say(&format!(
+            "{n} replica(s) on one PostgreSQL database ({})",
+            options.postgres
+        ));
+        replica_runs.push(replica_run(&options, n, &request_bytes, probe_answer.len()).await?);
+    }
     let flood = if options.flood_seconds > 0.0 {
         Some(
             flood_comparison(
@@ -2430,7 +2841,17 @@ async fn main() -> Result<()> {
         (&load_start, &load_end),
         &rows,
         &open,
-        flood.as_ref(),
     );
+    if !replica_runs.is_empty() {
+        report_replicas(
+            &options,
+            &Crypto::mean(crypto_start, crypto_end),
+            &rows,
+            &replica_runs,
+        );
+    }
+    if let Some(flood) = &flood {
+        report_flood(flood);
+    }
     Ok(())
 }
