@@ -118,6 +118,9 @@ keep_alive_s = 30
 # expiry): its subscriptions stay and QoS 1 messages, such as a revocation on its control
 # topic, are queued for it. 0 starts a clean session on every connection.
 session_expiry_s = 3600
+# MQTT version: "5", or "3.1.1" for brokers that speak only 3.1.1. Over 3.1.1 a kept
+# session (session_expiry_s above 0) has no expiry of its own: the broker decides.
+version = "5"
 
 # TLS to the broker (rustls). Uncomment to enable.
 # [mqtt.tls]
@@ -193,6 +196,7 @@ struct MqttSection {
     keep_alive_s: u64,
     session_expiry_s: u32,
     tls: Option<TlsConfig>,
+    version: tessera_mqtt::MqttVersion,
 }
 
 impl Default for MqttSection {
@@ -205,6 +209,7 @@ impl Default for MqttSection {
             keep_alive_s: 30,
             session_expiry_s: 3600,
             tls: None,
+            version: tessera_mqtt::MqttVersion::V5,
         }
     }
 }
@@ -456,6 +461,7 @@ impl Config {
             session_expiry_s: (file.mqtt.session_expiry_s > 0)
                 .then_some(file.mqtt.session_expiry_s),
             tls,
+            version: file.mqtt.version,
             max_incoming_packet_bytes: tessera_mqtt::MAX_PACKET_BYTES,
         };
         Ok(Self {

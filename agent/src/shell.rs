@@ -13,7 +13,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rumqttc::v5::AsyncClient;
+use tessera_mqtt::MqttClient;
 use tessera_mqtt::{Incoming, Notice, Notices, QoS};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Ignored, Report, State};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer};
@@ -621,7 +621,7 @@ impl Shell {
 
 /// Sends what the machine publishes, in order (a subscription before the request that
 /// needs it).
-async fn publisher(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+async fn publisher(client: MqttClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     while let Some(out) = rx.recv().await {
         let sent = match out {
             Outbound::Subscribe(t) => client.subscribe(t, QoS::AtLeastOnce).await,
@@ -641,7 +641,7 @@ async fn publisher(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound
 
 /// The MQTT connection of one run: the client, its notices and the publisher task.
 struct Connection {
-    client: AsyncClient,
+    client: MqttClient,
     notices: Notices,
     stop: watch::Sender<bool>,
     publisher: tokio::task::JoinHandle<()>,

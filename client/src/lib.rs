@@ -39,7 +39,7 @@ pub mod verifier;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rumqttc::v5::AsyncClient;
+use tessera_mqtt::MqttClient;
 use tessera_shared::crypto::{P256Signer, PublicKey};
 use tessera_shared::keyset::KeySet;
 use tessera_shared::message::{
@@ -161,7 +161,7 @@ pub struct Client {
     id: String,
     signer: P256Signer,
     keys: KeySet,
-    mqtt: AsyncClient,
+    mqtt: MqttClient,
     notices: Notices,
     /// Every topic subscribed, made again at each reconnection (the session starts clean).
     subscriptions: Vec<(String, QoS)>,
@@ -252,10 +252,7 @@ impl Client {
     }
 
     async fn add_subscription(&mut self, topic: &str, qos: QoS) -> Result<(), ClientError> {
-        self.mqtt
-            .subscribe(topic, qos)
-            .await
-            .map_err(MqttError::from)?;
+        self.mqtt.subscribe(topic, qos).await?;
         self.subscriptions.push((topic.to_owned(), qos));
         Ok(())
     }
@@ -317,8 +314,7 @@ impl Client {
                 false,
                 buf[..n].to_vec(),
             )
-            .await
-            .map_err(MqttError::from)?;
+            .await?;
         let resp_topic = topic::response(&self.id).map_err(ClientError::Core)?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut untrusted = 0;

@@ -25,7 +25,7 @@ use tessera_shared::token::Validation;
 use tessera_shared::topic;
 use tokio::sync::watch;
 
-use crate::{ClientError, MqttConfig, MqttError};
+use crate::{ClientError, MqttConfig};
 use tessera_mqtt::{Notice, QoS};
 
 /// How a service checks presentations; [`VerifierConfig::new`] gives the defaults.
@@ -293,14 +293,8 @@ impl ServiceVerifier {
             move || {
                 let (client, filter) = (client.clone(), filter.clone());
                 async move {
-                    client
-                        .subscribe(topic::KEYS, QoS::AtLeastOnce)
-                        .await
-                        .map_err(MqttError::from)?;
-                    client
-                        .subscribe(filter.as_str(), QoS::AtLeastOnce)
-                        .await
-                        .map_err(MqttError::from)
+                    client.subscribe(topic::KEYS, QoS::AtLeastOnce).await?;
+                    client.subscribe(filter.as_str(), QoS::AtLeastOnce).await
                 }
             }
         };

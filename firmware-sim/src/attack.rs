@@ -269,7 +269,7 @@ type Correlation = (String, u64, [u8; NONCE_LEN]);
 struct Mallory {
     signer: P256Signer,
     keys: KeySet,
-    client: rumqttc::v5::AsyncClient,
+    client: tessera_mqtt::MqttClient,
     book: std::sync::Arc<AttackBook>,
     pending: HashMap<Correlation, Pending>,
     /// Victims' requests the hub has answered, with the hash of the answer: the same

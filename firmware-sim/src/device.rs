@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::v5::AsyncClient;
+use tessera_mqtt::MqttClient;
 use tessera_mqtt::{Incoming, MqttConfig, Notice, QoS};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Report, State};
 use tessera_shared::crypto::{P256Signer, PublicKey};
@@ -198,7 +198,7 @@ enum Outbound {
 
 /// Sends what the machine publishes, in order (a subscription before the request that
 /// needs it).
-async fn publisher(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+async fn publisher(client: MqttClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     while let Some(out) = rx.recv().await {
         let sent = match out {
             Outbound::Subscribe(t) => client.subscribe(t, QoS::AtLeastOnce).await,

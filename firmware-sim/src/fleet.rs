@@ -1550,8 +1550,7 @@ async fn probe_broker(
             payload[8] = round;
             client
                 .publish(PROBE_TOPIC, QoS::AtLeastOnce, false, payload)
-                .await
-                .map_err(tessera_mqtt::MqttError::from)?;
+                .await?;
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = stop.changed() => break,

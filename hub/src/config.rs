@@ -57,6 +57,10 @@ client_id = "tessera-hub"
 # password = "..."
 # Keep-alive interval, seconds.
 keep_alive_s = 30
+# MQTT version: "5", or "3.1.1" for brokers that speak only 3.1.1 (NATS's MQTT gateway,
+# some managed IoT brokers). Shared subscriptions (several replicas) need a broker that
+# has them under either version: Mosquitto, EMQX and HiveMQ do, NATS does not.
+version = "5"
 
 # TLS to the broker (rustls). Uncomment to enable.
 # [mqtt.tls]

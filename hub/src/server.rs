@@ -59,7 +59,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
-use rumqttc::v5::AsyncClient;
+use tessera_mqtt::MqttClient;
 use tessera_shared::message::ErrorCode;
 use tessera_shared::topic;
 use tokio::sync::{mpsc, watch};
@@ -156,10 +156,10 @@ trait Outbox: Sync {
     fn publish(&self, p: &Publication) -> impl Future<Output = bool> + Send;
 }
 
-impl Outbox for AsyncClient {
+impl Outbox for MqttClient {
     /// Logs (not fails) when the client is gone: the caller is shutting down then.
     async fn publish(&self, p: &Publication) -> bool {
-        match AsyncClient::publish(
+        match MqttClient::publish(
             self,
             p.topic.clone(),
             QoS::AtLeastOnce,
@@ -184,9 +184,9 @@ trait Notices: Send + Sync {
     fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool;
 }
 
-impl Notices for AsyncClient {
+impl Notices for MqttClient {
     fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
-        AsyncClient::try_publish(self, topic, QoS::AtLeastOnce, false, payload).is_ok()
+        MqttClient::try_publish(self, topic, QoS::AtLeastOnce, false, payload).is_ok()
     }
 }
 
@@ -253,7 +253,7 @@ async fn announce_keys<S: Store>(hub: &Hub<S>, announce_s: u64) {
 async fn on_connected<S: Store>(
     hub: &Hub<S>,
     keyset: &KeySetState,
-    client: &AsyncClient,
+    client: &MqttClient,
     shared: bool,
     announce_s: u64,
 ) -> Result<(), MqttError> {
@@ -950,7 +950,7 @@ impl Dispatcher {
 /// Handles requests from the work queue until it closes.
 async fn worker<S: Store>(
     hub: Arc<Hub<S>>,
-    client: AsyncClient,
+    client: MqttClient,
     work: Arc<QueueRx<Job>>,
     audit: AuditTx,
     monitoring: Arc<Monitoring>,
@@ -1000,7 +1000,7 @@ async fn worker<S: Store>(
 /// until it closes. One task: refusals never take more than one core.
 async fn refuser<S: Store>(
     hub: Arc<Hub<S>>,
-    client: AsyncClient,
+    client: MqttClient,
     refusals: Arc<QueueRx<Refuse>>,
     audit: AuditTx,
     shed: Shed,
@@ -1541,7 +1541,7 @@ impl Aggregator {
 /// ([`Aggregator`]), and what is written goes out in batches.
 async fn audit_writer<S: Store>(
     hub: Arc<Hub<S>>,
-    client: AsyncClient,
+    client: MqttClient,
     mut rx: mpsc::Receiver<AuditEvent>,
     shed: Shed,
     storage: StorageAlarm,
@@ -1606,7 +1606,7 @@ async fn audit_writer<S: Store>(
 async fn connector<S: Store>(
     hub: Arc<Hub<S>>,
     keyset: Arc<KeySetState>,
-    client: AsyncClient,
+    client: MqttClient,
     shared: bool,
     announce_s: u64,
     mut connected: watch::Receiver<u64>,
@@ -1629,7 +1629,7 @@ async fn connector<S: Store>(
 async fn beating<S: Store>(
     hub: Arc<Hub<S>>,
     keyset: Arc<KeySetState>,
-    client: AsyncClient,
+    client: MqttClient,
     kek: Option<Arc<Kek>>,
     retention_s: u64,
     announce_s: u64,

@@ -52,12 +52,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use rumqttc::v5::AsyncClient;
 use rustix::process::{Pid, Signal, kill_process};
 use rustix::time::{ClockId, clock_gettime};
 use tempfile::TempDir;
 use tessera_hub::crypto::{AwsLcSigner, request_verifier};
 use tessera_hub::keyfile;
+use tessera_hub::mqtt::MqttClient;
 use tessera_hub::mqtt::{self, MqttConfig, Notice, Notices, QoS};
 use tessera_shared::claims::{CTI_LEN, Claims};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer as _};
@@ -828,7 +828,7 @@ impl Hub {
 /// TCP_NODELAY), subscribed to its response topic.
 struct Conn {
     id: String,
-    client: AsyncClient,
+    client: MqttClient,
     notices: Notices,
     stop: watch::Sender<bool>,
     request_topic: String,

@@ -27,10 +27,10 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use rumqttc::v5::AsyncClient;
 use tempfile::TempDir;
 use tessera_hub::client::{Client, ClientError};
 use tessera_hub::keyfile;
+use tessera_hub::mqtt::MqttClient;
 use tessera_hub::mqtt::{self, MqttConfig, Notice, QoS};
 use tessera_shared::agent::{Action, Agent, AgentConfig, Event, Report};
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer as _};
@@ -563,7 +563,7 @@ async fn main() -> Result<()> {
     let (pub_tx, pub_stop) = watch::channel(false);
     let mut publisher_config = mqtt.clone();
     publisher_config.client_id = "bench-publisher".into();
-    let (publisher, mut pub_notices): (AsyncClient, _) =
+    let (publisher, mut pub_notices): (MqttClient, _) =
         mqtt::connect(&publisher_config, 64, pub_stop)?;
     while !matches!(pub_notices.recv().await, Some(Notice::Connected) | None) {}
     let mut rounds = Vec::new();
