@@ -9,6 +9,7 @@
 //! - [`ChildGuard`] and [`cargo_bin`]: run the workspace's binaries (`tessera-hub`, ...)
 //!   and never leak them.
 //! - [`free_port`], [`wait_for_port`]: loopback ports.
+//! - [`agent`]: a real `tessera-agent` enrolled against a test hub.
 //! - [`hub`]: a real `tessera-hub` (init, register, serve, kill, restart) and clients that
 //!   talk to it, for the hub's end-to-end tests.
 //! - [`flood`]: publishers, fast signing and measurements (RSS, database rows) for the
@@ -43,6 +44,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod broker;
 pub mod flood;
 pub mod http;

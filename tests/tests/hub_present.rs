@@ -10,8 +10,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +20,9 @@ use tessera_shared::Error;
 use tessera_shared::error::ClaimsError;
 use tessera_shared::message::SignedPresentation;
 use tessera_shared::token::Validation;
+use tessera_tests::agent::Agent;
 use tessera_tests::hub::{SharedHub, TestHub, TestKey, run_checked, unix_now};
-use tessera_tests::{ChildGuard, cargo_bin, wait_until_blocking};
+use tessera_tests::wait_until_blocking;
 
 /// The presentation window devices use by default (`presentation_window_s`).
 const WINDOW_S: u64 = 60;
@@ -159,92 +160,6 @@ async fn present_refuses_a_token_that_is_not_hex_and_a_device_id_that_is_not_an_
     ])?;
     assert!(bad_id.contains("invalid device id"), "{bad_id}");
     Ok(())
-}
-
-/// A `tessera-agent` for `device`, with its configuration and store in a temp dir.
-struct Agent {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Agent {
-    /// Writes the configuration and enrolls with the one-time `code`.
-    fn enroll(hub: &TestHub, device: &str, code: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("agent.toml");
-        // Presentations are refused for one window after the agent starts: 2 s, not 60.
-        std::fs::write(
-            &config,
-            format!(
-                "device_id = \"{device}\"\ntrust_anchor_file = {:?}\nsocket = {:?}\n\
-                 presentation_window_s = 2\nrequest_timeout_ms = 3000\n\
-                 [store]\ndir = {:?}\n[mqtt]\nport = {}\n",
-                hub.dir().trust_anchor_path(),
-                dir.path().join("agent.sock"),
-                dir.path().join("state"),
-                hub.broker().port(),
-            ),
-        )?;
-        let agent = Self { _dir: dir, config };
-        run_checked(
-            agent
-                .command(&["enroll", "--timeout-s", "20"])?
-                .env("TESSERA_AGENT_ENROLLMENT_CODE", code),
-        )?;
-        Ok(agent)
-    }
-
-    /// Runs the agent (`run`) until it checks presentations: the window since its start
-    /// passed and its revocation knowledge fresh.
-    fn run_until_checking(&self) -> Result<ChildGuard> {
-        let mut run = ChildGuard::spawn(&mut self.command(&["run"])?)?;
-        wait_until_blocking(
-            "the agent to check presentations (window since start passed, revocations fresh)",
-            Duration::from_secs(30),
-            || {
-                if let Some(status) = run.try_wait()? {
-                    anyhow::bail!("the agent exited ({status}):\n{}", run.output());
-                }
-                let status = self.status()?;
-                let ready = status["revocation_fresh"] == true
-                    && status["presentations_accepted_from_ms"]
-                        .as_u64()
-                        .zip(status["now_ms"].as_u64())
-                        .is_some_and(|(from, now)| now >= from);
-                Ok(ready.then_some(()))
-            },
-        )
-        .with_context(|| format!("agent {}", self.config().display()))?;
-        Ok(run)
-    }
-
-    fn command(&self, args: &[&str]) -> Result<Command> {
-        let mut command = Command::new(cargo_bin("tessera-agent")?);
-        command.arg("--config").arg(&self.config).args(args);
-        Ok(command)
-    }
-
-    /// `status --json` of the running agent.
-    fn status(&self) -> Result<serde_json::Value> {
-        let printed = run_checked(&mut self.command(&["status", "--json"])?)?;
-        serde_json::from_str(&printed).with_context(|| format!("status --json: {printed}"))
-    }
-
-    /// `verify --scope <scope> <hex>`: its exit status and stdout.
-    fn verify(&self, scope: &str, presentation: &[u8]) -> Result<(bool, String)> {
-        let Output { status, stdout, .. } = self
-            .command(&["verify", "--scope", scope, &hex::encode(presentation)])?
-            .stdin(std::process::Stdio::null())
-            .output()?;
-        Ok((
-            status.success(),
-            String::from_utf8_lossy(&stdout).into_owned(),
-        ))
-    }
-
-    fn config(&self) -> &Path {
-        &self.config
-    }
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! a broker that is not Mosquitto: a hub, its clients and a service verifier, all speaking
 //! 3.1.1, go through enrollment, device and access tokens, refreshes with grants, and a
 //! revocation that reaches the service over its revocation stream. Once with Mosquitto
-//! (which logs each connection's protocol: `p2` is 3.1.1, `p5` MQTT 5), once with NATS's
+//! (which logs each connection's protocol: `p2` is 3.1.1, `p5` MQTT 5), with a real agent
+//! over 3.1.1 too, once with NATS's
 //! MQTT gateway (`nats-server` with JetStream, which speaks only 3.1.1 and has no shared
 //! subscriptions).
 //!
@@ -17,6 +18,7 @@ use tessera_hub::client::{Answer, Client};
 use tessera_hub::mqtt::{MqttConfig, MqttVersion};
 use tessera_shared::crypto::PublicKey;
 use tessera_shared::message::{RequestBody, RevokeTarget};
+use tessera_tests::agent::Agent;
 use tessera_tests::hub::{HubDir, READINESS_PROBE, TestHub, answers_readiness_probe, unix_now};
 use tessera_tests::{ChildGuard, free_port, wait_for_port, wait_until};
 
@@ -123,9 +125,46 @@ async fn issuance_refresh_and_revocation_work_over_mqtt_3_1_1() -> Result<()> {
         config
     })
     .await?;
+
+    // A real agent over 3.1.1: it enrolls with a one-time code, holds a device token and
+    // accepts an app's presentation.
+    let code = hub
+        .dir()
+        .add_device_with_code("v4-door", "sensor", &["building-a"])?;
+    let agent = Agent::enroll_with(&hub, "v4-door", &code, "version = \"3.1.1\"")?;
+    let mut run = agent.run_until_checking()?;
+    let app_key = hub.dir().add_app("v4-app-2", "controller")?;
+    let mut config = hub.mqtt("v4-app-2");
+    config.version = MqttVersion::V311;
+    let mut app = Client::connect(
+        &config,
+        "v4-app-2",
+        app_key.signer()?,
+        hub.trust_anchor(),
+        WAIT,
+    )
+    .await?;
+    let token = app.access_token("v4-door", "door:open").await?;
+    let (accepted, said) = agent.verify("door:open", &app.present(&token)?)?;
+    assert!(accepted, "the 3.1.1 agent refused the presentation: {said}");
+    app.close().await;
+    assert!(
+        agent.status()?["token_valid"] == true,
+        "{}",
+        agent.status()?
+    );
+    run.terminate(Duration::from_secs(10))?;
+
     // Everyone spoke 3.1.1: Mosquitto logs `p2` (its MQTT 3.1.1) for each connection.
     let log = hub.broker().log();
-    for id in ["tessera-hub", "v4-sensor", "v4-app", "v4-service", "v4-ops"] {
+    for id in [
+        "tessera-hub",
+        "v4-sensor",
+        "v4-app",
+        "v4-service",
+        "v4-ops",
+        "v4-door",
+    ] {
         assert!(
             log.contains(&format!(" as {id} (p2,")),
             "{id} did not connect with MQTT 3.1.1:\n{log}"
