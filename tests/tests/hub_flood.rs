@@ -541,6 +541,9 @@ async fn a_sustained_flood_of_garbage_and_signed_requests_with_a_broker_restart_
     )
     .await
     .with_context(|| format!("hub log:\n{}", tail(&hub.log(), 30)))?;
+    // Connected is not yet subscribed: a request sent before the hub's subscription is in
+    // place is lost (every session starts clean). Serving is what the probe shows.
+    hub.wait_until_serving().await?;
     bystander.reconnect(&hub).await?;
     bystander.serve_for(half, &hub).await?;
     stop.store(true, Ordering::Relaxed);
