@@ -683,6 +683,31 @@ impl TestHub {
         .with_context(|| format!("connecting client {id}"))
     }
 
+    /// Registers device `id` with a key of its own (`role`, `groups` of the policy),
+    /// connects it and enrolls it with that key: the device's client, ready to ask for its
+    /// device token, and its key.
+    pub async fn enrolled_device(
+        &self,
+        id: &str,
+        role: &str,
+        groups: &[&str],
+    ) -> Result<(Client, TestKey)> {
+        let key = self.dir.add_device(id, role, groups)?;
+        let mut device = self.client(id, &key).await?;
+        let enrolled = device
+            .request(
+                RequestBody::Enroll {
+                    key: key.public_key()?,
+                    code_proof: None,
+                },
+                ANSWER_TIMEOUT,
+            )
+            .await
+            .with_context(|| format!("enrolling {id}"))?;
+        ensure!(enrolled == Answer::Enrolled, "enrolling {id}: {enrolled:?}");
+        Ok((device, key))
+    }
+
     /// Connects a [`RawClient`] as `id` signing with `signer`.
     pub async fn raw(&self, id: &str, signer: P256Signer) -> Result<RawClient> {
         RawClient::connect(&self.broker, id, signer, self.trust_anchor()).await

@@ -28,16 +28,8 @@ pub fn sdk_python() -> Result<PathBuf> {
     let root = workspace_root();
     let venv = root.join("target/sdk-venv");
     let python = venv.join("bin/python");
-    let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     if !python.is_file() {
-        std::fs::create_dir_all(root.join("target")).context("creating target/")?;
-        let created = run(Command::new(&system).arg("-m").arg("venv").arg(&venv))?;
-        ensure!(
-            created.status.success(),
-            "cannot create a Python venv with `{system} -m venv`; install the venv module \
-             (for example `apt-get install python3-venv`):\n{}",
-            String::from_utf8_lossy(&created.stderr)
-        );
+        create_venv(&venv)?;
     }
     let installed = run(Command::new(&python)
         .args([
@@ -61,4 +53,22 @@ pub fn sdk_python() -> Result<PathBuf> {
         String::from_utf8_lossy(&installed.stderr)
     );
     Ok(python)
+}
+
+/// Creates a venv at `venv` with `$PYTHON` (default `python3`) and returns its
+/// interpreter; fails saying what to install when Python or its venv module is missing.
+pub fn create_venv(venv: &Path) -> Result<PathBuf> {
+    let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let created = run(Command::new(&system).arg("-m").arg("venv").arg(venv))?;
+    ensure!(
+        created.status.success(),
+        "cannot create a Python venv with `{system} -m venv`; install the venv module (for \
+         example `apt-get install python3-venv`):\n{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    Ok(venv.join("bin/python"))
 }

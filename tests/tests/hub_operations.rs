@@ -321,17 +321,7 @@ async fn an_app_gets_an_access_token_for_one_device_within_its_rule() -> Result<
 async fn refresh_rotates_the_grant_and_the_spent_grant_is_then_refused_as_reused() -> Result<()> {
     let hub = hub().await?;
     let id = "ops-sensor-refresh";
-    let key = hub.dir().add_device(id, "sensor", &["building-a"])?;
-    let mut device = hub.client(id, &key).await?;
-    device
-        .request(
-            RequestBody::Enroll {
-                key: key.public_key()?,
-                code_proof: None,
-            },
-            WAIT,
-        )
-        .await?;
+    let (mut device, _) = hub.enrolled_device(id, "sensor", &["building-a"]).await?;
     let (first, grant) = token(&mut device, RequestBody::DeviceToken).await?;
     let (g1, g1_expires) = grant.context("grant")?;
 

@@ -78,14 +78,7 @@ fn interop_python() -> Result<PathBuf> {
         venv.display()
     );
     let _ = std::fs::remove_dir_all(&venv);
-    std::fs::create_dir_all(root.join("target")).context("creating target/")?;
-    let created = run(Command::new(&system).arg("-m").arg("venv").arg(&venv))?;
-    ensure!(
-        created.status.success(),
-        "cannot create a Python venv with `{system} -m venv`; install the venv module (for \
-         example `apt-get install python3-venv`):\n{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    tessera_tests::python::create_venv(&venv)?;
     let installed = run(Command::new(&python)
         .args([
             "-m",

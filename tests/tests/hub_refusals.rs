@@ -450,20 +450,10 @@ async fn a_device_cannot_ask_in_another_devices_name() -> Result<()> {
 async fn a_revoked_device_refreshing_is_refused_as_revoked() -> Result<()> {
     let hub = hub().await?;
     let mut bystander = Bystander::new(&hub, "rf-by-revoked").await?;
-    let key = hub
-        .dir()
-        .add_device("rf-dev-revoked", "sensor", &["building-a"])?;
-    let ops_key = hub.dir().add_operator("rf-ops-revoked", "ops")?;
-    let mut device = hub.client("rf-dev-revoked", &key).await?;
-    device
-        .request(
-            RequestBody::Enroll {
-                key: key.public_key()?,
-                code_proof: None,
-            },
-            WAIT,
-        )
+    let (mut device, _) = hub
+        .enrolled_device("rf-dev-revoked", "sensor", &["building-a"])
         .await?;
+    let ops_key = hub.dir().add_operator("rf-ops-revoked", "ops")?;
     let Answer::Token {
         grant: Some((grant, _)),
         ..

@@ -33,18 +33,8 @@ async fn a_device_refreshing_through_a_key_rotation_only_ever_gets_tokens_it_can
         .start()
         .await?;
     let anchor = hub.trust_anchor();
-    let key = hub
-        .dir()
-        .add_device("rot-sensor", "sensor", &["building-a"])?;
-    let mut device = hub.client("rot-sensor", &key).await?;
-    device
-        .request(
-            RequestBody::Enroll {
-                key: key.public_key()?,
-                code_proof: None,
-            },
-            WAIT,
-        )
+    let (mut device, _) = hub
+        .enrolled_device("rot-sensor", "sensor", &["building-a"])
         .await?;
     let Answer::Token {
         token: first,

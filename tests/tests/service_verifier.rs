@@ -59,18 +59,10 @@ async fn the_example_service_takes_a_devices_presentation_and_refuses_it_once_re
         .start()
         .await?;
     let device_id = "sv-sensor-1";
-    let key = hub.dir().add_device(device_id, "sensor", &["building-a"])?;
-    let ops_key = hub.dir().add_operator("sv-ops", "ops")?;
-    let mut device = hub.client(device_id, &key).await?;
-    device
-        .request(
-            RequestBody::Enroll {
-                key: key.public_key()?,
-                code_proof: None,
-            },
-            WAIT,
-        )
+    let (mut device, key) = hub
+        .enrolled_device(device_id, "sensor", &["building-a"])
         .await?;
+    let ops_key = hub.dir().add_operator("sv-ops", "ops")?;
     let Answer::Token { token, .. } = device.request(RequestBody::DeviceToken, WAIT).await? else {
         bail!("no device token");
     };
