@@ -671,7 +671,7 @@ impl Rig {
                     .expect("signed by the hub");
                 r.answers(client, request_id, &nonce).then(|| {
                     r.outcome
-                        .map(owned)
+                        .map(Answer::from)
                         .map_err(|e| (e.code, e.reason.to_owned()))
                 })
             })
@@ -765,28 +765,6 @@ fn signed_request(
     let n = request.sign(key, &mut out).expect("sign");
     out.truncate(n);
     out
-}
-
-fn owned(body: ResponseBody<'_>) -> Answer {
-    match body {
-        ResponseBody::Enrolled => Answer::Enrolled,
-        ResponseBody::Token { token, grant } => Answer::Token {
-            token: token.to_vec(),
-            grant: grant.map(|(g, exp)| (g.to_vec(), exp)),
-        },
-        ResponseBody::Revoked {
-            revoked,
-            entries,
-            notified,
-        } => Answer::Revoked {
-            revoked,
-            entries,
-            notified,
-        },
-        ResponseBody::Revocations { page } => Answer::Revocations {
-            page: page.to_vec(),
-        },
-    }
 }
 
 fn record(

@@ -63,6 +63,30 @@ pub const READINESS_PROBE: RequestBody<'static> = RequestBody::FetchRevocations 
     from: 1,
 };
 
+/// Asks [`READINESS_PROBE`] through `client` until a hub answers it (it has subscribed to
+/// the request topics), for at most `timeout`; each try waits only briefly, since requests
+/// sent before the hub subscribed are lost. `alive` is checked before each try (a hub that
+/// exited fails at once).
+pub async fn await_serving(
+    client: &mut Client,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        alive()?;
+        match client
+            .request(READINESS_PROBE, Duration::from_millis(300))
+            .await
+        {
+            answer if answers_readiness_probe(&answer) => return Ok(()),
+            Ok(other) => bail!("unexpected answer {other:?}"),
+            Err(ClientError::Timeout(_)) if Instant::now() < deadline => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Whether `answer` to [`READINESS_PROBE`] shows the hub serving: a page, or the `denied`
 /// refusal of a stream with no change yet.
 pub fn answers_readiness_probe(answer: &Result<Answer, ClientError>) -> bool {
@@ -777,28 +801,20 @@ impl TestHub {
     /// subscribed to the request topics), for at most [`STARTUP_TIMEOUT`]. Requests sent
     /// before the hub subscribed are lost, so each attempt waits only briefly.
     pub async fn wait_until_serving(&self) -> Result<()> {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut client = self.client(READY_CLIENT, &self.ready_key).await?;
-        let result = loop {
-            if let Some(status) = self
+        let result = await_serving(&mut client, STARTUP_TIMEOUT, || {
+            match self
                 .lock_process()
                 .as_mut()
                 .map(ChildGuard::try_wait)
                 .transpose()?
                 .flatten()
             {
-                break Err(anyhow::anyhow!("the hub exited ({status})"));
+                Some(status) => bail!("the hub exited ({status})"),
+                None => Ok(()),
             }
-            match client
-                .request(READINESS_PROBE, Duration::from_millis(300))
-                .await
-            {
-                answer if answers_readiness_probe(&answer) => break Ok(()),
-                Ok(other) => break Err(anyhow::anyhow!("unexpected answer {other:?}")),
-                Err(ClientError::Timeout(_)) if Instant::now() < deadline => {}
-                Err(e) => break Err(e.into()),
-            }
-        };
+        })
+        .await;
         client.close().await;
         result.with_context(|| {
             format!(

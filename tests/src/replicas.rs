@@ -16,11 +16,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tempfile::TempDir;
-use tessera_hub::client::{Client, ClientError};
+use tessera_hub::client::Client;
 use tessera_hub::keyfile;
 use tessera_hub::mqtt::MqttConfig;
 use tessera_shared::crypto::{P256Signer, PublicKey, Signer as _};
@@ -28,8 +28,8 @@ use tessera_shared::crypto::{P256Signer, PublicKey, Signer as _};
 use crate::broker::Broker;
 use crate::http::{http_get, metric};
 use crate::hub::{
-    ANSWER_TIMEOUT, READINESS_PROBE, READY_CLIENT, STARTUP_TIMEOUT, answers_readiness_probe,
-    generate_signer, random_bytes, replace_once, run_checked,
+    ANSWER_TIMEOUT, READY_CLIENT, STARTUP_TIMEOUT, await_serving, generate_signer, random_bytes,
+    replace_once, run_checked,
 };
 use crate::port::free_port;
 use crate::process::{ChildGuard, cargo_bin, read_lossy, tail};
@@ -583,19 +583,8 @@ impl HubReplicas {
     /// at most [`STARTUP_TIMEOUT`].
     pub async fn wait_until_serving(&self) -> Result<()> {
         let signer = self.key(READY_CLIENT)?;
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut client = self.client(READY_CLIENT, signer).await?;
-        let result = loop {
-            match client
-                .request(READINESS_PROBE, Duration::from_millis(300))
-                .await
-            {
-                answer if answers_readiness_probe(&answer) => break Ok(()),
-                Ok(other) => break Err(anyhow::anyhow!("unexpected answer {other:?}")),
-                Err(ClientError::Timeout(_)) if Instant::now() < deadline => {}
-                Err(e) => break Err(e.into()),
-            }
-        };
+        let result = await_serving(&mut client, STARTUP_TIMEOUT, || Ok(())).await;
         client.close().await;
         result.with_context(|| {
             format!(

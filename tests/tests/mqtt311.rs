@@ -11,7 +11,7 @@
 //! if needed.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use tessera_hub::client::{Answer, Client};
@@ -19,7 +19,7 @@ use tessera_hub::mqtt::{MqttConfig, MqttVersion};
 use tessera_shared::crypto::PublicKey;
 use tessera_shared::message::{RequestBody, RevokeTarget};
 use tessera_tests::agent::Agent;
-use tessera_tests::hub::{HubDir, READINESS_PROBE, TestHub, answers_readiness_probe, unix_now};
+use tessera_tests::hub::{HubDir, TestHub, await_serving, unix_now};
 use tessera_tests::{ChildGuard, free_port, wait_for_port, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -218,25 +218,20 @@ async fn issuance_refresh_and_revocation_work_through_nats() -> Result<()> {
         WAIT,
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = hub.try_wait()? {
-            bail!("the hub exited ({status}):\n{}", hub.output());
+    await_serving(&mut probe, Duration::from_secs(30), || {
+        match hub.try_wait()? {
+            Some(status) => bail!("the hub exited ({status})"),
+            None => Ok(()),
         }
-        let answer = probe
-            .request(READINESS_PROBE, Duration::from_millis(500))
-            .await;
-        if answers_readiness_probe(&answer) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the hub did not serve through NATS within 30 s ({answer:?}):\n{}\n{}",
-                hub.output(),
-                broker.output()
-            );
-        }
-    }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the hub did not serve through NATS:\n{}\n{}",
+            hub.output(),
+            broker.output()
+        )
+    })?;
     probe.close().await;
 
     exercise(&dir, dir.trust_anchor(), mqtt)
