@@ -1,5 +1,5 @@
 //! `firmware-sim run --scenario broker-restart` end to end: a third of the way into a
-//! 20-second run of 20 devices with 8-second tokens Mosquitto is stopped and started again
+//! 36-second run of 20 devices with 8-second tokens Mosquitto is stopped and started again
 //! on the same port 3 s later; devices and hub reconnect, no device lapses beyond the
 //! outage and every one holds a valid token at the end.
 //!

@@ -1,4 +1,4 @@
-//! `firmware-sim run --scenario hub-crash` end to end: a third of the way into a 20-second
+//! `firmware-sim run --scenario hub-crash` end to end: a third of the way into a 36-second
 //! run of 20 devices with 8-second tokens the hub is killed with SIGKILL and started again
 //! 3 s later; no device lapses beyond the outage and every one holds a valid token at the
 //! end.

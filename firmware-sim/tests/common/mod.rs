@@ -69,13 +69,16 @@ fn run_with_timeout(command: &mut Command, timeout: Duration) -> Result<std::pro
     }
 }
 
-/// Runs 20 devices with 8-second tokens for 20 s through `scenario`, an outage of 3 s a
-/// third of the way in, and checks the fleet rode it out: no lapse beyond the outage (and
+/// Runs 20 devices with 8-second tokens for 36 s through `scenario`, an outage of 3 s a
+/// third of the way in (at 12 s), and checks the fleet rode it out: no lapse beyond the outage (and
 /// one retry window after it), no device that never held a token, every one holding a
 /// valid token at the end; `hub_ran_throughout` as the scenario implies.
 pub(crate) fn ride_out_outage(scenario: &str, hub_ran_throughout: bool) -> Result<()> {
     const DEVICES: u64 = 20;
-    // Bounded: 20 s of run (the fault at about 7 s, 3 s down) plus setup and teardown.
+    // Bounded: 36 s of run plus setup and teardown. After the 3 s outage the hub may wait
+    // up to its transport's reconnect backoff cap (10 s) before it is back, then devices
+    // get one retry window (4 s): 12 + 3 + 10 + 4 = 29 s leaves a token lifetime's room
+    // for every device to hold a valid token at the end.
     let (summary, stderr) = run_sim(
         &[
             "--devices",
@@ -83,7 +86,7 @@ pub(crate) fn ride_out_outage(scenario: &str, hub_ran_throughout: bool) -> Resul
             "--lifetime",
             "8s",
             "--duration",
-            "20s",
+            "36s",
             "--outage",
             "3s",
             "--scenario",
