@@ -13,6 +13,13 @@
 //! for another request's `fsync`. (An in-memory database has a single connection, so its
 //! reads go to the writer thread too, between batches.)
 //!
+//! **Checkpoints** (copying the WAL back into the database file) run on a thread and a
+//! connection of their own, never on the writer: SQLite's automatic checkpoint would run
+//! inside the commit that crossed its threshold, and every request in that batch, and every
+//! one queued behind it, would wait for a thousand pages to be copied and synced. The
+//! writer only says when the WAL has grown past [`CHECKPOINT_PAGES`]; the checkpointer runs
+//! a `PASSIVE` checkpoint, which never blocks the writer or a reader.
+//!
 //! `BEGIN IMMEDIATE` takes the write lock before reading, so several handles (or processes,
 //! such as the CLI beside a running hub) on one file stay correct; `busy_timeout` makes them
 //! wait for each other instead of failing.
@@ -22,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -226,6 +233,28 @@ const MAX_BATCH: usize = 1024;
 /// Read-only connections of a database file.
 const READERS: usize = 4;
 
+/// Prepared statements kept per connection: more than the store has (rusqlite's default,
+/// 16, made the writer parse some of a request's statements again each time).
+const STATEMENT_CACHE: usize = 64;
+
+/// How much of the database file a read connection maps (`PRAGMA mmap_size`).
+const MMAP_BYTES: i64 = 256 << 20;
+
+/// WAL pages past which the writer asks for a checkpoint (SQLite's automatic threshold).
+const CHECKPOINT_PAGES: i32 = 1000;
+
+std::thread_local! {
+    /// Pages in the WAL after the writer's last commit, set by [`wal_pages`].
+    static WAL_PAGES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// The writer connection's WAL hook: runs on the writer thread after each commit.
+/// (Registering it also turns SQLite's automatic checkpoint off for that connection.)
+fn wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.with(|p| p.set(pages));
+    Ok(())
+}
+
 /// The [`Store`] on an SQLite database file.
 ///
 /// Cloning is cheap and shares the connections. The writer thread ends when the last clone
@@ -383,9 +412,25 @@ impl Sqlite {
                 reader
                     .pragma_update(None, "query_only", "ON")
                     .ctx("setting query_only")?;
+                reader.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+                // Pages read through a map instead of a `pread` each: every commit empties a
+                // reader's page cache, so each read after one fetches its pages again.
+                reader
+                    .pragma_update(None, "mmap_size", MMAP_BYTES)
+                    .ctx("setting mmap_size")?;
                 Ok(Mutex::new(reader))
             })
             .collect::<StoreResult<Vec<_>>>()
+            .map_err(context)?;
+        let checkpoints = Connection::open(path)
+            .ctx("opening the checkpoint connection")
+            .and_then(|c| {
+                c.busy_timeout(BUSY_TIMEOUT).ctx("setting busy_timeout")?;
+                // FULL: the checkpoint syncs the WAL before copying and the file after.
+                c.pragma_update(None, "synchronous", "FULL")
+                    .ctx("setting synchronous")?;
+                Ok(c)
+            })
             .map_err(context)?;
         let mut store = Self::start(
             conn,
@@ -393,6 +438,7 @@ impl Sqlite {
                 conns,
                 next: AtomicUsize::new(0),
             }),
+            Some(checkpoints),
         )?;
         let mut lease = path.as_os_str().to_owned();
         lease.push(".lease");
@@ -439,7 +485,7 @@ impl Sqlite {
     /// survives dropping it.
     pub fn open_in_memory() -> StoreResult<Self> {
         let conn = Connection::open_in_memory().ctx("opening an in-memory database")?;
-        Self::start(Self::configure(conn, false)?, None)
+        Self::start(Self::configure(conn, false)?, None, None)
     }
 
     /// Fails unless the database takes a durable write, through the store's own writer:
@@ -504,6 +550,7 @@ impl Sqlite {
     }
 
     fn configure(mut conn: Connection, wal: bool) -> StoreResult<Connection> {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.busy_timeout(BUSY_TIMEOUT)
             .ctx("setting busy_timeout")?;
         if wal {
@@ -522,17 +569,31 @@ impl Sqlite {
             .ctx("setting synchronous")?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .ctx("setting foreign_keys")?;
+        // Each request runs in a savepoint (see `run_write`), whose undo copy of every page it
+        // changes is a sub-journal. By default that spills to a temporary file once any
+        // savepoint outgrows 64 KiB, and from then on every page a request touches costs two
+        // `pwrite`s to it: 92 % of the writer's system calls at 64 clients
+        // (docs/BENCHMARKS.md). In memory, a savepoint's undo costs a copy, and nothing it
+        // holds needs to outlive the process: the commit is durable through the WAL alone.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .ctx("setting temp_store")?;
         migrate(&mut conn)?;
         Ok(conn)
     }
 
-    fn start(conn: Connection, readers: Option<Readers>) -> StoreResult<Self> {
+    /// Starts the writer thread on `conn`, and beside it the checkpointer on `checkpoints`
+    /// (a connection of its own to the same file; `None` in memory, where there is no WAL).
+    fn start(
+        conn: Connection,
+        readers: Option<Readers>,
+        checkpoints: Option<Connection>,
+    ) -> StoreResult<Self> {
         let (jobs, queue) = mpsc::channel();
         let stats = Arc::new(Counters::default());
         let counters = Arc::clone(&stats);
         let writer = std::thread::Builder::new()
             .name("tessera-store".into())
-            .spawn(move || write_loop(conn, &queue, &counters))
+            .spawn(move || run_writer(conn, &queue, &counters, checkpoints))
             .map_err(|e| StoreError::Backend(format!("starting the store's writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -608,8 +669,52 @@ impl Sqlite {
     }
 }
 
-/// The writer thread: batches of writes, one transaction each (see the module doc).
-fn write_loop(mut conn: Connection, queue: &mpsc::Receiver<Job>, counters: &Counters) {
+/// The writer thread, with the checkpointer beside it when there is a WAL. The checkpointer
+/// has closed its connection before the writer closes its own (see `Inner::drop` on closing
+/// connections one at a time).
+fn run_writer(
+    mut conn: Connection,
+    queue: &mpsc::Receiver<Job>,
+    counters: &Counters,
+    checkpoints: Option<Connection>,
+) {
+    let Some(checkpoints) = checkpoints else {
+        return write_loop(&mut conn, queue, counters, None);
+    };
+    conn.wal_hook(Some(wal_pages));
+    let (wake, woken) = mpsc::sync_channel(1);
+    let copied = Arc::new(AtomicBool::new(false));
+    let ours = Checkpoints {
+        wake,
+        copied: Arc::clone(&copied),
+    };
+    std::thread::scope(|scope| {
+        let checkpointer = std::thread::Builder::new()
+            .name("tessera-checkpoint".into())
+            .spawn_scoped(scope, move || checkpoint_loop(checkpoints, &woken, &copied));
+        if let Err(e) = checkpointer {
+            // The writer still works without it: SQLite checkpoints inside commits, as
+            // it does by default (which replaces the hook above).
+            tracing::warn!(error = %e, "no checkpoint thread: the writer checkpoints");
+            if let Err(e) = conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES) {
+                tracing::error!(error = %e, "the WAL will not be checkpointed");
+            }
+            return write_loop(&mut conn, queue, counters, None);
+        }
+        write_loop(&mut conn, queue, counters, Some(&ours));
+        // Stops the checkpointer, which the scope then waits for.
+        drop(ours);
+    });
+}
+
+/// The writer thread's loop: batches of writes, one transaction each (see the module doc).
+fn write_loop(
+    conn: &mut Connection,
+    queue: &mpsc::Receiver<Job>,
+    counters: &Counters,
+    checkpoint: Option<&Checkpoints>,
+) {
+    let mut pacer = CheckpointPacer::default();
     let mut next = None;
     loop {
         let job = match next.take() {
@@ -622,24 +727,24 @@ fn write_loop(mut conn: Connection, queue: &mpsc::Receiver<Job>, counters: &Coun
         };
         let first = match job {
             Job::Read(f) => {
-                f(&mut conn);
+                f(conn);
                 continue;
             }
             Job::Write(f) => f,
         };
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
             // Another process holds the write lock past the busy timeout: fail this write
             // only (answering it needs running it, so say why instead).
             let reason = format!("beginning a write transaction: {e}");
             tracing::error!(%reason, "store write failed");
-            let ran = run_write(&conn, first);
+            let ran = run_write(conn, first);
             (ran.answer)(Some(reason));
             continue;
         }
-        let mut answers = vec![run_write(&conn, first)];
+        let mut answers = vec![run_write(conn, first)];
         while answers.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(Job::Write(f)) => answers.push(run_write(&conn, f)),
+                Ok(Job::Write(f)) => answers.push(run_write(conn, f)),
                 Ok(read) => {
                     next = Some(read);
                     break;
@@ -647,13 +752,12 @@ fn write_loop(mut conn: Connection, queue: &mpsc::Receiver<Job>, counters: &Coun
                 Err(_) => break,
             }
         }
-        let failed = conn
-            .execute_batch("COMMIT")
+        let failed = run(conn, "COMMIT")
             .err()
             .map(|e| format!("committing: {e}"));
         if let Some(reason) = &failed {
             tracing::error!(%reason, writes = answers.len(), "store commit failed");
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = run(conn, "ROLLBACK");
         } else {
             counters.transactions.fetch_add(1, Ordering::Relaxed);
             counters
@@ -663,17 +767,113 @@ fn write_loop(mut conn: Connection, queue: &mpsc::Receiver<Job>, counters: &Coun
         for ran in answers {
             (ran.answer)(failed.clone());
         }
+        // After answering: a checkpoint the writer finishes delays the next batch only.
+        if failed.is_none()
+            && let Some(checkpoints) = checkpoint
+        {
+            checkpoints.after_commit(conn, &mut pacer);
+        }
     }
+}
+
+/// When the writer asks for a checkpoint: once the WAL holds [`CHECKPOINT_PAGES`], then
+/// again only after that many more. (A checkpoint that ran while the writer kept appending
+/// leaves the WAL above the threshold; asking after every commit then would sync the files
+/// once per commit.) The WAL starting over from its beginning resets the count.
+#[derive(Debug, Default)]
+struct CheckpointPacer {
+    /// WAL pages after the last commit.
+    last: i32,
+    /// Pages at which to ask next (0: at `CHECKPOINT_PAGES`).
+    next: i32,
+}
+
+impl CheckpointPacer {
+    /// Whether to ask for a checkpoint, given the pages in the WAL after a commit.
+    fn due(&mut self, pages: i32) -> bool {
+        if pages < self.last || self.next == 0 {
+            self.next = CHECKPOINT_PAGES;
+        }
+        self.last = pages;
+        if pages < self.next {
+            return false;
+        }
+        self.next = pages.saturating_add(CHECKPOINT_PAGES);
+        true
+    }
+}
+
+/// The writer's side of the checkpointer.
+struct Checkpoints {
+    /// Asks the checkpointer for a checkpoint (full: already asked).
+    wake: mpsc::SyncSender<()>,
+    /// Set by the checkpointer when it has copied nearly all of the WAL.
+    copied: Arc<AtomicBool>,
+}
+
+impl Checkpoints {
+    /// After each commit: asks for a checkpoint when one is due, and finishes one the
+    /// checkpointer has nearly done.
+    ///
+    /// The WAL only starts over from its beginning (instead of growing) when a write
+    /// transaction begins with every frame copied back. The checkpointer, copying while the
+    /// writer appends, is always a few commits behind; so once it has copied all but the
+    /// last few frames, the writer copies those itself, between two batches, and its next
+    /// transaction starts the WAL over. Without this the WAL grew by gigabytes under
+    /// continuous load.
+    fn after_commit(&self, conn: &Connection, pacer: &mut CheckpointPacer) {
+        if self.copied.swap(false, Ordering::AcqRel)
+            && let Err(e) = checkpoint(conn)
+        {
+            tracing::warn!(error = %e, "finishing a WAL checkpoint failed");
+        }
+        if pacer.due(WAL_PAGES.with(std::cell::Cell::get)) {
+            let _ = self.wake.try_send(());
+        }
+    }
+}
+
+/// Frames the checkpointer leaves for the writer to copy (see [`Checkpoints::after_commit`]).
+const CHECKPOINT_LEFT: i64 = 64;
+
+/// One `PASSIVE` checkpoint: the frames in the WAL and how many are copied back.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    })
+}
+
+/// The checkpointer thread: copies the WAL back each time the writer asks, in a few
+/// `PASSIVE` passes (each copies what the writer appended during the last), then leaves
+/// the last frames to the writer. Stops when the writer does.
+fn checkpoint_loop(conn: Connection, woken: &mpsc::Receiver<()>, copied: &AtomicBool) {
+    while woken.recv().is_ok() {
+        for _ in 0..4 {
+            match checkpoint(&conn) {
+                Ok((frames, done)) if frames - done > CHECKPOINT_LEFT => continue,
+                Ok(_) => copied.store(true, Ordering::Release),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; tried again later"),
+            }
+            break;
+        }
+    }
+}
+
+/// Runs one of the writer's fixed transaction statements, prepared once per connection
+/// (`execute_batch` would parse it again each time: several per request).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// Runs one write in its own savepoint: kept if it succeeded, undone if not (or if it
 /// panicked: the store keeps serving the others).
 fn run_write(conn: &Connection, f: Box<dyn FnOnce(&Connection) -> Ran + Send>) -> Ran {
     let undo = |conn: &Connection| {
-        conn.execute_batch("ROLLBACK TO write; RELEASE write")
+        run(conn, "ROLLBACK TO write")
+            .and_then(|()| run(conn, "RELEASE write"))
             .map_err(|e| format!("undoing a write: {e}"))
     };
-    if let Err(e) = conn.execute_batch("SAVEPOINT write") {
+    if let Err(e) = run(conn, "SAVEPOINT write") {
         let reason = format!("starting a write: {e}");
         return Ran {
             keep: false,
@@ -683,8 +883,7 @@ fn run_write(conn: &Connection, f: Box<dyn FnOnce(&Connection) -> Ran + Send>) -
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn))) {
         Ok(ran) => {
             let closed = if ran.keep {
-                conn.execute_batch("RELEASE write")
-                    .map_err(|e| format!("keeping a write: {e}"))
+                run(conn, "RELEASE write").map_err(|e| format!("keeping a write: {e}"))
             } else {
                 undo(conn)
             };
@@ -2605,5 +2804,80 @@ mod tests {
         );
         let memory = Sqlite::open_in_memory().expect("memory");
         assert!(memory.hold_lease().await.expect("lease"));
+    }
+
+    #[test]
+    fn the_writer_asks_for_a_checkpoint_once_per_threshold_and_again_after_the_wal_restarts() {
+        let mut pacer = CheckpointPacer::default();
+        assert!(!pacer.due(10));
+        assert!(!pacer.due(CHECKPOINT_PAGES - 1));
+        assert!(pacer.due(CHECKPOINT_PAGES + 5), "at the threshold");
+        // The checkpoint runs while commits go on: no second request for every commit.
+        assert!(!pacer.due(CHECKPOINT_PAGES + 40));
+        assert!(!pacer.due(2 * CHECKPOINT_PAGES + 4));
+        assert!(
+            pacer.due(2 * CHECKPOINT_PAGES + 5),
+            "another threshold's worth later"
+        );
+        // The WAL started over: counted from its beginning again.
+        assert!(!pacer.due(30));
+        assert!(pacer.due(CHECKPOINT_PAGES));
+    }
+
+    /// Under writes that never pause, the WAL must still start over: the checkpointer alone,
+    /// always a few commits behind the writer, never copies it all (the writer finishes
+    /// each checkpoint; see `Checkpoints::after_commit`). Before that, the WAL grew by
+    /// everything written (1.5 GB in one benchmark run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_stays_bounded_under_writes_that_never_pause() {
+        const WRITERS: usize = 16;
+        const ROWS: usize = 8;
+        const ROW_BYTES: usize = 3_000;
+        // About 150 MB written in all, more than four times the bound below.
+        const WRITES_EACH: usize = 400;
+        const BOUND: u64 = 32 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let store = Sqlite::create(&path).expect("create");
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (store, wal) = (store.clone(), wal.clone());
+                tokio::spawn(async move {
+                    let mut largest = 0;
+                    for i in 0..WRITES_EACH {
+                        let rows = (0..ROWS)
+                            .map(|r| AuditEvent {
+                                at_ms: (i * ROWS + r) as u64,
+                                actor: format!("writer-{w}"),
+                                action: "test".into(),
+                                target: String::new(),
+                                outcome: "ok".into(),
+                                reason: "x".repeat(ROW_BYTES),
+                                count: 1,
+                            })
+                            .collect();
+                        store.audit(rows).await.expect("audit");
+                        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+                    }
+                    largest
+                })
+            })
+            .collect();
+        let mut largest = 0;
+        for task in tasks {
+            largest = largest.max(task.await.expect("writer task"));
+        }
+        let written = (WRITERS * WRITES_EACH * ROWS * ROW_BYTES) as u64;
+        assert!(
+            written >= 4 * BOUND,
+            "the test writes too little to show anything"
+        );
+        assert!(
+            largest <= BOUND,
+            "the WAL reached {largest} bytes while {written} bytes were written"
+        );
     }
 }
