@@ -833,7 +833,8 @@ impl Checkpoints {
     }
 }
 
-/// Frames the checkpointer leaves for the writer to copy (see [`Checkpoints::after_commit`]).
+/// Frames the checkpointer is content to leave for the writer to copy (see
+/// [`Checkpoints::after_commit`]).
 const CHECKPOINT_LEFT: i64 = 64;
 
 /// One `PASSIVE` checkpoint: the frames in the WAL and how many are copied back.
@@ -843,14 +844,23 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     })
 }
 
-/// The checkpointer thread: copies the WAL back each time the writer asks, in a few
-/// `PASSIVE` passes (each copies what the writer appended during the last), then leaves
-/// the last frames to the writer. Stops when the writer does.
+/// `PASSIVE` passes the checkpointer makes before leaving the rest to the writer.
+const CHECKPOINT_PASSES: usize = 4;
+
+/// The checkpointer thread: copies the WAL back each time the writer asks, in up to
+/// [`CHECKPOINT_PASSES`] `PASSIVE` passes (each copies what the writer appended during the
+/// last) until at most [`CHECKPOINT_LEFT`] frames are left, then leaves the rest to the
+/// writer, however many: the WAL must start over even under a load the passes never catch
+/// up with. Stops when the writer does.
 fn checkpoint_loop(conn: Connection, woken: &mpsc::Receiver<()>, copied: &AtomicBool) {
     while woken.recv().is_ok() {
-        for _ in 0..4 {
+        for pass in 1..=CHECKPOINT_PASSES {
             match checkpoint(&conn) {
-                Ok((frames, done)) if frames - done > CHECKPOINT_LEFT => continue,
+                Ok((frames, done))
+                    if frames - done > CHECKPOINT_LEFT && pass < CHECKPOINT_PASSES =>
+                {
+                    continue;
+                }
                 Ok(_) => copied.store(true, Ordering::Release),
                 Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; tried again later"),
             }
