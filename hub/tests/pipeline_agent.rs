@@ -862,6 +862,15 @@ async fn a_device_enrolls_with_its_one_time_code_and_an_app_it_was_granted_to_is
     assert_eq!(claims.scope.as_str(), "telemetry:write events:publish");
     assert_eq!(claims.cnf, signer(10).public_key());
     assert_eq!((claims.iat, claims.exp), (T0, T0 + 600));
+    // The token id starts with the hub's clock in milliseconds (PROTOCOL.md §6.1).
+    assert_eq!(claims.cti.len(), 16);
+    let mut millis = [0u8; 8];
+    millis[2..].copy_from_slice(&claims.cti[..6]);
+    assert!(
+        (T0 * 1000..(T0 + 1) * 1000).contains(&u64::from_be_bytes(millis)),
+        "cti {:02x?} does not start with the issue time",
+        claims.cti
+    );
 
     // The hub registered the device's key and spent the code: nobody enrolls with it again.
     let stored = rig

@@ -17,8 +17,10 @@
 //! connection of their own, never on the writer: SQLite's automatic checkpoint would run
 //! inside the commit that crossed its threshold, and every request in that batch, and every
 //! one queued behind it, would wait for a thousand pages to be copied and synced. The
-//! writer only says when the WAL has grown past [`CHECKPOINT_PAGES`]; the checkpointer runs
-//! a `PASSIVE` checkpoint, which never blocks the writer or a reader.
+//! writer only says when the WAL has grown by [`CHECKPOINT_PAGES`]; the checkpointer runs
+//! `PASSIVE` checkpoints, which never block the writer or a reader, and leaves the last
+//! few frames for the writer to copy after answering a batch, so that the WAL starts over
+//! (see [`Checkpoints::after_commit`]).
 //!
 //! `BEGIN IMMEDIATE` takes the write lock before reading, so several handles (or processes,
 //! such as the CLI beside a running hub) on one file stay correct; `busy_timeout` makes them
